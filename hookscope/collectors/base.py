@@ -1,0 +1,320 @@
+"""The collector base class and the device-side state it declares.
+
+A collector is modelled on torchmetrics' ``Metric``: it declares its state with :meth:`Collector.add_state`
+(default value, how it combines across calls, steps and ranks), updates it from the hot path with tensor
+operations only, and turns the summable numbers recorded at each step into the reported columns at report
+time, on the host. Ratios are kept as numerator and denominator and divided only in :meth:`Collector.compute`,
+so a ratio over several calls, micro-batches or ranks is Σ numerator / Σ denominator, never a mean of ratios.
+
+State lives in one flat tensor per declared state, shared by all sites: per-site scalars are a vector indexed by
+site, per-unit states a vector of all sites' units back to back. Each site gets views into those tensors, so the
+hooks update state in place, and closing a step costs a few tensor operations however many sites there are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from hookscope.errors import ConfigError, ConfigTypeError, StateError
+
+if TYPE_CHECKING:
+    from hookscope.sites import Site
+
+__all__ = ["Collector", "SiteState", "StateBank", "StateSpec"]
+
+Reduce = Literal["sum", "max", "min"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """One declared piece of collector state.
+
+    Attributes:
+        name: State name; also the field name in step records for per-step scalars.
+        default: Initial value (and the value restored at each step close for per-step states).
+        reduce: How values combine across calls and ranks: ``"sum"``, ``"max"`` or ``"min"``.
+        per_unit: One value per unit (else one per site).
+        persistent: Kept across steps (else reset to ``default`` when a step closes).
+        dtype: Storage dtype (float64 by default, so that counts stay exact up to 2**53).
+    """
+
+    name: str
+    default: float = 0.0
+    reduce: Reduce = "sum"
+    per_unit: bool = False
+    persistent: bool = False
+    dtype: torch.dtype = torch.float64
+
+
+class SiteState(Mapping[str, torch.Tensor]):
+    """One site's views into a collector's state tensors: ``state["name"]`` is updated in place."""
+
+    __slots__ = ("_views", "site_index")
+
+    def __init__(self, site_index: int) -> None:
+        self.site_index = site_index
+        self._views: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._views[key]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+class StateBank:
+    """Flat device tensors holding one collector's declared state for all sites."""
+
+    def __init__(self, specs: Mapping[str, StateSpec], device: torch.device) -> None:
+        self.specs = dict(specs)
+        self.device = device
+        self.n_sites = 0
+        self.n_units = 0
+        self._site_cap = 0
+        self._unit_cap = 0
+        self.scalars: dict[str, torch.Tensor] = {}
+        self.units: dict[str, torch.Tensor] = {}
+        self.unit_owner = torch.empty(0, dtype=torch.long, device=device)
+        self._unit_offsets: dict[int, tuple[int, int]] = {}
+        self._states: dict[int, SiteState] = {}
+        self._alloc(16, 1024)
+
+    # -- allocation ---------------------------------------------------------------------------------------------
+    def _new(self, spec: StateSpec, n: int) -> torch.Tensor:
+        with torch.inference_mode(False):  # state must stay usable outside inference_mode
+            return torch.full((n,), spec.default, dtype=spec.dtype, device=self.device)
+
+    def _alloc(self, site_cap: int, unit_cap: int) -> None:
+        for name, spec in self.specs.items():
+            table, cap, used = (
+                (self.units, unit_cap, self.n_units) if spec.per_unit else (self.scalars, site_cap, self.n_sites)
+            )
+            new = self._new(spec, cap)
+            if name in table:
+                new[:used].copy_(table[name][:used])
+            table[name] = new
+        with torch.inference_mode(False):
+            owner = torch.zeros(unit_cap, dtype=torch.long, device=self.device)
+        owner[: self.n_units].copy_(self.unit_owner[: self.n_units])
+        self.unit_owner = owner
+        self._site_cap, self._unit_cap = site_cap, unit_cap
+        for state in self._states.values():
+            self._bind(state)
+
+    def _bind(self, state: SiteState) -> None:
+        i = state.site_index
+        views = {}
+        # Views made under inference_mode could not be updated in place outside it.
+        with torch.inference_mode(False):
+            for name, spec in self.specs.items():
+                if spec.per_unit:
+                    if i in self._unit_offsets:
+                        off, n = self._unit_offsets[i]
+                        views[name] = self.units[name][off : off + n]
+                else:
+                    views[name] = self.scalars[name][i]
+        state._views = views
+
+    def add_site(self, site_index: int, units: int) -> SiteState:
+        """Allocate state for a site (site indices are the manager's; they may skip sites this bank ignores)."""
+        if site_index in self._states:
+            return self._states[site_index]
+        site_cap, unit_cap = self._site_cap, self._unit_cap
+        while site_index >= site_cap:
+            site_cap *= 2
+        has_units = any(s.per_unit for s in self.specs.values())
+        needed = self.n_units + (units if has_units else 0)
+        while needed > unit_cap:
+            unit_cap *= 2
+        if (site_cap, unit_cap) != (self._site_cap, self._unit_cap):
+            self._alloc(site_cap, unit_cap)
+        if has_units:
+            self._unit_offsets[site_index] = (self.n_units, units)
+            self.unit_owner[self.n_units : needed].fill_(site_index)
+            self.n_units = needed
+        self.n_sites = max(self.n_sites, site_index + 1)
+        state = SiteState(site_index)
+        self._states[site_index] = state
+        self._bind(state)
+        return state
+
+    def resize(self, n_sites: int) -> None:
+        """Make the per-site vectors cover ``n_sites`` sites (sites this bank ignores keep the defaults)."""
+        if n_sites > self._site_cap:
+            cap = self._site_cap
+            while n_sites > cap:
+                cap *= 2
+            self._alloc(cap, self._unit_cap)
+        self.n_sites = max(self.n_sites, n_sites)
+
+    # -- whole-bank views ---------------------------------------------------------------------------------------
+    def scalar(self, name: str) -> torch.Tensor:
+        """The per-site vector of a scalar state (``n_sites`` long)."""
+        return self.scalars[name][: self.n_sites]
+
+    def unit(self, name: str) -> torch.Tensor:
+        """The flat vector of a per-unit state (all sites' units back to back)."""
+        return self.units[name][: self.n_units]
+
+    def owners(self) -> torch.Tensor:
+        """For every unit, the index of the site it belongs to."""
+        return self.unit_owner[: self.n_units]
+
+    def per_site_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a per-unit vector within each site: one ``index_add_`` for all sites."""
+        out = torch.zeros(self.n_sites, dtype=values.dtype, device=self.device)
+        return out.index_add_(0, self.owners(), values)
+
+    def reset(self, persistent: bool = False) -> None:
+        """Restore per-step states to their defaults (and persistent ones too when asked)."""
+        for name, spec in self.specs.items():
+            if persistent or not spec.persistent:
+                (self.units if spec.per_unit else self.scalars)[name].fill_(spec.default)
+
+
+class Collector:
+    """Base class of collectors: per-site statistics computed on the device from activations and gradients.
+
+    Subclasses declare state in ``__init__`` with :meth:`add_state`, set :attr:`columns`, and implement
+    :meth:`update` (forward outputs), :meth:`update_grad` (gradients w.r.t. outputs, when
+    :attr:`wants_grad`), and :meth:`compute` (record fields → columns). :meth:`close_step` turns state into the
+    summable numbers recorded for each step; by default it records every per-step scalar state as is.
+
+    Hot-path rules (:meth:`update`, :meth:`update_grad`, :meth:`close_step`): tensor operations only, in place on
+    the state views; never ``.item()``, ``.cpu()``, ``.tolist()`` or ``bool(tensor)``. Both run under
+    ``torch.no_grad()`` with the manager's function capture disabled.
+
+    Example:
+        >>> import torch
+        >>> class MeanActivation(Collector):
+        ...     columns = ("mean_activation",)
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.add_state("total")
+        ...     def update(self, state, output, site):
+        ...         state["total"].add_(output.sum(dtype=torch.float64))
+        ...     def compute(self, record):
+        ...         return {"mean_activation": record["total"] / record["elements"]}
+        >>> MeanActivation().columns
+        ('mean_activation',)
+    """
+
+    #: Reported column names, in order.
+    columns: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`update_grad` must be called (a tensor hook is registered on outputs that require grad).
+    wants_grad: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self._state_specs: dict[str, StateSpec] = {}
+        self._bank: StateBank | None = None
+        self._owner: object | None = None
+
+    # -- declaration --------------------------------------------------------------------------------------------
+    def add_state(
+        self,
+        name: str,
+        default: float = 0.0,
+        *,
+        reduce: Reduce = "sum",
+        per_unit: bool = False,
+        persistent: bool = False,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        """Declare a piece of state.
+
+        Args:
+            name: State name (a valid identifier).
+            default: Initial value, restored at each step close unless ``persistent``.
+            reduce: How values combine across calls, micro-batches and ranks: ``"sum"``, ``"max"`` or ``"min"``.
+            per_unit: One value per unit instead of one per site.
+            persistent: Keep the value across steps.
+            dtype: Storage dtype.
+
+        Raises:
+            ValueError: Bad name, duplicate name or unknown reduction.
+        """
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"`name` must be an identifier, got {name!r}")
+        if name in self._state_specs or name in ("calls", "elements", "units", "backward"):
+            raise ConfigError(
+                f"state `name` {name!r} is already declared or reserved (calls, elements, units, backward)"
+            )
+        if reduce not in ("sum", "max", "min"):
+            raise ConfigError(f"`reduce` must be 'sum', 'max' or 'min'; got {reduce!r}")
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigTypeError(f"`dtype` must be a torch.dtype, got {dtype!r}")
+        self._state_specs[name] = StateSpec(name, float(default), reduce, per_unit, persistent, dtype)
+
+    @property
+    def state_specs(self) -> Mapping[str, StateSpec]:
+        """The declared states."""
+        return dict(self._state_specs)
+
+    @property
+    def name(self) -> str:
+        """The collector's class name."""
+        return type(self).__name__
+
+    # -- binding (called by the manager) ------------------------------------------------------------------------
+    def _bind(self, owner: object) -> None:
+        if self._owner is not None and self._owner is not owner:
+            raise StateError(
+                f"collector {self.name} is already used by another HookManager; create one collector per manager"
+            )
+        self._owner = owner
+
+    @property
+    def bank(self) -> StateBank:
+        """The state tensors (available once the first site has been recorded)."""
+        if self._bank is None:
+            raise StateError(f"{self.name} has no state yet: no site has been recorded")
+        return self._bank
+
+    def _add_site(self, site: Site, device: torch.device) -> SiteState:
+        if self._bank is None:
+            self._bank = StateBank(self._state_specs, device)
+        return self._bank.add_site(site.index, site.units)
+
+    # -- the protocol -------------------------------------------------------------------------------------------
+    def applies_to(self, site: Site) -> bool:
+        """Whether the collector records this site (its columns are NaN for sites it does not)."""
+        return True
+
+    def update(self, state: SiteState, output: torch.Tensor, site: Site) -> None:
+        """Fold one forward output into the site's state (hot path: tensor operations only)."""
+
+    def update_grad(self, state: SiteState, grad: torch.Tensor, site: Site) -> None:
+        """Fold one gradient w.r.t. the site's output into its state (hot path: tensor operations only)."""
+
+    def close_step(self, step: int, commit: bool) -> dict[str, torch.Tensor]:
+        """Summable per-site numbers to record for the step being closed (one tensor of ``n_sites`` each).
+
+        Called once per step for all sites together. ``commit=False`` asks for a snapshot of the open step:
+        persistent state must not change. Per-step states are reset by the manager afterwards.
+        """
+        bank = self.bank
+        return {n: bank.scalar(n) for n, s in self._state_specs.items() if not s.per_unit and not s.persistent}
+
+    def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Turn recorded numbers into columns, on the host, for many (step, site) rows at once.
+
+        ``record`` holds the fields returned by :meth:`close_step`, plus ``calls`` (forward calls in the step),
+        ``elements`` (output elements in the step), ``units`` and ``backward`` (backward passes in the step).
+        """
+        raise NotImplementedError(f"{self.name} must implement compute()")
+
+    def reset(self) -> None:
+        """Restore every state (persistent ones included) to its default."""
+        if self._bank is not None:
+            self._bank.reset(persistent=True)
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"

@@ -1,0 +1,84 @@
+"""Dead and inactive units of rectifiers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from hookscope.collectors.base import Collector, SiteState
+from hookscope.errors import ConfigError, ConfigTypeError
+from hookscope.sites import Site
+
+__all__ = ["DeadReLU", "per_unit_amax"]
+
+
+def per_unit_amax(output: torch.Tensor, site: Site) -> torch.Tensor:
+    """The largest output value of each unit of a site (one value per unit)."""
+    if output.dim() == 1 and site.unit_dim == 0:
+        return output
+    return output.amax(dim=site.reduce_dims) if site.reduce_dims else output.reshape(1)
+
+
+class DeadReLU(Collector):
+    """Inactive elements and dead units of rectifiers.
+
+    An element is *inactive* when the activation's output is <= 0. ``inactive_fraction`` = inactive elements /
+    elements, over every call of the site in the step. A unit (channel) is *dead* at step ``s`` when it was
+    inactive on every element of every call of the site in steps ``s - window + 1 ... s`` (steps before the first
+    one count as inactive); ``dead_ratio`` = dead units / units. NaN for activations that are not rectifiers.
+
+    Args:
+        window: Number of consecutive steps a unit must stay inactive to count as dead (>= 1).
+
+    Raises:
+        ValueError: ``window`` < 1.
+        TypeError: ``window`` is not an int.
+
+    Example:
+        >>> DeadReLU(window=5).window
+        5
+    """
+
+    columns = ("dead_ratio", "inactive_fraction")
+
+    def __init__(self, window: int = 1) -> None:
+        super().__init__()
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise ConfigTypeError(f"`window` must be an int >= 1, got {window!r}")
+        if window < 1:
+            raise ConfigError(f"`window` must be >= 1, got {window}; use window=1 to judge each step alone")
+        self.window = window
+        self.add_state("inactive")
+        # Largest output of each unit in the open step, and the last step in which each unit fired (> 0).
+        self.add_state("fired", -math.inf, reduce="max", per_unit=True, dtype=torch.float32)
+        self.add_state("last_fired", -math.inf, reduce="max", per_unit=True, persistent=True)
+
+    def applies_to(self, site: Site) -> bool:
+        return site.spec.rectifier
+
+    def update(self, state: SiteState, output: torch.Tensor, site: Site) -> None:
+        fired = state["fired"]
+        torch.maximum(fired, per_unit_amax(output, site), out=fired)
+        state["inactive"].add_((output <= 0).sum())
+
+    def close_step(self, step: int, commit: bool) -> dict[str, torch.Tensor]:
+        bank = self.bank
+        last = bank.unit("last_fired")
+        new_last = torch.where(bank.unit("fired") > 0, float(step), last)
+        dead = (new_last <= step - self.window).to(torch.float64)
+        if commit:
+            last.copy_(new_last)
+        return {"inactive": bank.scalar("inactive"), "dead_units": bank.per_site_sum(dead)}
+
+    def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return {
+                "dead_ratio": record["dead_units"] / record["units"],
+                "inactive_fraction": record["inactive"] / record["elements"],
+            }
+
+    def __repr__(self) -> str:
+        return f"DeadReLU(window={self.window})"

@@ -1,0 +1,74 @@
+"""Saturation of bounded activations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from hookscope.collectors.base import Collector, SiteState
+from hookscope.errors import ConfigError, ConfigTypeError
+from hookscope.sites import Site
+
+__all__ = ["Saturation"]
+
+
+class Saturation(Collector):
+    """Share of outputs of bounded activations that sit near a bound of their range.
+
+    For an activation with range ``[lo, hi]`` an element is *saturated* when its output is within
+    ``eps * (hi - lo)`` of a bound: ``y <= lo + eps * (hi - lo)`` or ``y >= hi - eps * (hi - lo)`` (relu6: the
+    upper bound only, its lower bound being the inactive region). ``saturation_rate`` = saturated elements /
+    elements over every call of the site in the step. With the default ``eps=0.01``: sigmoid ``y <= 0.01`` or
+    ``y >= 0.99``; tanh ``|y| >= 0.98``. The comparison is exact in the output's own dtype (no rounding of the
+    threshold). NaN for unbounded activations.
+
+    Args:
+        eps: Width of the band at each bound, as a fraction of the range, in (0, 0.5).
+
+    Raises:
+        ValueError: ``eps`` outside (0, 0.5).
+        TypeError: ``eps`` is not a number.
+
+    Example:
+        >>> Saturation(eps=0.05).eps
+        0.05
+    """
+
+    columns = ("saturation_rate",)
+
+    def __init__(self, eps: float = 0.01) -> None:
+        super().__init__()
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise ConfigTypeError(f"`eps` must be a number in (0, 0.5), got {eps!r}")
+        if not (0.0 < eps < 0.5) or math.isnan(eps):
+            raise ConfigError(f"`eps` must be in (0, 0.5) (a fraction of the activation's range), got {eps!r}")
+        self.eps = float(eps)
+        self.add_state("saturated")
+
+    def applies_to(self, site: Site) -> bool:
+        return site.bounds is not None
+
+    def update(self, state: SiteState, output: torch.Tensor, site: Site) -> None:
+        assert site.bounds is not None
+        lo, hi = site.bounds
+        band = self.eps * (hi - lo)
+        side = site.spec.saturate
+        upper = site.threshold(hi - band, output.dtype, up=True)
+        lower = site.threshold(lo + band, output.dtype, up=False)
+        if upper is None or lower is None:  # a dtype without exact thresholds: compare in float64
+            output, upper, lower = output.double(), hi - band, lo + band
+        saturated = state["saturated"]
+        if side != "lower":
+            saturated.add_((output >= upper).sum())
+        if side != "upper":
+            saturated.add_((output <= lower).sum())
+
+    def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return {"saturation_rate": record["saturated"] / record["elements"]}
+
+    def __repr__(self) -> str:
+        return f"Saturation(eps={self.eps})"

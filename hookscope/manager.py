@@ -1,0 +1,621 @@
+"""``HookManager``: attaches hooks to a model's activation sites and closes training steps.
+
+Hooks are global state of a model: every forward pass of the model runs them, whoever calls it, until they are
+removed. A manager therefore owns exactly the handles it created and removes them in ``detach()``, which the
+context manager calls in ``finally`` so that an exception in the training loop never leaves hooks behind. The
+manager never computes statistics itself: it finds sites, hands each output (and each gradient) to the
+collectors, and records what they report when a step closes.
+
+How a forward pass is followed:
+
+- Every module of the model gets a forward pre-hook and an ``always_call`` forward hook, which keep a stack of
+  running modules. A module entered while none is running starts a new forward pass: call indices restart there
+  (nothing depends on the root's own ``forward`` being called, as with Lightning's ``training_step``).
+- Activation modules are sites; their output is recorded in the forward hook. Functional activations
+  (``F.relu``, ``torch.tanh``, ``x.relu_()``...) are captured by a ``TorchFunctionMode`` that is active only
+  while a forward pass runs; calls made inside an activation module are not separate sites.
+- Gradients are captured with a tensor hook on the output (``register_full_backward_hook`` fails on in-place
+  activations). A forward pass recomputed by activation checkpointing runs inside autograd's backward: its
+  outputs are not counted again, but they carry the tensor hook when the first pass had no graph (reentrant
+  checkpointing).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from hookscope import report
+from hookscope.activations import ActivationSpec, activation_for_function, activation_for_module
+from hookscope.collectors.base import Collector, SiteState, StateBank
+from hookscope.collectors.dead_relu import DeadReLU
+from hookscope.collectors.gradient_norm import GradientNorm
+from hookscope.collectors.saturation import Saturation
+from hookscope.errors import ConfigError, ConfigTypeError, StateError
+from hookscope.sites import (
+    ROOT_NAME,
+    Site,
+    iter_named_modules,
+    matches,
+    resolve_unit_dim,
+    validate_patterns,
+    validate_unit_dim,
+)
+from hookscope.warn import warn_once
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from rich.table import Table
+
+__all__ = ["HookManager"]
+
+_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_MISSING: Any = object()
+
+
+def _in_backward() -> bool:
+    """True while autograd's backward runs (where activation checkpointing recomputes forwards)."""
+    return _graph_task_id() != -1
+
+
+class _FunctionCapture(TorchFunctionMode):
+    """Sees every torch function call of a forward pass and reports activation calls to the manager."""
+
+    def __init__(self, manager: weakref.ReferenceType[HookManager]) -> None:
+        super().__init__()
+        self._manager = manager
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        spec = activation_for_function(func)
+        if spec is not None:
+            manager = self._manager()
+            if manager is not None:
+                manager._record_function(func, spec, args, kwargs, out)
+        return out
+
+
+class HookManager:
+    """Instrument the activation layers of a model.
+
+    Args:
+        model: The torch ``nn.Module`` to instrument (DDP / DataParallel / ``torch.compile`` wrappers are
+            unwrapped for naming).
+        collectors: Collector instances; ``None`` means ``[DeadReLU(), Saturation(), GradientNorm()]``.
+        include: ``fnmatch`` pattern(s) of layer names to instrument (a pattern matching ``name`` also matches
+            its further calls ``name#k``); ``None`` means every site.
+        exclude: Pattern(s) of layer names to leave out.
+        functional: Capture functional activations (``F.relu``, ``torch.tanh``, ``x.relu_()``...) with a
+            ``TorchFunctionMode`` during forward passes.
+        unit_dim: Override the dimension that holds units: one int for every site, or a mapping from layer-name
+            patterns to ints (first match wins); ``None`` uses the default rule
+            (see :func:`hookscope.sites.default_unit_dim`).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or another argument has the wrong type.
+        ValueError: A collector is given twice, or two collectors report the same column.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> with HookManager(model) as hm:
+        ...     model(torch.randn(16, 4)).sum().backward()
+        ...     hm.step()
+        >>> hm.to_dataframe()[["step", "layer", "kind"]].values.tolist()
+        [[0, '1', 'relu']]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        collectors: Iterable[Collector] | None = None,
+        *,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        functional: bool = True,
+        unit_dim: int | Mapping[str, int] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigTypeError(
+                f"`model` must be a torch nn.Module (torch.nn.Module), got {type(model).__module__}."
+                f"{type(model).__qualname__}: {model!r:.80}"
+            )
+        self.model = model
+        self.collectors: list[Collector] = self._validate_collectors(collectors)
+        self.include = validate_patterns("include", include)
+        self.exclude = validate_patterns("exclude", exclude)
+        if not isinstance(functional, bool):
+            raise ConfigTypeError(f"`functional` must be True or False, got {functional!r}")
+        self.functional = functional
+        self.unit_dim = validate_unit_dim(unit_dim)
+        for c in self.collectors:
+            c._bind(self)
+
+        self._ref = weakref.ref(self)
+        self._handles: list[RemovableHandle] = []
+        self._attached = False
+        self._mode = _FunctionCapture(self._ref)
+        self._mode_active = False
+        self._want_grad = any(c.wants_grad for c in self.collectors)
+
+        # sites
+        self._sites: list[Site] = []
+        self._site_by_key: dict[tuple[str, int], Site | None] = {}
+        self._fwd_states: list[list[tuple[Collector, SiteState]]] = []
+        self._grad_states: list[list[tuple[Collector, SiteState]]] = []
+        self._grad_hooks: list[Callable[[torch.Tensor], None]] = []
+        self._applies: list[list[bool]] = []
+        self._device: torch.device | None = None
+
+        # the forward pass in progress
+        self._stack: list[str] = []
+        self._activation_stack: list[tuple[str, int, ActivationSpec, nn.Module] | None] = []
+        self._counts: dict[str, int] = {}
+        self._recompute = False
+        self._recompute_task = -1
+        self._recompute_counts: dict[str, int] = {}
+
+        # the open step
+        self._step = 0
+        self._order: list[int] = []
+        self._touched: list[bool] = []
+        self._calls: list[int] = []
+        self._elements: list[int] = []
+        self._backward: list[int] = []
+        self._history: list[report.StepRecord] = []
+        self._fields: list[tuple[int, str]] | None = None
+        self._include_checked = False
+
+    # ----------------------------------------------------------------------------------------------------------
+    # validation
+
+    @staticmethod
+    def _validate_collectors(collectors: Iterable[Collector] | None) -> list[Collector]:
+        if collectors is None:
+            return [DeadReLU(), Saturation(), GradientNorm()]
+        if isinstance(collectors, Collector):
+            collectors = [collectors]
+        if not isinstance(collectors, Iterable):
+            raise ConfigTypeError(f"`collectors` must be None or a list of Collector instances, got {collectors!r}")
+        out: list[Collector] = []
+        for c in collectors:
+            if isinstance(c, type) and issubclass(c, Collector):
+                raise ConfigTypeError(
+                    f"`collectors` must hold Collector instances, got the class {c.__name__}; "
+                    f"write {c.__name__}() instead"
+                )
+            if not isinstance(c, Collector):
+                raise ConfigTypeError(f"`collectors` must hold hookscope Collector instances, got {c!r}")
+            if any(c is o for o in out):
+                raise ConfigError(f"`collectors` holds {c!r} twice")
+            out.append(c)
+        seen: dict[str, Collector] = {}
+        for c in out:
+            for col in c.columns:
+                if col in seen or col in report.ROW_COLUMNS:
+                    other = seen.get(col)
+                    by = repr(other) if other is not None else "the manager"
+                    raise ConfigError(
+                        f"`collectors`: column {col!r} of {c!r} is already reported by {by}; columns must be unique"
+                    )
+                seen[col] = c
+        return out
+
+    # ----------------------------------------------------------------------------------------------------------
+    # attach / detach
+
+    def attach(self) -> HookManager:
+        """Attach hooks to every module of the model.
+
+        Returns:
+            The manager itself.
+
+        Raises:
+            RuntimeError: The manager is already attached.
+        """
+        if self._attached:
+            raise StateError("this HookManager is already attached; call detach() first")
+        ref = self._ref
+        handles: list[RemovableHandle] = []
+        try:
+            for name, module in iter_named_modules(self.model):
+                spec = activation_for_module(module)
+                handles.append(module.register_forward_pre_hook(_pre_hook(ref, name, spec), prepend=True))
+                handles.append(module.register_forward_hook(_post_hook(ref, name, spec), always_call=True))
+        except BaseException:
+            for h in handles:
+                h.remove()
+            raise
+        self._handles = handles
+        self._stack.clear()
+        self._activation_stack.clear()
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this manager added. Idempotent; recorded results stay readable."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._attached = False
+        if self._mode_active:  # detached from inside a forward pass
+            self._mode.__exit__(None, None, None)
+            self._mode_active = False
+        self._stack.clear()
+        self._activation_stack.clear()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are in place."""
+        return self._attached
+
+    def __enter__(self) -> HookManager:
+        return self.attach()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.detach()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the forward pass (hot path)
+
+    def _enter(self, name: str, spec: ActivationSpec | None, module: nn.Module) -> None:
+        if not self._stack:
+            self._begin_forward()
+        self._stack.append(name)
+        if spec is not None:
+            if self._activation_stack:
+                self._activation_stack.append(None)  # nested inside another activation: not a site
+            else:
+                k = self._counts.get(name, 0)
+                self._counts[name] = k + 1
+                self._activation_stack.append((name, k, spec, module))
+
+    def _exit(self, name: str, spec: ActivationSpec | None, output: Any) -> None:
+        if not self._stack or self._stack[-1] != name:
+            return  # our pre-hook did not run for this call (an earlier pre-hook raised)
+        self._stack.pop()
+        if spec is not None and self._activation_stack:
+            entry = self._activation_stack.pop()
+            if entry is not None and isinstance(output, torch.Tensor):
+                act_name, k, act_spec, module = entry
+                site = self._site_by_key.get((act_name, k), _MISSING)
+                if site is _MISSING:
+                    layer = act_name or ROOT_NAME
+                    site = self._new_site(
+                        (act_name, k),
+                        layer if k == 0 else f"{layer}#{k}",
+                        layer,
+                        act_name,
+                        k,
+                        act_spec,
+                        None,
+                        act_spec.resolve_bounds(module),
+                    )
+                if site is not None:
+                    self._observe(site, output)
+        if not self._stack:
+            self._end_forward()
+
+    def _begin_forward(self) -> None:
+        if _in_backward():  # activation checkpointing recomputes a forward inside backward
+            task = _graph_task_id()
+            if task != self._recompute_task:
+                self._recompute_task, self._recompute_counts = task, {}
+            self._counts, self._recompute = self._recompute_counts, True
+        else:
+            self._counts, self._recompute = {}, False
+        if self.functional and not self._mode_active:
+            self._mode.__enter__()
+            self._mode_active = True
+
+    def _end_forward(self) -> None:
+        if self._mode_active:
+            self._mode_active = False
+            self._mode.__exit__(None, None, None)
+
+    def _record_function(
+        self,
+        func: Callable[..., Any],
+        spec: ActivationSpec,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        out: Any,
+    ) -> None:
+        if not self._attached or self._activation_stack or not isinstance(out, torch.Tensor):
+            return
+        enclosing = self._stack[-1] if self._stack else ""
+        fname = getattr(func, "__name__", "function")
+        base = f"{enclosing}.{fname}()" if enclosing else f"{fname}()"
+        k = self._counts.get(base, 0)
+        self._counts[base] = k + 1
+        site = self._site_by_key.get((base, k), _MISSING)
+        if site is _MISSING:
+            site = self._new_site(
+                (base, k),
+                base if k == 0 else f"{base}#{k}",
+                base,
+                enclosing,
+                k,
+                spec,
+                fname,
+                spec.resolve_bounds(None, args, kwargs),
+            )
+        if site is not None:
+            self._observe(site, out)
+
+    def _new_site(
+        self,
+        key: tuple[str, int],
+        layer: str,
+        base: str,
+        module: str,
+        call: int,
+        spec: ActivationSpec,
+        function: str | None,
+        bounds: tuple[float, float] | None,
+    ) -> Site | None:
+        if (self.include is not None and not matches(self.include, layer, base)) or (
+            self.exclude is not None and matches(self.exclude, layer, base)
+        ):
+            self._site_by_key[key] = None
+            return None
+        site = Site(len(self._sites), layer, module, call, spec, function, bounds)
+        self._sites.append(site)
+        self._site_by_key[key] = site
+        self._fwd_states.append([])
+        self._grad_states.append([])
+        self._applies.append([c.applies_to(site) for c in self.collectors])
+        self._touched.append(False)
+        self._calls.append(0)
+        self._elements.append(0)
+        self._backward.append(0)
+        ref = self._ref
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            manager = ref()
+            if manager is not None and manager._attached:
+                manager._on_grad(site, grad)
+
+        self._grad_hooks.append(grad_hook)
+        return site
+
+    def _bind_site(self, site: Site, out: torch.Tensor) -> bool:
+        """Fix a site's units and create its collector state at its first output. False if it cannot be."""
+        shape = tuple(out.shape)
+        try:
+            site.bind_shape(shape, resolve_unit_dim(self.unit_dim, site.layer, site.layer.split("#")[0], len(shape)))
+        except ConfigError as e:
+            site.problem = str(e)
+            return False
+        if self._device is None:
+            self._device = out.device
+            for c in self.collectors:
+                c._bank = StateBank(c.state_specs, out.device)
+        for c, applies in zip(self.collectors, self._applies[site.index]):
+            if applies:
+                state = c._add_site(site, out.device)
+                self._fwd_states[site.index].append((c, state))
+                if c.wants_grad:
+                    self._grad_states[site.index].append((c, state))
+        return True
+
+    def _observe(self, site: Site, output: torch.Tensor) -> None:
+        if site.problem is not None:
+            return
+        if site.units == 0 and not self._bind_site(site, output):
+            return
+        if self._recompute:  # a checkpointed forward recomputed in backward: counted in the first pass
+            if self._want_grad and output.requires_grad:
+                output.register_hook(self._grad_hooks[site.index])
+            return
+        shape = tuple(output.shape)
+        if shape != site.shape and site.units_of(shape) != site.units:
+            self._problem(
+                f"hookscope: site {site.layer!r} produced an output of shape {list(shape)} with "
+                f"{site.units_of(shape)} units after {site.units} units; such calls are skipped "
+                f"(use `unit_dim` if units sit in another dimension)"
+            )
+            return
+        if output.device != self._device:
+            self._problem(
+                f"hookscope: site {site.layer!r} runs on {output.device} while the statistics live on "
+                f"{self._device}; calls on other devices are skipped (model parallelism is not supported)"
+            )
+            return
+        i = site.index
+        if not self._touched[i]:
+            self._touched[i] = True
+            self._order.append(i)
+        self._calls[i] += 1
+        self._elements[i] += output.numel()
+        site.shape = shape
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            detached = output.detach()
+            for collector, state in self._fwd_states[i]:
+                collector.update(state, detached, site)
+        if self._want_grad and output.requires_grad:
+            output.register_hook(self._grad_hooks[i])
+
+    def _on_grad(self, site: Site, grad: torch.Tensor) -> None:
+        i = site.index
+        if not self._touched[i]:
+            self._touched[i] = True
+            self._order.append(i)
+        self._backward[i] += 1
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            for collector, state in self._grad_states[i]:
+                collector.update_grad(state, grad, site)
+
+    def _problem(self, message: str) -> None:
+        warn_once(message, stacklevel=4)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # steps
+
+    @property
+    def current_step(self) -> int:
+        """Number of the open step (steps are numbered from 0)."""
+        return self._step
+
+    @property
+    def sites(self) -> list[Site]:
+        """Sites found so far, in order of discovery."""
+        return list(self._sites)
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names of the sites found so far."""
+        return [s.layer for s in self._sites]
+
+    def step(self) -> None:
+        """Close the current training step: its statistics are recorded and the next step begins.
+
+        Does tensor work only (no host synchronisation); values reach the host when a report is asked for.
+        """
+        record = self._close(commit=True)
+        if record is not None:
+            self._history.append(record)
+        self._step += 1
+        self._check_include()
+
+    def _check_include(self) -> None:
+        if self._include_checked or self.include is None or not self._site_by_key:
+            return
+        self._include_checked = True
+        if not self._sites:
+            found = sorted(k[0] if k[1] == 0 else f"{k[0]}#{k[1]}" for k in self._site_by_key)
+            warn_once(
+                f"hookscope: `include` patterns {list(self.include)} matched none of the activation sites "
+                f"({', '.join(found[:10])}{', ...' if len(found) > 10 else ''})",
+                stacklevel=3,
+            )
+
+    def _close(self, commit: bool) -> report.StepRecord | None:
+        order = self._order
+        if not order:
+            return None
+        n = len(self._sites)
+        fields: list[tuple[int, str]] = []
+        columns: list[torch.Tensor] = []
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            for ci, c in enumerate(self.collectors):
+                if c._bank is None:
+                    continue
+                c._bank.resize(n)
+                for name, values in c.close_step(self._step, commit).items():
+                    fields.append((ci, name))
+                    columns.append(values)
+            if self._fields is None:
+                self._fields = fields
+            elif fields != self._fields:
+                raise StateError(
+                    f"collectors must record the same fields at every step: got {fields}, expected {self._fields}"
+                )
+            assert self._device is not None
+            values = (
+                torch.stack(columns, dim=1).to(torch.float64)
+                if columns
+                else torch.zeros(n, 0, dtype=torch.float64, device=self._device)
+            )
+            if commit:
+                for c in self.collectors:
+                    if c._bank is not None:
+                        c._bank.reset()
+        sites = list(order)
+        record = report.StepRecord(
+            step=self._step,
+            sites=sites,
+            calls=[self._calls[i] for i in sites],
+            elements=[self._elements[i] for i in sites],
+            backward=[self._backward[i] for i in sites],
+            units=[self._sites[i].units for i in sites],
+            shapes=[self._sites[i].shape for i in sites],
+            values=values,
+        )
+        if commit:
+            for i in sites:
+                self._touched[i] = False
+                self._calls[i] = self._elements[i] = self._backward[i] = 0
+            self._order = []
+        return record
+
+    # ----------------------------------------------------------------------------------------------------------
+    # reports
+
+    def records(self) -> list[report.StepRecord]:
+        """Step records so far, the open step included when it has data."""
+        out = list(self._history)
+        snapshot = self._close(commit=False)
+        if snapshot is not None:
+            out.append(snapshot)
+        return out
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per (step, layer) in which the layer ran, in forward execution order within each step.
+
+        Columns: ``step, layer, kind, shape, units, calls, dead_ratio, inactive_fraction, saturation_rate,
+        grad_norm`` and the columns of custom collectors. A statistic that does not apply to a layer, or whose
+        collector is not attached, is NaN. The open step (no ``step()`` since its data) is included.
+        """
+        return report.build_frame(self.records(), self._sites, self.collectors, self._fields or [], self._applies)
+
+    def to_csv(self, path: str | Any) -> None:
+        """Write :meth:`to_dataframe` to ``path`` as CSV, atomically (no partial file on error).
+
+        Raises:
+            OSError: The directory does not exist or is not writable.
+        """
+        from hookscope.reporters.csv import write_csv
+
+        write_csv(self.to_dataframe(), path)
+
+    def table(self, step: int | None = None, *, ascii: bool = False) -> Table:
+        """A rich table with one row per layer for the latest step (or ``step``)."""
+        from hookscope.reporters.table import build_table
+
+        return build_table(self.to_dataframe(), step=step, ascii=ascii)
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        return (
+            f"HookManager({type(self.model).__name__}, collectors={self.collectors}, "
+            f"{state}, sites={len(self._sites)}, step={self._step})"
+        )
+
+
+def _pre_hook(
+    ref: weakref.ReferenceType[HookManager], name: str, spec: ActivationSpec | None
+) -> Callable[[nn.Module, Any], None]:
+    def hook(module: nn.Module, args: Any) -> None:
+        manager = ref()
+        if manager is not None and manager._attached:
+            manager._enter(name, spec, module)
+
+    return hook
+
+
+def _post_hook(
+    ref: weakref.ReferenceType[HookManager], name: str, spec: ActivationSpec | None
+) -> Callable[[nn.Module, Any, Any], None]:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        manager = ref()
+        if manager is not None and manager._attached:
+            manager._exit(name, spec, output)
+
+    return hook

@@ -1,0 +1,8 @@
+"""Presentation of reports: rich tables and files. Builders return objects; callers decide where they go."""
+
+from __future__ import annotations
+
+from hookscope.reporters.csv import write_csv
+from hookscope.reporters.table import build_table
+
+__all__ = ["build_table", "write_csv"]

@@ -1,0 +1,254 @@
+"""Hook sites: where statistics are recorded, what they are called, and which dimension holds the units.
+
+A *site* is one call site of an activation in a forward pass, not a module: torchvision's ``BasicBlock`` calls
+``self.relu`` twice, and resnet50 calls one ``nn.ReLU`` object on 64, 64 and 256 channels in one forward, so
+per-module state cannot work. Sites are named:
+
+- module sites: the module's qualified name from ``named_modules()``; the k-th call (k >= 1) of the same module
+  in one forward pass is ``name#k`` (``layer1.0.relu``, ``layer1.0.relu#1``);
+- functional sites: the qualified name of the innermost running module, a dot, the function's name and ``()``
+  (``conv1.relu()`` for the ``F.relu`` inside googlenet's ``conv1``; ``relu()`` for a call in the root's own
+  ``forward``); the k-th call of the same function in the same module is ``conv1.relu()#k``.
+
+Wrapper components (``_orig_mod`` of ``torch.compile``, ``_checkpoint_wrapped_module``, ``_fsdp_wrapped_module``)
+are dropped from names, and ``DistributedDataParallel`` / ``DataParallel`` are unwrapped, so names are those of
+the user's model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from hookscope.activations import ActivationSpec, Bounds
+from hookscope.errors import ConfigError, ConfigTypeError
+
+__all__ = [
+    "ROOT_NAME",
+    "Site",
+    "UnitDim",
+    "default_unit_dim",
+    "iter_named_modules",
+    "unwrap_model",
+]
+
+#: Name of the root module when it is itself an activation module.
+ROOT_NAME = "(root)"
+
+#: What ``HookManager(unit_dim=...)`` accepts: ``None`` (the default rule), one dim for every site, or a mapping
+#: from layer-name patterns (``fnmatch``) to dims, the first matching pattern winning.
+UnitDim = Union[None, int, Mapping[str, int]]
+
+_WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
+    while True:
+        inner = None
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        elif type(model).__name__ == "OptimizedModule":
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def clean_name(name: str) -> str:
+    """A qualified module name without wrapper components."""
+    if not any(part in name for part in _WRAPPER_COMPONENTS):
+        return name
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_COMPONENTS)
+
+
+def iter_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` of the unwrapped model (each module once), with wrapper components removed."""
+    for name, module in unwrap_model(model).named_modules():
+        yield clean_name(name), module
+
+
+def default_unit_dim(ndim: int) -> int | None:
+    """The dimension that holds units for an output of ``ndim`` dimensions.
+
+    ``(N, C)``, ``(N, C, H, W)`` and ``(N, C, D, H, W)`` outputs: dim 1 (channels). 3-D outputs: the last dim,
+    ``(B, T, F)`` as produced by transformers, RNNs and ``nn.Linear`` on sequences (also right for
+    ``(T, B, F)``); use ``unit_dim`` to treat a ``Conv1d`` output ``(N, C, L)`` by channel. 1-D outputs: each
+    element is a unit. 0-D outputs: one unit (``None``).
+    """
+    if ndim == 0:
+        return None
+    if ndim == 1:
+        return 0
+    if ndim == 3:
+        return 2
+    return 1
+
+
+def validate_unit_dim(unit_dim: object) -> UnitDim:
+    """Check ``HookManager(unit_dim=...)`` up front."""
+    if unit_dim is None:
+        return None
+    if isinstance(unit_dim, bool) or not isinstance(unit_dim, (int, Mapping)):
+        raise ConfigTypeError(
+            f"`unit_dim` must be None, an int, or a mapping of layer-name patterns to ints; got {unit_dim!r}"
+        )
+    if isinstance(unit_dim, int):
+        return unit_dim
+    for k, v in unit_dim.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigTypeError(
+                f"`unit_dim` mapping must map layer-name patterns (str) to dims (int); got {k!r}: {v!r}"
+            )
+    return dict(unit_dim)
+
+
+def validate_patterns(arg: str, value: object) -> tuple[str, ...] | None:
+    """Check ``include`` / ``exclude``: ``None``, one pattern, or an iterable of ``fnmatch`` patterns."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable):
+        out = tuple(value)
+        for p in out:
+            if not isinstance(p, str):
+                raise ConfigTypeError(f"`{arg}` must hold layer-name patterns (str); got {p!r} in {value!r}")
+        return out
+    raise ConfigTypeError(f"`{arg}` must be None, a pattern or a list of patterns (str); got {value!r}")
+
+
+def matches(patterns: tuple[str, ...], layer: str, base: str) -> bool:
+    """Whether a layer (or its base name without ``#k``) matches any of the patterns."""
+    return any(fnmatch.fnmatchcase(layer, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exact thresholds in the output's own dtype
+
+
+def _f32_bits(x: float) -> int:
+    return int(struct.unpack("<I", struct.pack("<f", x))[0])
+
+
+def _bits_f32(b: int) -> float:
+    return float(struct.unpack("<f", struct.pack("<I", b & 0xFFFFFFFF))[0])
+
+
+def _round_to_dtype(t: float, dtype: torch.dtype, up: bool) -> float | None:
+    """The smallest (``up``) or largest value representable in ``dtype`` that is >= t (resp. <= t).
+
+    Comparing an output ``y`` of that dtype with the returned value gives exactly ``y >= t`` (resp. ``y <= t``),
+    whatever precision the comparison kernel uses. ``None`` for dtypes handled by upcasting.
+    """
+    direction = np.inf if up else -np.inf
+    if dtype == torch.float64:
+        return t
+    if dtype in (torch.float32, torch.float16):
+        npt = np.float32 if dtype == torch.float32 else np.float16
+        v = npt(t)
+        if (up and float(v) < t) or (not up and float(v) > t):
+            v = np.nextafter(v, npt(direction))
+        return float(v)
+    if dtype == torch.bfloat16:
+        f = np.float32(t)
+        if (up and float(f) < t) or (not up and float(f) > t):
+            f = np.nextafter(f, np.float32(direction))
+        bits = _f32_bits(float(f))
+        low = bits & 0xFFFF
+        trunc = bits & 0xFFFF0000  # rounds toward zero
+        if low == 0:
+            return _bits_f32(trunc)
+        negative = bool(bits & 0x80000000)
+        away = up != negative  # rounding up a positive (or down a negative) number moves away from zero
+        return _bits_f32(trunc + 0x10000 if away else trunc)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sites
+
+
+@dataclasses.dataclass(eq=False)
+class Site:
+    """One activation call site.
+
+    Attributes:
+        index: Position in the manager's site table (order of first discovery).
+        layer: Stable name (see the module docstring).
+        module: Qualified name of the activation module, or of the module enclosing a functional call.
+        call: Call index within one forward pass (``#k`` suffix).
+        spec: The activation kind.
+        function: Name of the functional entry point, ``None`` for module sites.
+        bounds: ``(lo, hi)`` output range for bounded kinds, else ``None``.
+        unit_dim: Dimension holding units (``None``: the whole output is one unit); set at the first call.
+        units: Number of units; set at the first call.
+        shape: Shape of the latest output.
+    """
+
+    index: int
+    layer: str
+    module: str
+    call: int
+    spec: ActivationSpec
+    function: str | None = None
+    bounds: Bounds | None = None
+    unit_dim: int | None = None
+    units: int = 0
+    shape: tuple[int, ...] = ()
+    reduce_dims: tuple[int, ...] = ()
+    problem: str | None = None
+    _thresholds: dict[tuple[torch.dtype, float, bool], float | None] = dataclasses.field(
+        default_factory=dict, repr=False
+    )
+
+    @property
+    def kind(self) -> str:
+        """Lower-case activation name."""
+        return self.spec.name
+
+    def bind_shape(self, shape: tuple[int, ...], unit_dim: int | None) -> None:
+        """Fix the unit dimension from the first output's shape (``unit_dim`` already resolved for the site)."""
+        ndim = len(shape)
+        if unit_dim is not None and not -ndim <= unit_dim < max(ndim, 1):
+            raise ConfigError(
+                f"`unit_dim` {unit_dim} is out of range for site {self.layer!r} with output shape {list(shape)}"
+            )
+        if ndim == 0 or unit_dim is None:
+            self.unit_dim, self.units, self.reduce_dims = None, 1, tuple(range(ndim))
+        else:
+            d = unit_dim % ndim
+            self.unit_dim, self.units = d, int(shape[d])
+            self.reduce_dims = tuple(i for i in range(ndim) if i != d)
+        self.shape = shape
+
+    def units_of(self, shape: tuple[int, ...]) -> int:
+        """Number of units an output of ``shape`` has at this site (to detect shape changes)."""
+        if self.unit_dim is None:
+            return 1
+        return int(shape[self.unit_dim]) if self.unit_dim < len(shape) else -1
+
+    def threshold(self, value: float, dtype: torch.dtype, up: bool) -> float | None:
+        """``value`` rounded to ``dtype`` so that comparisons in that dtype are exact (cached per site)."""
+        key = (dtype, value, up)
+        if key not in self._thresholds:
+            self._thresholds[key] = _round_to_dtype(value, dtype, up)
+        return self._thresholds[key]
+
+
+def resolve_unit_dim(unit_dim: UnitDim, layer: str, base: str, ndim: int) -> int | None:
+    """The unit dimension of a site: the user's override (int or first matching pattern), else the default."""
+    if isinstance(unit_dim, int):
+        return unit_dim
+    if isinstance(unit_dim, Mapping):
+        for pattern, dim in unit_dim.items():
+            if fnmatch.fnmatchcase(layer, pattern) or fnmatch.fnmatchcase(base, pattern):
+                return dim
+    return default_unit_dim(ndim)

@@ -1,0 +1,207 @@
+"""Correctness under real training conditions: identical training, checkpointing, no_grad, memory, no syncs."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import warnings
+import weakref
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from conftest import FunctionalReLU, InplaceReLU, SaturatingNet, SharedReLU, mlp, train_steps
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
+
+from hookscope import HookManager
+
+STATS = ["dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm"]
+
+
+@pytest.mark.parametrize("make", [SharedReLU, InplaceReLU, FunctionalReLU, SaturatingNet])
+def test_training_is_bit_for_bit_identical(make) -> None:
+    torch.manual_seed(3)
+    plain = make()
+    instrumented = copy.deepcopy(plain)
+    train_steps(plain, 5)
+    with HookManager(instrumented) as hm:
+        train_steps(instrumented, 5, hm)
+    for (name, a), (_, b) in zip(plain.named_parameters(), instrumented.named_parameters()):
+        assert torch.equal(a, b), name
+    assert len(hm.to_dataframe()) > 0
+
+
+def test_resnet18_training_is_bit_for_bit_identical() -> None:
+    plain = torchvision.models.resnet18(num_classes=4)
+    instrumented = copy.deepcopy(plain)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for model, manager in ((plain, None), (instrumented, HookManager(instrumented))):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if manager is not None:
+            manager.attach()
+        for _ in range(2):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if manager is not None:
+                manager.step()
+        if manager is not None:
+            manager.detach()
+    for a, b in zip(plain.state_dict().values(), instrumented.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+class CheckpointedNet(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.stem = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh()) for _ in range(2)
+        )
+        self.act = nn.ReLU()  # called after each block: act, act#1
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h) if self.mode == "none" else checkpoint(block, h, use_reentrant=self.mode == "reentrant")
+            h = self.act(h)
+        return self.head(F.gelu(h))
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_checkpointing_gives_the_statistics_of_the_plain_model(mode: str) -> None:
+    torch.manual_seed(5)
+    plain = CheckpointedNet("none")
+    ckpt = copy.deepcopy(plain)
+    ckpt.mode = mode
+    frames = []
+    for model in (plain, ckpt):
+        with HookManager(model) as hm:
+            train_steps(model, 3, hm)
+        frames.append(hm.to_dataframe())
+    a, b = frames
+    assert list(a["layer"]) == list(b["layer"])
+    assert list(a["calls"]) == list(b["calls"])  # the recomputed forward is not counted again
+    assert b["grad_norm"].notna().all()
+    pd.testing.assert_frame_equal(a[STATS], b[STATS], rtol=1e-6)
+
+
+def test_no_grad_and_inference_mode_steps() -> None:
+    model = SharedReLU()
+    with HookManager(model) as hm:
+        with torch.inference_mode():  # the first call creates state: it must stay usable outside
+            model(torch.randn(2, 4))
+        hm.step()
+        with torch.no_grad():
+            model(torch.randn(2, 4))
+        hm.step()
+        model(torch.randn(2, 4)).sum().backward()
+        hm.step()
+        with torch.inference_mode():
+            model(torch.randn(2, 4))
+            hm.step()
+    df = hm.to_dataframe()
+    assert list(df["step"]) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert df["grad_norm"].notna().tolist() == [False] * 4 + [True] * 2 + [False] * 2
+    assert df["inactive_fraction"].notna().all()
+
+
+def test_hooks_do_not_keep_outputs_alive() -> None:
+    model = SharedReLU()
+    refs: list[weakref.ref] = []
+    model.act.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+    with HookManager(model) as hm:
+        model(torch.randn(3, 4)).sum().backward()  # with backward
+        model(torch.randn(3, 4))  # forward only: a tensor hook is registered on outputs that are dropped
+        hm.step()
+        gc.collect()
+        assert len(refs) == 4 and all(r() is None for r in refs)
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    seen: set[int] = set()
+    total = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on some torch objects warns about deprecations
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        try:
+            storage = obj.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            continue
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def test_a_long_loop_does_not_grow_memory() -> None:
+    model = mlp((32, 256, 256, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(64, 32)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            hm.step()
+
+    with HookManager(model) as hm:
+        run(20)
+        before = _live_tensor_bytes()
+        run(200)
+        after = _live_tensor_bytes()
+    # one activation is 64 KiB; the history kept per step is a few dozen numbers per site
+    assert after - before < 200 * 512, (before, after)
+
+
+class CountSyncs(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_sync_counter_sees_item() -> None:
+    with CountSyncs() as counter:
+        torch.ones(2).sum().item()
+    assert counter.count == 1
+
+
+@pytest.mark.parametrize("make", [SharedReLU, InplaceReLU, FunctionalReLU, SaturatingNet, CheckpointedNet])
+def test_no_host_synchronisation_while_training(make) -> None:
+    model = make("reentrant") if make is CheckpointedNet else make()
+    with HookManager(model) as hm:
+        train_steps(model, 1, hm)  # first step creates sites and state
+        with CountSyncs() as counter:
+            train_steps(model, 3, hm)
+    assert counter.count == 0
+    assert len(hm.to_dataframe()) > 0
+
+
+def test_no_host_synchronisation_resnet18() -> None:
+    model = torchvision.models.resnet18(num_classes=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    with HookManager(model) as hm, CountSyncs() as counter:
+        for _ in range(2):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            hm.step()
+    assert counter.count == 0

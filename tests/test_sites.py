@@ -1,0 +1,178 @@
+"""Where hooks go and what sites are called: module reuse, functional activations, outermost calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from conftest import FunctionalReLU, SharedReLU
+
+from hookscope import DeadReLU, HookManager
+
+
+def layers_after_forward(model: nn.Module, x: torch.Tensor, **kwargs) -> list[str]:
+    with HookManager(model, **kwargs) as hm:
+        model(x)
+    return list(hm.to_dataframe()["layer"])
+
+
+def test_resnet18_has_17_call_sites_from_9_modules_and_backward_works() -> None:
+    model = torchvision.models.resnet18(num_classes=10)
+    relu_modules = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    assert len(relu_modules) == 9
+    with HookManager(model) as hm:
+        model(torch.randn(2, 3, 32, 32)).sum().backward()  # in-place ReLUs: backward must still work
+        hm.step()
+    df = hm.to_dataframe()
+    assert len(df) == 17
+    assert list(df["layer"][:3]) == ["relu", "layer1.0.relu", "layer1.0.relu#1"]
+    assert df["layer"].str.split("#").str[0].nunique() == 9
+    assert set(df["layer"].str.split("#").str[0]) == set(relu_modules)
+    assert df["grad_norm"].notna().all()
+    # the same module sees another shape at its second call in the stem? no: each call site has its own units
+    assert df.set_index("layer").loc["layer2.0.relu", "units"] == 128
+
+
+def test_shared_module_call_sites() -> None:
+    assert layers_after_forward(SharedReLU(), torch.randn(3, 4)) == ["act", "act#1"]
+
+
+def test_googlenet_functional_relus() -> None:
+    model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False).eval()
+    layers = layers_after_forward(model, torch.randn(1, 3, 64, 64))
+    assert len(layers) == 57
+    assert layers[0] == "conv1.relu()"
+    assert "inception3a.branch2.0.relu()" in layers
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+
+
+def test_densenet121_module_sites_plus_one_functional() -> None:
+    model = torchvision.models.densenet121(weights=None)
+    layers = layers_after_forward(model, torch.randn(2, 3, 32, 32))
+    assert len(layers) == 121
+    functional = [name for name in layers if name.endswith("()")]
+    assert functional == ["relu()"]  # F.relu in DenseNet.forward, i.e. in the root module
+    assert layers[0] == "features.relu0"
+
+
+def test_functional_spellings_and_names() -> None:
+    model = FunctionalReLU()
+    with HookManager(model) as hm:
+        model(torch.randn(3, 4))
+    df = hm.to_dataframe()
+    assert list(df["layer"]) == ["relu()", "relu()#1", "relu_()", "sigmoid()"]
+    assert list(df["kind"]) == ["relu", "relu", "relu", "sigmoid"]
+
+
+def test_functional_false_ignores_functional_calls() -> None:
+    assert layers_after_forward(FunctionalReLU(), torch.randn(3, 4), functional=False) == []
+
+
+def test_module_forward_calling_f_relu_is_one_site() -> None:
+    # nn.ReLU.forward itself calls F.relu: it must not count twice
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.GELU(approximate="tanh"))
+    assert layers_after_forward(model, torch.randn(2, 2)) == ["1", "2"]
+
+
+def test_third_party_gelu_with_tanh_inside_is_one_gelu_site() -> None:
+    class NewGELUActivation(nn.Module):  # as in Hugging Face transformers
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.act = NewGELUActivation()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.fc(x))
+
+    with HookManager(Block()) as hm:
+        hm.model(torch.randn(2, 4))
+    df = hm.to_dataframe()
+    assert list(df["layer"]) == ["act"] and list(df["kind"]) == ["gelu"]
+
+
+def test_transformer_encoder_layer_default_activation_is_functional_relu() -> None:
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+    with HookManager(layer) as hm:
+        layer(torch.randn(2, 5, 8))
+    df = hm.to_dataframe()
+    assert list(df["layer"]) == ["relu()"] and df["units"].iloc[0] == 16
+
+
+def test_call_indices_restart_at_every_outermost_call() -> None:
+    class Wrapper(nn.Module):  # Lightning-style: the root's forward is never called
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = SharedReLU()
+
+    w = Wrapper()
+    with HookManager(w) as hm:
+        w.net(torch.randn(2, 4))
+        w.net(torch.randn(2, 4))  # a second forward in the same step (gradient accumulation)
+        hm.step()
+    df = hm.to_dataframe()
+    assert list(df["layer"]) == ["net.act", "net.act#1"]
+    assert list(df["calls"]) == [2, 2]
+
+
+def test_include_and_exclude_patterns() -> None:
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    only_layer1 = layers_after_forward(model.eval(), x, include="layer1.*")
+    assert only_layer1 == ["layer1.0.relu", "layer1.0.relu#1", "layer1.1.relu", "layer1.1.relu#1"]
+    without_second_calls = layers_after_forward(model, x, exclude=["*#1"])
+    assert len(without_second_calls) == 9
+    # a pattern matching the module name also matches its later calls
+    assert layers_after_forward(model, x, include=["layer1.0.relu"]) == ["layer1.0.relu", "layer1.0.relu#1"]
+
+
+def test_include_that_matches_nothing_warns() -> None:
+    model = SharedReLU()
+    with HookManager(model, include="nothing*") as hm:
+        model(torch.randn(2, 4))
+        with pytest.warns(UserWarning, match="matched none"):
+            hm.step()
+
+
+def test_names_of_wrapped_models_are_unwrapped() -> None:
+    inner = SharedReLU()
+    model = torch.compile(inner, backend="eager")
+    with HookManager(model, functional=False) as hm:
+        inner(torch.randn(2, 4))
+    assert list(hm.to_dataframe()["layer"]) == ["act", "act#1"]
+
+
+def test_nested_activation_modules_are_not_separate_sites() -> None:
+    class Gated(nn.SiLU):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Sigmoid()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.gate(x)
+
+    model = nn.Sequential(Gated())
+    with HookManager(model, [DeadReLU()]) as hm:
+        model(torch.randn(2, 3))
+    assert list(hm.to_dataframe()["layer"]) == ["0"]
+
+
+def test_functional_site_in_a_module_called_from_several_places() -> None:
+    class Act(nn.Module):  # not an activation class: its F.gelu is a functional site inside it
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.gelu(x)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = Act()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(self.a(x))
+
+    assert layers_after_forward(Net(), torch.randn(2, 3)) == ["a.gelu()", "a.gelu()#1"]

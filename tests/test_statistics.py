@@ -1,0 +1,324 @@
+"""Statistics from first principles: hand-built weights and inputs, expected values worked out by hand or by
+autograd on an uninstrumented copy."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import hookscope as hs
+from hookscope import DeadReLU, GradientNorm, HookManager, Saturation
+
+
+def three_unit_relu() -> nn.Sequential:
+    """y = relu(W x + b) with unit 0 = x, unit 1 = -x, unit 2 = -1 (always dead)."""
+    lin = nn.Linear(1, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0], [-1.0], [0.0]]))
+        lin.bias.copy_(torch.tensor([0.0, 0.0, -1.0]))
+    return nn.Sequential(lin, nn.ReLU())
+
+
+def col(*xs: float) -> torch.Tensor:
+    return torch.tensor(xs).reshape(-1, 1)
+
+
+def test_inactive_fraction_and_dead_ratio_by_hand() -> None:
+    model = three_unit_relu()
+    with HookManager(model, [DeadReLU()]) as hm:
+        model(col(1.0, -2.0, 3.0, 0.0))
+        hm.step()
+    row = hm.to_dataframe().iloc[0]
+    # unit 0: [1, 0, 3, 0] -> 2 inactive; unit 1: [0, 2, 0, 0] -> 3; unit 2: all 0 -> 4. 9 of 12.
+    assert row["inactive_fraction"] == 9 / 12
+    assert row["dead_ratio"] == 1 / 3
+    assert row["units"] == 3 and row["calls"] == 1
+    assert math.isnan(row["saturation_rate"]) and math.isnan(row["grad_norm"])  # collectors not attached
+
+
+def test_all_calls_of_a_step_count_together() -> None:
+    model = three_unit_relu()
+    with HookManager(model, [DeadReLU()]) as hm:
+        model(col(1.0, 2.0))  # unit 1 and 2 inactive: 4 of 6
+        model(col(-1.0))  # unit 0 and 2 inactive: 2 of 3; unit 1 fires
+        hm.step()
+    row = hm.to_dataframe().iloc[0]
+    assert row["calls"] == 2
+    assert row["inactive_fraction"] == 6 / 9
+    assert row["dead_ratio"] == 1 / 3  # only unit 2 never fired in the step
+
+
+@pytest.mark.parametrize(
+    ("window", "expected"),
+    [
+        # step inputs: [1, 2] (unit 1 silent), [-1] (unit 0 silent), [-1] (unit 0 silent); unit 2 always dead
+        (1, [2 / 3, 2 / 3, 2 / 3]),
+        (2, [2 / 3, 1 / 3, 2 / 3]),
+        (3, [2 / 3, 1 / 3, 1 / 3]),
+    ],
+)
+def test_dead_window(window: int, expected: list[float]) -> None:
+    model = three_unit_relu()
+    with HookManager(model, [DeadReLU(window=window)]) as hm:
+        for xs in [(1.0, 2.0), (-1.0,), (-1.0,)]:
+            model(col(*xs))
+            hm.step()
+    assert list(hm.to_dataframe()["dead_ratio"]) == pytest.approx(expected, abs=0)
+
+
+@pytest.mark.parametrize("window", [0, -3])
+def test_window_must_be_positive(window: int) -> None:
+    with pytest.raises(ValueError, match="`window`"):
+        DeadReLU(window=window)
+    with pytest.raises(TypeError, match="`window`"):
+        DeadReLU(window=1.5)  # type: ignore[arg-type]
+
+
+def test_rectifiers_other_than_relu_use_output_le_zero() -> None:
+    # leaky_relu and gelu outputs are negative for negative inputs: inactive; exactly zero input -> 0: inactive
+    x = torch.tensor([[-2.0, 0.0, 0.5, 3.0]])
+    for act in (nn.LeakyReLU(0.1), nn.GELU(), nn.ELU(), nn.SiLU(), nn.Mish(), nn.Hardswish()):
+        model = nn.Sequential(act)
+        with HookManager(model, [DeadReLU()]) as hm:
+            model(x)
+        row = hm.to_dataframe().iloc[0]
+        assert row["inactive_fraction"] == 2 / 4, act
+        assert row["units"] == 4 and row["dead_ratio"] == 0.5, act  # 2-D output: units are the 4 columns
+
+
+def test_dead_ratio_is_nan_for_non_rectifiers_and_saturation_for_unbounded() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3), nn.ReLU(), nn.Softmax(dim=1))
+    with HookManager(model) as hm:
+        model(torch.randn(5, 2))
+    df = hm.to_dataframe().set_index("layer")
+    assert math.isnan(df.loc["1", "dead_ratio"]) and not math.isnan(df.loc["1", "saturation_rate"])
+    assert not math.isnan(df.loc["3", "dead_ratio"]) and math.isnan(df.loc["3", "saturation_rate"])
+    assert math.isnan(df.loc["4", "dead_ratio"]) and math.isnan(df.loc["4", "saturation_rate"])
+
+
+def saturation_of(act: nn.Module, outputs_from: torch.Tensor, eps: float = 0.01) -> float:
+    model = nn.Sequential(act)
+    with HookManager(model, [Saturation(eps=eps)]) as hm:
+        model(outputs_from)
+    return float(hm.to_dataframe()["saturation_rate"].iloc[0])
+
+
+def test_tanh_saturation_band() -> None:
+    ys = torch.tensor([[0.97, 0.979, 0.981, 0.999, -0.99, 0.5]], dtype=torch.float64)
+    # |y| >= 0.98: 0.981, 0.999, -0.99
+    assert saturation_of(nn.Tanh(), torch.atanh(ys)) == 3 / 6
+
+
+def test_sigmoid_saturation_band_and_eps() -> None:
+    ys = torch.tensor([[0.005, 0.011, 0.5, 0.95, 0.989, 0.995]], dtype=torch.float64)
+    logits = torch.log(ys / (1 - ys))
+    assert saturation_of(nn.Sigmoid(), logits) == 2 / 6  # y <= 0.01 or y >= 0.99
+    assert saturation_of(nn.Sigmoid(), logits, eps=0.1) == 5 / 6  # y <= 0.1 or y >= 0.9
+
+
+def test_relu6_saturates_at_its_upper_bound_only() -> None:
+    x = torch.tensor([[0.0, -1.0, 5.93, 5.95, 7.0, 3.0]])
+    assert saturation_of(nn.ReLU6(), x) == 2 / 6  # y >= 5.94
+
+
+def test_hardtanh_uses_its_own_range() -> None:
+    x = torch.tensor([[-3.0, -1.97, -1.95, 0.0, 1.95, 1.97, 5.0]])
+    assert saturation_of(nn.Hardtanh(-2.0, 2.0), x) == 4 / 7  # band 0.04 of a range of 4
+
+
+def test_functional_hardtanh_reads_bounds_from_the_call() -> None:
+    class M(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.hardtanh(x, -2.0, 2.0)
+
+    x = torch.tensor([[-3.0, -1.97, -1.95, 0.0, 1.95, 1.97, 5.0]])
+    model = M()
+    with HookManager(model, [Saturation()]) as hm:
+        model(x)
+    assert hm.to_dataframe()["saturation_rate"].iloc[0] == 4 / 7
+
+
+def test_hardsigmoid_and_softsign_are_bounded() -> None:
+    # hardsigmoid(x) = clamp(x / 6 + 0.5, 0, 1): x <= -2.94 or x >= 2.94 is saturated
+    assert saturation_of(nn.Hardsigmoid(), torch.tensor([[-3.0, -2.9, 0.0, 2.9, 3.0]])) == 2 / 5
+    # softsign(x) = x / (1 + |x|) >= 0.98 from x = 49
+    assert saturation_of(nn.Softsign(), torch.tensor([[-60.0, -40.0, 0.0, 40.0, 60.0]])) == 2 / 5
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.5, -0.1, 0.7, float("nan")])
+def test_eps_must_be_in_open_interval(eps: float) -> None:
+    with pytest.raises(ValueError, match="`eps`"):
+        Saturation(eps=eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_saturation_is_exact_in_low_precision(dtype: torch.dtype) -> None:
+    x = torch.linspace(-8, 8, 4001).reshape(1, -1).to(dtype)
+    y = torch.sigmoid(x).double()  # what the model outputs, in exact arithmetic
+    expected = float(((y <= 0.01) | (y >= 0.99)).double().mean())
+    assert saturation_of(nn.Sigmoid(), x) == expected
+
+
+def test_counts_do_not_lose_precision_in_half() -> None:
+    # 2**21 elements, 60% negative: a bf16 or fp16 sum of indicator values could not count them exactly
+    n = 2**21
+    x = torch.ones(1, n, dtype=torch.float16)
+    x[0, : int(0.6 * n) + 1] = -1.0
+    model = nn.Sequential(nn.ReLU())
+    with HookManager(model, [DeadReLU()], unit_dim=0) as hm:
+        model(x)
+    assert hm.to_dataframe()["inactive_fraction"].iloc[0] == (int(0.6 * n) + 1) / n
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gradient norm
+
+
+def reference_grad_norms(model: nn.Module, xs: list[torch.Tensor]) -> list[float]:
+    """sqrt(sum over passes of ||dL/dy||^2) for each activation output, by autograd with retain_grad."""
+    model = copy.deepcopy(model)
+    outs: list[list[torch.Tensor]] = [[] for _ in xs]
+    current: list[torch.Tensor] = []
+
+    def keep(m: nn.Module, i: object, o: torch.Tensor) -> None:
+        o.retain_grad()
+        current.append(o)
+
+    for m in model.modules():
+        if isinstance(m, (nn.ReLU, nn.Tanh, nn.Sigmoid)):
+            m.register_forward_hook(keep)
+    for k, x in enumerate(xs):
+        current.clear()
+        model(x).pow(2).sum().backward()
+        outs[k] = list(current)
+    return [math.sqrt(sum(float(outs[k][j].grad.pow(2).sum()) for k in range(len(xs)))) for j in range(len(outs[0]))]
+
+
+def test_grad_norm_matches_autograd() -> None:
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1), nn.Sigmoid())
+    x = torch.randn(7, 3)
+    expected = reference_grad_norms(model, [x])
+    with HookManager(model, [GradientNorm()]) as hm:
+        model(x).pow(2).sum().backward()
+        hm.step()
+    assert list(hm.to_dataframe()["grad_norm"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradient_accumulation_sums_squares_over_backward_passes() -> None:
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1))
+    xs = [torch.randn(4, 3), torch.randn(4, 3)]
+    expected = reference_grad_norms(model, xs)
+    with HookManager(model, [GradientNorm()]) as hm:
+        for x in xs:
+            model(x).pow(2).sum().backward()
+        hm.step()
+    df = hm.to_dataframe()
+    assert list(df["layer"]) == ["1"]  # two forwards in one step are the same site, not "1#1"
+    assert df["calls"].iloc[0] == 2
+    assert df["grad_norm"].iloc[0] == pytest.approx(expected[0], rel=1e-6)
+
+
+def test_in_place_relu_gives_the_same_gradient_norms() -> None:
+    plain = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1))
+    inplace = copy.deepcopy(plain)
+    inplace[1] = nn.ReLU(inplace=True)
+    x = torch.randn(6, 3)
+    expected = reference_grad_norms(plain, [x])
+    with HookManager(inplace) as hm:
+        inplace(x).pow(2).sum().backward()
+        hm.step()
+    assert hm.to_dataframe()["grad_norm"].iloc[0] == pytest.approx(expected[0], rel=1e-6)
+
+
+def test_half_precision_gradients_do_not_overflow() -> None:
+    # 4096 gradients of 300 in fp16: the squared sum (3.7e8) overflows fp16 (max 65504); the norm is 19200
+    x = torch.ones(1, 4096, dtype=torch.float16, requires_grad=True)
+    model = nn.Sequential(nn.ReLU())
+    with HookManager(model, [GradientNorm()]) as hm:
+        (model(x) * torch.tensor(300.0, dtype=torch.float16)).sum().backward()
+        hm.step()
+    assert hm.to_dataframe()["grad_norm"].iloc[0] == pytest.approx(19200.0, rel=1e-6)
+
+
+def test_grad_norm_is_nan_without_backward() -> None:
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    with HookManager(model) as hm:
+        model(torch.randn(2, 3)).sum().backward()
+        hm.step()
+        with torch.no_grad():
+            model(torch.randn(2, 3))
+        hm.step()
+    df = hm.to_dataframe()
+    assert not math.isnan(df["grad_norm"].iloc[0])
+    assert math.isnan(df["grad_norm"].iloc[1]) and not math.isnan(df["inactive_fraction"].iloc[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# units
+
+
+def units_of(model: nn.Module, x: torch.Tensor, **kwargs) -> list[int]:
+    with HookManager(model, [DeadReLU()], **kwargs) as hm:
+        model(x)
+    return list(hm.to_dataframe()["units"])
+
+
+def test_units_are_channels_for_2d_4d_5d_and_last_dim_for_3d() -> None:
+    relu = nn.Sequential(nn.ReLU())
+    assert units_of(relu, torch.randn(2, 7)) == [7]
+    assert units_of(relu, torch.randn(2, 7, 3, 3)) == [7]
+    assert units_of(relu, torch.randn(2, 7, 3, 3, 3)) == [7]
+    assert units_of(relu, torch.randn(2, 5, 7)) == [7]  # (B, T, F)
+    assert units_of(relu, torch.randn(9)) == [9]
+    assert units_of(relu, torch.randn(())) == [1]
+
+
+def test_unit_dim_override() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 4, 1), nn.ReLU(), nn.Linear(6, 6), nn.ReLU())
+    x = torch.randn(3, 2, 6)  # conv output (N, C=4, L=6)
+    assert units_of(model, x) == [6, 6]
+    assert units_of(model, x, unit_dim=1) == [4, 4]
+    assert units_of(model, x, unit_dim={"1": 1}) == [4, 6]
+
+
+def test_dead_units_counted_per_channel_of_a_conv() -> None:
+    conv = nn.Conv2d(1, 3, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0, 0.0]).reshape(3, 1, 1, 1))
+        conv.bias.zero_()
+    model = nn.Sequential(conv, nn.ReLU())
+    x = torch.rand(2, 1, 4, 4) + 0.1  # positive: channel 0 fires everywhere, channels 1 and 2 never
+    with HookManager(model, [DeadReLU()]) as hm:
+        model(x)
+    row = hm.to_dataframe().iloc[0]
+    assert row["units"] == 3 and row["dead_ratio"] == 2 / 3 and row["inactive_fraction"] == 2 / 3
+
+
+def test_custom_collector_receives_outputs_and_reports_its_column() -> None:
+    class MeanActivation(hs.Collector):
+        columns = ("mean_activation",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("total")
+
+        def update(self, state, output, site):
+            state["total"].add_(output.sum(dtype=torch.float64))
+
+        def compute(self, record):
+            return {"mean_activation": record["total"] / record["elements"]}
+
+    model = nn.Sequential(nn.ReLU())
+    with HookManager(model, [MeanActivation(), DeadReLU()]) as hm:
+        model(torch.tensor([[-1.0, 2.0, 4.0]]))
+        model(torch.tensor([[3.0, -5.0, 0.0]]))
+        hm.step()
+    df = hm.to_dataframe()
+    assert list(df.columns)[-1] == "mean_activation"
+    assert df["mean_activation"].iloc[0] == 9.0 / 6
+    assert np.isnan(df["saturation_rate"].iloc[0])
