@@ -62,6 +62,7 @@ class ActivationSpec:
         saturate: Which bounds count for saturation: ``"both"``, ``"upper"`` (relu6, whose lower bound is the
             inactive region) or ``"lower"``.
         aliases: Other names that :func:`get_activation` accepts.
+        nonnegative: The output is never negative (relu, relu6), which lets statistics skip a clamp.
     """
 
     name: str
@@ -72,6 +73,7 @@ class ActivationSpec:
     bounds: BoundsLike | None = None
     saturate: Saturate = "both"
     aliases: tuple[str, ...] = ()
+    nonnegative: bool = False
 
     @property
     def bounded(self) -> bool:
@@ -143,6 +145,7 @@ def register_activation(
     bounds: BoundsLike | None = None,
     saturate: Saturate = "both",
     aliases: Iterable[str] | str = (),
+    nonnegative: bool = False,
     replace: bool = False,
 ) -> ActivationSpec:
     """Add a kind of activation to the registry, so that :class:`~hookscope.HookManager` hooks it.
@@ -158,6 +161,7 @@ def register_activation(
         bounds: ``(lo, hi)`` output range if saturation applies, or a callable reading it from the module/call.
         saturate: ``"both"``, ``"upper"`` or ``"lower"``: which bounds count as saturation.
         aliases: Other names for :func:`get_activation`.
+        nonnegative: Promise that outputs are never negative (a faster dead-unit count).
         replace: Replace an existing kind of the same name instead of raising.
 
     Returns:
@@ -201,6 +205,7 @@ def register_activation(
         bounds=_validate_bounds(bounds),
         saturate=saturate,
         aliases=alias_t,
+        nonnegative=bool(nonnegative),
     )
     if name in _SPECS or name in _ALIASES:
         if not replace:
@@ -326,7 +331,14 @@ def _hardtanh_bounds(module: nn.Module | None, args: tuple[Any, ...], kwargs: Ma
 
 def _register_builtins() -> None:
     reg = register_activation
-    reg("relu", modules=[nn.ReLU], class_names=["ReLU"], functions=_variants("relu", "relu_"), rectifier=True)
+    reg(
+        "relu",
+        modules=[nn.ReLU],
+        class_names=["ReLU"],
+        functions=_variants("relu", "relu_"),
+        rectifier=True,
+        nonnegative=True,
+    )
     reg(
         "relu6",
         modules=[nn.ReLU6],
@@ -335,6 +347,7 @@ def _register_builtins() -> None:
         rectifier=True,
         bounds=(0.0, 6.0),
         saturate="upper",
+        nonnegative=True,
     )
     reg(
         "leaky_relu",

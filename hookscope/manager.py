@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
@@ -128,6 +129,8 @@ class HookManager:
         exclude: str | Iterable[str] | None = None,
         functional: bool = True,
         unit_dim: int | Mapping[str, int] | None = None,
+        every: int = 1,
+        max_history: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(
@@ -142,6 +145,15 @@ class HookManager:
             raise ConfigTypeError(f"`functional` must be True or False, got {functional!r}")
         self.functional = functional
         self.unit_dim = validate_unit_dim(unit_dim)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"`every` must be an int >= 1 (record one step in `every`), got {every!r}")
+        self.every = every
+        if max_history is not None and (
+            isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1
+        ):
+            raise ConfigError(f"`max_history` must be None (keep every step) or an int >= 1, got {max_history!r}")
+        self.max_history = max_history
+        self._recording = True
         for c in self.collectors:
             c._bind(self)
 
@@ -176,7 +188,7 @@ class HookManager:
         self._calls: list[int] = []
         self._elements: list[int] = []
         self._backward: list[int] = []
-        self._history: list[report.StepRecord] = []
+        self._history = report.History(max_steps=max_history)
         self._fields: list[tuple[int, str]] | None = None
         self._include_checked = False
 
@@ -492,6 +504,7 @@ class HookManager:
         if record is not None:
             self._history.append(record)
         self._step += 1
+        self._recording = self._step % self.every == 0
         self._check_include()
 
     def _check_include(self) -> None:
@@ -555,16 +568,33 @@ class HookManager:
             self._order = []
         return record
 
+    def state_bytes(self) -> int:
+        """Bytes of collector state on the device (independent of the number of steps)."""
+        return sum(c._bank.nbytes() for c in self.collectors if c._bank is not None)
+
+    def history_bytes(self) -> int:
+        """Bytes of the recorded history (device values and host counts)."""
+        return self._history.nbytes()
+
     # ----------------------------------------------------------------------------------------------------------
     # reports
 
-    def records(self) -> list[report.StepRecord]:
-        """Step records so far, the open step included when it has data."""
-        out = list(self._history)
+    def rows(self) -> report.Rows:
+        """Recorded (step, site) rows with their raw counts, the open step included when it has data."""
+        parts = [self._history.records()]
         snapshot = self._close(commit=False)
         if snapshot is not None:
-            out.append(snapshot)
-        return out
+            parts.append(report.Rows.of(snapshot))
+        if self.max_history is not None:
+            rows = report.Rows.concat(parts)
+            steps = np.unique(rows.step)
+            keep = rows.step >= steps[-self.max_history] if len(steps) else np.ones(0, bool)
+            return report.Rows(
+                step=rows.step[keep], site=rows.site[keep], calls=rows.calls[keep], elements=rows.elements[keep],
+                backward=rows.backward[keep], units=rows.units[keep],
+                shape=[s for s, k in zip(rows.shape, keep) if k], values=rows.values[keep],
+            )  # fmt: skip
+        return report.Rows.concat(parts)
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per (step, layer) in which the layer ran, in forward execution order within each step.
@@ -573,7 +603,7 @@ class HookManager:
         grad_norm`` and the columns of custom collectors. A statistic that does not apply to a layer, or whose
         collector is not attached, is NaN. The open step (no ``step()`` since its data) is included.
         """
-        return report.build_frame(self.records(), self._sites, self.collectors, self._fields or [], self._applies)
+        return report.build_frame(self.rows(), self._sites, self.collectors, self._fields or [], self._applies)
 
     def to_csv(self, path: str | Any) -> None:
         """Write :meth:`to_dataframe` to ``path`` as CSV, atomically (no partial file on error).
@@ -604,7 +634,7 @@ def _pre_hook(
 ) -> Callable[[nn.Module, Any], None]:
     def hook(module: nn.Module, args: Any) -> None:
         manager = ref()
-        if manager is not None and manager._attached:
+        if manager is not None and manager._attached and manager._recording:
             manager._enter(name, spec, module)
 
     return hook
@@ -615,7 +645,7 @@ def _post_hook(
 ) -> Callable[[nn.Module, Any, Any], None]:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         manager = ref()
-        if manager is not None and manager._attached:
+        if manager is not None and manager._attached and manager._recording:
             manager._exit(name, spec, output)
 
     return hook

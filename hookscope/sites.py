@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Union
@@ -172,6 +173,33 @@ def _round_to_dtype(t: float, dtype: torch.dtype, up: bool) -> float | None:
     return None
 
 
+def _step_bf16(v: float, up: bool) -> float:
+    """The bf16 value next to ``v`` (itself a bf16 value), towards +inf (``up``) or -inf."""
+    if v == 0.0:
+        return _bits_f32(0x00010000 if up else 0x80010000)
+    bits = _f32_bits(v)
+    positive = not bits & 0x80000000
+    return _bits_f32(bits + 0x10000 if up == positive else bits - 0x10000)
+
+
+def strict_threshold(t: float, dtype: torch.dtype, above: bool) -> float | None:
+    """A value ``s`` of ``dtype`` with ``y > s`` exactly when ``y >= t`` (``above``), or ``y < s`` exactly when
+    ``y <= t`` (not ``above``), for every ``y`` of that dtype. ``None`` for dtypes handled by upcasting.
+
+    Statistics count ``y >= t`` as ``sign(max(y - s, 0))``, a float formulation that is several times faster than
+    a boolean mask reduction; the sign of ``y - s`` is exact in IEEE arithmetic.
+    """
+    r = _round_to_dtype(t, dtype, up=not above)  # largest value <= t (above) or smallest >= t
+    if r is None or r != t:
+        return r
+    if dtype == torch.bfloat16:
+        return _step_bf16(r, up=not above)
+    if dtype == torch.float64:
+        return math.nextafter(r, -math.inf if above else math.inf)
+    npt = np.float32 if dtype == torch.float32 else np.float16
+    return float(np.nextafter(npt(r), npt(-np.inf if above else np.inf)))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Sites
 
@@ -205,7 +233,7 @@ class Site:
     shape: tuple[int, ...] = ()
     reduce_dims: tuple[int, ...] = ()
     problem: str | None = None
-    _thresholds: dict[tuple[torch.dtype, float, bool], float | None] = dataclasses.field(
+    _thresholds: dict[tuple[torch.dtype, float, bool, bool], float | None] = dataclasses.field(
         default_factory=dict, repr=False
     )
 
@@ -235,11 +263,17 @@ class Site:
             return 1
         return int(shape[self.unit_dim]) if self.unit_dim < len(shape) else -1
 
-    def threshold(self, value: float, dtype: torch.dtype, up: bool) -> float | None:
-        """``value`` rounded to ``dtype`` so that comparisons in that dtype are exact (cached per site)."""
-        key = (dtype, value, up)
+    def threshold(self, value: float, dtype: torch.dtype, above: bool, adjacent: bool = False) -> float | None:
+        """:func:`strict_threshold` of ``value`` in ``dtype``, cached per site.
+
+        With ``adjacent``, the value of the dtype next to the strict threshold on the other side of ``value``
+        instead: the smallest value >= ``value`` (not ``above``) or the largest <= ``value`` (``above``).
+        """
+        key = (dtype, value, above, adjacent)
         if key not in self._thresholds:
-            self._thresholds[key] = _round_to_dtype(value, dtype, up)
+            self._thresholds[key] = (
+                _round_to_dtype(value, dtype, up=not above) if adjacent else strict_threshold(value, dtype, above)
+            )
         return self._thresholds[key]
 
 

@@ -15,7 +15,7 @@ from hookscope.activations import (
     register_activation,
     unregister_activation,
 )
-from hookscope.sites import _round_to_dtype
+from hookscope.sites import _round_to_dtype, strict_threshold
 
 MODULE_KINDS = [
     (nn.ReLU(), "relu"),
@@ -195,3 +195,24 @@ def test_thresholds_are_exact_in_low_precision(dtype: torch.dtype, t: float) -> 
     down = _round_to_dtype(t, dtype, up=False)
     assert torch.equal(values >= up, exact >= t)
     assert torch.equal(values <= down, exact <= t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [0.99, 0.01, -0.98, 0.98, 5.94, 1.0, -1.96, 0.0, 0.5])
+def test_strict_thresholds_are_exact_in_low_precision(dtype: torch.dtype, t: float) -> None:
+    values = _all_values(dtype)
+    exact = values.double()
+    above = strict_threshold(t, dtype, above=True)
+    below = strict_threshold(t, dtype, above=False)
+    assert torch.equal(values > above, exact >= t)
+    assert torch.equal(values < below, exact <= t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_strict_thresholds_in_single_and_double(dtype: torch.dtype) -> None:
+    t = 0.99
+    above = strict_threshold(t, dtype, above=True)
+    y_at = torch.tensor(t, dtype=dtype)  # t rounded to the dtype
+    neighbours = torch.stack([torch.nextafter(y_at, torch.tensor(-1.0, dtype=dtype)), y_at,
+                              torch.nextafter(y_at, torch.tensor(2.0, dtype=dtype))])  # fmt: skip
+    assert torch.equal(neighbours > above, neighbours.double() >= t)

@@ -249,3 +249,65 @@ def test_every_row_of_a_layer_that_ran() -> None:
 def test_repr_mentions_state() -> None:
     hm = HookManager(SharedReLU())
     assert "detached" in repr(hm) and "DeadReLU(window=1)" in repr(hm)
+
+
+def test_every_k_records_one_step_in_k() -> None:
+    model = SharedReLU()
+    with HookManager(model, every=3) as hm:
+        train_steps(model, 7, hm, in_features=4)
+    df = hm.to_dataframe()
+    assert sorted(df["step"].unique()) == [0, 3, 6]
+    assert df["grad_norm"].notna().all()
+    with pytest.raises(ValueError, match="`every`"):
+        HookManager(model, every=0)
+
+
+def test_long_history_is_consolidated_and_exact() -> None:
+    # 150 steps cross two consolidation blocks; a site that appears late changes the number of sites
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.ReLU()
+            self.b = nn.Tanh()
+
+        def forward(self, x: torch.Tensor, late: bool) -> torch.Tensor:
+            return self.b(self.a(x)) if late else self.a(x)
+
+    model = Late()
+    with HookManager(model) as hm:
+        for s in range(150):
+            x = torch.full((1, 4), float(s % 3) - 1.0)  # -1, 0, 1: inactive fraction 1, 1, 0
+            model(x, late=s >= 100)
+            hm.step()
+    df = hm.to_dataframe()
+    a = df[df["layer"] == "a"]
+    assert list(a["step"]) == list(range(150))
+    assert list(a["inactive_fraction"]) == [1.0 if s % 3 < 2 else 0.0 for s in range(150)]
+    b = df[df["layer"] == "b"]
+    assert list(b["step"]) == list(range(100, 150))
+    assert hm.history_bytes() < 150 * 400
+
+
+def test_max_history_keeps_the_last_steps_and_bounds_memory() -> None:
+    model = SharedReLU()
+    with HookManager(model, max_history=10) as hm:
+        for _ in range(300):
+            model(torch.randn(2, 4))
+            hm.step()
+        bytes_300 = hm.history_bytes()
+        for _ in range(300):
+            model(torch.randn(2, 4))
+            hm.step()
+    assert hm.history_bytes() <= bytes_300
+    assert sorted(hm.to_dataframe()["step"].unique()) == list(range(590, 600))
+    with pytest.raises(ValueError, match="`max_history`"):
+        HookManager(model, max_history=0)
+
+
+def test_state_does_not_grow_with_steps() -> None:
+    model = mlp()
+    with HookManager(model) as hm:
+        train_steps(model, 2, hm)
+        state = hm.state_bytes()
+        train_steps(model, 50, hm)
+    assert hm.state_bytes() == state > 0

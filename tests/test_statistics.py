@@ -156,12 +156,26 @@ def test_eps_must_be_in_open_interval(eps: float) -> None:
         Saturation(eps=eps)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_saturation_is_exact_in_low_precision(dtype: torch.dtype) -> None:
-    x = torch.linspace(-8, 8, 4001).reshape(1, -1).to(dtype)
-    y = torch.sigmoid(x).double()  # what the model outputs, in exact arithmetic
-    expected = float(((y <= 0.01) | (y >= 0.99)).double().mean())
-    assert saturation_of(nn.Sigmoid(), x) == expected
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("act", "lo", "hi", "sides"),
+    [
+        (nn.Sigmoid(), 0.0, 1.0, "both"),
+        (nn.Tanh(), -1.0, 1.0, "both"),
+        (nn.ReLU6(), 0.0, 6.0, "upper"),
+        (nn.Hardtanh(-2.0, 3.0), -2.0, 3.0, "both"),
+    ],
+)
+def test_saturation_is_exact_in_every_dtype(
+    dtype: torch.dtype, act: nn.Module, lo: float, hi: float, sides: str
+) -> None:
+    x = torch.linspace(-8, 8, 40001).reshape(1, -1).to(dtype)
+    y = act(x).double()  # the outputs the model produces, compared in exact arithmetic
+    band = 0.01 * (hi - lo)
+    saturated = y >= hi - band
+    if sides == "both":
+        saturated |= y <= lo + band
+    assert saturation_of(act, x) == float(saturated.double().mean())
 
 
 def test_counts_do_not_lose_precision_in_half() -> None:
@@ -322,3 +336,22 @@ def test_custom_collector_receives_outputs_and_reports_its_column() -> None:
     assert list(df.columns)[-1] == "mean_activation"
     assert df["mean_activation"].iloc[0] == 9.0 / 6
     assert np.isnan(df["saturation_rate"].iloc[0])
+
+
+class Clip01(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("side", ["lower", "upper", "both"])
+def test_custom_bounded_activation_with_each_saturation_side(dtype: torch.dtype, side: str) -> None:
+    hs.register_activation("clip01", modules=[Clip01], bounds=(0.0, 1.0), saturate=side, replace=True)
+    try:
+        x = torch.linspace(-0.5, 1.5, 20001).reshape(1, -1).to(dtype)
+        y = x.clamp(0, 1).double()
+        low, high = y <= 0.01, y >= 0.99
+        expected = {"lower": low, "upper": high, "both": low | high}[side]
+        assert saturation_of(Clip01(), x) == float(expected.double().mean())
+    finally:
+        hs.activations.unregister_activation("clip01")

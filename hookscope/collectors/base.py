@@ -173,6 +173,11 @@ class StateBank:
         out = torch.zeros(self.n_sites, dtype=values.dtype, device=self.device)
         return out.index_add_(0, self.owners(), values)
 
+    def nbytes(self) -> int:
+        """Bytes held by the state tensors."""
+        tensors = [*self.scalars.values(), *self.units.values(), self.unit_owner]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def reset(self, persistent: bool = False) -> None:
         """Restore per-step states to their defaults (and persistent ones too when asked)."""
         for name, spec in self.specs.items():

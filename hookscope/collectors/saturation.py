@@ -56,15 +56,38 @@ class Saturation(Collector):
         lo, hi = site.bounds
         band = self.eps * (hi - lo)
         side = site.spec.saturate
-        upper = site.threshold(hi - band, output.dtype, up=True)
-        lower = site.threshold(lo + band, output.dtype, up=False)
+        # y >= hi - band  <=>  y > upper;  y <= lo + band  <=>  y < lower  (exact in the output's dtype)
+        upper = site.threshold(hi - band, output.dtype, above=True)
+        lower = site.threshold(lo + band, output.dtype, above=False)
         if upper is None or lower is None:  # a dtype without exact thresholds: compare in float64
-            output, upper, lower = output.double(), hi - band, lo + band
-        saturated = state["saturated"]
-        if side != "lower":
-            saturated.add_((output >= upper).sum())
-        if side != "upper":
-            saturated.add_((output <= lower).sum())
+            output = output.double()
+            upper = site.threshold(hi - band, output.dtype, above=True)
+            lower = site.threshold(lo + band, output.dtype, above=False)
+        assert upper is not None and lower is not None
+        dtype = torch.float32 if output.numel() <= 2**24 else torch.float64
+        if side == "both":  # y differs from its clamp to [lower, upper] exactly when it lies outside (lower, upper)
+            if lower > upper:  # the bands cover every value
+                state["saturated"].add_(output.numel())
+                return
+            outside = output.clamp(lower, upper)
+            torch.sub(output, outside, out=outside)
+            state["saturated"].add_(outside.abs_().sign_().sum(dtype=dtype))
+            return
+        # One band: clamp to [a, b], two adjacent values of the dtype on either side of the threshold. Every
+        # element becomes a or b; (clamped - a) is 0 or b - a (a power of two), so the sum is an exact count.
+        a: float | None
+        b: float | None
+        if side == "upper":
+            a, b = upper, site.threshold(hi - band, output.dtype, above=False, adjacent=True)
+        else:
+            a, b = site.threshold(lo + band, output.dtype, above=True, adjacent=True), lower
+        assert a is not None and b is not None
+        clamped = output.clamp(a, b).sub_(a)  # 0 below the band, b - a inside it (upper band)
+        total = clamped.sum(dtype=dtype)
+        if side == "upper":
+            state["saturated"].add_(total, alpha=1.0 / (b - a))
+        else:  # lower band: elements at a are the saturated ones
+            state["saturated"].add_(total, alpha=-1.0 / (b - a)).add_(output.numel())
 
     def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
