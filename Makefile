@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/hookscope demo --out hookscope-demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

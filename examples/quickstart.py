@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-from rich.console import Console
 
 import hookscope as hs
+from hookscope.reporters import make_console
 
 
 def main(steps: int = 5) -> hs.HookManager:
@@ -30,7 +30,7 @@ def main(steps: int = 5) -> hs.HookManager:
             opt.step()
             hm.step()  # closes one training step
 
-    Console().print(hm.table())  # one row per layer, latest step
+    make_console().print(hm.table())  # the terminal's width, or 140 columns in a pipe  # one row per layer, latest step
     df = hm.to_dataframe()  # one row per (step, layer)
     print(df.groupby("step")[["dead_ratio", "inactive_fraction", "grad_norm"]].mean().round(4))
     out = Path(tempfile.gettempdir()) / "hookscope-quickstart.csv"

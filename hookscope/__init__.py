@@ -14,7 +14,9 @@ Example:
 from __future__ import annotations
 
 from hookscope.activations import ActivationSpec, get_activation, list_activations, register_activation
-from hookscope.collectors import Collector, DeadReLU, GradientNorm, Saturation
+from hookscope.alerts import Alert, AlertRule, Alerts, HookscopeAlert
+from hookscope.audit import audit
+from hookscope.collectors import Collector, DeadReLU, GradientNorm, NonFinite, Saturation
 from hookscope.errors import ConfigError, HookscopeError
 from hookscope.manager import HookManager
 from hookscope.sites import Site
@@ -24,16 +26,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationSpec",
+    "Alert",
+    "AlertRule",
+    "Alerts",
     "Collector",
     "ConfigError",
     "DeadReLU",
     "GradientNorm",
     "HookManager",
+    "HookscopeAlert",
     "HookscopeError",
     "HookscopeWarning",
+    "NonFinite",
     "Saturation",
     "Site",
     "__version__",
+    "audit",
     "get_activation",
     "list_activations",
     "register_activation",

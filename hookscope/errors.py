@@ -29,3 +29,10 @@ class UnknownActivationError(HookscopeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownLayerError(HookscopeError, KeyError):
+    """A layer name is not among the recorded sites."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

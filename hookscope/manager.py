@@ -35,11 +35,12 @@ from torch.utils.hooks import RemovableHandle
 
 from hookscope import report
 from hookscope.activations import ActivationSpec, activation_for_function, activation_for_module
+from hookscope.alerts import Alerts
 from hookscope.collectors.base import Collector, SiteState, StateBank
 from hookscope.collectors.dead_relu import DeadReLU
 from hookscope.collectors.gradient_norm import GradientNorm
 from hookscope.collectors.saturation import Saturation
-from hookscope.errors import ConfigError, ConfigTypeError, StateError
+from hookscope.errors import ConfigError, ConfigTypeError, StateError, UnknownLayerError
 from hookscope.sites import (
     ROOT_NAME,
     Site,
@@ -105,6 +106,10 @@ class HookManager:
         unit_dim: Override the dimension that holds units: one int for every site, or a mapping from layer-name
             patterns to ints (first match wins); ``None`` uses the default rule
             (see :func:`hookscope.sites.default_unit_dim`).
+        every: Record one step in ``every`` (steps 0, every, 2*every, ...); the hooks do nothing in the others.
+        max_history: Keep only the latest ``max_history`` steps for reports (memory stays bounded).
+        alerts: ``True`` (the default rules, checked every 100 steps), ``False``/``None`` (off), or an
+            :class:`~hookscope.alerts.Alerts`.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or another argument has the wrong type.
@@ -131,6 +136,7 @@ class HookManager:
         unit_dim: int | Mapping[str, int] | None = None,
         every: int = 1,
         max_history: int | None = None,
+        alerts: Alerts | bool | None = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(
@@ -153,6 +159,14 @@ class HookManager:
         ):
             raise ConfigError(f"`max_history` must be None (keep every step) or an int >= 1, got {max_history!r}")
         self.max_history = max_history
+        if alerts is None or alerts is False:
+            self.alerts: Alerts | None = None
+        elif alerts is True:
+            self.alerts = Alerts()
+        elif isinstance(alerts, Alerts):
+            self.alerts = alerts
+        else:
+            raise ConfigTypeError(f"`alerts` must be True, False, None or a hookscope.Alerts, got {alerts!r}")
         self._recording = True
         for c in self.collectors:
             c._bind(self)
@@ -454,6 +468,8 @@ class HookManager:
         if not self._touched[i]:
             self._touched[i] = True
             self._order.append(i)
+            if site.first_step is None:
+                site.first_step = self._step
         self._calls[i] += 1
         self._elements[i] += output.numel()
         site.shape = shape
@@ -503,9 +519,18 @@ class HookManager:
         record = self._close(commit=True)
         if record is not None:
             self._history.append(record)
+            if self.alerts is not None and self.alerts.due(record.step):
+                self._check_alerts(record)
         self._step += 1
         self._recording = self._step % self.every == 0
         self._check_include()
+
+    def _check_alerts(self, record: report.StepRecord) -> None:
+        assert self.alerts is not None
+        rows = report.build_frame(
+            report.Rows.of(record), self._sites, self.collectors, self._fields or [], self._applies
+        )
+        self.alerts.check(rows, record.step)
 
     def _check_include(self) -> None:
         if self._include_checked or self.include is None or not self._site_by_key:
@@ -604,6 +629,86 @@ class HookManager:
         collector is not attached, is NaN. The open step (no ``step()`` since its data) is included.
         """
         return report.build_frame(self.rows(), self._sites, self.collectors, self._fields or [], self._applies)
+
+    def site(self, layer: str) -> Site:
+        """The site called ``layer``.
+
+        Raises:
+            KeyError: No such layer; the message lists the known ones.
+        """
+        for site in self._sites:
+            if site.layer == layer:
+                return site
+        known = ", ".join(s.layer for s in self._sites[:20]) + (", ..." if len(self._sites) > 20 else "")
+        raise UnknownLayerError(f"unknown `layer` {layer!r}; known layers: {known or '(none recorded yet)'}")
+
+    def _dead_collector(self) -> DeadReLU:
+        for c in self.collectors:
+            if isinstance(c, DeadReLU):
+                return c
+        raise StateError("dead units need a DeadReLU collector; add DeadReLU() to `collectors`")
+
+    def _latest_step(self) -> tuple[int, bool]:
+        """The step reports call latest, and whether it is the open one."""
+        if self._order:
+            return self._step, True
+        return (self._history.steps[-1], False) if len(self._history) else (self._step, False)
+
+    def dead_units(self, layer: str) -> list[int]:
+        """Indices of the units of ``layer`` that are dead at the latest step (see ``DeadReLU``).
+
+        Reads device state to the host (a synchronisation): call it for reports, not every step.
+
+        Raises:
+            KeyError: Unknown layer.
+            ValueError: The layer is not a rectifier.
+            RuntimeError: No ``DeadReLU`` collector is attached.
+        """
+        site = self.site(layer)
+        collector = self._dead_collector()
+        if not collector.applies_to(site):
+            raise ConfigError(f"`layer` {layer!r} is a {site.kind}, not a rectifier: it has no dead units")
+        step, is_open = self._latest_step()
+        state = collector.unit_state(site, step, include_open=is_open)
+        return [int(i) for i in np.flatnonzero(state["dead"])]
+
+    def unit_timeline(self, layer: str | None = None) -> pd.DataFrame:
+        """Per-unit history of rectifier layers: when each unit last fired, whether it is dead, since when, and
+        how often it revived.
+
+        Columns: ``layer, unit, last_fired`` (NaN if never), ``dead`` (at the latest step), ``dead_since`` (the
+        first step of the current dead spell, NaN if alive), ``revivals`` (times the unit fired again after
+        being dead, having fired before), ``last_revival`` (NaN if never).
+        """
+        import pandas as pd
+
+        collector = self._dead_collector()
+        step, is_open = self._latest_step()
+        sites = [self.site(layer)] if layer is not None else [s for s in self._sites if collector.applies_to(s)]
+        parts = []
+        for site in sites:
+            if site.units == 0 or not collector.applies_to(site):
+                continue
+            st = collector.unit_state(site, step, include_open=is_open)
+            last = st["last_fired"]
+            never = np.isinf(last)
+            first = float(site.first_step if site.first_step is not None else step)
+            since = np.where(never, first, last + collector.window)
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "layer": site.layer,
+                        "unit": np.arange(site.units),
+                        "last_fired": np.where(never, np.nan, last),
+                        "dead": st["dead"],
+                        "dead_since": np.where(st["dead"], since, np.nan),
+                        "revivals": st["revivals"],
+                        "last_revival": np.where(np.isinf(st["last_revival"]), np.nan, st["last_revival"]),
+                    }
+                )
+            )
+        columns = ["layer", "unit", "last_fired", "dead", "dead_since", "revivals", "last_revival"]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
     def to_csv(self, path: str | Any) -> None:
         """Write :meth:`to_dataframe` to ``path`` as CSV, atomically (no partial file on error).

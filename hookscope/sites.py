@@ -219,6 +219,7 @@ class Site:
         unit_dim: Dimension holding units (``None``: the whole output is one unit); set at the first call.
         units: Number of units; set at the first call.
         shape: Shape of the latest output.
+        first_step: The first step in which the site ran.
     """
 
     index: int
@@ -233,6 +234,7 @@ class Site:
     shape: tuple[int, ...] = ()
     reduce_dims: tuple[int, ...] = ()
     problem: str | None = None
+    first_step: int | None = None
     _thresholds: dict[tuple[torch.dtype, float, bool, bool], float | None] = dataclasses.field(
         default_factory=dict, repr=False
     )

@@ -12,6 +12,10 @@ import pandas as pd
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+def load(name: str) -> dict:
+    return runpy.run_path(str(EXAMPLES / f"{name}.py"))
+
+
 def test_quickstart_runs_as_a_script() -> None:
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "quickstart.py")], capture_output=True, text=True, timeout=300
@@ -22,7 +26,38 @@ def test_quickstart_runs_as_a_script() -> None:
 
 
 def test_quickstart_main_returns_the_manager() -> None:
-    hm = runpy.run_path(str(EXAMPLES / "quickstart.py"))["main"](steps=2)
+    hm = load("quickstart")["main"](steps=2)
     df = hm.to_dataframe()
     assert isinstance(df, pd.DataFrame) and sorted(df["step"].unique()) == [0, 1]
     assert not hm.attached
+
+
+def test_dying_relu_example_shows_the_remedy() -> None:
+    managers = load("dying_relu")["main"](steps=120)
+    high, low = managers[0.05], managers[0.001]
+
+    def last_dead(hm) -> float:
+        df = hm.to_dataframe()
+        return float(df[(df["step"] == df["step"].max()) & (df["layer"] == "act1")]["dead_ratio"].iloc[0])
+
+    assert last_dead(high) > 0.5 > 0.1 > last_dead(low)
+    assert len(high.dead_units("act1")) > 64
+
+
+def test_export_csv_round_trip(tmp_path: Path) -> None:
+    back = load("export_csv")["main"](tmp_path / "stats.csv")
+    assert len(back) == 20 and list(back["layer"].unique()) == ["1", "3"]
+    assert back["saturation_rate"].notna().sum() == 10  # the tanh layer only
+
+
+def test_custom_activation_example() -> None:
+    ns = load("custom_activation")
+    try:
+        hm = ns["main"]()
+        df = hm.to_dataframe()
+        assert list(df["kind"].unique()) == ["smu", "relu"]
+        assert df["mean_activation"].notna().all() and df["dead_ratio"].notna().all()
+    finally:
+        from hookscope.activations import unregister_activation
+
+        unregister_activation("smu")

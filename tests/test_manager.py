@@ -168,6 +168,9 @@ def test_to_csv_writes_exactly_the_frame(tmp_path: Path) -> None:
     assert list(back.columns) == list(df.columns)
     pd.testing.assert_frame_equal(back, df, check_dtype=False)
     assert [p.name for p in tmp_path.iterdir()] == ["stats.csv"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
 
 
 def test_to_csv_missing_directory_raises_oserror_and_leaves_nothing(tmp_path: Path) -> None:
@@ -274,7 +277,7 @@ def test_long_history_is_consolidated_and_exact() -> None:
             return self.b(self.a(x)) if late else self.a(x)
 
     model = Late()
-    with HookManager(model) as hm:
+    with HookManager(model, alerts=False) as hm:
         for s in range(150):
             x = torch.full((1, 4), float(s % 3) - 1.0)  # -1, 0, 1: inactive fraction 1, 1, 0
             model(x, late=s >= 100)
@@ -290,7 +293,7 @@ def test_long_history_is_consolidated_and_exact() -> None:
 
 def test_max_history_keeps_the_last_steps_and_bounds_memory() -> None:
     model = SharedReLU()
-    with HookManager(model, max_history=10) as hm:
+    with HookManager(model, max_history=10, alerts=False) as hm:
         for _ in range(300):
             model(torch.randn(2, 4))
             hm.step()

@@ -59,6 +59,9 @@ class DeadReLU(Collector):
         # Positive elements of each unit in the open step, and the last step in which each unit fired (> 0).
         self.add_state("positive", per_unit=True)
         self.add_state("last_fired", -math.inf, reduce="max", per_unit=True, persistent=True)
+        # Revivals: a unit that had fired, stayed dead (window rule), then fired again.
+        self.add_state("revivals", per_unit=True, persistent=True)
+        self.add_state("last_revival", -math.inf, reduce="max", per_unit=True, persistent=True)
 
     def applies_to(self, site: Site) -> bool:
         return site.spec.rectifier
@@ -73,11 +76,16 @@ class DeadReLU(Collector):
         bank = self.bank
         positive = bank.unit("positive")
         last = bank.unit("last_fired")
-        new_last = torch.where(positive > 0, float(step), last)
-        dead = (new_last <= step - self.window).to(torch.float64)
+        fired = positive > 0
+        # dead: silent in this step and in the window's earlier steps (window >= 1, so firing now is alive)
+        dead = (last <= step - self.window).logical_and_(fired.logical_not())
         if commit:
-            last.copy_(new_last)
-        return {"positive": bank.per_site_sum(positive), "dead_units": bank.per_site_sum(dead)}
+            # revived: dead at step - 1 after having fired once, i.e. last in (-inf, step - 1 - window]
+            revived = fired & (last <= step - 1 - self.window) & (last > -math.inf)
+            bank.unit("revivals").add_(revived)
+            bank.unit("last_revival").masked_fill_(revived, float(step))
+            last.masked_fill_(fired, float(step))
+        return {"positive": bank.per_site_sum(positive), "dead_units": bank.per_site_sum(dead.to(torch.float64))}
 
     def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -85,6 +93,23 @@ class DeadReLU(Collector):
                 "dead_ratio": record["dead_units"] / record["units"],
                 "inactive_fraction": (record["elements"] - record["positive"]) / record["elements"],
             }
+
+    def unit_state(self, site: Site, step: int, include_open: bool) -> dict[str, np.ndarray]:
+        """Host copies of one site's per-unit state as of ``step`` (report time: this synchronises).
+
+        Returns ``last_fired`` (``-inf`` if never), ``dead`` (bool), ``revivals`` and ``last_revival``. With
+        ``include_open``, units firing in the open step count as having fired at ``step``.
+        """
+        views = self.bank._states[site.index]
+        last = views["last_fired"].cpu().numpy().copy()
+        if include_open:
+            last = np.where(views["positive"].cpu().numpy() > 0, float(step), last)
+        return {
+            "last_fired": last,
+            "dead": last <= step - self.window,
+            "revivals": views["revivals"].cpu().numpy().astype(np.int64),
+            "last_revival": views["last_revival"].cpu().numpy().copy(),
+        }
 
     def __repr__(self) -> str:
         return f"DeadReLU(window={self.window})"

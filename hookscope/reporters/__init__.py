@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from hookscope.reporters.csv import write_csv
-from hookscope.reporters.table import build_table
+from hookscope.reporters.table import build_table, make_console
 
-__all__ = ["build_table", "write_csv"]
+__all__ = ["build_table", "make_console", "write_csv"]

@@ -10,9 +10,19 @@ from typing import Union
 
 import pandas as pd
 
-__all__ = ["atomic_write_text", "write_csv"]
+__all__ = ["atomic_write_text", "file_mode", "write_csv"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def file_mode(target: Path) -> int:
+    """The mode a new file gets (0o666 less the umask), or the existing target's mode."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -34,6 +44,7 @@ def atomic_write_text(path: PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode(target))  # mkstemp creates 0600 files
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -5,17 +5,26 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from rich import box
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["DEAD_RATIO_ALERT", "SATURATION_ALERT", "build_table"]
+from hookscope.alerts import DEAD_RATIO_ALERT, GRADIENT_ORDERS, SATURATION_ALERT
 
-#: Dead ratio at or above which a layer is highlighted (keras-contrib's DeadReluDetector threshold).
-DEAD_RATIO_ALERT = 0.10
-#: Saturation rate at or above which a layer is highlighted.
-SATURATION_ALERT = 0.50
+__all__ = ["build_table", "make_console"]
+
+#: Width used when output does not go to a terminal (files, pipes, CI logs), so that rows are not cut.
+PIPE_WIDTH = 140
+
+
+def make_console(ascii: bool = False, **kwargs: Any) -> Console:
+    """A console for tables: the terminal's width, or :data:`PIPE_WIDTH` columns when not a terminal."""
+    probe = Console(**kwargs)
+    width = None if probe.is_terminal else max(PIPE_WIDTH, probe.width)
+    return Console(width=width, no_color=ascii, highlight=False, emoji=False, **kwargs)
 
 
 def _pct(value: float, missing: str) -> str:
@@ -44,6 +53,9 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
         step: The step to show; ``None`` shows the latest.
         ascii: Plain ASCII borders and no colour (alerts are marked with ``!``).
 
+    Highlighted (red, or ``!``): dead ratio >= 10%, saturation >= 50%, gradient norm more than three orders of
+    magnitude below or above the median layer's, as in the default alert rules.
+
     Returns:
         A ``rich.table.Table``; print it with ``rich.print`` or ``Console.print``.
     """
@@ -52,17 +64,20 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
     rows = frame[frame["step"] == step] if len(frame) else frame
     missing, dot = ("-", "-") if ascii else ("–", "·")
     title = "hookscope: no data recorded yet" if step is None else f"hookscope {dot} step {step}"
-    table = Table(title=title, box=box.ASCII if ascii else box.SIMPLE_HEAVY)
-    table.add_column("layer", no_wrap=True)
-    table.add_column("kind")
-    table.add_column("shape", justify="right")
-    table.add_column("calls", justify="right")
-    table.add_column("dead", justify="right")
-    table.add_column("inactive", justify="right")
-    table.add_column("saturated", justify="right")
-    table.add_column("grad norm", justify="right")
+    table = Table(title=title, box=box.ASCII if ascii else box.SIMPLE_HEAVY, title_justify="left")
+    table.add_column("layer", overflow="fold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("shape", justify="right", overflow="fold")
+    for header in ("calls", "dead", "inactive", "saturated", "grad norm"):
+        table.add_column(header, justify="right", no_wrap=True)
+    grads = rows["grad_norm"].to_numpy(dtype=float) if len(rows) else np.zeros(0)
+    finite = grads[np.isfinite(grads) & (grads > 0)]
+    median = float(np.median(finite)) if len(finite) >= 2 else math.nan
     for r in rows.itertuples(index=False):
-        dead, sat = _float(r.dead_ratio), _float(r.saturation_rate)
+        dead, sat, grad = _float(r.dead_ratio), _float(r.saturation_rate), _float(r.grad_norm)
+        grad_alert = not math.isnan(median) and (
+            grad < median * 10.0**-GRADIENT_ORDERS or grad > median * 10.0**GRADIENT_ORDERS
+        )
         table.add_row(
             str(r.layer),
             str(r.kind),
@@ -71,6 +86,6 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
             _styled(_pct(dead, missing), not math.isnan(dead) and dead >= DEAD_RATIO_ALERT, ascii),
             _pct(_float(r.inactive_fraction), missing),
             _styled(_pct(sat, missing), not math.isnan(sat) and sat >= SATURATION_ALERT, ascii),
-            _num(_float(r.grad_norm), missing),
+            _styled(_num(grad, missing), grad_alert or math.isinf(grad), ascii),
         )
     return table

@@ -1,0 +1,319 @@
+"""Alerts: rules over the statistics of a step, checked every N steps, reported once per cause.
+
+Checking a rule needs the values on the host, which is a synchronisation on a GPU; the manager therefore checks
+only every ``every`` steps (at steps ``every - 1``, ``2 * every - 1``, ...), so the cost is amortised. Each
+(rule, layer) pair is reported once, through ``warnings`` (category :class:`HookscopeAlert`), the ``hookscope``
+logger and an optional callback, with a one-line hint naming likely causes and remedies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hookscope.errors import ConfigError, ConfigTypeError
+from hookscope.warn import HookscopeWarning
+
+__all__ = [
+    "DEAD_RATIO_ALERT",
+    "GRADIENT_ORDERS",
+    "SATURATION_ALERT",
+    "Alert",
+    "AlertRule",
+    "Alerts",
+    "DeadRatioRule",
+    "ExplodingGradientRule",
+    "HookscopeAlert",
+    "NonFiniteRule",
+    "SaturationRule",
+    "VanishingGradientRule",
+    "default_rules",
+]
+
+#: Dead ratio at or above which a layer alerts (the threshold of keras-contrib's DeadReluDetector).
+DEAD_RATIO_ALERT = 0.10
+#: Saturation rate at or above which a layer alerts.
+SATURATION_ALERT = 0.50
+#: Orders of magnitude below (vanishing) or above (exploding) the median layer's gradient norm that alert.
+GRADIENT_ORDERS = 3.0
+
+logger = logging.getLogger("hookscope")
+logger.addHandler(logging.NullHandler())  # a library logs only where the application configured logging
+
+HINTS = {
+    "dead_relu": "likely causes: learning rate too high, large negative biases, poor initialisation; remedies: "
+    "lower the learning rate, He (kaiming) initialisation, LeakyReLU/PReLU/ELU, normalisation before the activation",
+    "saturation": "likely causes: pre-activations too large (inputs not normalised, initialisation too wide, "
+    "learning rate too high); remedies: normalise inputs, BatchNorm/LayerNorm, Xavier initialisation, lower the "
+    "learning rate, a non-saturating activation",
+    "vanishing_gradient": "likely causes: saturated or dead units upstream, deep plain stacks; remedies: residual "
+    "connections, normalisation, ReLU-family activations, better initialisation",
+    "exploding_gradient": "likely causes: learning rate too high, missing normalisation; remedies: lower the "
+    "learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), normalisation, check the loss scale",
+    "nonfinite": "likely causes: learning rate too high, log(0) or division by zero, fp16 overflow; remedies: lower "
+    "the learning rate, clip gradients, use a GradScaler or bf16, guard logs and divisions",
+}
+
+
+class HookscopeAlert(HookscopeWarning):
+    """Category of the warnings issued for alerts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Alert:
+    """One alert: a rule that a layer broke at a step.
+
+    Attributes:
+        rule: Rule name (``dead_relu``, ``saturation``, ``vanishing_gradient``, ``exploding_gradient``,
+            ``nonfinite``, or a custom rule's name).
+        layer: Layer name.
+        step: Step at which it was detected.
+        value: The offending value.
+        threshold: The threshold it crossed.
+        message: One line: what happened, likely causes and remedies.
+    """
+
+    rule: str
+    layer: str
+    step: int
+    value: float
+    threshold: float
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class AlertRule:
+    """Base class of rules: ``check`` looks at one step's rows and returns ``(layer, value, threshold, text)``."""
+
+    name = "rule"
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+Hit = tuple[str, float, float, str]
+
+
+def _hits(hit: pd.DataFrame, column: str, threshold: float, text: Callable[[Any], str]) -> list[Hit]:
+    """``(layer, value, threshold, text)`` for each row of ``hit``."""
+    return [(str(r.layer), float(getattr(r, column)), float(threshold), text(r)) for r in hit.itertuples()]
+
+
+def _threshold(arg: str, value: object, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigTypeError(f"`{arg}` must be a number, got {value!r}")
+    if not lo < float(value) <= hi:
+        raise ConfigError(f"`{arg}` must be in ({lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+class DeadRatioRule(AlertRule):
+    """``dead_ratio >= threshold`` (default 10%)."""
+
+    name = "dead_relu"
+
+    def __init__(self, threshold: float = DEAD_RATIO_ALERT) -> None:
+        self.threshold = _threshold("threshold", threshold, 0.0, 1.0)
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        hit = rows[rows["dead_ratio"] >= self.threshold]
+        return _hits(hit, "dead_ratio", self.threshold, lambda r: f"{r.dead_ratio:.0%} of its {r.units} units are dead")
+
+
+class SaturationRule(AlertRule):
+    """``saturation_rate >= threshold`` (default 50%)."""
+
+    name = "saturation"
+
+    def __init__(self, threshold: float = SATURATION_ALERT) -> None:
+        self.threshold = _threshold("threshold", threshold, 0.0, 1.0)
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        hit = rows[rows["saturation_rate"] >= self.threshold]
+        return _hits(
+            hit, "saturation_rate", self.threshold, lambda r: f"{r.saturation_rate:.0%} of its outputs are saturated"
+        )
+
+
+def _median_grad(rows: pd.DataFrame) -> float:
+    g = rows["grad_norm"].to_numpy(dtype=float)
+    g = g[np.isfinite(g) & (g > 0)]
+    return float(np.median(g)) if len(g) >= 2 else math.nan
+
+
+class VanishingGradientRule(AlertRule):
+    """``grad_norm < median layer's grad_norm * 10**-orders`` (needs at least two layers with gradients)."""
+
+    name = "vanishing_gradient"
+
+    def __init__(self, orders: float = GRADIENT_ORDERS) -> None:
+        self.orders = _threshold("orders", orders, 0.0, 300.0)
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        median = _median_grad(rows)
+        if math.isnan(median):
+            return []
+        limit = median * 10.0**-self.orders
+        hit = rows[rows["grad_norm"] < limit]
+        return _hits(
+            hit,
+            "grad_norm",
+            limit,
+            lambda r: f"gradient norm {r.grad_norm:.3g} is below 1e-{self.orders:g} of the median layer's {median:.3g}",
+        )
+
+
+class ExplodingGradientRule(AlertRule):
+    """``grad_norm > median layer's grad_norm * 10**orders``, or above ``absolute`` when given."""
+
+    name = "exploding_gradient"
+
+    def __init__(self, orders: float = GRADIENT_ORDERS, absolute: float | None = None) -> None:
+        self.orders = _threshold("orders", orders, 0.0, 300.0)
+        self.absolute = None if absolute is None else _threshold("absolute", absolute, 0.0, math.inf)
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        median = _median_grad(rows)
+        limits = [median * 10.0**self.orders] if not math.isnan(median) else []
+        if self.absolute is not None:
+            limits.append(self.absolute)
+        if not limits:
+            return []
+        limit = min(limits)
+        hit = rows[np.isfinite(rows["grad_norm"]) & (rows["grad_norm"] > limit)]
+        return _hits(hit, "grad_norm", limit, lambda r: f"gradient norm {r.grad_norm:.3g} exceeds {limit:.3g}")
+
+
+class NonFiniteRule(AlertRule):
+    """NaN/Inf in outputs or gradients: counted by ``NonFinite``, or seen as non-finite statistics."""
+
+    name = "nonfinite"
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        out: list[Hit] = []
+        for r in rows.itertuples():
+            counts = [getattr(r, c, math.nan) for c in ("nonfinite", "grad_nonfinite")]
+            n = sum(c for c in counts if not math.isnan(c))
+            ran_backward = getattr(r, "grad_norm", math.nan)
+            bad_stat = (isinstance(ran_backward, float) and math.isinf(ran_backward)) or _nan_where_defined(r)
+            if n > 0:
+                out.append(
+                    (str(r.layer), float(n), 0.0, f"{int(n)} non-finite values (NaN/Inf) in outputs or gradients")
+                )
+            elif bad_stat:
+                out.append((str(r.layer), math.nan, 0.0, "statistics are NaN/Inf: outputs or gradients hold NaN/Inf"))
+        return out
+
+
+def _nan_where_defined(r: object) -> bool:
+    # inactive_fraction is defined for every rectifier row; saturation for every bounded row: NaN there means NaN
+    # outputs. The manager puts NaN only where a statistic does not apply, which the kind tells.
+    from hookscope.activations import get_activation
+
+    try:
+        spec = get_activation(str(getattr(r, "kind", "")))
+    except KeyError:
+        return False
+    checks = []
+    if spec.rectifier:
+        checks.append(getattr(r, "inactive_fraction", 0.0))
+    if spec.bounded:
+        checks.append(getattr(r, "saturation_rate", 0.0))
+    return any(isinstance(v, float) and math.isnan(v) for v in checks)
+
+
+def default_rules() -> list[AlertRule]:
+    """Dead ReLU ≥ 10%, saturation ≥ 50%, vanishing and exploding gradients (3 orders of magnitude), NaN/Inf."""
+    return [DeadRatioRule(), SaturationRule(), VanishingGradientRule(), ExplodingGradientRule(), NonFiniteRule()]
+
+
+class Alerts:
+    """Alert configuration for a :class:`~hookscope.HookManager`.
+
+    Args:
+        rules: Rules to check; ``None`` means :func:`default_rules`.
+        every: Check every this many steps (each check reads one step's values to the host).
+        callback: Called with each :class:`Alert`.
+        warn: Issue a :class:`HookscopeAlert` warning for each alert.
+        log: Log each alert on the ``hookscope`` logger at WARNING level.
+
+    Raises:
+        ValueError: ``every`` < 1.
+        TypeError: A rule is not an :class:`AlertRule`, or ``callback`` is not callable.
+
+    Example:
+        >>> seen = []
+        >>> alerts = Alerts(every=10, callback=seen.append, warn=False)
+        >>> [r.name for r in alerts.rules]
+        ['dead_relu', 'saturation', 'vanishing_gradient', 'exploding_gradient', 'nonfinite']
+    """
+
+    def __init__(
+        self,
+        rules: Iterable[AlertRule] | None = None,
+        *,
+        every: int = 100,
+        callback: Callable[[Alert], None] | None = None,
+        warn: bool = True,
+        log: bool = True,
+    ) -> None:
+        self.rules: list[AlertRule] = default_rules() if rules is None else list(rules)
+        for rule in self.rules:
+            if not isinstance(rule, AlertRule):
+                raise ConfigTypeError(f"`rules` must hold AlertRule instances, got {rule!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"`every` must be an int >= 1 (check alerts every N steps), got {every!r}")
+        if callback is not None and not callable(callback):
+            raise ConfigTypeError(f"`callback` must be callable, got {callback!r}")
+        self.every = every
+        self.callback = callback
+        self.warn = warn
+        self.log = log
+        self.fired: list[Alert] = []
+        self._seen: set[tuple[str, str]] = set()
+
+    def due(self, step: int) -> bool:
+        """Whether the step just closed is checked."""
+        return (step + 1) % self.every == 0
+
+    def check(self, rows: pd.DataFrame, step: int) -> list[Alert]:
+        """Apply the rules to one step's rows; report and return the alerts not reported before."""
+        new: list[Alert] = []
+        for rule in self.rules:
+            for layer, value, threshold, text in rule.check(rows):
+                key = (rule.name, layer)
+                if key in self._seen:
+                    continue
+                self._seen.add(key)
+                message = f"hookscope: step {step}: layer {layer!r}: {text} ({rule.name}). {HINTS.get(rule.name, '')}"
+                new.append(Alert(rule.name, layer, step, float(value), float(threshold), message.strip()))
+        for alert in new:
+            self.fired.append(alert)
+            if self.warn:
+                warnings.warn(alert.message, HookscopeAlert, stacklevel=4)
+            if self.log:
+                logger.warning(alert.message)
+            if self.callback is not None:
+                self.callback(alert)
+        return new
+
+    def __repr__(self) -> str:
+        return f"Alerts(rules={self.rules}, every={self.every})"
+
+
+def summarize(alerts: Sequence[Alert]) -> str:
+    """One line per alert."""
+    return "\n".join(a.message for a in alerts)

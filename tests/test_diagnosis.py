@@ -1,0 +1,231 @@
+"""Audit pass, dead units by index and over time, alerts, non-finite values."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from conftest import SharedReLU
+from test_statistics import col, three_unit_relu
+
+import hookscope as hs
+from hookscope import DeadReLU, GradientNorm, HookManager, NonFinite, Saturation
+from hookscope.alerts import (
+    Alerts,
+    DeadRatioRule,
+    ExplodingGradientRule,
+    HookscopeAlert,
+    NonFiniteRule,
+    SaturationRule,
+    VanishingGradientRule,
+)
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# audit
+
+
+def test_audit_whole_pass_definition_and_model_left_as_found() -> None:
+    model = nn.Sequential(three_unit_relu(), nn.BatchNorm1d(3), nn.Dropout(0.5))
+    model.train()
+    model[1].eval()  # a mixed mode that must come back exactly
+    bn_before = model[1].running_mean.clone()
+    # unit 0 fires only in the second batch, unit 1 only in the first: over the pass only unit 2 is dead
+    frame = hs.audit(model, [col(-1.0, -2.0), (col(3.0), torch.zeros(1)), col(0.0)])
+    assert list(frame["step"]) == [0] and frame["calls"].iloc[0] == 3
+    assert frame.attrs["dead_units"] == {"0.1": [2]}
+    assert frame["dead_ratio"].iloc[0] == 1 / 3
+    # inactive: batch 1: 2 + 0 + 2, batch 2: 0 + 1 + 1, batch 3: 3 of 3 -> 9 of 12
+    assert frame["inactive_fraction"].iloc[0] == 9 / 12
+    assert math.isnan(frame["grad_norm"].iloc[0])
+    assert [m.training for m in model.modules()] == [True, True, True, True, False, True]
+    assert torch.equal(model[1].running_mean, bn_before)
+    assert hook_count(model) == 0
+
+
+def test_audit_restores_modes_when_a_batch_raises() -> None:
+    model = SharedReLU().train()
+
+    def batches():
+        yield torch.randn(2, 4)
+        yield torch.randn(2, 5)  # wrong width: the model raises
+
+    with pytest.raises(RuntimeError):
+        hs.audit(model, batches())
+    assert model.training and hook_count(model) == 0
+
+
+def test_audit_validates() -> None:
+    with pytest.raises(TypeError, match="`model`"):
+        hs.audit("model", [])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no batch"):
+        hs.audit(SharedReLU(), [])
+    with pytest.raises(ValueError, match="`max_batches`"):
+        hs.audit(SharedReLU(), [torch.randn(2, 4)], max_batches=0)
+    assert hs.audit(SharedReLU(), [torch.randn(2, 4)] * 5, max_batches=2)["calls"].tolist() == [2, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dead units by index and over time
+
+
+def test_dead_units_and_timeline() -> None:
+    model = three_unit_relu()
+    with HookManager(model, [DeadReLU(window=1)]) as hm:
+        for xs in [(1.0,), (-1.0,), (1.0,), (1.0,)]:  # unit 0: fires, dies, revives; unit 1: fires at step 1 only
+            model(col(*xs))
+            hm.step()
+    assert hm.dead_units("1") == [1, 2]
+    tl = hm.unit_timeline()
+    assert list(tl["unit"]) == [0, 1, 2]
+    assert tl["last_fired"].tolist()[:2] == [3.0, 1.0] and math.isnan(tl["last_fired"][2])
+    assert tl["dead"].tolist() == [False, True, True]
+    assert math.isnan(tl["dead_since"][0]) and tl["dead_since"].tolist()[1:] == [2.0, 0.0]
+    assert tl["revivals"].tolist() == [1, 0, 0]  # unit 1 first fired at step 1: waking up is not a revival
+    assert tl["last_revival"][0] == 2.0
+
+
+def test_dead_units_with_window_and_open_step() -> None:
+    model = three_unit_relu()
+    with HookManager(model, [DeadReLU(window=2)]) as hm:
+        model(col(1.0))
+        hm.step()
+        model(col(-1.0))
+        hm.step()
+        model(col(-1.0))  # open step 2: unit 0 silent in steps 1 and 2 -> dead
+        assert hm.dead_units("1") == [0, 2]
+        hm.step()
+    assert hm.dead_units("1") == [0, 2]
+    assert hm.unit_timeline("1")["dead_since"].tolist()[0] == 2.0
+
+
+def test_dead_units_errors() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Tanh())
+    with HookManager(model) as hm:
+        model(torch.randn(2, 2))
+    with pytest.raises(KeyError, match="known layers: 1, 2"):
+        hm.dead_units("nope")
+    with pytest.raises(ValueError, match="not a rectifier"):
+        hm.dead_units("2")
+    hm2 = HookManager(model, [Saturation()])
+    with hm2:
+        model(torch.randn(2, 2))
+    with pytest.raises(RuntimeError, match="DeadReLU"):
+        hm2.dead_units("1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# alerts
+
+
+def dead_model() -> nn.Sequential:
+    lin = nn.Linear(2, 4)
+    with torch.no_grad():
+        lin.bias.copy_(torch.tensor([5.0, 5.0, 5.0, -100.0]))  # one of four units (25%) can never fire
+    return nn.Sequential(lin, nn.ReLU())
+
+
+def test_alert_fires_once_per_cause_every_n_steps_with_warning_log_and_callback(caplog) -> None:
+    seen: list[hs.Alert] = []
+    model = dead_model()
+    with (
+        HookManager(model, alerts=Alerts(every=3, callback=seen.append)) as hm,
+        caplog.at_level(logging.WARNING, logger="hookscope"),
+    ):
+        for step in range(9):
+            model(torch.randn(8, 2))
+            if step == 2:
+                with pytest.warns(HookscopeAlert, match="25% of its 4 units are dead"):
+                    hm.step()
+            else:
+                hm.step()
+    assert [(a.rule, a.layer, a.step) for a in seen] == [("dead_relu", "1", 2)]  # checked at 2, 5, 8; once
+    assert seen[0].value == 0.25 and seen[0].threshold == 0.10
+    assert "learning rate" in seen[0].message and "LeakyReLU" in seen[0].message
+    assert sum("dead_relu" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_alerts_are_not_checked_between_due_steps() -> None:
+    seen: list[hs.Alert] = []
+    model = dead_model()
+    with HookManager(model, alerts=Alerts(every=5, callback=seen.append, warn=False)) as hm:
+        for _ in range(4):
+            model(torch.randn(8, 2))
+            hm.step()
+    assert seen == []
+
+
+def rows(**cols) -> pd.DataFrame:  # noqa: F821
+    import pandas as pd
+
+    n = len(next(iter(cols.values())))
+    base = {"layer": [f"l{i}" for i in range(n)], "kind": ["relu"] * n, "units": [10] * n,
+            "dead_ratio": [0.0] * n, "inactive_fraction": [0.5] * n, "saturation_rate": [np.nan] * n,
+            "grad_norm": [1.0] * n}  # fmt: skip
+    base.update(cols)
+    return pd.DataFrame(base)
+
+
+def test_rules() -> None:
+    assert [x[0] for x in DeadRatioRule().check(rows(dead_ratio=[0.09, 0.10, 0.5]))] == ["l1", "l2"]
+    assert [x[0] for x in SaturationRule(0.3).check(rows(saturation_rate=[0.2, 0.3, np.nan]))] == ["l1"]
+    g = [1.0, 2.0, 1.5, 1e-4, 5e3]
+    assert [x[0] for x in VanishingGradientRule().check(rows(grad_norm=g))] == ["l3"]
+    assert [x[0] for x in ExplodingGradientRule().check(rows(grad_norm=g))] == ["l4"]
+    assert [x[0] for x in ExplodingGradientRule(absolute=1.8).check(rows(grad_norm=g))] == ["l1", "l4"]
+    assert VanishingGradientRule().check(rows(grad_norm=[1e-9])) == []  # one layer has no median to compare
+    nf = NonFiniteRule().check(rows(inactive_fraction=[0.5, np.nan], grad_norm=[1.0, np.inf]))
+    assert [x[0] for x in nf] == ["l1"]
+    with pytest.raises(ValueError, match="`threshold`"):
+        DeadRatioRule(1.5)
+    with pytest.raises(ValueError, match="`every`"):
+        Alerts(every=0)
+    with pytest.raises(TypeError, match="`rules`"):
+        Alerts(rules=["dead"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="`alerts`"):
+        HookManager(SharedReLU(), alerts="yes")  # type: ignore[arg-type]
+
+
+def test_nan_outputs_alert_and_are_counted() -> None:
+    class Poison(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(x * torch.tensor([1.0, float("nan"), float("inf"), 1.0]))
+
+    seen: list[hs.Alert] = []
+    model = Poison()
+    x = torch.ones(3, 4, requires_grad=True)
+    with HookManager(
+        model, [DeadReLU(), GradientNorm(), NonFinite()], alerts=Alerts(every=1, callback=seen.append, warn=False)
+    ) as hm:
+        model(x).sum().backward()
+        hm.step()
+    df = hm.to_dataframe()
+    assert df["nonfinite"].iloc[0] == 6  # a NaN and an Inf in each of 3 rows
+    assert df["grad_nonfinite"].iloc[0] == 0  # d(sum)/dy is 1 everywhere
+    assert "nonfinite" in [a.rule for a in seen]  # (the NaN unit never fires: it also counts as dead)
+
+
+def test_nonfinite_counts_gradients() -> None:
+    model = nn.Sequential(nn.Tanh())
+    x = torch.zeros(2, 3, requires_grad=True)
+    with HookManager(model, [NonFinite()], alerts=False) as hm:
+        (model(x) * torch.tensor([1.0, float("inf"), 2.0])).sum().backward()
+        hm.step()
+        with torch.no_grad():
+            model(x)
+        hm.step()
+    df = hm.to_dataframe()
+    assert df["grad_nonfinite"].tolist()[0] == 2 and math.isnan(df["grad_nonfinite"].tolist()[1])
+    assert df["nonfinite"].tolist() == [0, 0]
