@@ -2,9 +2,9 @@
 
 A ReLU MLP (64-128-128-128-10) is trained twice with hookscope attached: with Adam at a learning rate that is far
 too high (0.05), which kills most units of the first hidden layers within a few dozen steps, and with the same
-network at lr=0.001 with biases initialised to 0.1. A live view shows a progress bar and the per-layer table while training; at the end a
-diagnosis says which layers lost how many units, when they died, whether any revived, and which remedies fit the
-evidence. CSVs and PNG plots are written to the output directory.
+network at lr=0.001 with biases initialised to 0.1. A live view shows a progress bar and the per-layer table
+while training; at the end a diagnosis says which layers lost how many units, when they died, whether any
+revived, and which remedies fit the evidence. CSVs and PNG plots are written to the output directory.
 """
 
 from __future__ import annotations
