@@ -289,8 +289,12 @@ class Alerts:
         """Whether the step just closed is checked."""
         return (step + 1) % self.every == 0
 
-    def check(self, rows: pd.DataFrame, step: int) -> list[Alert]:
-        """Apply the rules to one step's rows; report and return the alerts not reported before."""
+    def check(self, rows: pd.DataFrame, step: int, primary: bool = True) -> list[Alert]:
+        """Apply the rules to one step's rows; report and return the alerts not reported before.
+
+        Only the ``primary`` process (rank zero under ``torch.distributed``) warns and logs; the callback is
+        called on every rank.
+        """
         new: list[Alert] = []
         for rule in self.rules:
             for layer, value, threshold, text in rule.check(rows):
@@ -302,9 +306,9 @@ class Alerts:
                 new.append(Alert(rule.name, layer, step, float(value), float(threshold), message.strip()))
         for alert in new:
             self.fired.append(alert)
-            if self.warn:
+            if self.warn and primary:
                 warnings.warn(alert.message, HookscopeAlert, stacklevel=4)
-            if self.log:
+            if self.log and primary:
                 logger.warning(alert.message)
             if self.callback is not None:
                 self.callback(alert)

@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from hookscope import report
+from hookscope import distributed, report
 from hookscope.activations import ActivationSpec, activation_for_function, activation_for_module
 from hookscope.alerts import Alerts
 from hookscope.collectors.base import Collector, SiteState, StateBank
@@ -41,6 +41,7 @@ from hookscope.collectors.dead_relu import DeadReLU
 from hookscope.collectors.gradient_norm import GradientNorm
 from hookscope.collectors.saturation import Saturation
 from hookscope.errors import ConfigError, ConfigTypeError, StateError, UnknownLayerError
+from hookscope.reporters.sink import Sink
 from hookscope.sites import (
     ROOT_NAME,
     Site,
@@ -110,6 +111,11 @@ class HookManager:
         max_history: Keep only the latest ``max_history`` steps for reports (memory stays bounded).
         alerts: ``True`` (the default rules, checked every 100 steps), ``False``/``None`` (off), or an
             :class:`~hookscope.alerts.Alerts`.
+        sinks: Destinations that receive closed steps while training runs (``CSVSink``, ``TensorBoardSink``).
+        start_step: Number of the first step (to continue the numbering of a resumed run).
+        global_stats: Combine statistics across ``torch.distributed`` ranks at every ``step()`` (see
+            :mod:`hookscope.distributed`); ``None`` does so when a process group with more than one rank is
+            initialised, ``False`` keeps rank-local statistics.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or another argument has the wrong type.
@@ -137,6 +143,9 @@ class HookManager:
         every: int = 1,
         max_history: int | None = None,
         alerts: Alerts | bool | None = True,
+        global_stats: bool | None = None,
+        sinks: Iterable[Sink] = (),
+        start_step: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(
@@ -167,6 +176,23 @@ class HookManager:
             self.alerts = alerts
         else:
             raise ConfigTypeError(f"`alerts` must be True, False, None or a hookscope.Alerts, got {alerts!r}")
+        if global_stats is not None and not isinstance(global_stats, bool):
+            raise ConfigTypeError(f"`global_stats` must be None (automatic), True or False, got {global_stats!r}")
+        if global_stats and not distributed.is_distributed():
+            raise ConfigError(
+                "`global_stats=True` needs torch.distributed initialised with more than one rank "
+                "(call torch.distributed.init_process_group first, or leave global_stats=None)"
+            )
+        self.global_stats = distributed.is_distributed() if global_stats is None else global_stats
+        self._layout: list[int] = []
+        self.sinks: list[Sink] = list(sinks) if not isinstance(sinks, Sink) else [sinks]
+        for sink in self.sinks:
+            if not isinstance(sink, Sink):
+                raise ConfigTypeError(f"`sinks` must hold hookscope Sink instances (e.g. CSVSink), got {sink!r}")
+        self._sink_buffers: list[list[report.StepRecord]] = [[] for _ in self.sinks]
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ConfigError(f"`start_step` must be an int >= 0 (the number of the first step), got {start_step!r}")
+        self._last_record: report.StepRecord | None = None
         self._recording = True
         for c in self.collectors:
             c._bind(self)
@@ -196,7 +222,7 @@ class HookManager:
         self._recompute_counts: dict[str, int] = {}
 
         # the open step
-        self._step = 0
+        self._step = start_step
         self._order: list[int] = []
         self._touched: list[bool] = []
         self._calls: list[int] = []
@@ -205,6 +231,10 @@ class HookManager:
         self._history = report.History(max_steps=max_history)
         self._fields: list[tuple[int, str]] | None = None
         self._include_checked = False
+        self._recording = self._step % self.every == 0
+        self._paused = False
+        for sink in self.sinks:
+            sink.bind(self)
 
     # ----------------------------------------------------------------------------------------------------------
     # validation
@@ -255,6 +285,13 @@ class HookManager:
         """
         if self._attached:
             raise StateError("this HookManager is already attached; call detach() first")
+        if type(self.model).__name__ == "OptimizedModule":
+            warn_once(
+                "hookscope: attaching to a torch.compile'd model: hooks added after the compiled model first ran "
+                "are ignored by torch.compile (pytorch/pytorch#117758), and nothing is recorded. Attach the "
+                "HookManager to the model before calling torch.compile on it.",
+                stacklevel=3,
+            )
         ref = self._ref
         handles: list[RemovableHandle] = []
         try:
@@ -273,16 +310,31 @@ class HookManager:
         return self
 
     def detach(self) -> None:
-        """Remove every hook this manager added. Idempotent; recorded results stay readable."""
+        """Remove every hook this manager added, then flush and close the sinks. Idempotent; recorded results
+        stay readable."""
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._attached = False
+        was_attached, self._attached = self._attached, False
+        if was_attached:
+            for i, sink in enumerate(self.sinks):
+                self._flush_sink(i)
+                sink.close()
         if self._mode_active:  # detached from inside a forward pass
             self._mode.__exit__(None, None, None)
             self._mode_active = False
         self._stack.clear()
         self._activation_stack.clear()
+
+    def pause(self) -> None:
+        """Stop recording without removing hooks (evaluation passes inside training, for example)."""
+        self._paused = True
+        self._recording = False
+
+    def resume(self) -> None:
+        """Record again after :meth:`pause`."""
+        self._paused = False
+        self._recording = self._step % self.every == 0
 
     @property
     def attached(self) -> bool:
@@ -515,22 +567,46 @@ class HookManager:
         """Close the current training step: its statistics are recorded and the next step begins.
 
         Does tensor work only (no host synchronisation); values reach the host when a report is asked for.
+        Under ``torch.distributed`` (``global_stats``) this is a collective: every rank must call it.
         """
-        record = self._close(commit=True)
+        if self.global_stats and not self._order and self._sites:
+            self._order = []  # nothing ran here this step, but the collective must still take place
+            record = self._close(commit=True, force=True)
+        else:
+            record = self._close(commit=True)
         if record is not None:
             self._history.append(record)
+            self._last_record = record
             if self.alerts is not None and self.alerts.due(record.step):
                 self._check_alerts(record)
+            for i, sink in enumerate(self.sinks):
+                self._sink_buffers[i].append(record)
+                if len(self._sink_buffers[i]) >= sink.every:
+                    self._flush_sink(i)
         self._step += 1
-        self._recording = self._step % self.every == 0
+        self._recording = self._step % self.every == 0 and not self._paused
         self._check_include()
+
+    def _frame_of(self, records: list[report.StepRecord]) -> pd.DataFrame:
+        rows = report.Rows.concat([report.Rows.of(r) for r in records])
+        return report.build_frame(rows, self._sites, self.collectors, self._fields or [], self._applies)
+
+    def _flush_sink(self, i: int) -> None:
+        records, self._sink_buffers[i] = self._sink_buffers[i], []
+        sink = self.sinks[i]
+        if records and (sink.all_ranks or distributed.rank() == 0):
+            sink.write(self._frame_of(records))
+
+    def last_step_frame(self) -> pd.DataFrame:
+        """The rows of the last closed step only (cheap, whatever the length of the history)."""
+        return self._frame_of([self._last_record] if self._last_record is not None else [])
 
     def _check_alerts(self, record: report.StepRecord) -> None:
         assert self.alerts is not None
         rows = report.build_frame(
             report.Rows.of(record), self._sites, self.collectors, self._fields or [], self._applies
         )
-        self.alerts.check(rows, record.step)
+        self.alerts.check(rows, record.step, primary=distributed.rank() == 0)
 
     def _check_include(self) -> None:
         if self._include_checked or self.include is None or not self._site_by_key:
@@ -544,14 +620,17 @@ class HookManager:
                 stacklevel=3,
             )
 
-    def _close(self, commit: bool) -> report.StepRecord | None:
+    def _close(self, commit: bool, force: bool = False) -> report.StepRecord | None:
         order = self._order
-        if not order:
+        if not order and not force:
             return None
         n = len(self._sites)
         fields: list[tuple[int, str]] = []
         columns: list[torch.Tensor] = []
         with torch._C.DisableTorchFunction(), torch.no_grad():
+            if self.global_stats:
+                columns.extend(self._reduce_across_ranks(n).unbind(1))
+                fields.extend([(-1, "calls"), (-1, "elements"), (-1, "backward")])
             for ci, c in enumerate(self.collectors):
                 if c._bank is None:
                     continue
@@ -593,6 +672,22 @@ class HookManager:
             self._order = []
         return record
 
+    def _reduce_across_ranks(self, n: int) -> torch.Tensor:
+        """Make this step's state global (one all_reduce per reduction kind); returns global host counts."""
+        assert self._device is not None
+        banks = [c._bank for c in self.collectors if c._bank is not None]
+        for bank in banks:
+            bank.resize(n)
+        counts = torch.tensor(
+            [self._calls[:n], self._elements[:n], self._backward[:n]], dtype=torch.float64
+        ).T.contiguous()
+        # pageable host -> device copy without waiting for the device (no host synchronisation)
+        counts = counts.to(self._device, non_blocking=True)
+        layout = [n, *(b.n_units for b in banks)]
+        check = layout != self._layout
+        self._layout = layout
+        return distributed.reduce_step(banks, counts, n, self._device, check_layout=check)
+
     def state_bytes(self) -> int:
         """Bytes of collector state on the device (independent of the number of steps)."""
         return sum(c._bank.nbytes() for c in self.collectors if c._bank is not None)
@@ -607,7 +702,8 @@ class HookManager:
     def rows(self) -> report.Rows:
         """Recorded (step, site) rows with their raw counts, the open step included when it has data."""
         parts = [self._history.records()]
-        snapshot = self._close(commit=False)
+        # under torch.distributed the open step holds rank-local values until step() combines them: not reported
+        snapshot = None if self.global_stats else self._close(commit=False)
         if snapshot is not None:
             parts.append(report.Rows.of(snapshot))
         if self.max_history is not None:

@@ -242,6 +242,10 @@ def build_frame(
     if len(idx):
         applies_arr = np.asarray(applies, dtype=bool).reshape(len(sites), len(collectors))[idx]
         base = {"calls": rows.calls, "elements": rows.elements, "backward": rows.backward, "units": rows.units}
+        for k, (fi, name) in enumerate(fields):
+            if fi == -1:  # counts combined across ranks replace the rank-local ones
+                base[name] = rows.values[:, k]
+        out["calls"] = base["calls"].astype(np.int64)
         for ci, collector in enumerate(collectors):
             record = dict(base)
             for k, (fi, name) in enumerate(fields):

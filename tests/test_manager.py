@@ -294,14 +294,12 @@ def test_long_history_is_consolidated_and_exact() -> None:
 def test_max_history_keeps_the_last_steps_and_bounds_memory() -> None:
     model = SharedReLU()
     with HookManager(model, max_history=10, alerts=False) as hm:
-        for _ in range(300):
+        sizes = []
+        for _ in range(600):
             model(torch.randn(2, 4))
             hm.step()
-        bytes_300 = hm.history_bytes()
-        for _ in range(300):
-            model(torch.randn(2, 4))
-            hm.step()
-    assert hm.history_bytes() <= bytes_300
+            sizes.append(hm.history_bytes())
+    assert max(sizes[300:]) <= max(sizes[130:300])  # a saw tooth (blocks of 64 steps) that stops growing
     assert sorted(hm.to_dataframe()["step"].unique()) == list(range(590, 600))
     with pytest.raises(ValueError, match="`max_history`"):
         HookManager(model, max_history=0)

@@ -131,15 +131,20 @@ def _live_tensor_bytes() -> int:
     total = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # isinstance() on some torch objects warns about deprecations
-        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        tensors = [
+            obj
+            for obj in gc.get_objects()
+            if isinstance(obj, torch.Tensor) and type(obj).__name__ not in ("FakeTensor", "FunctionalTensor")
+        ]
     for obj in tensors:
-        try:
+        try:  # fake tensors left by torch.compile have no data
             storage = obj.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):
             continue
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += nbytes
     return total
 
 

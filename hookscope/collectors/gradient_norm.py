@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from hookscope.collectors.base import Collector, SiteState
+from hookscope.errors import ConfigError, ConfigTypeError
 from hookscope.sites import Site
+
+
+def _is_grad_scaler(obj: object) -> bool:
+    return any(k.__name__ == "GradScaler" for k in type(obj).__mro__)
+
 
 __all__ = ["GradientNorm"]
 
@@ -21,6 +29,19 @@ class GradientNorm(Collector):
     pass through the site (evaluation, ``torch.no_grad``). Gradients are captured with a tensor hook on the
     output, which also works for in-place activations, and reduced in float32 or wider.
 
+    With mixed precision and a ``GradScaler``, the gradients that reach the hooks are multiplied by the loss
+    scale (65,536 by default); pass the scaler (or a constant scale) and the reported norm is unscaled: each
+    gradient's norm is divided by the scale in force when it was computed, read from the scaler's device tensor
+    without a host synchronisation. Steps whose gradients overflowed (which the scaler skips) report inf/NaN.
+
+    Args:
+        scaler: A ``torch.amp.GradScaler`` (or ``torch.cuda.amp.GradScaler``), a positive constant scale, or
+            ``None`` (gradients are not scaled).
+
+    Raises:
+        TypeError: ``scaler`` is neither a GradScaler nor a number.
+        ValueError: A constant scale that is not positive.
+
     Example:
         >>> GradientNorm().columns
         ('grad_norm',)
@@ -29,13 +50,40 @@ class GradientNorm(Collector):
     columns = ("grad_norm",)
     wants_grad = True
 
-    def __init__(self) -> None:
+    def __init__(self, scaler: Any = None) -> None:
         super().__init__()
+        if scaler is not None and not _is_grad_scaler(scaler):
+            if isinstance(scaler, bool) or not isinstance(scaler, (int, float)):
+                raise ConfigTypeError(
+                    f"`scaler` must be a torch.amp.GradScaler, a positive number or None; got {scaler!r}"
+                )
+            if not scaler > 0 or math.isinf(scaler):
+                raise ConfigError(f"`scaler` as a constant scale must be a positive finite number, got {scaler!r}")
+        self.scaler = scaler
         self.add_state("sumsq")
+
+    def _scale(self, device: torch.device) -> torch.Tensor | float | None:
+        scaler = self.scaler
+        if scaler is None:
+            return None
+        if not _is_grad_scaler(scaler):
+            return float(scaler)
+        if not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)  # the device tensor behind get_scale(), read without a sync
+        if scale is None:
+            return float(scaler.get_scale())
+        return cast(torch.Tensor, scale).reshape(()).to(device, non_blocking=True)
 
     def update_grad(self, state: SiteState, grad: torch.Tensor, site: Site) -> None:
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        scale = self._scale(grad.device)
+        if scale is not None:
+            norm = norm / scale
         state["sumsq"].addcmul_(norm, norm)  # squared in the state's float64
+
+    def __repr__(self) -> str:
+        return "GradientNorm()" if self.scaler is None else f"GradientNorm(scaler={self.scaler!r})"
 
     def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         norm = np.sqrt(record["sumsq"])

@@ -1,0 +1,1 @@
+"""Thin adapters to other tools; each imports its optional dependency only when used."""

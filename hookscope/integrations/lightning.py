@@ -1,0 +1,84 @@
+"""Lightning: a callback that instruments the LightningModule for the whole fit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hookscope.manager import HookManager
+
+__all__ = ["HookscopeCallback"]
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ModuleNotFoundError:  # pragma: no cover - exercised only without lightning
+    try:
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "the Lightning callback needs lightning: pip install 'hookscope[lightning]' (or pip install lightning)"
+        ) from e
+
+STATS = ("dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm")
+
+
+class HookscopeCallback(Callback):  # type: ignore[misc]
+    """Attach a :class:`~hookscope.HookManager` to the LightningModule on fit start, close one hookscope step per
+    optimizer step, log scalars, and detach on teardown.
+
+    - ``step()`` runs just before each optimizer step, so the gradient-accumulation micro-batches of one optimizer
+      step are one hookscope step.
+    - Validation (and the sanity check) runs while the manager is paused: its forwards are not training steps.
+    - Every ``log_every_n_steps`` optimizer steps the last step's statistics are logged through the trainer's
+      loggers as ``hookscope/{layer}/{stat}`` (loggers write on rank zero); under DDP every rank takes part in
+      ``step()``'s reductions.
+
+    Args:
+        log_every_n_steps: Steps between logged values (each reads one step's values to the host).
+        stats: Columns to log.
+        **manager_kwargs: Arguments of :class:`~hookscope.HookManager` (``collectors``, ``include``, ...).
+
+    Attributes:
+        manager: The manager (``None`` before fit starts).
+    """
+
+    def __init__(self, log_every_n_steps: int = 50, stats: tuple[str, ...] = STATS, **manager_kwargs: Any) -> None:
+        super().__init__()
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"`log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.stats = tuple(stats)
+        self.manager_kwargs = manager_kwargs
+        self.manager: HookManager | None = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.manager is None:
+            self.manager = HookManager(pl_module, **self.manager_kwargs)
+        if not self.manager.attached:
+            self.manager.attach()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.manager is not None:
+            self.manager.pause()
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.manager is not None:
+            self.manager.resume()
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.manager is None or not self.manager.attached:
+            return
+        self.manager.step()
+        if self.manager.current_step % self.log_every_n_steps == 0:
+            frame = self.manager.last_step_frame()
+            metrics = {
+                f"hookscope/{row.layer}/{stat}": float(getattr(row, stat))
+                for row in frame.itertuples(index=False)
+                for stat in self.stats
+                if getattr(row, stat, None) is not None and getattr(row, stat) == getattr(row, stat)  # not NaN
+            }
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.manager is not None and self.manager.attached:
+            self.manager.detach()

@@ -1,0 +1,244 @@
+"""Streaming CSV, TensorBoard, Lightning, AMP loss scaling and torch.compile."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import FunctionalReLU, SharedReLU, train_steps
+from test_real_conditions import CountSyncs
+
+from hookscope import GradientNorm, HookManager
+from hookscope.reporters.csv import CSVSink
+
+# ---------------------------------------------------------------------------------------------------------------
+# streaming CSV
+
+
+def test_csv_sink_streams_flushes_every_n_steps_and_resumes(tmp_path: Path) -> None:
+    path = tmp_path / "stats.csv"
+    model = SharedReLU()
+    hm = HookManager(model, sinks=[CSVSink(path, every=3)], max_history=2, alerts=False).attach()
+    for step in range(5):
+        model(torch.randn(2, 4))
+        hm.step()
+        if step == 3:  # 3 steps written and flushed, the 4th still buffered
+            assert sorted(pd.read_csv(path)["step"].unique()) == [0, 1, 2]
+    hm.detach()  # writes what is left, fsyncs
+    first = pd.read_csv(path, dtype={"layer": str})
+    assert sorted(first["step"].unique()) == [0, 1, 2, 3, 4]
+    assert list(first.columns) == list(hm.to_dataframe().columns)
+    # resuming: a new manager continues the numbering and appends without a second header
+    with HookManager(model, sinks=[CSVSink(path, every=10)], start_step=5, alerts=False) as hm2:
+        model(torch.randn(2, 4))
+        hm2.step()
+    both = pd.read_csv(path, dtype={"layer": str})
+    assert list(both["step"]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert path.read_text().count("step,layer") == 1
+
+
+def test_csv_sink_rejects_a_file_with_other_columns(tmp_path: Path) -> None:
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n")
+    model = SharedReLU()
+    with pytest.raises(RuntimeError, match="other columns"), HookManager(model, sinks=[CSVSink(path, every=1)]) as hm:
+        model(torch.randn(2, 4))
+        hm.step()
+    assert path.read_text() == "a,b\n1,2\n"
+    with pytest.raises(OSError):
+        CSVSink(tmp_path / "missing" / "x.csv")
+    with pytest.raises(ValueError, match="`every`"):
+        CSVSink(tmp_path / "x.csv", every=0)
+    with pytest.raises(TypeError, match="`sinks`"):
+        HookManager(model, sinks=["stats.csv"])  # type: ignore[list-item]
+
+
+def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
+    model = SharedReLU()
+    with HookManager(model, sinks=[CSVSink(tmp_path / "s.csv", every=50)], max_history=10, alerts=False) as hm:
+        sizes = []
+        for _ in range(600):
+            model(torch.randn(2, 4))
+            hm.step()
+            sizes.append(hm.history_bytes())
+        assert max(sizes[200:]) <= max(sizes[130:200])  # a saw tooth that stops growing
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 600 * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pause / resume
+
+
+def test_pause_and_resume() -> None:
+    model = SharedReLU()
+    with HookManager(model) as hm:
+        model(torch.randn(2, 4))
+        hm.pause()
+        model(torch.randn(2, 4))  # e.g. a validation pass
+        hm.resume()
+        hm.step()
+    assert hm.to_dataframe()["calls"].tolist() == [1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+def test_tensorboard_sink_writes_scalars_and_histograms(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hookscope.integrations.tensorboard import TensorBoardSink
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.Tanh())
+    with HookManager(model, sinks=[TensorBoardSink(tmp_path, every=2, histograms=True)], alerts=False) as hm:
+        train_steps(model, 3, hm)
+    expected = hm.to_dataframe()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "hookscope/1/dead_ratio" in tags["scalars"] and "hookscope/3/saturation_rate" in tags["scalars"]
+    assert "hookscope/3/dead_ratio" not in tags["scalars"]  # NaN for tanh: not written
+    events = acc.Scalars("hookscope/1/grad_norm")
+    assert [e.step for e in events] == [0, 1, 2]
+    got = [e.value for e in events]
+    assert got == pytest.approx(expected[expected["layer"] == "1"]["grad_norm"].tolist(), rel=1e-6)
+    assert "hookscope/1/steps_since_fired" in tags["histograms"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lightning
+
+
+def test_lightning_callback(tmp_path: Path) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import CSVLogger
+
+    from hookscope.integrations.lightning import HookscopeCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = SharedReLU()
+            self.val_calls = 0
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self.net(x)[:, 0], y)
+
+        def validation_step(self, batch, batch_idx):
+            self.val_calls += 1
+            x, y = batch
+            return F.mse_loss(self.net(x)[:, 0], y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    callback = HookscopeCallback(log_every_n_steps=2, alerts=False)
+    trainer = L.Trainer(
+        max_steps=3, accumulate_grad_batches=2, logger=CSVLogger(tmp_path), callbacks=[callback],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=2, val_check_interval=4, num_sanity_val_steps=1, accelerator="cpu",
+    )  # fmt: skip
+    module = Module()
+    trainer.fit(module, loader, loader)
+    hm = callback.manager
+    assert hm is not None and not hm.attached
+    df = hm.to_dataframe()
+    # 3 optimizer steps of 2 micro-batches each; validation and the sanity check are not recorded
+    assert sorted(df["step"].unique()) == [0, 1, 2]
+    assert set(df["layer"]) == {"net.act", "net.act#1"}
+    assert df["calls"].tolist() == [2] * 6
+    assert module.val_calls > 0
+    metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    assert "hookscope/net.act/inactive_fraction" in metrics.columns
+    assert metrics["hookscope/net.act/inactive_fraction"].notna().any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AMP loss scaling
+
+
+def test_grad_scaler_gives_unscaled_norms_without_sync() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1))
+    reference = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)  # the scale doubles every step
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.01)
+    x = torch.randn(4, 3)
+    scaled_hm = HookManager(model, [GradientNorm(scaler=scaler)], alerts=False).attach()
+    ref_hm = HookManager(reference, [GradientNorm()], alerts=False).attach()
+    with CountSyncs() as counter:
+        for _ in range(3):
+            scaler.scale(model(x).pow(2).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+            scaled_hm.step()
+            reference(x).pow(2).sum().backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            opt.zero_grad()
+            ref_hm.step()
+    syncs_in_hooks = counter.count
+    assert scaler.get_scale() == 8192.0
+    got = scaled_hm.to_dataframe()["grad_norm"].tolist()
+    assert got == pytest.approx(ref_hm.to_dataframe()["grad_norm"].tolist(), rel=1e-5)
+    # the scaler itself syncs in step()/update() (it checks for inf); hookscope adds none
+    plain_counter = CountSyncs()
+    with plain_counter:
+        scaler.scale(model(x).pow(2).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert syncs_in_hooks == 3 * plain_counter.count
+
+
+def test_constant_scale_and_validation() -> None:
+    model = nn.Sequential(nn.ReLU())
+    x = torch.ones(1, 4, requires_grad=True)
+    with HookManager(model, [GradientNorm(scaler=8.0)], alerts=False) as hm:
+        (model(x) * 8.0).sum().backward()  # gradients of 8 = 8 x the unscaled 1
+        hm.step()
+    assert hm.to_dataframe()["grad_norm"].iloc[0] == pytest.approx(2.0)  # sqrt(4 * 1)
+    with pytest.raises(ValueError, match="`scaler`"):
+        GradientNorm(scaler=0.0)
+    with pytest.raises(TypeError, match="`scaler`"):
+        GradientNorm(scaler="1024")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_attach_before_compile(backend: str) -> None:
+    model = FunctionalReLU() if backend == "inductor" else SharedReLU()
+    plain = copy.deepcopy(model)
+    with HookManager(model, alerts=False) as hm, HookManager(plain, alerts=False) as ref:
+        compiled = torch.compile(model, backend=backend)
+        x = torch.randn(3, 4)
+        for _ in range(2):
+            compiled(x).sum().backward()
+            hm.step()
+            plain(x).sum().backward()
+            ref.step()
+    got, want = hm.to_dataframe(), ref.to_dataframe()
+    assert list(got["layer"]) == list(want["layer"]) and len(got) > 0
+    pd.testing.assert_frame_equal(got.drop(columns="grad_norm"), want.drop(columns="grad_norm"))
+    assert got["grad_norm"].tolist() == pytest.approx(want["grad_norm"].tolist(), rel=1e-5)
+
+
+def test_attaching_to_a_compiled_model_warns() -> None:
+    compiled = torch.compile(SharedReLU(), backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        HookManager(compiled).attach().detach()
+    assert any("before calling torch.compile" in str(w.message) for w in caught)
