@@ -480,6 +480,7 @@ class HookManager:
             site.bind_shape(shape, resolve_unit_dim(self.unit_dim, site.layer, site.layer.split("#")[0], len(shape)))
         except ConfigError as e:
             site.problem = str(e)
+            self._problem(f"hookscope: {e}; the site is skipped")
             return False
         if self._device is None:
             self._device = out.device
@@ -835,7 +836,8 @@ def _pre_hook(
 ) -> Callable[[nn.Module, Any], None]:
     def hook(module: nn.Module, args: Any) -> None:
         manager = ref()
-        if manager is not None and manager._attached and manager._recording:
+        # a forward that began while recording is followed to its end, so the module stack stays balanced
+        if manager is not None and manager._attached and (manager._recording or manager._stack):
             manager._enter(name, spec, module)
 
     return hook
@@ -846,7 +848,7 @@ def _post_hook(
 ) -> Callable[[nn.Module, Any, Any], None]:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         manager = ref()
-        if manager is not None and manager._attached and manager._recording:
+        if manager is not None and manager._attached and manager._stack:
             manager._exit(name, spec, output)
 
     return hook

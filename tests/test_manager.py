@@ -312,3 +312,34 @@ def test_state_does_not_grow_with_steps() -> None:
         state = hm.state_bytes()
         train_steps(model, 50, hm)
     assert hm.state_bytes() == state > 0
+
+
+def test_recording_switched_off_inside_a_forward_keeps_hooks_balanced() -> None:
+    from torch.overrides import _get_current_function_mode_stack
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.ReLU()
+            self.b = nn.ReLU()
+            self.hm: HookManager | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            if self.hm is not None:
+                self.hm.pause()  # recording stops in the middle of this forward
+            return self.b(torch.relu(h))
+
+    model = Odd()
+    with HookManager(model, alerts=False) as hm:
+        model.hm = hm
+        model(torch.randn(2, 3))
+        assert _get_current_function_mode_stack() == []  # the function capture ended with the forward
+        assert hm._stack == []
+        model.hm = None
+        hm.resume()
+        model(torch.randn(2, 3))
+        hm.step()
+    df = hm.to_dataframe()
+    assert df["layer"].tolist() == ["a", "relu()", "b"]  # the first forward was followed to its end
+    assert df["calls"].tolist() == [2, 2, 2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Union
 
@@ -13,7 +14,7 @@ import pandas as pd
 from hookscope.errors import StateError
 from hookscope.reporters.sink import Sink
 
-__all__ = ["CSVSink", "atomic_write_text", "file_mode", "write_csv"]
+__all__ = ["CSVSink", "atomic_path", "atomic_write_text", "file_mode", "require_directory", "write_csv"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -28,31 +29,40 @@ def file_mode(target: Path) -> int:
         return 0o666 & ~umask
 
 
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``.
+def require_directory(target: Path) -> None:
+    """Raise ``FileNotFoundError`` (an ``OSError``) naming the file when its directory does not exist."""
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist")
 
-    Readers see the old file or the whole new one, never a partial file; on any error the temporary file is
-    removed and the target is untouched.
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` (``os.replace``), on any error it
+    is removed and ``path`` is untouched. Readers see the old file or the whole new one, never a partial file.
 
     Raises:
         OSError: The directory does not exist or is not writable.
     """
     target = Path(os.fspath(path))
-    directory = target.parent
-    if not directory.is_dir():
-        raise FileNotFoundError(f"cannot write {str(target)!r}: directory {str(directory)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    require_directory(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.chmod(tmp, file_mode(target))  # mkstemp creates 0600 files
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`), fsynced before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_csv(frame: pd.DataFrame, path: PathLike) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, cast
 
@@ -12,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from hookscope.errors import ConfigError
-from hookscope.reporters.csv import file_mode
+from hookscope.reporters.csv import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -115,16 +113,6 @@ def save_figure(fig: Figure, path: PathLike, dpi: int = 100) -> Path:
         OSError: The directory does not exist or is not writable.
     """
     target = Path(os.fspath(path))
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(target, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.chmod(tmp, file_mode(target))  # mkstemp creates 0600 files
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return target
