@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -316,8 +316,3 @@ class Alerts:
 
     def __repr__(self) -> str:
         return f"Alerts(rules={self.rules}, every={self.every})"
-
-
-def summarize(alerts: Sequence[Alert]) -> str:
-    """One line per alert."""
-    return "\n".join(a.message for a in alerts)

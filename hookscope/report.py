@@ -41,8 +41,8 @@ class StepRecord:
         backward: Backward passes that reached each site in the step.
         units: Units of each site.
         shapes: Latest output shape of each site.
-        values: ``(n_sites, n_fields)`` float64 tensor of collector fields, for every site known at the time
-            (rows of sites that did not run hold defaults). Moved to the host on first use.
+        values: ``(n_sites, n_fields)`` float64 device tensor of collector fields, for every site known at the
+            time (rows of sites that did not run hold defaults).
     """
 
     step: int

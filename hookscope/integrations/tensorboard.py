@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,6 +74,3 @@ class TensorBoardSink(Sink):
         self.writer.flush()
         if self._owns:
             self.writer.close()
-
-
-LogDir = Union[str, "os.PathLike[str]"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -49,6 +49,3 @@ class Sink:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(every={self.every})"
-
-    def _describe(self) -> dict[str, Any]:
-        return {"every": self.every}
