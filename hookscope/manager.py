@@ -199,6 +199,7 @@ class HookManager:
 
         self._ref = weakref.ref(self)
         self._handles: list[RemovableHandle] = []
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._attached = False
         self._mode = _FunctionCapture(self._ref)
         self._mode_active = False
@@ -304,6 +305,8 @@ class HookManager:
                 h.remove()
             raise
         self._handles = handles
+        # a manager dropped without detach() still takes its hooks off the model when it is collected
+        self._finalizer = weakref.finalize(self, _remove_handles, list(handles))
         self._stack.clear()
         self._activation_stack.clear()
         self._attached = True
@@ -315,6 +318,9 @@ class HookManager:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         was_attached, self._attached = self._attached, False
         if was_attached:
             for i, sink in enumerate(self.sinks):
@@ -818,9 +824,17 @@ class HookManager:
         write_csv(self.to_dataframe(), path)
 
     def table(self, step: int | None = None, *, ascii: bool = False) -> Table:
-        """A rich table with one row per layer for the latest step (or ``step``)."""
+        """A rich table with one row per layer for the latest step (or ``step``).
+
+        The latest step is built from that step's record alone, so a live view stays cheap however long the run.
+        """
         from hookscope.reporters.table import build_table
 
+        if step is None:
+            snapshot = None if self.global_stats else self._close(commit=False)
+            latest = snapshot if snapshot is not None else self._last_record
+            if latest is not None:
+                return build_table(self._frame_of([latest]), ascii=ascii)
         return build_table(self.to_dataframe(), step=step, ascii=ascii)
 
     def __repr__(self) -> str:
@@ -829,6 +843,11 @@ class HookManager:
             f"HookManager({type(self.model).__name__}, collectors={self.collectors}, "
             f"{state}, sites={len(self._sites)}, step={self._step})"
         )
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for h in handles:
+        h.remove()
 
 
 def _pre_hook(

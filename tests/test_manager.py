@@ -343,3 +343,12 @@ def test_recording_switched_off_inside_a_forward_keeps_hooks_balanced() -> None:
     df = hm.to_dataframe()
     assert df["layer"].tolist() == ["a", "relu()", "b"]  # the first forward was followed to its end
     assert df["calls"].tolist() == [2, 2, 2]
+
+
+def test_a_dropped_manager_takes_its_hooks_off_the_model() -> None:
+    import gc
+
+    model = SharedReLU()
+    HookManager(model).attach()  # never detached, no reference kept
+    gc.collect()
+    assert hook_count(model) == 0
