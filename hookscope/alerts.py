@@ -120,32 +120,43 @@ def _threshold(arg: str, value: object, lo: float, hi: float) -> float:
     return float(value)
 
 
-class DeadRatioRule(AlertRule):
+class _AtLeastRule(AlertRule):
+    """``column >= threshold`` for a ratio column."""
+
+    column = ""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = _threshold("threshold", threshold, 0.0, 1.0)
+
+    def describe(self, row: Any) -> str:
+        raise NotImplementedError
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        return _hits(rows[rows[self.column] >= self.threshold], self.column, self.threshold, self.describe)
+
+
+class DeadRatioRule(_AtLeastRule):
     """``dead_ratio >= threshold`` (default 10%)."""
 
-    name = "dead_relu"
+    name, column = "dead_relu", "dead_ratio"
 
     def __init__(self, threshold: float = DEAD_RATIO_ALERT) -> None:
-        self.threshold = _threshold("threshold", threshold, 0.0, 1.0)
+        super().__init__(threshold)
 
-    def check(self, rows: pd.DataFrame) -> list[Hit]:
-        hit = rows[rows["dead_ratio"] >= self.threshold]
-        return _hits(hit, "dead_ratio", self.threshold, lambda r: f"{r.dead_ratio:.0%} of its {r.units} units are dead")
+    def describe(self, row: Any) -> str:
+        return f"{row.dead_ratio:.0%} of its {row.units} units are dead"
 
 
-class SaturationRule(AlertRule):
+class SaturationRule(_AtLeastRule):
     """``saturation_rate >= threshold`` (default 50%)."""
 
-    name = "saturation"
+    name, column = "saturation", "saturation_rate"
 
     def __init__(self, threshold: float = SATURATION_ALERT) -> None:
-        self.threshold = _threshold("threshold", threshold, 0.0, 1.0)
+        super().__init__(threshold)
 
-    def check(self, rows: pd.DataFrame) -> list[Hit]:
-        hit = rows[rows["saturation_rate"] >= self.threshold]
-        return _hits(
-            hit, "saturation_rate", self.threshold, lambda r: f"{r.saturation_rate:.0%} of its outputs are saturated"
-        )
+    def describe(self, row: Any) -> str:
+        return f"{row.saturation_rate:.0%} of its outputs are saturated"
 
 
 def _median_grad(rows: pd.DataFrame) -> float:

@@ -16,6 +16,11 @@ def _seed_and_threads() -> None:
     warnings.filterwarnings("ignore", message=".*torch.utils.checkpoint.*")
 
 
+def hook_count(model: nn.Module) -> int:
+    """Forward hooks and pre-hooks on all modules of a model."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 class SharedReLU(nn.Module):
     """One ReLU module called twice per forward (like torchvision's BasicBlock)."""
 

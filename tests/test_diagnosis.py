@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SharedReLU
+from conftest import SharedReLU, hook_count
 from test_statistics import col, three_unit_relu
 
 import hookscope as hs
@@ -23,11 +23,6 @@ from hookscope.alerts import (
     SaturationRule,
     VanishingGradientRule,
 )
-
-
-def hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # audit

@@ -11,17 +11,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SaturatingNet, SharedReLU, mlp, train_steps
+from conftest import SaturatingNet, SharedReLU, hook_count, mlp, train_steps
 from rich.console import Console
 
 import hookscope as hs
 from hookscope import DeadReLU, GradientNorm, HookManager, Saturation
 
 CONTRACT_COLUMNS = ["step", "layer", "kind", "dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm"]
-
-
-def hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_public_names() -> None:
