@@ -169,8 +169,9 @@ class StateBank:
         return self.unit_owner[: self.n_units]
 
     def per_site_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum a per-unit vector within each site: one ``index_add_`` for all sites."""
-        out = torch.zeros(self.n_sites, dtype=values.dtype, device=self.device)
+        """Sum per-unit values (``(units,)`` or ``(units, k)``) within each site: one ``index_add_`` for all
+        sites."""
+        out = torch.zeros((self.n_sites, *values.shape[1:]), dtype=values.dtype, device=self.device)
         return out.index_add_(0, self.owners(), values)
 
     def nbytes(self) -> int:

@@ -56,9 +56,10 @@ class DeadReLU(Collector):
         if window < 1:
             raise ConfigError(f"`window` must be >= 1, got {window}; use window=1 to judge each step alone")
         self.window = window
-        # Positive elements of each unit in the open step, and the last step in which each unit fired (> 0).
+        # Positive elements of each unit in the open step, and the last step in which each unit fired (> 0);
+        # NaN for never, so that every comparison with it is False and no finiteness test is needed.
         self.add_state("positive", per_unit=True)
-        self.add_state("last_fired", -math.inf, reduce="max", per_unit=True, persistent=True)
+        self.add_state("last_fired", math.nan, reduce="max", per_unit=True, persistent=True)
         # Revivals: a unit that had fired, stayed dead (window rule), then fired again.
         self.add_state("revivals", per_unit=True, persistent=True)
         self.add_state("last_revival", -math.inf, reduce="max", per_unit=True, persistent=True)
@@ -77,20 +78,23 @@ class DeadReLU(Collector):
         positive = bank.unit("positive")
         last = bank.unit("last_fired")
         fired = positive > 0
-        # dead: silent in this step and in the window's earlier steps (window >= 1, so firing now is alive)
-        dead = (last <= step - self.window).logical_and_(fired.logical_not())
         if commit:
-            # revived: dead at step - 1 after having fired once, i.e. last in (-inf, step - 1 - window]
-            revived = fired & (last <= step - 1 - self.window) & (last > -math.inf)
+            # revived: fires now, was dead at step - 1 having fired before (NaN, never fired, compares False)
+            revived = (last <= step - 1 - self.window).logical_and_(fired)
             bank.unit("revivals").add_(revived)
             bank.unit("last_revival").masked_fill_(revived, float(step))
-            last.masked_fill_(fired, float(step))
-        return {"positive": bank.per_site_sum(positive), "dead_units": bank.per_site_sum(dead.to(torch.float64))}
+            new_last = last.masked_fill_(fired, float(step))
+        else:
+            new_last = torch.where(fired, float(step), last)
+        # alive: fired within the window (steps step - window + 1 ... step); every other unit is dead
+        alive = new_last > step - self.window
+        sums = bank.per_site_sum(torch.stack([positive, alive.to(positive.dtype)], dim=1))
+        return {"positive": sums[:, 0], "alive_units": sums[:, 1]}
 
     def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
             return {
-                "dead_ratio": record["dead_units"] / record["units"],
+                "dead_ratio": (record["units"] - record["alive_units"]) / record["units"],
                 "inactive_fraction": (record["elements"] - record["positive"]) / record["elements"],
             }
 
@@ -101,7 +105,8 @@ class DeadReLU(Collector):
         ``include_open``, units firing in the open step count as having fired at ``step``.
         """
         views = self.bank._states[site.index]
-        last = views["last_fired"].cpu().numpy().copy()
+        last = views["last_fired"].cpu().numpy()
+        last = np.where(np.isnan(last), -np.inf, last)
         if include_open:
             last = np.where(views["positive"].cpu().numpy() > 0, float(step), last)
         return {
