@@ -186,11 +186,28 @@ def bench_model(
             "ms": statistics.median(cfg.times),
             "ratio": statistics.median(cfg.ratios),
             "ratios": cfg.ratios,
+            "aten_ops_per_step": count_ops(cfg, x, y, amp),
         }
         if cfg.manager is not None:
             result["configs"][cfg.name]["state_bytes"] = cfg.manager.state_bytes()
             cfg.manager.detach()
     return result
+
+
+def count_ops(cfg: Config, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None) -> int:
+    """ATen operations dispatched in one training step: a deterministic proxy for the fixed per-op cost."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        run_steps(cfg, x, y, 1, amp)
+    return Counter.n
 
 
 def sync_check(name: str, device: torch.device, amp: torch.dtype | None) -> str:
@@ -250,15 +267,17 @@ def memory_run(steps: int, device: torch.device, max_history: int | None) -> dic
 
 def markdown(results: list[dict[str, Any]], every: int) -> str:
     lines = [
-        f"| model | plain ms | hookscope ms | ratio | every={every} ratio | naive ratio | A/A ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| model | plain ms | hookscope ms | ratio | every={every} ratio | naive ratio | A/A ratio | "
+        "ATen ops/step plain | + hookscope |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         c = r["configs"]
+        plain_ops = c["plain"]["aten_ops_per_step"]
         lines.append(
             f"| {r['model']} | {c['plain']['ms']:.2f} | {c['hookscope']['ms']:.2f} | "
             f"{c['hookscope']['ratio']:.3f}× | {c[f'every={every}']['ratio']:.3f}× | {c['naive']['ratio']:.3f}× | "
-            f"{c['plain (A/A)']['ratio']:.3f}× |"
+            f"{c['plain (A/A)']['ratio']:.3f}× | {plain_ops} | {c['hookscope']['aten_ops_per_step'] - plain_ops} |"
         )
     return "\n".join(lines)
 

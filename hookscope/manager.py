@@ -532,10 +532,9 @@ class HookManager:
         self._calls[i] += 1
         self._elements[i] += output.numel()
         site.shape = shape
-        with torch._C.DisableTorchFunction(), torch.no_grad():
-            detached = output.detach()
+        with torch._C.DisableTorchFunction(), torch.no_grad():  # no graph is recorded: no detach() needed
             for collector, state in self._fwd_states[i]:
-                collector.update(state, detached, site)
+                collector.update(state, output, site)
         if self._want_grad and output.requires_grad:
             output.register_hook(self._grad_hooks[i])
 

@@ -210,3 +210,41 @@ def test_no_host_synchronisation_resnet18() -> None:
             opt.step()
             hm.step()
     assert counter.count == 0
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_ops(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
+    """ATen ops of one plain training step, of one instrumented step, and of step() alone."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    plain, instrumented = CountOps(), CountOps()
+    with plain:
+        model(x).sum().backward()
+    with HookManager(model, alerts=False) as hm:
+        model(x).sum().backward()
+        hm.step()
+        with instrumented:
+            model(x).sum().backward()
+        with CountOps() as closing:
+            hm.step()
+    opt.zero_grad()
+    return plain.count, instrumented.count, closing.count
+
+
+def test_cost_is_a_few_ops_per_site_and_a_fixed_number_per_step() -> None:
+    # On small models the fixed cost of each ATen op dominates (benchmarks/overhead.py): pin the op counts.
+    small = mlp((32, 64, 64, 4))  # 2 ReLU sites
+    resnet = torchvision.models.resnet18(num_classes=4)  # 17 sites
+    p_small, i_small, step_small = _step_ops(small, torch.randn(8, 32))
+    p_res, i_res, step_res = _step_ops(resnet, torch.randn(2, 3, 32, 32))
+    assert step_small == step_res <= 20  # closing a step does not depend on the number of sites
+    assert i_small - p_small <= 5 * 2  # forward (sign, per-unit sum, add) and gradient (norm, accumulate)
+    assert i_res - p_res <= 5 * 17

@@ -85,6 +85,8 @@ class StateBank:
         self.unit_owner = torch.empty(0, dtype=torch.long, device=device)
         self._unit_offsets: dict[int, tuple[int, int]] = {}
         self._states: dict[int, SiteState] = {}
+        # whole-bank views, made once per layout: each view is a dispatched op, and step() uses them every step
+        self._views: dict[tuple[str, str], torch.Tensor] = {}
         self._alloc(16, 1024)
 
     # -- allocation ---------------------------------------------------------------------------------------------
@@ -106,6 +108,7 @@ class StateBank:
         owner[: self.n_units].copy_(self.unit_owner[: self.n_units])
         self.unit_owner = owner
         self._site_cap, self._unit_cap = site_cap, unit_cap
+        self._views.clear()
         for state in self._states.values():
             self._bind(state)
 
@@ -141,6 +144,7 @@ class StateBank:
             self.unit_owner[self.n_units : needed].fill_(site_index)
             self.n_units = needed
         self.n_sites = max(self.n_sites, site_index + 1)
+        self._views.clear()
         state = SiteState(site_index)
         self._states[site_index] = state
         self._bind(state)
@@ -153,20 +157,29 @@ class StateBank:
             while n_sites > cap:
                 cap *= 2
             self._alloc(cap, self._unit_cap)
-        self.n_sites = max(self.n_sites, n_sites)
+        if n_sites > self.n_sites:
+            self.n_sites = n_sites
+            self._views.clear()
 
     # -- whole-bank views ---------------------------------------------------------------------------------------
+    def _view(self, kind: str, name: str, full: torch.Tensor, n: int) -> torch.Tensor:
+        view = self._views.get((kind, name))
+        if view is None:
+            with torch.inference_mode(False):
+                view = self._views[(kind, name)] = full[:n]
+        return view
+
     def scalar(self, name: str) -> torch.Tensor:
         """The per-site vector of a scalar state (``n_sites`` long)."""
-        return self.scalars[name][: self.n_sites]
+        return self._view("scalar", name, self.scalars[name], self.n_sites)
 
     def unit(self, name: str) -> torch.Tensor:
         """The flat vector of a per-unit state (all sites' units back to back)."""
-        return self.units[name][: self.n_units]
+        return self._view("unit", name, self.units[name], self.n_units)
 
     def owners(self) -> torch.Tensor:
         """For every unit, the index of the site it belongs to."""
-        return self.unit_owner[: self.n_units]
+        return self._view("owner", "", self.unit_owner, self.n_units)
 
     def per_site_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per-unit values (``(units,)`` or ``(units, k)``) within each site: one ``index_add_`` for all
