@@ -112,7 +112,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
     x = torch.randn(*shape)
     with hs.HookManager(model, alerts=False) as hm:
         for _ in range(args.steps):
-            out = model(x)
+            try:
+                out = model(x)
+            except (RuntimeError, ValueError) as e:  # a shape the model does not take: the user's input
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"MODEL {args.model!r} fails on an input of shape {list(shape)}: {first}") from None
             logits = getattr(out, "logits", None)  # torchvision's GoogLeNetOutputs / InceptionOutputs
             if logits is None:
                 logits = out[0] if isinstance(out, (tuple, list)) else out

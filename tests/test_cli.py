@@ -70,6 +70,7 @@ def test_activations_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> N
         (["scan", "no_such_net", "--input-shape", "1,3,8,8"], "unknown MODEL 'no_such_net'"),
         (["scan", "nomodule_xyz:f", "--input-shape", "1,3,8,8"], "cannot import module"),
         (["plot", "missing.csv", "-o", "x.png"], "no such file"),
+        (["scan", "resnet18", "--input-shape", "2,3,32"], "fails on an input of shape [2, 3, 32]"),
     ],
 )
 def test_user_errors_go_to_stderr_without_traceback(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
