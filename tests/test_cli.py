@@ -55,6 +55,12 @@ def test_plot_writes_png(stats_csv: Path, tmp_path: Path) -> None:
         assert out.read_bytes()[:8] == PNG
 
 
+def test_plot_a_metric_without_values_is_a_user_error(stats_csv: Path, tmp_path: Path, capsys) -> None:
+    assert main(["plot", str(stats_csv), "-o", str(tmp_path / "s.png"), "--metric", "saturation_rate"]) == 2
+    assert "has no values in this report" in capsys.readouterr().err
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_activations_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["activations", "--ascii"]) == 0
     out = capsys.readouterr().out

@@ -44,6 +44,11 @@ def _check(frame: pd.DataFrame, metric: str) -> None:
         raise ConfigError(f"`metric` {metric!r} is not a column of the report; choose one of: {allowed}")
     if frame.empty:
         raise ConfigError("the report is empty: nothing to plot (record at least one step)")
+    if not frame[metric].notna().any():
+        raise ConfigError(
+            f"`metric` {metric!r} has no values in this report: it does not apply to these layers "
+            f"({', '.join(sorted(set(map(str, frame['kind']))))}) or its collector was not attached"
+        )
 
 
 def _matrix(frame: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[str], np.ndarray]:
