@@ -193,7 +193,6 @@ class HookManager:
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ConfigError(f"`start_step` must be an int >= 0 (the number of the first step), got {start_step!r}")
         self._last_record: report.StepRecord | None = None
-        self._recording = True
         for c in self.collectors:
             c._bind(self)
 
@@ -232,8 +231,8 @@ class HookManager:
         self._history = report.History(max_steps=max_history)
         self._fields: list[tuple[int, str]] | None = None
         self._include_checked = False
-        self._recording = self._step % self.every == 0
         self._paused = False
+        self._update_recording()
         for sink in self.sinks:
             sink.bind(self)
 
@@ -335,12 +334,16 @@ class HookManager:
     def pause(self) -> None:
         """Stop recording without removing hooks (evaluation passes inside training, for example)."""
         self._paused = True
-        self._recording = False
+        self._update_recording()
 
     def resume(self) -> None:
         """Record again after :meth:`pause`."""
         self._paused = False
-        self._recording = self._step % self.every == 0
+        self._update_recording()
+
+    def _update_recording(self) -> None:
+        # a flag, not a property: the hooks read it on every module call
+        self._recording = not self._paused and self._step % self.every == 0
 
     @property
     def attached(self) -> bool:
@@ -575,11 +578,8 @@ class HookManager:
         Does tensor work only (no host synchronisation); values reach the host when a report is asked for.
         Under ``torch.distributed`` (``global_stats``) this is a collective: every rank must call it.
         """
-        if self.global_stats and not self._order and self._sites:
-            self._order = []  # nothing ran here this step, but the collective must still take place
-            record = self._close(commit=True, force=True)
-        else:
-            record = self._close(commit=True)
+        # under torch.distributed the collective takes place even when nothing ran here in this step
+        record = self._close(commit=True, force=self.global_stats and bool(self._sites))
         if record is not None:
             self._history.append(record)
             self._last_record = record
@@ -590,7 +590,7 @@ class HookManager:
                 if len(self._sink_buffers[i]) >= sink.every:
                     self._flush_sink(i)
         self._step += 1
-        self._recording = self._step % self.every == 0 and not self._paused
+        self._update_recording()
         self._check_include()
 
     def _frame_of(self, records: list[report.StepRecord]) -> pd.DataFrame:
@@ -609,10 +609,7 @@ class HookManager:
 
     def _check_alerts(self, record: report.StepRecord) -> None:
         assert self.alerts is not None
-        rows = report.build_frame(
-            report.Rows.of(record), self._sites, self.collectors, self._fields or [], self._applies
-        )
-        self.alerts.check(rows, record.step, primary=distributed.rank() == 0)
+        self.alerts.check(self._frame_of([record]), record.step, primary=distributed.rank() == 0)
 
     def _check_include(self) -> None:
         if self._include_checked or self.include is None or not self._site_by_key:
@@ -712,16 +709,11 @@ class HookManager:
         snapshot = None if self.global_stats else self._close(commit=False)
         if snapshot is not None:
             parts.append(report.Rows.of(snapshot))
-        if self.max_history is not None:
-            rows = report.Rows.concat(parts)
-            steps = np.unique(rows.step)
-            keep = rows.step >= steps[-self.max_history] if len(steps) else np.ones(0, bool)
-            return report.Rows(
-                step=rows.step[keep], site=rows.site[keep], calls=rows.calls[keep], elements=rows.elements[keep],
-                backward=rows.backward[keep], units=rows.units[keep],
-                shape=[s for s, k in zip(rows.shape, keep) if k], values=rows.values[keep],
-            )  # fmt: skip
-        return report.Rows.concat(parts)
+        rows = report.Rows.concat(parts)
+        steps = np.unique(rows.step)
+        if self.max_history is not None and len(steps) > self.max_history:
+            return rows.select(rows.step >= steps[-self.max_history])
+        return rows
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per (step, layer) in which the layer ran, in forward execution order within each step.

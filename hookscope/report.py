@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from hookscope.collectors.base import Collector
     from hookscope.sites import Site
 
-__all__ = ["ROW_COLUMNS", "STAT_COLUMNS", "History", "Rows", "StepRecord", "build_frame", "format_shape"]
+__all__ = ["ROW_COLUMNS", "STAT_COLUMNS", "History", "Rows", "StepRecord", "build_frame", "format_shape", "scalars"]
 
 #: Columns describing the row, in order.
 ROW_COLUMNS: tuple[str, ...] = ("step", "layer", "kind", "shape", "units", "calls")
@@ -200,6 +200,14 @@ class Rows:
             values=values[record.sites],
         )
 
+    def select(self, keep: np.ndarray) -> Rows:
+        """The rows where ``keep`` (a boolean array) is true."""
+        return Rows(
+            step=self.step[keep], site=self.site[keep], calls=self.calls[keep], elements=self.elements[keep],
+            backward=self.backward[keep], units=self.units[keep],
+            shape=[s for s, k in zip(self.shape, keep) if k], values=self.values[keep],
+        )  # fmt: skip
+
     @staticmethod
     def concat(parts: Sequence[Rows]) -> Rows:
         """Rows of several parts, in order."""
@@ -216,6 +224,20 @@ class Rows:
                 [p.values.reshape(len(p.step), -1) if len(p.step) else np.zeros((0, f)) for p in parts]
             ),
         )
+
+
+def scalars(frame: pd.DataFrame, stats: Sequence[str]) -> list[tuple[str, int, float]]:
+    """``(tag, step, value)`` for each finite statistic of each row, tagged ``hookscope/{layer}/{stat}`` (the
+    names that the logging integrations use)."""
+    out = []
+    for stat in stats:
+        if stat not in frame.columns:
+            continue
+        values = frame[stat].to_numpy(dtype=np.float64)
+        for layer, step, value in zip(frame["layer"], frame["step"], values):
+            if not np.isnan(value):
+                out.append((f"hookscope/{layer}/{stat}", int(step), float(value)))
+    return out
 
 
 def build_frame(

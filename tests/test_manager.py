@@ -299,6 +299,12 @@ def test_max_history_keeps_the_last_steps_and_bounds_memory() -> None:
     assert sorted(hm.to_dataframe()["step"].unique()) == list(range(590, 600))
     with pytest.raises(ValueError, match="`max_history`"):
         HookManager(model, max_history=0)
+    # fewer steps than max_history: all of them
+    with HookManager(model, max_history=10, alerts=False) as short:
+        for _ in range(3):
+            model(torch.randn(2, 4))
+            short.step()
+    assert sorted(short.to_dataframe()["step"].unique()) == [0, 1, 2]
 
 
 def test_state_does_not_grow_with_steps() -> None:

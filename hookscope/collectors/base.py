@@ -25,7 +25,16 @@ from hookscope.errors import ConfigError, ConfigTypeError, StateError
 if TYPE_CHECKING:
     from hookscope.sites import Site
 
-__all__ = ["Collector", "SiteState", "StateBank", "StateSpec"]
+__all__ = ["Collector", "SiteState", "StateBank", "StateSpec", "count_dtype"]
+
+#: Largest count that float32 sums exactly (every partial sum of 0/1 values is an integer up to it).
+_EXACT_F32 = 2**24
+
+
+def count_dtype(n: int) -> torch.dtype:
+    """The dtype in which a sum of ``n`` values of 0 or 1 is exact and cheapest: float32 up to 2**24 terms."""
+    return torch.float32 if n <= _EXACT_F32 else torch.float64
+
 
 Reduce = Literal["sum", "max", "min"]
 

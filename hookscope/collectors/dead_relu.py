@@ -8,22 +8,18 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from hookscope.collectors.base import Collector, SiteState
+from hookscope.collectors.base import Collector, SiteState, count_dtype
 from hookscope.errors import ConfigError, ConfigTypeError
 from hookscope.sites import Site
 
 __all__ = ["DeadReLU", "per_unit_sum"]
 
 
-#: Largest count that float32 sums exactly: per-unit counts above it are summed in float64.
-_EXACT_F32 = 2**24
-
-
 def per_unit_sum(x: torch.Tensor, site: Site) -> torch.Tensor:
     """Sum of ``x`` within each unit of a site (one value per unit), exact for 0/1 values."""
     if x.dim() == 1 and site.unit_dim == 0:
         return x
-    dtype = torch.float32 if x.numel() // max(site.units, 1) <= _EXACT_F32 else torch.float64
+    dtype = count_dtype(x.numel() // max(site.units, 1))
     return x.sum(dim=site.reduce_dims, dtype=dtype) if site.reduce_dims else x.sum(dtype=dtype).reshape(1)
 
 

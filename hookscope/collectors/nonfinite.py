@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from hookscope.collectors.base import Collector, SiteState
+from hookscope.collectors.base import Collector, SiteState, count_dtype
 from hookscope.sites import Site
 
 __all__ = ["NonFinite", "count_nonfinite"]
@@ -15,7 +15,7 @@ __all__ = ["NonFinite", "count_nonfinite"]
 
 def count_nonfinite(x: torch.Tensor) -> torch.Tensor:
     """Number of NaN/Inf elements, as an exact float reduction: ``x - x`` is 0 for finite values, NaN otherwise."""
-    dtype = torch.float32 if x.numel() <= 2**24 else torch.float64
+    dtype = count_dtype(x.numel())
     return x.sub(x).nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0).sum(dtype=dtype)
 
 

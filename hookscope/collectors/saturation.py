@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from hookscope.collectors.base import Collector, SiteState
+from hookscope.collectors.base import Collector, SiteState, count_dtype
 from hookscope.errors import ConfigError, ConfigTypeError
 from hookscope.sites import Site
 
@@ -64,7 +64,7 @@ class Saturation(Collector):
             upper = site.threshold(hi - band, output.dtype, above=True)
             lower = site.threshold(lo + band, output.dtype, above=False)
         assert upper is not None and lower is not None
-        dtype = torch.float32 if output.numel() <= 2**24 else torch.float64
+        dtype = count_dtype(output.numel())
         if side == "both":  # y differs from its clamp to [lower, upper] exactly when it lies outside (lower, upper)
             if lower > upper:  # the bands cover every value
                 state["saturated"].add_(output.numel())

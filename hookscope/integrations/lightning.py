@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hookscope.manager import HookManager
+from hookscope.report import scalars
 
 __all__ = ["HookscopeCallback"]
 
@@ -70,12 +71,7 @@ class HookscopeCallback(Callback):  # type: ignore[misc]
         self.manager.step()
         if self.manager.current_step % self.log_every_n_steps == 0:
             frame = self.manager.last_step_frame()
-            metrics = {
-                f"hookscope/{row.layer}/{stat}": float(getattr(row, stat))
-                for row in frame.itertuples(index=False)
-                for stat in self.stats
-                if getattr(row, stat, None) is not None and getattr(row, stat) == getattr(row, stat)  # not NaN
-            }
+            metrics = {tag: value for tag, _, value in scalars(frame, self.stats)}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from hookscope.report import scalars
 from hookscope.reporters.sink import Sink
 
 __all__ = ["TensorBoardSink"]
@@ -56,11 +56,8 @@ class TensorBoardSink(Sink):
         self.histograms = histograms
 
     def write(self, frame: pd.DataFrame) -> None:
-        for row in frame.itertuples(index=False):
-            for stat in self.stats:
-                value = getattr(row, stat, math.nan)
-                if value is not None and not math.isnan(float(value)):
-                    self.writer.add_scalar(f"hookscope/{row.layer}/{stat}", float(value), global_step=int(row.step))  # type: ignore[arg-type]
+        for tag, step, value in scalars(frame, self.stats):
+            self.writer.add_scalar(tag, value, global_step=step)
         if self.histograms and self.manager is not None and len(frame):
             step = int(frame["step"].to_numpy().max())
             timeline = self.manager.unit_timeline()
