@@ -62,6 +62,9 @@ __all__ = ["HookManager"]
 _graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 _MISSING: Any = object()
 
+#: After discovery, every module is hooked again for one recorded step in this many (see HookManager._slim).
+REDISCOVER_EVERY = 1000
+
 
 def _in_backward() -> bool:
     """True while autograd's backward runs (where activation checkpointing recomputes forwards)."""
@@ -197,7 +200,20 @@ class HookManager:
             c._bind(self)
 
         self._ref = weakref.ref(self)
+        # every handle ever registered (the finalizer holds this very list); per module, the ones in place
         self._handles: list[RemovableHandle] = []
+        self._module_handles: dict[str, list[RemovableHandle]] = {}
+        self._activation_modules: set[str] = set()
+        # Discovery: during the first recorded step (and one step in REDISCOVER_EVERY after it) every module is
+        # hooked and the function mode covers whole forward passes. Afterwards only the modules that matter keep
+        # their hooks (see _slim), because each hooked module call and each torch call seen by the mode costs
+        # microseconds of Python.
+        self._discovering = True
+        self._entries: set[str] = set()  # modules that began a forward pass
+        self._fn_parents: set[str] = set()  # modules that called a functional activation themselves
+        self._mode_depth = 0  # stack depth of the module that pushed the function mode
+        self._recorded_steps = 0
+        self._forward_seen = False
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._attached = False
         self._mode = _FunctionCapture(self._ref)
@@ -292,31 +308,69 @@ class HookManager:
                 "HookManager to the model before calling torch.compile on it.",
                 stacklevel=3,
             )
-        ref = self._ref
-        handles: list[RemovableHandle] = []
+        self._handles = []
+        self._module_handles = {}
+        self._activation_modules = set()
         try:
-            for name, module in iter_named_modules(self.model):
-                spec = activation_for_module(module)
-                handles.append(module.register_forward_pre_hook(_pre_hook(ref, name, spec), prepend=True))
-                handles.append(module.register_forward_hook(_post_hook(ref, name, spec), always_call=True))
+            self._hook_modules(lambda name, spec: True)
         except BaseException:
-            for h in handles:
-                h.remove()
+            _remove_handles(self._handles)
             raise
-        self._handles = handles
         # a manager dropped without detach() still takes its hooks off the model when it is collected
-        self._finalizer = weakref.finalize(self, _remove_handles, list(handles))
+        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
         self._stack.clear()
         self._activation_stack.clear()
+        self._discovering = True
         self._attached = True
         return self
+
+    def _hook_modules(self, wanted: Callable[[str, ActivationSpec | None], bool]) -> None:
+        """Hook the modules that ``wanted(name, spec)`` selects and that have no hooks of ours yet."""
+        ref = self._ref
+        for name, module in iter_named_modules(self.model):
+            spec = activation_for_module(module)
+            if name in self._module_handles or not wanted(name, spec):
+                continue
+            pair = [
+                module.register_forward_pre_hook(_pre_hook(ref, name, spec), prepend=True),
+                module.register_forward_hook(_post_hook(ref, name, spec), always_call=True),
+            ]
+            self._module_handles[name] = pair
+            self._handles.extend(pair)
+            if spec is not None:
+                self._activation_modules.add(name)
+
+    def _slim(self) -> None:
+        """End discovery: keep hooks only where they are needed to name and observe every site found.
+
+        Kept: activation modules; modules that began a forward pass (so passes begin and end as before); modules
+        that call a functional activation themselves, where the function mode is pushed, and their direct
+        children (so that the innermost running module, which names a functional site, is the same as in
+        discovery). Every other module loses its hooks.
+        """
+        parents = self._fn_parents if self.functional else set()
+        keep = self._entries | parents | self._activation_modules | {""}
+        for name, pair in list(self._module_handles.items()):
+            parent = name.rpartition(".")[0] if name else None
+            if name in keep or parent in parents:
+                continue
+            for h in pair:
+                h.remove()
+            del self._module_handles[name]
+        self._handles[:] = [h for pair in self._module_handles.values() for h in pair]
+        self._discovering = False
+
+    def _rediscover(self) -> None:
+        """Hook every module again for one recorded step (finds functional calls that began after discovery)."""
+        self._hook_modules(lambda name, spec: True)
+        self._discovering = True
 
     def detach(self) -> None:
         """Remove every hook this manager added, then flush and close the sinks. Idempotent; recorded results
         stay readable."""
-        for h in self._handles:
-            h.remove()
+        _remove_handles(self._handles)
         self._handles = []
+        self._module_handles = {}
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
@@ -364,7 +418,12 @@ class HookManager:
     def _enter(self, name: str, spec: ActivationSpec | None, module: nn.Module) -> None:
         if not self._stack:
             self._begin_forward()
+            if self._discovering:
+                self._entries.add(name)
         self._stack.append(name)
+        if not self._mode_active and name in self._fn_parents and self.functional:
+            self._mode.__enter__()
+            self._mode_active, self._mode_depth = True, len(self._stack)
         if spec is not None:
             if self._activation_stack:
                 self._activation_stack.append(None)  # nested inside another activation: not a site
@@ -377,6 +436,9 @@ class HookManager:
         if not self._stack or self._stack[-1] != name:
             return  # our pre-hook did not run for this call (an earlier pre-hook raised)
         self._stack.pop()
+        if self._mode_active and len(self._stack) < self._mode_depth:
+            self._mode_active = False
+            self._mode.__exit__(None, None, None)
         if spec is not None and self._activation_stack:
             entry = self._activation_stack.pop()
             if entry is not None and isinstance(output, torch.Tensor):
@@ -400,6 +462,7 @@ class HookManager:
             self._end_forward()
 
     def _begin_forward(self) -> None:
+        self._forward_seen = True
         if _in_backward():  # activation checkpointing recomputes a forward inside backward
             task = _graph_task_id()
             if task != self._recompute_task:
@@ -407,9 +470,9 @@ class HookManager:
             self._counts, self._recompute = self._recompute_counts, True
         else:
             self._counts, self._recompute = {}, False
-        if self.functional and not self._mode_active:
+        if self.functional and self._discovering and not self._mode_active:
             self._mode.__enter__()
-            self._mode_active = True
+            self._mode_active, self._mode_depth = True, 1
 
     def _end_forward(self) -> None:
         if self._mode_active:
@@ -427,6 +490,10 @@ class HookManager:
         if not self._attached or self._activation_stack or not isinstance(out, torch.Tensor):
             return
         enclosing = self._stack[-1] if self._stack else ""
+        if enclosing not in self._fn_parents:
+            if not self._discovering:  # the mode runs in a child of a module that calls activations
+                return
+            self._fn_parents.add(enclosing)
         fname = getattr(func, "__name__", "function")
         base = f"{enclosing}.{fname}()" if enclosing else f"{fname}()"
         k = self._counts.get(base, 0)
@@ -589,6 +656,13 @@ class HookManager:
                 self._sink_buffers[i].append(record)
                 if len(self._sink_buffers[i]) >= sink.every:
                     self._flush_sink(i)
+        if self._forward_seen and self._attached:
+            self._forward_seen = False
+            self._recorded_steps += 1
+            if self._discovering:
+                self._slim()
+            elif self._recorded_steps % REDISCOVER_EVERY == 0:
+                self._rediscover()
         self._step += 1
         self._update_recording()
         self._check_include()

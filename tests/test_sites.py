@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from conftest import FunctionalReLU, SharedReLU
+from conftest import FunctionalReLU, SharedReLU, hook_count
 
 from hookscope import DeadReLU, HookManager
 
@@ -176,3 +176,131 @@ def test_functional_site_in_a_module_called_from_several_places() -> None:
             return self.a(self.a(x))
 
     assert layers_after_forward(Net(), torch.randn(2, 3)) == ["a.gelu()", "a.gelu()#1"]
+
+
+# -- after discovery: hooks only where they are needed ---------------------------------------------------------
+
+
+class _Inner(nn.Module):
+    """Calls a functional activation itself and holds a child whose forward calls another one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = FunctionalReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(F.gelu(self.fc(x)))
+
+
+class _Zoo(nn.Module):
+    """Module activations, a shared one, functional ones at two depths, and a module with no activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Inner()
+        self.shared = SharedReLU()
+        self.plain = nn.Sequential(nn.Linear(1, 4), nn.Linear(4, 4))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.plain(self.inner(x).sum(1, keepdim=True)))
+        return torch.tanh(self.shared(h))
+
+
+def _step_rows(model: nn.Module, steps: int, forwards_per_step: int = 1, **kwargs) -> list[list[tuple]]:
+    """Per step, (layer, kind, calls, elements-derived columns) of every row: the same input at every step."""
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    with HookManager(model, **kwargs) as hm:
+        for _ in range(steps):
+            for _ in range(forwards_per_step):
+                model(x).sum().backward()
+            hm.step()
+    df = hm.to_dataframe()
+    steps_of = df["step"]
+    cols = ["layer", "kind", "calls", "units", "dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm"]
+    df = df[cols].astype(object).where(df[cols].notna(), None)  # NaN == NaN for the comparisons
+    return [[tuple(r) for r in df[steps_of == s].itertuples(index=False)] for s in range(steps)]
+
+
+@pytest.mark.parametrize("forwards_per_step", [1, 2])
+def test_every_step_after_discovery_finds_the_same_sites_and_values(forwards_per_step: int) -> None:
+    per_step = _step_rows(_Zoo(), 4, forwards_per_step)
+    layers = [r[0] for r in per_step[0]]
+    assert layers == [
+        "inner.gelu()", "inner.act.relu()", "inner.act.relu()#1", "inner.act.relu_()", "inner.act.sigmoid()",
+        "relu", "shared.act", "shared.act#1", "tanh()",
+    ]  # fmt: skip
+    for rows in per_step[1:]:
+        assert rows == per_step[0]
+
+
+def test_hooks_stay_only_where_sites_are_named_after_the_first_step() -> None:
+    model = _Zoo()
+    x = torch.randn(3, 4)
+    with HookManager(model) as hm:
+        model(x)
+        assert hook_count(model) == 2 * len(list(model.modules()))  # discovery: every module
+        hm.step()
+        hooked = {name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks}
+        # root (begins the pass, calls tanh), inner (calls gelu) and its children, inner.act (calls relu...)
+        # and its children (none), the activation modules; not shared, shared.fc1/fc2, plain, plain.0/1
+        assert hooked == {"", "inner", "inner.fc", "inner.act", "inner.act.fc1", "inner.act.fc2",
+                          "inner.act.fc3", "relu", "shared", "shared.act", "plain"}  # fmt: skip
+        model(x)
+        hm.step()
+    assert hook_count(model) == 0
+
+
+def test_functional_false_keeps_only_activation_and_entry_modules_hooked() -> None:
+    model = _Zoo()
+    with HookManager(model, functional=False) as hm:
+        model(torch.randn(3, 4))
+        hm.step()
+        hooked = {name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks}
+        assert hooked == {"", "relu", "shared.act"}
+
+
+def test_a_functional_activation_that_appears_later_is_found_at_rediscovery(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hookscope.manager
+
+    monkeypatch.setattr(hookscope.manager, "REDISCOVER_EVERY", 3)
+
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.branch = nn.Linear(4, 4)
+            self.use_branch = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc(x))
+            return F.silu(self.branch(h)) if self.use_branch else h
+
+    model = Late()
+    with HookManager(model) as hm:
+        for step in range(6):
+            model.use_branch = step >= 1
+            model(torch.randn(2, 4))
+            hm.step()
+    df = hm.to_dataframe()
+    # silu() runs from step 1 on, in the root that already calls relu: the mode covers it at once
+    assert sorted(df[df["layer"] == "silu()"]["step"]) == [1, 2, 3, 4, 5]
+
+    class Child(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.on = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(x) if self.on else x
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(Child()))
+    with HookManager(net) as hm:
+        for step in range(6):
+            net[2][0].on = step >= 1
+            net(torch.randn(2, 4))
+            hm.step()
+    df = hm.to_dataframe()
+    # a module that had not called one in the first step is seen at the next discovery step (every 3 steps)
+    assert sorted(df[df["layer"] == "2.0.sigmoid()"]["step"]) == [3, 4, 5]
