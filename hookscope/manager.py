@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 from hookscope import distributed, report
 from hookscope.activations import ActivationSpec, activation_for_function, activation_for_module
 from hookscope.alerts import Alerts
-from hookscope.collectors.base import Collector, SiteState, StateBank
+from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBank
 from hookscope.collectors.dead_relu import DeadReLU
 from hookscope.collectors.gradient_norm import GradientNorm
 from hookscope.collectors.saturation import Saturation
@@ -245,6 +245,8 @@ class HookManager:
         self._elements: list[int] = []
         self._backward: list[int] = []
         self._history = report.History(max_steps=max_history)
+        self._pending: list[report.StepRecord] = []  # closed steps whose values wait in the collectors' rings
+        self._pending_counts: list[torch.Tensor] = []  # their global counts (global_stats)
         self._fields: list[tuple[int, str]] | None = None
         self._include_checked = False
         self._paused = False
@@ -376,6 +378,7 @@ class HookManager:
             self._finalizer = None
         was_attached, self._attached = self._attached, False
         if was_attached:
+            self._flush()
             for i, sink in enumerate(self.sinks):
                 self._flush_sink(i)
                 sink.close()
@@ -529,6 +532,7 @@ class HookManager:
         ):
             self._site_by_key[key] = None
             return None
+        self._flush()  # closed steps are turned into values with the layout they were recorded with
         site = Site(len(self._sites), layer, module, call, spec, function, bounds)
         self._sites.append(site)
         self._site_by_key[key] = site
@@ -558,6 +562,7 @@ class HookManager:
             site.problem = str(e)
             self._problem(f"hookscope: {e}; the site is skipped")
             return False
+        self._flush()
         if self._device is None:
             self._device = out.device
             for c in self.collectors:
@@ -648,8 +653,10 @@ class HookManager:
         # under torch.distributed the collective takes place even when nothing ran here in this step
         record = self._close(commit=True, force=self.global_stats and bool(self._sites))
         if record is not None:
-            self._history.append(record)
+            self._pending.append(record)
             self._last_record = record
+            if len(self._pending) >= RING_STEPS:
+                self._flush()
             if self.alerts is not None and self.alerts.due(record.step):
                 self._check_alerts(record)
             for i, sink in enumerate(self.sinks):
@@ -672,6 +679,7 @@ class HookManager:
         return report.build_frame(rows, self._sites, self.collectors, self._fields or [], self._applies)
 
     def _flush_sink(self, i: int) -> None:
+        self._flush()
         records, self._sink_buffers[i] = self._sink_buffers[i], []
         sink = self.sinks[i]
         if records and (sink.all_ranks or distributed.rank() == 0):
@@ -679,10 +687,12 @@ class HookManager:
 
     def last_step_frame(self) -> pd.DataFrame:
         """The rows of the last closed step only (cheap, whatever the length of the history)."""
+        self._flush()
         return self._frame_of([self._last_record] if self._last_record is not None else [])
 
     def _check_alerts(self, record: report.StepRecord) -> None:
         assert self.alerts is not None
+        self._flush()
         self.alerts.check(self._frame_of([record]), record.step, primary=distributed.rank() == 0)
 
     def _check_include(self) -> None:
@@ -698,39 +708,28 @@ class HookManager:
             )
 
     def _close(self, commit: bool, force: bool = False) -> report.StepRecord | None:
+        """Close the open step (``commit``), or take a snapshot of it. A closed step's per-step state goes to
+        the collectors' rings and its record gets its values when the ring is flushed (see :meth:`_flush`)."""
         order = self._order
         if not order and not force:
             return None
+        if not commit:
+            self._flush()
         n = len(self._sites)
-        fields: list[tuple[int, str]] = []
-        columns: list[torch.Tensor] = []
+        values: torch.Tensor | None = None
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            if self.global_stats:
-                columns.extend(self._reduce_across_ranks(n).unbind(1))
-                fields.extend([(-1, "calls"), (-1, "elements"), (-1, "backward")])
-            for ci, c in enumerate(self.collectors):
-                if c._bank is None:
-                    continue
-                c._bank.resize(n)
-                for name, values in c.close_step(self._step, commit).items():
-                    fields.append((ci, name))
-                    columns.append(values)
-            if self._fields is None:
-                self._fields = fields
-            elif fields != self._fields:
-                raise StateError(
-                    f"collectors must record the same fields at every step: got {fields}, expected {self._fields}"
-                )
-            assert self._device is not None
-            values = (
-                torch.stack(columns, dim=1).to(torch.float64)
-                if columns
-                else torch.zeros(n, 0, dtype=torch.float64, device=self._device)
-            )
+            counts = self._reduce_across_ranks(n) if self.global_stats else None
+            banks = [c._bank for c in self.collectors if c._bank is not None]
+            for bank in banks:
+                bank.resize(n)
             if commit:
-                for c in self.collectors:
-                    if c._bank is not None:
-                        c._bank.reset()
+                for bank in banks:
+                    bank.push()
+                    bank.reset()
+                if counts is not None:
+                    self._pending_counts.append(counts)
+            else:
+                values = self._close_block([self._step], [counts] if counts is not None else [], commit=False)[0]
         sites = list(order)
         record = report.StepRecord(
             step=self._step,
@@ -748,6 +747,45 @@ class HookManager:
                 self._calls[i] = self._elements[i] = self._backward[i] = 0
             self._order = []
         return record
+
+    def _close_block(self, steps: list[int], counts: list[torch.Tensor], commit: bool) -> torch.Tensor:
+        """``(len(steps), n_sites, n_fields)`` float64 values of a block of steps: the pending rings when
+        ``commit``, else the open step."""
+        fields: list[tuple[int, str]] = []
+        columns: list[torch.Tensor] = []
+        if counts:  # global counts of calls, elements and backward passes: (steps, n_sites, 3)
+            columns.extend(torch.stack(counts).unbind(2))
+            fields.extend([(-1, "calls"), (-1, "elements"), (-1, "backward")])
+        n = len(self._sites)
+        for ci, c in enumerate(self.collectors):
+            if c._bank is None:
+                continue
+            n = c._bank.n_sites
+            block = c._bank.take() if commit else c._bank.current()
+            for name, values in c.close_steps(steps, block, commit).items():
+                fields.append((ci, name))
+                columns.append(values)
+        if self._fields is None:
+            self._fields = fields
+        elif fields != self._fields:
+            raise StateError(
+                f"collectors must record the same fields at every step: got {fields}, expected {self._fields}"
+            )
+        if not columns:
+            return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device)
+        return torch.stack(columns, dim=2).to(torch.float64)
+
+    def _flush(self) -> None:
+        """Turn the closed steps waiting in the rings into recorded values and store them in the history."""
+        records, self._pending = self._pending, []
+        if not records:
+            return
+        counts, self._pending_counts = self._pending_counts, []
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            values = self._close_block([r.step for r in records], counts, commit=True)
+        for k, record in enumerate(records):
+            record.values = values[k]
+            self._history.append(record)
 
     def _reduce_across_ranks(self, n: int) -> torch.Tensor:
         """Make this step's state global (one all_reduce per reduction kind); returns global host counts."""
@@ -771,6 +809,7 @@ class HookManager:
 
     def history_bytes(self) -> int:
         """Bytes of the recorded history (device values and host counts)."""
+        self._flush()
         return self._history.nbytes()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -778,6 +817,7 @@ class HookManager:
 
     def rows(self) -> report.Rows:
         """Recorded (step, site) rows with their raw counts, the open step included when it has data."""
+        self._flush()
         parts = [self._history.records()]
         # under torch.distributed the open step holds rank-local values until step() combines them: not reported
         snapshot = None if self.global_stats else self._close(commit=False)
@@ -817,7 +857,8 @@ class HookManager:
         raise StateError("dead units need a DeadReLU collector; add DeadReLU() to `collectors`")
 
     def _latest_step(self) -> tuple[int, bool]:
-        """The step reports call latest, and whether it is the open one."""
+        """The step reports call latest, and whether it is the open one (brings persistent state up to date)."""
+        self._flush()
         if self._order:
             return self._step, True
         return (self._history.steps[-1], False) if len(self._history) else (self._step, False)
@@ -895,6 +936,7 @@ class HookManager:
         """
         from hookscope.reporters.table import build_table
 
+        self._flush()
         if step is None:
             snapshot = None if self.global_stats else self._close(commit=False)
             latest = snapshot if snapshot is not None else self._last_record

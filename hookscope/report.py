@@ -42,7 +42,8 @@ class StepRecord:
         units: Units of each site.
         shapes: Latest output shape of each site.
         values: ``(n_sites, n_fields)`` float64 device tensor of collector fields, for every site known at the
-            time (rows of sites that did not run hold defaults).
+            time (rows of sites that did not run hold defaults); ``None`` for a closed step until the collectors'
+            rings are flushed (``HookManager._flush``), which every report does first.
     """
 
     step: int
@@ -52,7 +53,7 @@ class StepRecord:
     backward: list[int]
     units: list[int]
     shapes: list[tuple[int, ...]]
-    values: torch.Tensor | np.ndarray
+    values: torch.Tensor | np.ndarray | None
 
 
 def format_shape(shape: Sequence[int]) -> str:
@@ -187,6 +188,7 @@ class Rows:
     @staticmethod
     def of(record: StepRecord) -> Rows:
         """The rows of one (open) step."""
+        assert record.values is not None, "a closed step's values are set when its ring is flushed"
         values = record.values.cpu().numpy() if isinstance(record.values, torch.Tensor) else record.values
         n = len(record.sites)
         return Rows(

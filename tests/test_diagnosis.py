@@ -224,3 +224,43 @@ def test_nonfinite_counts_gradients() -> None:
     df = hm.to_dataframe()
     assert df["grad_nonfinite"].tolist()[0] == 2 and math.isnan(df["grad_nonfinite"].tolist()[1])
     assert df["nonfinite"].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize(("window", "every"), [(1, 1), (3, 1), (4, 2)])
+def test_dead_units_over_a_long_run_match_a_step_by_step_reference(window: int, every: int) -> None:
+    # Steps are closed into a ring and processed many at a time; reports in the middle of a ring flush it early.
+    # The reference below applies the definitions one step at a time.
+    units, steps = 5, 70
+    rng = np.random.default_rng(window * 10 + every)
+    pattern = rng.random((steps, units)) < np.array([0.5, 0.1, 0.03, 0.0, 0.9])  # unit 3 never fires
+    lin = nn.Linear(units, units)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(units))
+        lin.bias.zero_()
+    model = nn.Sequential(lin, nn.ReLU())
+    with HookManager(model, [DeadReLU(window=window)], every=every) as hm:
+        for s in range(steps):
+            model(torch.from_numpy(np.where(pattern[s], 1.0, -1.0)).float()[None])
+            hm.step()
+            if s in (5, 16, 17, 40):
+                hm.to_dataframe()  # a report mid-ring
+    last: list[float | None] = [None] * units
+    revivals, last_revival = [0] * units, [math.nan] * units
+    expected = []
+    for s in range(0, steps, every):
+        for u in range(units):
+            if pattern[s, u]:
+                if last[u] is not None and last[u] <= s - 1 - window:
+                    revivals[u] += 1
+                    last_revival[u] = s
+                last[u] = s
+        expected.append(sum(last[u] is None or last[u] <= s - window for u in range(units)) / units)
+    df = hm.to_dataframe()
+    assert list(df["step"]) == list(range(0, steps, every))
+    assert df["dead_ratio"].tolist() == pytest.approx(expected, abs=0)
+    assert df["inactive_fraction"].tolist() == pytest.approx(1 - pattern[::every].mean(axis=1), abs=1e-12)
+    tl = hm.unit_timeline("1")
+    assert tl["last_fired"].tolist() == pytest.approx([math.nan if v is None else v for v in last], nan_ok=True)
+    assert tl["revivals"].tolist() == revivals
+    assert tl["last_revival"].tolist() == pytest.approx(last_revival, nan_ok=True)
+    assert sum(revivals) > 3  # the pattern does exercise revivals

@@ -25,7 +25,7 @@ from hookscope.errors import ConfigError, ConfigTypeError, StateError
 if TYPE_CHECKING:
     from hookscope.sites import Site
 
-__all__ = ["Collector", "SiteState", "StateBank", "StateSpec", "count_dtype"]
+__all__ = ["RING_STEPS", "Collector", "SiteState", "StateBank", "StateSpec", "count_dtype"]
 
 #: Largest count that float32 sums exactly (every partial sum of 0/1 values is an integer up to it).
 _EXACT_F32 = 2**24
@@ -79,12 +79,24 @@ class SiteState(Mapping[str, torch.Tensor]):
         return len(self._views)
 
 
+#: Closed steps whose per-step state waits in the ring before a collector turns it into recorded numbers.
+RING_STEPS = 16
+
+
 class StateBank:
-    """Flat device tensors holding one collector's declared state for all sites."""
+    """Flat device tensors holding one collector's declared state for all sites.
+
+    Per-step states also have a *ring* of :data:`RING_STEPS` rows: closing a step copies them into the next row
+    (one operation per state, whatever the number of sites) and resets them; the collector turns the rows into
+    recorded numbers for many steps at once (:meth:`Collector.close_steps`) when the ring is full or a report
+    is asked for. The layout (sites, units) only changes while the ring is empty.
+    """
 
     def __init__(self, specs: Mapping[str, StateSpec], device: torch.device) -> None:
         self.specs = dict(specs)
         self.device = device
+        self.ring: dict[str, torch.Tensor] = {}
+        self.pending = 0  # rows of the ring in use
         self.n_sites = 0
         self.n_units = 0
         self._site_cap = 0
@@ -104,6 +116,7 @@ class StateBank:
             return torch.full((n,), spec.default, dtype=spec.dtype, device=self.device)
 
     def _alloc(self, site_cap: int, unit_cap: int) -> None:
+        assert self.pending == 0, "the layout of a state bank changed while closed steps were pending"
         for name, spec in self.specs.items():
             table, cap, used = (
                 (self.units, unit_cap, self.n_units) if spec.per_unit else (self.scalars, site_cap, self.n_sites)
@@ -112,6 +125,9 @@ class StateBank:
             if name in table:
                 new[:used].copy_(table[name][:used])
             table[name] = new
+            if not spec.persistent:
+                with torch.inference_mode(False):
+                    self.ring[name] = torch.empty((RING_STEPS, cap), dtype=spec.dtype, device=self.device)
         with torch.inference_mode(False):
             owner = torch.zeros(unit_cap, dtype=torch.long, device=self.device)
         owner[: self.n_units].copy_(self.unit_owner[: self.n_units])
@@ -190,15 +206,49 @@ class StateBank:
         """For every unit, the index of the site it belongs to."""
         return self._view("owner", "", self.unit_owner, self.n_units)
 
-    def per_site_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum per-unit values (``(units,)`` or ``(units, k)``) within each site: one ``index_add_`` for all
-        sites."""
-        out = torch.zeros((self.n_sites, *values.shape[1:]), dtype=values.dtype, device=self.device)
-        return out.index_add_(0, self.owners(), values)
+    def per_site_sum(self, values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Sum per-unit values within each site, along ``dim`` (the units dimension): one ``index_add_`` for all
+        sites (and all steps of a block)."""
+        shape = list(values.shape)
+        shape[dim] = self.n_sites
+        out = torch.zeros(shape, dtype=values.dtype, device=self.device)
+        return out.index_add_(dim, self.owners(), values)
+
+    # -- the ring of closed steps -------------------------------------------------------------------------------
+    def _current(self, name: str) -> torch.Tensor:
+        return self.unit(name) if self.specs[name].per_unit else self.scalar(name)
+
+    def push(self) -> None:
+        """Copy the per-step states into the next row of the ring (the caller resets them afterwards)."""
+        assert self.pending < RING_STEPS
+        row = self.pending
+        for name, spec in self.specs.items():
+            if spec.persistent:
+                continue
+            view = self._views.get((f"ring{row}", name))
+            if view is None:
+                n = self.n_units if spec.per_unit else self.n_sites
+                with torch.inference_mode(False):
+                    view = self._views[(f"ring{row}", name)] = self.ring[name][row, :n]
+            view.copy_(self._current(name))
+        self.pending += 1
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The pending rows of every per-step state (``(steps, n)`` each); the ring is empty afterwards."""
+        rows, self.pending = self.pending, 0
+        return {
+            name: self.ring[name][:rows, : self.n_units if spec.per_unit else self.n_sites]
+            for name, spec in self.specs.items()
+            if not spec.persistent
+        }
+
+    def current(self) -> dict[str, torch.Tensor]:
+        """The per-step states of the open step, as a block of one row."""
+        return {name: self._current(name)[None] for name, spec in self.specs.items() if not spec.persistent}
 
     def nbytes(self) -> int:
-        """Bytes held by the state tensors."""
-        tensors = [*self.scalars.values(), *self.units.values(), self.unit_owner]
+        """Bytes held by the state tensors (the ring included)."""
+        tensors = [*self.scalars.values(), *self.units.values(), *self.ring.values(), self.unit_owner]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def reset(self, persistent: bool = False) -> None:
@@ -213,10 +263,11 @@ class Collector:
 
     Subclasses declare state in ``__init__`` with :meth:`add_state`, set :attr:`columns`, and implement
     :meth:`update` (forward outputs), :meth:`update_grad` (gradients w.r.t. outputs, when
-    :attr:`wants_grad`), and :meth:`compute` (record fields → columns). :meth:`close_step` turns state into the
-    summable numbers recorded for each step; by default it records every per-step scalar state as is.
+    :attr:`wants_grad`), and :meth:`compute` (record fields → columns). :meth:`close_steps` turns the per-step
+    state of closed steps into the summable numbers recorded for each; by default it records every per-step
+    scalar state as is.
 
-    Hot-path rules (:meth:`update`, :meth:`update_grad`, :meth:`close_step`): tensor operations only, in place on
+    Hot-path rules (:meth:`update`, :meth:`update_grad`, :meth:`close_steps`): tensor operations only, in place on
     the state views; never ``.item()``, ``.cpu()``, ``.tolist()`` or ``bool(tensor)``. Both run under
     ``torch.no_grad()`` with the manager's function capture disabled.
 
@@ -322,19 +373,22 @@ class Collector:
     def update_grad(self, state: SiteState, grad: torch.Tensor, site: Site) -> None:
         """Fold one gradient w.r.t. the site's output into its state (hot path: tensor operations only)."""
 
-    def close_step(self, step: int, commit: bool) -> dict[str, torch.Tensor]:
-        """Summable per-site numbers to record for the step being closed (one tensor of ``n_sites`` each).
+    def close_steps(self, steps: list[int], block: Mapping[str, torch.Tensor], commit: bool) -> dict[str, torch.Tensor]:
+        """Summable per-site numbers to record for a block of closed steps (``(len(steps), n_sites)`` each).
 
-        Called once per step for all sites together. ``commit=False`` asks for a snapshot of the open step:
-        persistent state must not change. Per-step states are reset by the manager afterwards.
+        ``block`` holds every per-step state as it was when each step closed: ``(len(steps), n_sites)`` for
+        per-site states, ``(len(steps), n_units)`` for per-unit ones (see :meth:`StateBank.per_site_sum`).
+        Called for all sites and several steps at once (every :data:`RING_STEPS` steps, and when a report is
+        asked for), in order; persistent state is brought up to the last step of the block. ``commit=False``
+        asks for a snapshot of the open step (a block of one row): persistent state must not change. By default
+        every per-site per-step state is recorded as is.
         """
-        bank = self.bank
-        return {n: bank.scalar(n) for n, s in self._state_specs.items() if not s.per_unit and not s.persistent}
+        return {n: block[n] for n, s in self._state_specs.items() if not s.per_unit and not s.persistent}
 
     def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Turn recorded numbers into columns, on the host, for many (step, site) rows at once.
 
-        ``record`` holds the fields returned by :meth:`close_step`, plus ``calls`` (forward calls in the step),
+        ``record`` holds the fields returned by :meth:`close_steps`, plus ``calls`` (forward calls in the step),
         ``elements`` (output elements in the step), ``units`` and ``backward`` (backward passes in the step).
         """
         raise NotImplementedError(f"{self.name} must implement compute()")

@@ -53,9 +53,9 @@ class DeadReLU(Collector):
             raise ConfigError(f"`window` must be >= 1, got {window}; use window=1 to judge each step alone")
         self.window = window
         # Positive elements of each unit in the open step, and the last step in which each unit fired (> 0);
-        # NaN for never, so that every comparison with it is False and no finiteness test is needed.
+        # -inf for never.
         self.add_state("positive", per_unit=True)
-        self.add_state("last_fired", math.nan, reduce="max", per_unit=True, persistent=True)
+        self.add_state("last_fired", -math.inf, reduce="max", per_unit=True, persistent=True)
         # Revivals: a unit that had fired, stayed dead (window rule), then fired again.
         self.add_state("revivals", per_unit=True, persistent=True)
         self.add_state("last_revival", -math.inf, reduce="max", per_unit=True, persistent=True)
@@ -69,23 +69,28 @@ class DeadReLU(Collector):
         indicator = output.sign() if site.spec.nonnegative else output.clamp_min(0).sign_()
         state["positive"].add_(per_unit_sum(indicator, site))
 
-    def close_step(self, step: int, commit: bool) -> dict[str, torch.Tensor]:
+    def close_steps(self, steps: list[int], block: Mapping[str, torch.Tensor], commit: bool) -> dict[str, torch.Tensor]:
         bank = self.bank
-        positive = bank.unit("positive")
+        positive = block["positive"]  # (T, units): positive elements of each unit in each step of the block
+        t = torch.tensor(steps, dtype=torch.float64).to(positive.device, non_blocking=True)[:, None]
+        fired = positive > 0  # NaN outputs never fire
+        # When each unit last fired, as of each step of the block (a running maximum over the block's steps,
+        # starting from the persistent value): before[k] as of the previous step, after[k] as of step k.
+        stamped = torch.where(fired, t, -math.inf)
         last = bank.unit("last_fired")
-        fired = positive > 0
-        if commit:
-            # revived: fires now, was dead at step - 1 having fired before (NaN, never fired, compares False)
-            revived = (last <= step - 1 - self.window).logical_and_(fired)
-            bank.unit("revivals").add_(revived)
-            bank.unit("last_revival").masked_fill_(revived, float(step))
-            new_last = last.masked_fill_(fired, float(step))
-        else:
-            new_last = torch.where(fired, float(step), last)
+        running = torch.cat([last[None], stamped]).cummax(dim=0).values
+        before, after = running[:-1], running[1:]
         # alive: fired within the window (steps step - window + 1 ... step); every other unit is dead
-        alive = new_last > step - self.window
-        sums = bank.per_site_sum(torch.stack([positive, alive.to(positive.dtype)], dim=1))
-        return {"positive": sums[:, 0], "alive_units": sums[:, 1]}
+        alive = after > t - self.window
+        sums = bank.per_site_sum(torch.stack([positive, alive.to(positive.dtype)], dim=-1), dim=1)
+        if commit:
+            # revived: fires now, was dead at the previous step having fired before
+            revived = (before <= t - 1 - self.window).logical_and_(before > -math.inf).logical_and_(fired)
+            bank.unit("revivals").add_(revived.sum(dim=0))
+            latest = bank.unit("last_revival")
+            torch.maximum(latest, torch.where(revived, t, -math.inf).amax(dim=0), out=latest)
+            last.copy_(after[-1])
+        return {"positive": sums[..., 0], "alive_units": sums[..., 1]}
 
     def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -102,7 +107,6 @@ class DeadReLU(Collector):
         """
         views = self.bank._states[site.index]
         last = views["last_fired"].cpu().numpy()
-        last = np.where(np.isnan(last), -np.inf, last)
         if include_open:
             last = np.where(views["positive"].cpu().numpy() > 0, float(step), last)
         return {
