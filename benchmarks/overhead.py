@@ -1,8 +1,9 @@
 """Overhead of hookscope on full training steps, measured side by side with the plain step.
 
-Each model is built once per configuration, with identical weights, and the configurations run interleaved in
-every round (forward, cross-entropy, backward, SGD step, ``hm.step()``), so that drifts of the machine hit them all
-alike. The table reports medians over rounds of ms per step and of the per-round ratio to ``plain``:
+Each model is built once per configuration, with identical weights, and the configurations run interleaved step
+by step (forward, cross-entropy, backward, SGD step, ``hm.step()``; one step of each configuration per round, in
+alternating order), so that drifts of the machine hit them all alike. The table reports medians over rounds of
+ms per step and of the per-round ratio to ``plain``:
 
 - ``plain``: no hooks; ``plain (A/A)``: a second plain copy, the noise floor of the ratios;
 - ``hookscope``: ``HookManager`` with the default collectors, every step;
@@ -12,7 +13,7 @@ alike. The table reports medians over rounds of ms per step and of the per-round
 Run on this machine kind (2 CPU threads):
 
     python benchmarks/overhead.py                     # all models, markdown table and JSON
-    python benchmarks/overhead.py --models mlp --rounds 11
+    python benchmarks/overhead.py --models mlp --budget 60
     python benchmarks/overhead.py --device cuda --models resnet18,resnet50 --amp bf16
     python benchmarks/overhead.py --memory-steps 10000  # RSS growth over a long MLP run
 
@@ -161,30 +162,44 @@ def run_steps(cfg: Config, x: torch.Tensor, y: torch.Tensor, steps: int, amp: to
 
 
 def bench_model(
-    name: str, device: torch.device, rounds: int, target_s: float, every: int, amp: torch.dtype | None
+    name: str,
+    device: torch.device,
+    rounds: int | None,
+    budget_s: float,
+    steps_per_round: int,
+    every: int,
+    amp: torch.dtype | None,
 ) -> dict[str, Any]:
     configs = make_configs(name, device, every)
     _, shape = build(name)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=gen).to(device)
     y = torch.randint(0, 10, (shape[0],), generator=gen).to(device)
-    for cfg in configs:  # warm-up: allocator, sites, lazy state
-        run_steps(cfg, x, y, 3, amp)
-    per_step = statistics.median(run_steps(configs[0], x, y, 3, amp) for _ in range(3))
-    steps = max(3, int(target_s * 1e3 / per_step))
-    for r in range(rounds):
-        order = configs if r % 2 == 0 else configs[::-1]
-        for cfg in order:
-            gc.collect()
-            cfg.times.append(run_steps(cfg, x, y, steps, amp))
-        plain = configs[0].times[-1]
-        for cfg in configs:
-            cfg.ratios.append(cfg.times[-1] / plain)
-    result: dict[str, Any] = {"model": name, "steps_per_round": steps, "rounds": rounds, "configs": {}}
+    for cfg in configs:  # warm-up: allocator, sites, lazy state, the first ring of closed steps
+        run_steps(cfg, x, y, 20 if name == "mlp" else 3, amp)
+    per_step = statistics.median(run_steps(configs[0], x, y, 1, amp) for _ in range(3))
+    if rounds is None:  # fill the time budget: every round runs each configuration once
+        rounds = max(15, int(budget_s * 1e3 / (per_step * steps_per_round * len(configs))))
+    gc.collect()
+    gc.disable()  # a collection inside one configuration's timing would bias its ratio
+    try:
+        for r in range(rounds):
+            # Steps interleave configuration by configuration, so a drift of the machine (a noisy neighbour, a
+            # frequency change) hits all of them alike and each round's ratios compare like with like.
+            order = configs if r % 2 == 0 else configs[::-1]
+            for cfg in order:
+                cfg.times.append(run_steps(cfg, x, y, steps_per_round, amp))
+            plain = configs[0].times[-1]
+            for cfg in configs:
+                cfg.ratios.append(cfg.times[-1] / plain)
+    finally:
+        gc.enable()
+    result: dict[str, Any] = {"model": name, "steps_per_round": steps_per_round, "rounds": rounds, "configs": {}}
     for cfg in configs:
         result["configs"][cfg.name] = {
             "ms": statistics.median(cfg.times),
             "ratio": statistics.median(cfg.ratios),
+            "ratio_iqr": quartiles(cfg.ratios),
             "ratios": cfg.ratios,
             "aten_ops_per_step": count_ops(cfg, x, y, amp),
         }
@@ -192,6 +207,12 @@ def bench_model(
             result["configs"][cfg.name]["state_bytes"] = cfg.manager.state_bytes()
             cfg.manager.detach()
     return result
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """First and third quartiles (the spread of per-round ratios)."""
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
 
 
 def count_ops(cfg: Config, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None) -> int:
@@ -265,10 +286,15 @@ def memory_run(steps: int, device: torch.device, max_history: int | None) -> dic
     }
 
 
+def spread(config: dict[str, Any]) -> str:
+    lo, hi = config["ratio_iqr"]
+    return f"{config['ratio']:.3f}× ({lo:.2f}–{hi:.2f})"
+
+
 def markdown(results: list[dict[str, Any]], every: int) -> str:
     lines = [
-        f"| model | plain ms | hookscope ms | ratio | every={every} ratio | naive ratio | A/A ratio | "
-        "ATen ops/step plain | + hookscope |",
+        f"| model | plain ms | hookscope ms | ratio (quartiles) | every={every} ratio | naive ratio | "
+        "A/A ratio (quartiles) | ATen ops/step plain | + hookscope |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -276,8 +302,8 @@ def markdown(results: list[dict[str, Any]], every: int) -> str:
         plain_ops = c["plain"]["aten_ops_per_step"]
         lines.append(
             f"| {r['model']} | {c['plain']['ms']:.2f} | {c['hookscope']['ms']:.2f} | "
-            f"{c['hookscope']['ratio']:.3f}× | {c[f'every={every}']['ratio']:.3f}× | {c['naive']['ratio']:.3f}× | "
-            f"{c['plain (A/A)']['ratio']:.3f}× | {plain_ops} | {c['hookscope']['aten_ops_per_step'] - plain_ops} |"
+            f"{spread(c['hookscope'])} | {c[f'every={every}']['ratio']:.3f}× | {c['naive']['ratio']:.3f}× | "
+            f"{spread(c['plain (A/A)'])} | {plain_ops} | {c['hookscope']['aten_ops_per_step'] - plain_ops} |"
         )
     return "\n".join(lines)
 
@@ -286,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,mobilenet_v2,mlp,transformer")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--seconds", type=float, default=0.5, help="target duration of one timed run")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per model (default: fill --budget)")
+    parser.add_argument("--budget", type=float, default=45.0, help="seconds of timed rounds per model")
+    parser.add_argument("--steps-per-round", type=int, default=1, help="steps of each configuration per round")
     parser.add_argument("--every", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
@@ -311,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {env}", flush=True)
     results = []
     for name in args.models.split(","):
-        res = bench_model(name, device, args.rounds, args.seconds, args.every, amp)
+        res = bench_model(name, device, args.rounds, args.budget, args.steps_per_round, args.every, amp)
         if args.sync_check and device.type == "cuda":
             res["sync_check"] = sync_check(name, device, amp)
         results.append(res)

@@ -1,0 +1,34 @@
+"""The overhead benchmark runs end to end (a smoke test: speed itself is measured by running it, not here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import overhead
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = tmp_path / "results.json"
+    args = ["--models", "mlp", "--rounds", "3", "--no-malloc-env", "--threads", "1", "--json", str(out)]
+    assert overhead.main(args) == 0
+    table = capsys.readouterr().out
+    assert "| model | plain ms | hookscope ms | ratio (quartiles) |" in table
+    result = json.loads(out.read_text())["results"][0]
+    assert result["model"] == "mlp" and result["rounds"] == 3
+    configs = result["configs"]
+    assert set(configs) == {"plain", "plain (A/A)", "hookscope", "every=4", "naive"}
+    assert all(len(c["ratios"]) == 3 and c["ms"] > 0 for c in configs.values())
+    assert configs["plain"]["aten_ops_per_step"] == configs["plain (A/A)"]["aten_ops_per_step"]
+    # 3 ReLU sites: 5 ops each in the forward and backward hooks, plus the closing of the step
+    extra = configs["hookscope"]["aten_ops_per_step"] - configs["plain"]["aten_ops_per_step"]
+    assert 3 * 5 <= extra <= 3 * 5 + 6
+    assert configs["hookscope"]["state_bytes"] > 0
