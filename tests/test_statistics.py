@@ -355,3 +355,20 @@ def test_custom_bounded_activation_with_each_saturation_side(dtype: torch.dtype,
         assert saturation_of(Clip01(), x) == float(expected.double().mean())
     finally:
         hs.activations.unregister_activation("clip01")
+
+
+SHAPES = [(5, 7, 2, 2), (64, 200, 2, 2), (16, 2500, 1, 1), (2, 3, 2, 3, 2), (32, 64, 2, 3, 2), (4, 6, 9, 9), (6, 10)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_per_unit_counts_for_every_spatial_size(shape: tuple[int, ...]) -> None:
+    # small spatial sizes take a two-stage reduction (batch first); the counts must not depend on the path
+    from hookscope.collectors.dead_relu import per_unit_sum
+    from hookscope.sites import Site, default_unit_dim
+
+    gen = torch.Generator().manual_seed(len(shape))
+    x = (torch.rand(shape, generator=gen) < 0.3).float()
+    site = Site(0, "s", "s", 0, hs.get_activation("relu"), None, None)
+    site.bind_shape(shape, default_unit_dim(len(shape)))
+    expected = [int(x.select(1, c).count_nonzero()) for c in range(shape[1])]  # element by element
+    assert per_unit_sum(x, site).tolist() == expected

@@ -15,12 +15,25 @@ from hookscope.sites import Site
 __all__ = ["DeadReLU", "per_unit_sum"]
 
 
+#: Below this many elements per (sample, unit), summing the batch dimension first is faster (see per_unit_sum).
+_SMALL_INNER = 64
+_SPLIT_MIN = 2**15
+
+
 def per_unit_sum(x: torch.Tensor, site: Site) -> torch.Tensor:
     """Sum of ``x`` within each unit of a site (one value per unit), exact for 0/1 values."""
     if x.dim() == 1 and site.unit_dim == 0:
         return x
     dtype = count_dtype(x.numel() // max(site.units, 1))
-    return x.sum(dim=site.reduce_dims, dtype=dtype) if site.reduce_dims else x.sum(dtype=dtype).reshape(1)
+    if not site.reduce_dims:
+        return x.sum(dtype=dtype).reshape(1)
+    n = x.numel()
+    if x.dim() >= 3 and site.unit_dim == 1 and _SPLIT_MIN <= n < _SMALL_INNER * x.shape[0] * x.shape[1]:
+        # (N, C, 2, 2): one strided pass over (0, 2, 3) runs 2-4x slower than summing the batch dimension
+        # (contiguous rows) and then the few remaining elements per unit; on small tensors the second
+        # operation costs more than it saves
+        return x.sum(dim=0, dtype=dtype).sum(dim=tuple(range(1, x.dim() - 1)))
+    return x.sum(dim=site.reduce_dims, dtype=dtype)
 
 
 class DeadReLU(Collector):
