@@ -215,9 +215,12 @@ def quartiles(values: list[float]) -> list[float]:
     return [q[0], q[2]]
 
 
-def count_ops(cfg: Config, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None) -> int:
-    """ATen operations dispatched in one training step: a deterministic proxy for the fixed per-op cost."""
+def count_ops(cfg: Config, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None) -> float:
+    """ATen operations dispatched per training step, averaged over one ring of closed steps (hookscope
+    processes them 16 at a time): a deterministic proxy for the fixed per-op cost."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hookscope.collectors.base import RING_STEPS
 
     class Counter(TorchDispatchMode):
         n = 0
@@ -227,8 +230,8 @@ def count_ops(cfg: Config, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | 
             return func(*args, **(kwargs or {}))
 
     with Counter():
-        run_steps(cfg, x, y, 1, amp)
-    return Counter.n
+        run_steps(cfg, x, y, RING_STEPS, amp)
+    return Counter.n / RING_STEPS
 
 
 def sync_check(name: str, device: torch.device, amp: torch.dtype | None) -> str:
@@ -303,7 +306,7 @@ def markdown(results: list[dict[str, Any]], every: int) -> str:
         lines.append(
             f"| {r['model']} | {c['plain']['ms']:.2f} | {c['hookscope']['ms']:.2f} | "
             f"{spread(c['hookscope'])} | {c[f'every={every}']['ratio']:.3f}× | {c['naive']['ratio']:.3f}× | "
-            f"{spread(c['plain (A/A)'])} | {plain_ops} | {c['hookscope']['aten_ops_per_step'] - plain_ops} |"
+            f"{spread(c['plain (A/A)'])} | {plain_ops:.0f} | {c['hookscope']['aten_ops_per_step'] - plain_ops:.1f} |"
         )
     return "\n".join(lines)
 

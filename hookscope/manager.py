@@ -228,6 +228,7 @@ class HookManager:
         self._grad_hooks: list[Callable[[torch.Tensor], None]] = []
         self._applies: list[list[bool]] = []
         self._device: torch.device | None = None
+        self._device_index = -2  # get_device() of self._device: a cheaper first test in the hot path
 
         # the forward pass in progress
         self._stack: list[str] = []
@@ -564,7 +565,7 @@ class HookManager:
             return False
         self._flush()
         if self._device is None:
-            self._device = out.device
+            self._device, self._device_index = out.device, out.get_device()
             for c in self.collectors:
                 c._bank = StateBank(c.state_specs, out.device)
         for c, applies in zip(self.collectors, self._applies[site.index]):
@@ -584,15 +585,17 @@ class HookManager:
             if self._want_grad and output.requires_grad:
                 output.register_hook(self._grad_hooks[site.index])
             return
-        shape = tuple(output.shape)
-        if shape != site.shape and site.units_of(shape) != site.units:
-            self._problem(
-                f"hookscope: site {site.layer!r} produced an output of shape {list(shape)} with "
-                f"{site.units_of(shape)} units after {site.units} units; such calls are skipped "
-                f"(use `unit_dim` if units sit in another dimension)"
-            )
-            return
-        if output.device != self._device:
+        shape = output.shape
+        if shape != site.shape:
+            if site.units_of(shape) != site.units:
+                self._problem(
+                    f"hookscope: site {site.layer!r} produced an output of shape {list(shape)} with "
+                    f"{site.units_of(shape)} units after {site.units} units; such calls are skipped "
+                    f"(use `unit_dim` if units sit in another dimension)"
+                )
+                return
+            site.shape = tuple(shape)
+        if output.get_device() != self._device_index and output.device != self._device:
             self._problem(
                 f"hookscope: site {site.layer!r} runs on {output.device} while the statistics live on "
                 f"{self._device}; calls on other devices are skipped (model parallelism is not supported)"
@@ -606,10 +609,15 @@ class HookManager:
                 site.first_step = self._step
         self._calls[i] += 1
         self._elements[i] += output.numel()
-        site.shape = shape
-        with torch._C.DisableTorchFunction(), torch.no_grad():  # no graph is recorded: no detach() needed
-            for collector, state in self._fwd_states[i]:
-                collector.update(state, output, site)
+        # no graph is recorded (no detach() needed); torch.no_grad() as a context manager costs 3x more
+        grad_mode = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            with torch._C.DisableTorchFunction():
+                for collector, state in self._fwd_states[i]:
+                    collector.update(state, output, site)
+        finally:
+            torch._C._set_grad_enabled(grad_mode)
         if self._want_grad and output.requires_grad:
             output.register_hook(self._grad_hooks[i])
 
@@ -619,9 +627,14 @@ class HookManager:
             self._touched[i] = True
             self._order.append(i)
         self._backward[i] += 1
-        with torch._C.DisableTorchFunction(), torch.no_grad():
-            for collector, state in self._grad_states[i]:
-                collector.update_grad(state, grad, site)
+        grad_mode = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            with torch._C.DisableTorchFunction():
+                for collector, state in self._grad_states[i]:
+                    collector.update_grad(state, grad, site)
+        finally:
+            torch._C._set_grad_enabled(grad_mode)
 
     def _problem(self, message: str) -> None:
         warn_once(message, stacklevel=4)

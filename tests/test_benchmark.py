@@ -28,7 +28,8 @@ def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pyte
     assert set(configs) == {"plain", "plain (A/A)", "hookscope", "every=4", "naive"}
     assert all(len(c["ratios"]) == 3 and c["ms"] > 0 for c in configs.values())
     assert configs["plain"]["aten_ops_per_step"] == configs["plain (A/A)"]["aten_ops_per_step"]
-    # 3 ReLU sites: 5 ops each in the forward and backward hooks, plus the closing of the step
+    # 3 ReLU sites: 5 ops each in the forward and backward hooks, plus the closing of the step (6 ops, and one
+    # processing of the ring of 16 steps)
     extra = configs["hookscope"]["aten_ops_per_step"] - configs["plain"]["aten_ops_per_step"]
-    assert 3 * 5 <= extra <= 3 * 5 + 6
+    assert 3 * 5 + 6 < extra <= 3 * 5 + 6 + 60 / 16
     assert configs["hookscope"]["state_bytes"] > 0
