@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 from hookscope import distributed, report
 from hookscope.activations import ActivationSpec, activation_for_function, activation_for_module
 from hookscope.alerts import Alerts
-from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBank
+from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBank, host_to_device
 from hookscope.collectors.dead_relu import DeadReLU
 from hookscope.collectors.gradient_norm import GradientNorm
 from hookscope.collectors.saturation import Saturation
@@ -809,8 +809,7 @@ class HookManager:
         counts = torch.tensor(
             [self._calls[:n], self._elements[:n], self._backward[:n]], dtype=torch.float64
         ).T.contiguous()
-        # pageable host -> device copy without waiting for the device (no host synchronisation)
-        counts = counts.to(self._device, non_blocking=True)
+        counts = host_to_device(counts, self._device)  # without waiting for the device
         layout = [n, *(b.n_units for b in banks)]
         check = layout != self._layout
         self._layout = layout

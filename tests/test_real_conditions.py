@@ -258,3 +258,24 @@ def test_cost_is_a_few_ops_per_site_and_a_fixed_number_per_step() -> None:
     assert step_small[2 * RING_STEPS - 1] <= 60
     assert i_small - p_small <= 5 * 2  # forward (sign, per-unit sum, add) and gradient (norm, accumulate)
     assert i_res - p_res <= 5 * 17
+
+
+def test_host_values_reach_a_cuda_device_through_pinned_memory() -> None:
+    # a copy from pageable memory may synchronise with the CUDA stream; pinned memory + non_blocking does not
+    from hookscope.collectors.base import host_to_device
+
+    calls = []
+
+    class Host:
+        def pin_memory(self):  # type: ignore[no-untyped-def]
+            calls.append("pin_memory")
+            return self
+
+        def to(self, device, non_blocking=False):  # type: ignore[no-untyped-def]
+            calls.append(("to", str(device), non_blocking))
+            return self
+
+    host_to_device(Host(), torch.device("cuda", 0))  # type: ignore[arg-type]
+    assert calls == ["pin_memory", ("to", "cuda:0", True)]
+    t = torch.arange(3.0)
+    assert torch.equal(host_to_device(t, torch.device("cpu")), t)

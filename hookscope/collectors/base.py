@@ -25,7 +25,7 @@ from hookscope.errors import ConfigError, ConfigTypeError, StateError
 if TYPE_CHECKING:
     from hookscope.sites import Site
 
-__all__ = ["RING_STEPS", "Collector", "SiteState", "StateBank", "StateSpec", "count_dtype"]
+__all__ = ["RING_STEPS", "Collector", "SiteState", "StateBank", "StateSpec", "count_dtype", "host_to_device"]
 
 #: Largest count that float32 sums exactly (every partial sum of 0/1 values is an integer up to it).
 _EXACT_F32 = 2**24
@@ -34,6 +34,17 @@ _EXACT_F32 = 2**24
 def count_dtype(n: int) -> torch.dtype:
     """The dtype in which a sum of ``n`` values of 0 or 1 is exact and cheapest: float32 up to 2**24 terms."""
     return torch.float32 if n <= _EXACT_F32 else torch.float64
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without making the host wait for the device.
+
+    On CUDA the copy goes through pinned memory: a copy from pageable memory may first synchronise with the
+    stream (CUDA's "API synchronization behavior"), which would stall the training loop at every step.
+    """
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 Reduce = Literal["sum", "max", "min"]

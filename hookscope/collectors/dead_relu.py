@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from hookscope.collectors.base import Collector, SiteState, count_dtype
+from hookscope.collectors.base import Collector, SiteState, count_dtype, host_to_device
 from hookscope.errors import ConfigError, ConfigTypeError
 from hookscope.sites import Site
 
@@ -85,7 +85,7 @@ class DeadReLU(Collector):
     def close_steps(self, steps: list[int], block: Mapping[str, torch.Tensor], commit: bool) -> dict[str, torch.Tensor]:
         bank = self.bank
         positive = block["positive"]  # (T, units): positive elements of each unit in each step of the block
-        t = torch.tensor(steps, dtype=torch.float64).to(positive.device, non_blocking=True)[:, None]
+        t = host_to_device(torch.tensor(steps, dtype=torch.float64), positive.device)[:, None]
         fired = positive > 0  # NaN outputs never fire
         # When each unit last fired, as of each step of the block (a running maximum over the block's steps,
         # starting from the persistent value): before[k] as of the previous step, after[k] as of step k.
