@@ -781,8 +781,8 @@ class HookManager:
         counts, self._pending_counts = self._pending_counts, []
         with torch._C.DisableTorchFunction(), torch.no_grad():
             values = self._close_block([r.step for r in records], counts, commit=True)
-        for k, record in enumerate(records):
-            record.values = values[k]
+        for record, row in zip(records, values.unbind(0)):  # one operation for all the rows
+            record.values = row
             self._history.append(record)
 
     def _reduce_across_ranks(self, n: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pyte
     configs = result["configs"]
     assert set(configs) == {"plain", "plain (A/A)", "hookscope", "every=4", "naive"}
     assert all(len(c["ratios"]) == 3 and c["ms"] > 0 for c in configs.values())
+    assert configs["plain"]["ratio"] == configs["plain"]["median_ratio"] == 1.0
     assert configs["plain"]["aten_ops_per_step"] == configs["plain (A/A)"]["aten_ops_per_step"]
     # 3 ReLU sites: 5 ops each in the forward and backward hooks, plus the closing of the step (6 ops, and one
     # processing of the ring of 16 steps)

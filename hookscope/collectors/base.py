@@ -217,13 +217,11 @@ class StateBank:
         """For every unit, the index of the site it belongs to."""
         return self._view("owner", "", self.unit_owner, self.n_units)
 
-    def per_site_sum(self, values: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """Sum per-unit values within each site, along ``dim`` (the units dimension): one ``index_add_`` for all
-        sites (and all steps of a block)."""
-        shape = list(values.shape)
-        shape[dim] = self.n_sites
-        out = torch.zeros(shape, dtype=values.dtype, device=self.device)
-        return out.index_add_(dim, self.owners(), values)
+    def per_site_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum per-unit values (``(units, ...)``) within each site: one ``index_add_`` for all sites (and all
+        steps of a block); ``(n_sites, ...)``."""
+        out = torch.zeros((self.n_sites, *values.shape[1:]), dtype=values.dtype, device=self.device)
+        return out.index_add_(0, self.owners(), values)
 
     # -- the ring of closed steps -------------------------------------------------------------------------------
     def _current(self, name: str) -> torch.Tensor:

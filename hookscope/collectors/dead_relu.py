@@ -95,7 +95,9 @@ class DeadReLU(Collector):
         before, after = running[:-1], running[1:]
         # alive: fired within the window (steps step - window + 1 ... step); every other unit is dead
         alive = after > t - self.window
-        sums = bank.per_site_sum(torch.stack([positive, alive.to(positive.dtype)], dim=-1), dim=1)
+        # units first: index_add_ along the leading dimension runs 5-7x faster than along dim 1 here
+        per_unit = torch.stack([positive.T, alive.T.to(positive.dtype)], dim=-1)  # (units, T, 2)
+        sums = bank.per_site_sum(per_unit).transpose(0, 1)  # (T, sites, 2)
         if commit:
             # revived: fires now, was dead at the previous step having fired before
             revived = (before <= t - 1 - self.window).logical_and_(before > -math.inf).logical_and_(fired)
