@@ -214,6 +214,7 @@ class HookManager:
         self._mode_depth = 0  # stack depth of the module that pushed the function mode
         self._recorded_steps = 0
         self._forward_seen = False
+        self._compiled = False  # a forward pass was traced by torch.compile: hooks are never slimmed
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._attached = False
         self._mode = _FunctionCapture(self._ref)
@@ -467,6 +468,8 @@ class HookManager:
 
     def _begin_forward(self) -> None:
         self._forward_seen = True
+        if torch.compiler.is_compiling():  # traced by torch.compile: the hooks must stay as they are
+            self._compiled = True
         if _in_backward():  # activation checkpointing recomputes a forward inside backward
             task = _graph_task_id()
             if task != self._recompute_task:
@@ -664,7 +667,9 @@ class HookManager:
         if self._forward_seen and self._attached:
             self._forward_seen = False
             self._recorded_steps += 1
-            if self._discovering:
+            if self._compiled:
+                pass  # changing hooks would make torch.compile recompile (and give up after a few times)
+            elif self._discovering:
                 self._slim()
             elif self._recorded_steps % REDISCOVER_EVERY == 0:
                 self._rediscover()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import FunctionalReLU, SharedReLU, train_steps
+from conftest import FunctionalReLU, SharedReLU, hook_count, train_steps
 from test_real_conditions import CountSyncs
 
 from hookscope import GradientNorm, HookManager
@@ -234,6 +234,30 @@ def test_attach_before_compile(backend: str) -> None:
     assert list(got["layer"]) == list(want["layer"]) and len(got) > 0
     pd.testing.assert_frame_equal(got.drop(columns="grad_norm"), want.drop(columns="grad_norm"))
     assert got["grad_norm"].tolist() == pytest.approx(want["grad_norm"].tolist(), rel=1e-5)
+
+
+def test_hooks_of_a_compiled_model_never_change_so_it_does_not_recompile(monkeypatch: pytest.MonkeyPatch) -> None:
+    # after discovery hooks are slimmed, and one step in REDISCOVER_EVERY hooks every module again: under
+    # torch.compile each change would recompile (and dynamo gives up after its recompile limit)
+    from torch._dynamo.testing import CompileCounter
+
+    import hookscope.manager
+
+    monkeypatch.setattr(hookscope.manager, "REDISCOVER_EVERY", 2)
+    torch._dynamo.reset()
+    model = SharedReLU()
+    counter = CompileCounter()
+    with HookManager(model, alerts=False) as hm:
+        compiled = torch.compile(model, backend=counter)
+        hooks = hook_count(model)
+        frames = []
+        for _ in range(6):
+            compiled(torch.randn(3, 4)).sum().backward()
+            hm.step()
+            frames.append(counter.frame_count)
+        assert hook_count(model) == hooks
+    assert frames[1:] == [frames[1]] * 5
+    assert len(hm.to_dataframe()) == 2 * 6
 
 
 def test_attaching_to_a_compiled_model_warns() -> None:
