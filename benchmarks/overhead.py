@@ -294,24 +294,25 @@ def memory_run(steps: int, device: torch.device, max_history: int | None) -> dic
     }
 
 
-def spread(config: dict[str, Any]) -> str:
+def quartile_text(config: dict[str, Any]) -> str:
     lo, hi = config["ratio_iqr"]
-    return f"{config['ratio']:.3f}× ({lo:.2f}–{hi:.2f})"  # per-round quartiles: the noise
+    return f"{lo:.2f}–{hi:.2f}"  # per-round quartiles: the noise
 
 
 def markdown(results: list[dict[str, Any]], every: int) -> str:
     lines = [
-        f"| model | plain ms | hookscope ms | ratio (quartiles) | every={every} ratio | naive ratio | "
-        "A/A ratio (quartiles) | ATen ops/step plain | + hookscope |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | plain ms | hookscope ms | ratio | every={every} ratio | naive ratio | A/A ratio | "
+        "ratio quartiles | A/A quartiles | ATen ops/step plain | + hookscope |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         c = r["configs"]
         plain_ops = c["plain"]["aten_ops_per_step"]
         lines.append(
-            f"| {r['model']} | {c['plain']['ms']:.2f} | {c['hookscope']['ms']:.2f} | "
-            f"{spread(c['hookscope'])} | {c[f'every={every}']['ratio']:.3f}× | {c['naive']['ratio']:.3f}× | "
-            f"{spread(c['plain (A/A)'])} | {plain_ops:.0f} | {c['hookscope']['aten_ops_per_step'] - plain_ops:.1f} |"
+            f"| {r['model']} | {c['plain']['ms']:.2f} | {c['hookscope']['ms']:.2f} | {c['hookscope']['ratio']:.3f}× | "
+            f"{c[f'every={every}']['ratio']:.3f}× | {c['naive']['ratio']:.3f}× | {c['plain (A/A)']['ratio']:.3f}× | "
+            f"{quartile_text(c['hookscope'])} | {quartile_text(c['plain (A/A)'])} | {plain_ops:.0f} | "
+            f"{c['hookscope']['aten_ops_per_step'] - plain_ops:.1f} |"
         )
     return "\n".join(lines)
 
