@@ -220,36 +220,53 @@ class NonFiniteRule(AlertRule):
     name = "nonfinite"
 
     def check(self, rows: pd.DataFrame) -> list[Hit]:
+        # numpy over all rows, Python only for the rows that hit (iterating over every row cost ~0.6 ms per check)
+        count = np.zeros(len(rows))
+        for column in ("nonfinite", "grad_nonfinite"):
+            if column in rows.columns:
+                values = rows[column].to_numpy(dtype=float)
+                count += np.where(np.isnan(values), 0.0, values)
+        bad_stat = np.isinf(_column(rows, "grad_norm", 0.0))
+        # inactive_fraction is defined for every rectifier row, saturation_rate for every bounded row: NaN there
+        # means NaN outputs (the manager puts NaN only where a statistic does not apply, which the kind tells)
+        rectifier, bounded = _kind_masks(rows)
+        bad_stat |= rectifier & np.isnan(_column(rows, "inactive_fraction", 0.0))
+        bad_stat |= bounded & np.isnan(_column(rows, "saturation_rate", 0.0))
+        layers = rows["layer"].to_numpy() if "layer" in rows.columns else np.full(len(rows), "")
         out: list[Hit] = []
-        for r in rows.itertuples():
-            counts = [getattr(r, c, math.nan) for c in ("nonfinite", "grad_nonfinite")]
-            n = sum(c for c in counts if not math.isnan(c))
-            ran_backward = getattr(r, "grad_norm", math.nan)
-            bad_stat = (isinstance(ran_backward, float) and math.isinf(ran_backward)) or _nan_where_defined(r)
-            if n > 0:
-                out.append(
-                    (str(r.layer), float(n), 0.0, f"{int(n)} non-finite values (NaN/Inf) in outputs or gradients")
-                )
-            elif bad_stat:
-                out.append((str(r.layer), math.nan, 0.0, "statistics are NaN/Inf: outputs or gradients hold NaN/Inf"))
+        for i in np.flatnonzero((count > 0) | bad_stat):
+            if count[i] > 0:
+                n = float(count[i])
+                out.append((str(layers[i]), n, 0.0, f"{int(n)} non-finite values (NaN/Inf) in outputs or gradients"))
+            else:
+                out.append((str(layers[i]), math.nan, 0.0, "statistics are NaN/Inf: outputs or gradients hold NaN/Inf"))
         return out
 
 
-def _nan_where_defined(r: object) -> bool:
-    # inactive_fraction is defined for every rectifier row; saturation for every bounded row: NaN there means NaN
-    # outputs. The manager puts NaN only where a statistic does not apply, which the kind tells.
+def _column(rows: pd.DataFrame, name: str, missing: float) -> np.ndarray:
+    if name not in rows.columns:
+        return np.full(len(rows), missing)
+    return rows[name].to_numpy(dtype=float)
+
+
+def _kind_masks(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows are of a rectifier kind, and which of a bounded kind (unknown kinds are neither)."""
     from hookscope.activations import get_activation
 
-    try:
-        spec = get_activation(str(getattr(r, "kind", "")))
-    except KeyError:
-        return False
-    checks = []
-    if spec.rectifier:
-        checks.append(getattr(r, "inactive_fraction", 0.0))
-    if spec.bounded:
-        checks.append(getattr(r, "saturation_rate", 0.0))
-    return any(isinstance(v, float) and math.isnan(v) for v in checks)
+    rectifier = np.zeros(len(rows), dtype=bool)
+    bounded = np.zeros(len(rows), dtype=bool)
+    if "kind" not in rows.columns:
+        return rectifier, bounded
+    kinds = rows["kind"].to_numpy()
+    for kind in set(kinds):
+        try:
+            spec = get_activation(str(kind))
+        except KeyError:
+            continue
+        mask = kinds == kind
+        rectifier |= mask & spec.rectifier
+        bounded |= mask & spec.bounded
+    return rectifier, bounded
 
 
 def default_rules() -> list[AlertRule]:

@@ -279,5 +279,5 @@ def build_frame(
             mask = applies_arr[:, ci]
             for col in collector.columns:
                 out[col] = np.where(mask, np.asarray(computed[col], dtype=np.float64), np.nan)
-    frame = pd.DataFrame(out, columns=columns)
-    return frame.astype({"step": "int64", "units": "int64", "calls": "int64"})
+    # step, units and calls are int64 arrays already: an astype() here cost 70% of building the frame
+    return pd.DataFrame(out, columns=columns)

@@ -179,6 +179,20 @@ def test_rules() -> None:
     assert VanishingGradientRule().check(rows(grad_norm=[1e-9])) == []  # one layer has no median to compare
     nf = NonFiniteRule().check(rows(inactive_fraction=[0.5, np.nan], grad_norm=[1.0, np.inf]))
     assert [x[0] for x in nf] == ["l1"]
+    # NaN statistics alert only where the statistic is defined for the kind; counts alert with their sum
+    nf = NonFiniteRule().check(
+        rows(
+            kind=["relu", "softplus", "sigmoid", "sigmoid", "no-such-kind", "tanh", "relu", "relu6"],
+            inactive_fraction=[np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, 0.5, 0.5],
+            saturation_rate=[np.nan, np.nan, 0.2, 0.1, np.nan, 0.2, np.nan, np.nan],
+            grad_norm=[1.0, 1.0, 1.0, 1.0, 1.0, -np.inf, 1.0, 1.0],
+            nonfinite=[0.0, 0.0, 0.0, 3.0, 0.0, 0.0, np.nan, 0.0],
+            grad_nonfinite=[np.nan, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0],
+        )
+    )
+    assert [x[0] for x in nf] == ["l0", "l3", "l5", "l7"]
+    assert [x[1] for x in nf][1] == 5.0 and all(math.isnan(x[1]) for x in nf[::2])
+    assert "5 non-finite values" in nf[1][3] and "statistics are NaN/Inf" in nf[0][3]
     with pytest.raises(ValueError, match="`threshold`"):
         DeadRatioRule(1.5)
     with pytest.raises(ValueError, match="`every`"):

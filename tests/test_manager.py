@@ -145,12 +145,14 @@ def test_open_step_is_reported_without_step() -> None:
         hm.step()
     df = hm.to_dataframe()
     assert list(df["calls"]) == [2, 2]
+    assert {df[c].dtype.name for c in ("step", "units", "calls")} == {"int64"}
 
 
 def test_empty_report_has_the_columns() -> None:
     df = HookManager(SharedReLU()).to_dataframe()
     assert len(df) == 0
     assert set(CONTRACT_COLUMNS) <= set(df.columns)
+    assert {df[c].dtype.name for c in ("step", "units", "calls")} == {"int64"}
 
 
 def test_to_csv_writes_exactly_the_frame(tmp_path: Path) -> None:
