@@ -255,7 +255,9 @@ def test_cost_is_a_few_ops_per_site_and_a_fixed_number_per_step() -> None:
     assert step_small[RING_STEPS:] == step_res[RING_STEPS:]
     steady = [n for i, n in enumerate(step_small) if i >= RING_STEPS and (i + 1) % RING_STEPS]
     assert set(steady) == {2 * 3}
-    assert step_small[2 * RING_STEPS - 1] <= 48
+    # processing a ring: ~48 ops, plus one elementwise maximum per step of the ring for the units' running
+    # maximum of the step they last fired (on CPU 16 of them cost a tenth of one cummax)
+    assert step_small[2 * RING_STEPS - 1] <= 48 + RING_STEPS
     assert i_small - p_small <= 5 * 2  # forward (sign, per-unit sum, add) and gradient (norm, accumulate)
     assert i_res - p_res <= 5 * 17
 

@@ -91,7 +91,10 @@ class DeadReLU(Collector):
         # starting from the persistent value): before[k] as of the previous step, after[k] as of step k.
         stamped = torch.where(fired, t, -math.inf)
         last = bank.unit("last_fired")
-        running = torch.cat([last[None], stamped]).cummax(dim=0).values
+        running = torch.cat([last[None], stamped])
+        rows = running.unbind(0)
+        for previous, row in zip(rows, rows[1:]):  # cummax(dim=0) runs ~10x slower on CPU (2.9 ms at 17k units)
+            torch.maximum(previous, row, out=row)
         before, after = running[:-1], running[1:]
         # alive: fired within the window (steps step - window + 1 ... step); every other unit is dead
         alive = after > t - self.window
