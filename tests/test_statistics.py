@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -221,6 +222,46 @@ def test_grad_norm_matches_autograd() -> None:
         model(x).pow(2).sum().backward()
         hm.step()
     assert list(hm.to_dataframe()["grad_norm"]) == pytest.approx(expected, rel=1e-6)
+
+
+class SummedOutput(nn.Module):
+    """The activation's output is summed over the batch: its gradient is an expanded (stride 0) tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin(x)).sum(dim=0)
+
+
+def dense_tanh() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("make", "strided"), [(dense_tanh, False), (SummedOutput, True)])
+def test_grad_norm_of_contiguous_and_strided_gradients(
+    dtype: torch.dtype, make: Callable[[], nn.Module], strided: bool
+) -> None:
+    torch.manual_seed(0)
+    model = make().to(dtype)
+    x = torch.randn(7, 5, dtype=dtype)
+    expected = reference_grad_norms(model, [x])
+    seen: list[bool] = []  # whether the gradient reaching the activation was contiguous (which path ran)
+    act = next(m for m in model.modules() if isinstance(m, nn.Tanh))
+
+    def spy(module: nn.Module, args: object, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: seen.append(g.is_contiguous()))
+
+    act.register_forward_hook(spy)
+    with HookManager(model, [GradientNorm()]) as hm:
+        model(x).pow(2).sum().backward()
+        hm.step()
+    assert seen == [not strided]
+    rel = 1e-6 if dtype == torch.float32 else 1e-12
+    assert hm.to_dataframe()["grad_norm"].iloc[0] == pytest.approx(expected[0], rel=rel)
 
 
 def test_gradient_accumulation_sums_squares_over_backward_passes() -> None:
