@@ -728,7 +728,6 @@ class HookManager:
             if commit:
                 for bank in banks:
                     bank.push()
-                    bank.reset()
                 if counts is not None:
                     self._pending_counts.append(counts)
             else:
@@ -760,23 +759,29 @@ class HookManager:
             columns.extend(torch.stack(counts).unbind(2))
             fields.extend([(-1, "calls"), (-1, "elements"), (-1, "backward")])
         n = len(self._sites)
-        for ci, c in enumerate(self.collectors):
-            if c._bank is None:
-                continue
-            n = c._bank.n_sites
-            block = c._bank.take() if commit else c._bank.current()
-            for name, values in c.close_steps(steps, block, commit).items():
-                fields.append((ci, name))
-                columns.append(values)
-        if self._fields is None:
-            self._fields = fields
-        elif fields != self._fields:
-            raise StateError(
-                f"collectors must record the same fields at every step: got {fields}, expected {self._fields}"
-            )
-        if not columns:
-            return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device)
-        return torch.stack(columns, dim=2).to(torch.float64)
+        banks = [c._bank for c in self.collectors if c._bank is not None]
+        try:
+            for ci, c in enumerate(self.collectors):
+                if c._bank is None:
+                    continue
+                n = c._bank.n_sites
+                block = c._bank.take() if commit else c._bank.current()
+                for name, values in c.close_steps(steps, block, commit).items():
+                    fields.append((ci, name))
+                    columns.append(values)
+            if self._fields is None:
+                self._fields = fields
+            elif fields != self._fields:
+                raise StateError(
+                    f"collectors must record the same fields at every step: got {fields}, expected {self._fields}"
+                )
+            if not columns:
+                return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device)
+            return torch.stack(columns, dim=2).to(torch.float64)  # a copy: the ring rows may be reused now
+        finally:
+            if commit:  # also when a collector raised: the hooks must never write into a closed row
+                for bank in banks:
+                    bank.recycle()
 
     def _flush(self) -> None:
         """Turn the closed steps waiting in the rings into recorded values and store them in the history."""

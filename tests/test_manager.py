@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -356,3 +357,55 @@ def test_a_dropped_manager_takes_its_hooks_off_the_model() -> None:
     HookManager(model).attach()  # never detached, no reference kept
     gc.collect()
     assert hook_count(model) == 0
+
+
+class Growing(nn.Module):
+    """20 ReLU layers of 100 units; step s runs the first 2 + 3 * s of them, so sites (and units) appear in the
+    middle of forward passes, after earlier layers already updated the open step's state: the state grows past
+    its initial 16 sites and 1024 units while steps wait in the ring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(100, 100) for _ in range(20))
+        self.acts = nn.ModuleList(nn.ReLU() for _ in range(20))
+        self.depth = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for lin, act in list(zip(self.lins, self.acts))[: self.depth]:
+            x = act(lin(x))
+        return x
+
+
+def test_state_keeps_the_open_step_across_reports_and_growth() -> None:
+    torch.manual_seed(0)
+    model = Growing()
+    expected: dict[tuple[int, str], tuple[float, float]] = {}  # (step, layer) -> (inactive, dead ratio)
+    outputs: dict[str, list[torch.Tensor]] = {}
+
+    def spy(name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
+        def hook(module: nn.Module, args: object, out: torch.Tensor) -> None:
+            outputs.setdefault(name, []).append(out.detach().clone())
+
+        return hook
+
+    for i, act in enumerate(model.acts):
+        act.register_forward_hook(spy(f"acts.{i}"))
+    with HookManager(model, [DeadReLU()], alerts=False) as hm:
+        for step in range(8):
+            model.depth = min(20, 2 + 3 * step)
+            outputs.clear()
+            x = torch.randn(4, 100) * 0.3
+            model(x)
+            if step % 3 == 1:
+                hm.to_dataframe()  # a report inside the step: the ring is emptied, the open step kept
+            model(x + 0.1)  # a second call of every site in the same step
+            for name, outs in outputs.items():
+                both = torch.cat(outs)
+                expected[(step, name)] = (float((both <= 0).double().mean()), float((both <= 0).all(0).double().mean()))
+            hm.step()
+        df = hm.to_dataframe()
+    got = {(int(r.step), r.layer): (r.inactive_fraction, r.dead_ratio) for r in df.itertuples()}
+    assert len(hm.sites) == 20 and sum(s.units for s in hm.sites) == 2000
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key

@@ -97,70 +97,92 @@ RING_STEPS = 16
 class StateBank:
     """Flat device tensors holding one collector's declared state for all sites.
 
-    Per-step states also have a *ring* of :data:`RING_STEPS` rows: closing a step copies them into the next row
-    (one operation per state, whatever the number of sites) and resets them; the collector turns the rows into
-    recorded numbers for many steps at once (:meth:`Collector.close_steps`) when the ring is full or a report
-    is asked for. The layout (sites, units) only changes while the ring is empty.
+    Persistent states are one flat tensor each. Per-step states live in a *ring* of :data:`RING_STEPS` rows
+    (``(RING_STEPS, n)`` each): the open step's state is row :attr:`pending`, and closing a step only moves the
+    sites' views to the next row (no tensor operation). The collector turns the closed rows into recorded
+    numbers for many steps at once (:meth:`Collector.close_steps`) when the ring is full or a report is asked
+    for; then the ring is emptied (:meth:`recycle`). The layout (sites, units) only changes while the ring holds
+    no closed step.
     """
 
     def __init__(self, specs: Mapping[str, StateSpec], device: torch.device) -> None:
         self.specs = dict(specs)
         self.device = device
         self.ring: dict[str, torch.Tensor] = {}
-        self.pending = 0  # rows of the ring in use
+        self.pending = 0  # closed steps in the ring; the open step is row `pending`
         self.n_sites = 0
         self.n_units = 0
         self._site_cap = 0
         self._unit_cap = 0
-        self.scalars: dict[str, torch.Tensor] = {}
-        self.units: dict[str, torch.Tensor] = {}
+        self.scalars: dict[str, torch.Tensor] = {}  # persistent per-site states
+        self.units: dict[str, torch.Tensor] = {}  # persistent per-unit states
         self.unit_owner = torch.empty(0, dtype=torch.long, device=device)
         self._unit_offsets: dict[int, tuple[int, int]] = {}
         self._states: dict[int, SiteState] = {}
-        # whole-bank views, made once per layout: each view is a dispatched op, and step() uses them every step
-        self._views: dict[tuple[str, str], torch.Tensor] = {}
+        # Views made once per layout (each view is a dispatched op): whole-bank views by (name, row) (row -1 for
+        # persistent states), and each site's views by (site, row).
+        self._views: dict[tuple[str, int], torch.Tensor] = {}
+        self._site_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._alloc(16, 1024)
 
     # -- allocation ---------------------------------------------------------------------------------------------
-    def _new(self, spec: StateSpec, n: int) -> torch.Tensor:
+    def _new(self, spec: StateSpec, *shape: int) -> torch.Tensor:
         with torch.inference_mode(False):  # state must stay usable outside inference_mode
-            return torch.full((n,), spec.default, dtype=spec.dtype, device=self.device)
+            return torch.full(shape, spec.default, dtype=spec.dtype, device=self.device)
 
     def _alloc(self, site_cap: int, unit_cap: int) -> None:
         assert self.pending == 0, "the layout of a state bank changed while closed steps were pending"
         for name, spec in self.specs.items():
-            table, cap, used = (
-                (self.units, unit_cap, self.n_units) if spec.per_unit else (self.scalars, site_cap, self.n_sites)
-            )
-            new = self._new(spec, cap)
-            if name in table:
-                new[:used].copy_(table[name][:used])
-            table[name] = new
-            if not spec.persistent:
-                with torch.inference_mode(False):
-                    self.ring[name] = torch.empty((RING_STEPS, cap), dtype=spec.dtype, device=self.device)
+            cap, used = (unit_cap, self.n_units) if spec.per_unit else (site_cap, self.n_sites)
+            if spec.persistent:
+                table = self.units if spec.per_unit else self.scalars
+                new = self._new(spec, cap)
+                if name in table:
+                    new[:used].copy_(table[name][:used])
+                table[name] = new
+            else:
+                new = self._new(spec, RING_STEPS, cap)
+                if name in self.ring:  # row 0 holds the open step
+                    new[:, :used].copy_(self.ring[name][:, :used])
+                self.ring[name] = new
         with torch.inference_mode(False):
             owner = torch.zeros(unit_cap, dtype=torch.long, device=self.device)
         owner[: self.n_units].copy_(self.unit_owner[: self.n_units])
         self.unit_owner = owner
         self._site_cap, self._unit_cap = site_cap, unit_cap
         self._views.clear()
-        for state in self._states.values():
-            self._bind(state)
+        self._site_views.clear()
+        self._bind_all()
+
+    def _flat(self, name: str, row: int) -> torch.Tensor:
+        """The whole flat tensor of a state: for a per-step state, that of one row of the ring."""
+        spec = self.specs[name]
+        if spec.persistent:
+            return (self.units if spec.per_unit else self.scalars)[name]
+        return self.ring[name][row]
 
     def _bind(self, state: SiteState) -> None:
-        i = state.site_index
-        views = {}
-        # Views made under inference_mode could not be updated in place outside it.
-        with torch.inference_mode(False):
-            for name, spec in self.specs.items():
-                if spec.per_unit:
-                    if i in self._unit_offsets:
+        """Point a site's views at the open step's row."""
+        key = (state.site_index, self.pending)
+        views = self._site_views.get(key)
+        if views is None:
+            i = state.site_index
+            views = {}
+            # Views made under inference_mode could not be updated in place outside it.
+            with torch.inference_mode(False):
+                for name, spec in self.specs.items():
+                    flat = self._flat(name, self.pending)
+                    if not spec.per_unit:
+                        views[name] = flat[i]
+                    elif i in self._unit_offsets:
                         off, n = self._unit_offsets[i]
-                        views[name] = self.units[name][off : off + n]
-                else:
-                    views[name] = self.scalars[name][i]
+                        views[name] = flat[off : off + n]
+            self._site_views[key] = views
         state._views = views
+
+    def _bind_all(self) -> None:
+        for state in self._states.values():
+            self._bind(state)
 
     def add_site(self, site_index: int, units: int) -> SiteState:
         """Allocate state for a site (site indices are the manager's; they may skip sites this bank ignores)."""
@@ -198,24 +220,30 @@ class StateBank:
             self._views.clear()
 
     # -- whole-bank views ---------------------------------------------------------------------------------------
-    def _view(self, kind: str, name: str, full: torch.Tensor, n: int) -> torch.Tensor:
-        view = self._views.get((kind, name))
+    def _whole(self, name: str, n: int) -> torch.Tensor:
+        row = -1 if self.specs[name].persistent else self.pending
+        view = self._views.get((name, row))
         if view is None:
             with torch.inference_mode(False):
-                view = self._views[(kind, name)] = full[:n]
+                view = self._views[(name, row)] = self._flat(name, row)[:n]
         return view
 
     def scalar(self, name: str) -> torch.Tensor:
-        """The per-site vector of a scalar state (``n_sites`` long)."""
-        return self._view("scalar", name, self.scalars[name], self.n_sites)
+        """The per-site vector of a scalar state (``n_sites`` long; the open step's, for a per-step state)."""
+        return self._whole(name, self.n_sites)
 
     def unit(self, name: str) -> torch.Tensor:
-        """The flat vector of a per-unit state (all sites' units back to back)."""
-        return self._view("unit", name, self.units[name], self.n_units)
+        """The flat vector of a per-unit state (all sites' units back to back; the open step's, for a per-step
+        state)."""
+        return self._whole(name, self.n_units)
 
     def owners(self) -> torch.Tensor:
         """For every unit, the index of the site it belongs to."""
-        return self._view("owner", "", self.unit_owner, self.n_units)
+        view = self._views.get(("", -2))
+        if view is None:
+            with torch.inference_mode(False):
+                view = self._views[("", -2)] = self.unit_owner[: self.n_units]
+        return view
 
     def per_site_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per-unit values (``(units, ...)``) within each site: one ``index_add_`` for all sites (and all
@@ -224,47 +252,56 @@ class StateBank:
         return out.index_add_(0, self.owners(), values)
 
     # -- the ring of closed steps -------------------------------------------------------------------------------
-    def _current(self, name: str) -> torch.Tensor:
-        return self.unit(name) if self.specs[name].per_unit else self.scalar(name)
-
-    def push(self) -> None:
-        """Copy the per-step states into the next row of the ring (the caller resets them afterwards)."""
-        assert self.pending < RING_STEPS
-        row = self.pending
-        for name, spec in self.specs.items():
-            if spec.persistent:
-                continue
-            view = self._views.get((f"ring{row}", name))
-            if view is None:
-                n = self.n_units if spec.per_unit else self.n_sites
-                with torch.inference_mode(False):
-                    view = self._views[(f"ring{row}", name)] = self.ring[name][row, :n]
-            view.copy_(self._current(name))
-        self.pending += 1
-
-    def take(self) -> dict[str, torch.Tensor]:
-        """The pending rows of every per-step state (``(steps, n)`` each); the ring is empty afterwards."""
-        rows, self.pending = self.pending, 0
+    def _rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         return {
-            name: self.ring[name][:rows, : self.n_units if spec.per_unit else self.n_sites]
+            name: self.ring[name][start:stop, : self.n_units if spec.per_unit else self.n_sites]
             for name, spec in self.specs.items()
             if not spec.persistent
         }
 
+    def push(self) -> None:
+        """Close the open step: its row joins the closed ones and the sites' views move to the next row, which
+        holds the defaults. When the ring is full, :meth:`take` and :meth:`recycle` must follow before the next
+        update."""
+        assert self.pending < RING_STEPS
+        self.pending += 1
+        if self.pending < RING_STEPS:
+            self._bind_all()
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The closed rows of every per-step state (``(steps, n)`` each; views, valid until :meth:`recycle`)."""
+        return self._rows(0, self.pending)
+
+    def recycle(self) -> None:
+        """Empty the ring once its closed rows have been processed: the open step's row becomes row 0."""
+        rows, self.pending = self.pending, 0
+        if rows == 0:
+            return
+        for name, spec in self.specs.items():
+            if spec.persistent:
+                continue
+            ring = self.ring[name]
+            if rows < RING_STEPS:
+                ring[0].copy_(ring[rows])
+                ring[1 : rows + 1].fill_(spec.default)
+            else:
+                ring.fill_(spec.default)
+        self._bind_all()
+
     def current(self) -> dict[str, torch.Tensor]:
         """The per-step states of the open step, as a block of one row."""
-        return {name: self._current(name)[None] for name, spec in self.specs.items() if not spec.persistent}
+        return self._rows(self.pending, self.pending + 1)
 
     def nbytes(self) -> int:
         """Bytes held by the state tensors (the ring included)."""
         tensors = [*self.scalars.values(), *self.units.values(), *self.ring.values(), self.unit_owner]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def reset(self, persistent: bool = False) -> None:
-        """Restore per-step states to their defaults (and persistent ones too when asked)."""
-        for name, spec in self.specs.items():
-            if persistent or not spec.persistent:
-                (self.units if spec.per_unit else self.scalars)[name].fill_(spec.default)
+    def reset(self) -> None:
+        """Restore every state to its default (the ring included)."""
+        for tensor_by_name in (self.scalars, self.units, self.ring):
+            for name, tensor in tensor_by_name.items():
+                tensor.fill_(self.specs[name].default)
 
 
 class Collector:
@@ -405,7 +442,7 @@ class Collector:
     def reset(self) -> None:
         """Restore every state (persistent ones included) to its default."""
         if self._bank is not None:
-            self._bank.reset(persistent=True)
+            self._bank.reset()
 
     def __repr__(self) -> str:
         return f"{self.name}()"
