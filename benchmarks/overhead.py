@@ -317,6 +317,20 @@ def markdown(results: list[dict[str, Any]], every: int) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (ratios differ between CPU kinds: compare runs on the same one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,mobilenet_v2,mlp,transformer")
@@ -341,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]
     env = {
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({cpu_model()}), {args.threads} threads",
         "amp": args.amp,
     }
     print(f"# {env}", flush=True)
