@@ -7,8 +7,9 @@ time, on the host. Ratios are kept as numerator and denominator and divided only
 so a ratio over several calls, micro-batches or ranks is Σ numerator / Σ denominator, never a mean of ratios.
 
 State lives in one flat tensor per declared state, shared by all sites: per-site scalars are a vector indexed by
-site, per-unit states a vector of all sites' units back to back. Each site gets views into those tensors, so the
-hooks update state in place, and closing a step costs a few tensor operations however many sites there are.
+site, per-unit states a vector of all sites' units back to back (per-step states: one such vector per row of a
+ring of closed steps). Each site gets views into those tensors, so the hooks update state in place; closing a
+step moves the views to the next row, and the collectors process the closed rows of all sites a ring at a time.
 """
 
 from __future__ import annotations
