@@ -582,7 +582,7 @@ class HookManager:
     def _observe(self, site: Site, output: torch.Tensor) -> None:
         if site.problem is not None:
             return
-        if site.units == 0 and not self._bind_site(site, output):
+        if not site.units_fixed and not self._bind_site(site, output):
             return
         if self._recompute:  # a checkpointed forward recomputed in backward: counted in the first pass
             if self._want_grad and output.requires_grad:

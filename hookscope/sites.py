@@ -220,6 +220,7 @@ class Site:
         units: Number of units; set at the first call.
         shape: Shape of the latest output.
         first_step: The first step in which the site ran.
+        units_fixed: Whether units were fixed from a first output (a site may have zero units).
     """
 
     index: int
@@ -235,6 +236,7 @@ class Site:
     reduce_dims: tuple[int, ...] = ()
     problem: str | None = None
     first_step: int | None = None
+    units_fixed: bool = False
     _thresholds: dict[tuple[torch.dtype, float, bool, bool], float | None] = dataclasses.field(
         default_factory=dict, repr=False
     )
@@ -258,6 +260,7 @@ class Site:
             self.unit_dim, self.units = d, int(shape[d])
             self.reduce_dims = tuple(i for i in range(ndim) if i != d)
         self.shape = shape
+        self.units_fixed = True
 
     def units_of(self, shape: tuple[int, ...]) -> int:
         """Number of units an output of ``shape`` has at this site (to detect shape changes)."""

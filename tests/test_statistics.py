@@ -379,6 +379,35 @@ def test_custom_collector_receives_outputs_and_reports_its_column() -> None:
     assert np.isnan(df["saturation_rate"].iloc[0])
 
 
+def test_a_site_with_zero_units_is_bound_once() -> None:
+    # an output with zero units (here (4, 0)) is a site like any other: each call reaches each collector once
+    class CountCalls(hs.Collector):
+        columns = ("seen",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("seen")
+            self.updates = 0
+
+        def update(self, state, output, site):
+            self.updates += 1
+            state["seen"].add_(1.0)
+
+        def compute(self, record):
+            return {"seen": record["seen"]}
+
+    counter = CountCalls()
+    model = nn.Sequential(nn.ReLU())
+    with HookManager(model, [counter, DeadReLU()], alerts=False) as hm:
+        for _ in range(3):
+            model(torch.randn(4, 0))
+            model(torch.randn(4, 0))
+            hm.step()
+    df = hm.to_dataframe()
+    assert counter.updates == 6
+    assert df["seen"].tolist() == [2.0, 2.0, 2.0] and df["units"].tolist() == [0, 0, 0]
+
+
 class Clip01(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp(0.0, 1.0)
