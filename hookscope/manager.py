@@ -536,7 +536,9 @@ class HookManager:
         ):
             self._site_by_key[key] = None
             return None
-        self._flush()  # closed steps are turned into values with the layout they were recorded with
+        # Closed steps are turned into values with the layout they were recorded with: the state grows when the
+        # site is bound (right after this, in the same hook) or at the next step's close, with the ring empty.
+        self._flush()
         site = Site(len(self._sites), layer, module, call, spec, function, bounds)
         self._sites.append(site)
         self._site_by_key[key] = site
@@ -566,7 +568,6 @@ class HookManager:
             site.problem = str(e)
             self._problem(f"hookscope: {e}; the site is skipped")
             return False
-        self._flush()
         if self._device is None:
             self._device, self._device_index = out.device, out.get_device()
             for c in self.collectors:
@@ -721,10 +722,10 @@ class HookManager:
         n = len(self._sites)
         values: torch.Tensor | None = None
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            counts = self._reduce_across_ranks(n) if self.global_stats else None
             banks = [c._bank for c in self.collectors if c._bank is not None]
             for bank in banks:
                 bank.resize(n)
+            counts = self._reduce_across_ranks(n, banks) if self.global_stats else None
             if commit:
                 for bank in banks:
                     bank.push()
@@ -795,12 +796,10 @@ class HookManager:
             record.values = row
             self._history.append(record)
 
-    def _reduce_across_ranks(self, n: int) -> torch.Tensor:
-        """Make this step's state global (one all_reduce per reduction kind); returns global host counts."""
+    def _reduce_across_ranks(self, n: int, banks: list[StateBank]) -> torch.Tensor:
+        """Make this step's state global (one all_reduce per reduction kind; ``banks`` cover ``n`` sites);
+        returns global host counts."""
         assert self._device is not None
-        banks = [c._bank for c in self.collectors if c._bank is not None]
-        for bank in banks:
-            bank.resize(n)
         counts = torch.tensor(
             [self._calls[:n], self._elements[:n], self._backward[:n]], dtype=torch.float64
         ).T.contiguous()
