@@ -23,6 +23,7 @@ from hookscope.alerts import (
     SaturationRule,
     VanishingGradientRule,
 )
+from hookscope.collectors.base import RING_STEPS
 
 # ---------------------------------------------------------------------------------------------------------------
 # audit
@@ -278,3 +279,19 @@ def test_dead_units_over_a_long_run_match_a_step_by_step_reference(window: int, 
     assert tl["revivals"].tolist() == revivals
     assert tl["last_revival"].tolist() == pytest.approx(last_revival, nan_ok=True)
     assert sum(revivals) > 3  # the pattern does exercise revivals
+
+
+def test_unit_state_is_a_copy_that_training_does_not_change() -> None:
+    model = nn.Sequential(nn.ReLU())
+    dead = DeadReLU()
+    with HookManager(model, [dead], alerts=False) as hm:
+        model(torch.tensor([[1.0, -1.0]]))
+        hm.step()
+        hm.to_dataframe()  # brings the persistent state up to date
+        state = dead.unit_state(hm.sites[0], 0, include_open=False)
+        for _ in range(RING_STEPS + 1):  # the ring is processed: last_fired becomes RING_STEPS for both units
+            model(torch.tensor([[1.0, 1.0]]))
+            hm.step()
+        hm.to_dataframe()
+    assert state["last_fired"].tolist() == [0.0, -math.inf]
+    assert state["revivals"].tolist() == [0, 0] and state["last_revival"].tolist() == [-math.inf, -math.inf]

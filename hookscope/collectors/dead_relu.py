@@ -124,7 +124,7 @@ class DeadReLU(Collector):
         ``include_open``, units firing in the open step count as having fired at ``step``.
         """
         views = self.bank._states[site.index]
-        last = views["last_fired"].cpu().numpy()
+        last = views["last_fired"].cpu().numpy().copy()  # on CPU, .cpu().numpy() shares the live state's memory
         if include_open:
             last = np.where(views["positive"].cpu().numpy() > 0, float(step), last)
         return {
