@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hookscope.checks import check_int
 from hookscope.errors import ConfigError, ConfigTypeError
 from hookscope.warn import HookscopeWarning
 
@@ -34,7 +35,10 @@ __all__ = [
     "NonFiniteRule",
     "SaturationRule",
     "VanishingGradientRule",
+    "alerts_of",
     "default_rules",
+    "gradient_median",
+    "gradient_outliers",
 ]
 
 #: Dead ratio at or above which a layer alerts (the threshold of keras-contrib's DeadReluDetector).
@@ -164,10 +168,21 @@ class SaturationRule(_AtLeastRule):
         return f"{row.saturation_rate:.0%} of its outputs are saturated"
 
 
-def _median_grad(rows: pd.DataFrame) -> float:
-    g = rows["grad_norm"].to_numpy(dtype=float)
+def gradient_median(grad_norms: np.ndarray) -> float:
+    """The median of a step's finite, non-zero gradient norms; NaN with fewer than two such layers."""
+    g = np.asarray(grad_norms, dtype=float)
     g = g[np.isfinite(g) & (g > 0)]
     return float(np.median(g)) if len(g) >= 2 else math.nan
+
+
+def gradient_outliers(grad_norms: np.ndarray, orders: float = GRADIENT_ORDERS) -> tuple[np.ndarray, np.ndarray]:
+    """``(vanishing, exploding)`` masks of one step's gradient norms: more than ``orders`` orders of magnitude
+    below, or above, the median layer's (:func:`gradient_median`); all false without a median."""
+    g = np.asarray(grad_norms, dtype=float)
+    median = gradient_median(g)
+    if math.isnan(median):
+        return np.zeros(len(g), dtype=bool), np.zeros(len(g), dtype=bool)
+    return g < median * 10.0**-orders, g > median * 10.0**orders
 
 
 class VanishingGradientRule(AlertRule):
@@ -179,7 +194,7 @@ class VanishingGradientRule(AlertRule):
         self.orders = _threshold("orders", orders, 0.0, 300.0)
 
     def check(self, rows: pd.DataFrame) -> list[Hit]:
-        median = _median_grad(rows)
+        median = gradient_median(rows["grad_norm"].to_numpy(dtype=float))
         if math.isnan(median):
             return []
         limit = median * 10.0**-self.orders
@@ -202,7 +217,7 @@ class ExplodingGradientRule(AlertRule):
         self.absolute = None if absolute is None else _threshold("absolute", absolute, 0.0, math.inf)
 
     def check(self, rows: pd.DataFrame) -> list[Hit]:
-        median = _median_grad(rows)
+        median = gradient_median(rows["grad_norm"].to_numpy(dtype=float))
         limits = [median * 10.0**self.orders] if not math.isnan(median) else []
         if self.absolute is not None:
             limits.append(self.absolute)
@@ -308,11 +323,9 @@ class Alerts:
         for rule in self.rules:
             if not isinstance(rule, AlertRule):
                 raise ConfigTypeError(f"`rules` must hold AlertRule instances, got {rule!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigError(f"`every` must be an int >= 1 (check alerts every N steps), got {every!r}")
+        self.every = check_int("every", every, minimum=1, meaning="check alerts every N steps")
         if callback is not None and not callable(callback):
             raise ConfigTypeError(f"`callback` must be callable, got {callback!r}")
-        self.every = every
         self.callback = callback
         self.warn = warn
         self.log = log
@@ -350,3 +363,14 @@ class Alerts:
 
     def __repr__(self) -> str:
         return f"Alerts(rules={self.rules}, every={self.every})"
+
+
+def alerts_of(alerts: object) -> Alerts | None:
+    """Check ``HookManager(alerts=...)``: ``True`` (default rules), ``False``/``None`` (off) or an :class:`Alerts`."""
+    if alerts is None or alerts is False:
+        return None
+    if alerts is True:
+        return Alerts()
+    if isinstance(alerts, Alerts):
+        return alerts
+    raise ConfigTypeError(f"`alerts` must be True, False, None or a hookscope.Alerts, got {alerts!r}")

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from hookscope.checks import check_int
 from hookscope.collectors.base import Collector
 from hookscope.collectors.dead_relu import DeadReLU
 from hookscope.errors import ConfigError, ConfigTypeError
@@ -75,10 +76,7 @@ def audit(
     """
     if not isinstance(model, nn.Module):
         raise ConfigTypeError(f"`model` must be a torch nn.Module, got {type(model).__name__}")
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise ConfigError(f"`max_batches` must be None or an int >= 1, got {max_batches!r}")
+    max_batches = check_int("max_batches", max_batches, optional=True, meaning="None runs every batch")
     manager_kwargs.setdefault("alerts", False)
     hm = HookManager(model, collectors, **manager_kwargs)
     param = next(model.parameters(), None)

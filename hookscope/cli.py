@@ -18,10 +18,11 @@ from rich.console import Console
 from rich.table import Table
 
 from hookscope.errors import ConfigError, HookscopeError
+from hookscope.report import STAT_COLUMNS
 
 __all__ = ["main"]
 
-REQUIRED_COLUMNS = ("step", "layer", "kind", "dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm")
+REQUIRED_COLUMNS = ("step", "layer", "kind", *STAT_COLUMNS)
 
 
 class UserError(HookscopeError, ValueError):

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from hookscope.errors import StateError
+from hookscope.errors import ConfigError, ConfigTypeError, StateError
 
 if TYPE_CHECKING:
     from hookscope.collectors.base import StateBank
 
-__all__ = ["is_distributed", "rank", "reduce_step"]
+__all__ = ["global_stats_of", "is_distributed", "rank", "reduce_step"]
 
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
@@ -84,3 +84,15 @@ def reduce_step(
             t.copy_(flat[offset : offset + n].view_as(t))
             offset += n
     return counts
+
+
+def global_stats_of(global_stats: object) -> bool:
+    """Check ``HookManager(global_stats=...)``; ``None`` means: when a process group of several ranks exists."""
+    if global_stats is not None and not isinstance(global_stats, bool):
+        raise ConfigTypeError(f"`global_stats` must be None (automatic), True or False, got {global_stats!r}")
+    if global_stats and not is_distributed():
+        raise ConfigError(
+            "`global_stats=True` needs torch.distributed initialised with more than one rank "
+            "(call torch.distributed.init_process_group first, or leave global_stats=None)"
+        )
+    return is_distributed() if global_stats is None else global_stats

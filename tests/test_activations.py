@@ -15,7 +15,7 @@ from hookscope.activations import (
     register_activation,
     unregister_activation,
 )
-from hookscope.sites import _round_to_dtype, strict_threshold
+from hookscope.numerics import round_to_dtype, strict_threshold
 
 MODULE_KINDS = [
     (nn.ReLU(), "relu"),
@@ -191,8 +191,8 @@ def _all_values(dtype: torch.dtype) -> torch.Tensor:
 def test_thresholds_are_exact_in_low_precision(dtype: torch.dtype, t: float) -> None:
     values = _all_values(dtype)
     exact = values.double()
-    up = _round_to_dtype(t, dtype, up=True)
-    down = _round_to_dtype(t, dtype, up=False)
+    up = round_to_dtype(t, dtype, up=True)
+    down = round_to_dtype(t, dtype, up=False)
     assert torch.equal(values >= up, exact >= t)
     assert torch.equal(values <= down, exact <= t)
 

@@ -241,9 +241,9 @@ def test_hooks_of_a_compiled_model_never_change_so_it_does_not_recompile(monkeyp
     # torch.compile each change would recompile (and dynamo gives up after its recompile limit)
     from torch._dynamo.testing import CompileCounter
 
-    import hookscope.manager
+    import hookscope.tracing
 
-    monkeypatch.setattr(hookscope.manager, "REDISCOVER_EVERY", 2)
+    monkeypatch.setattr(hookscope.tracing, "REDISCOVER_EVERY", 2)
     torch._dynamo.reset()
     model = SharedReLU()
     counter = CompileCounter()

@@ -340,7 +340,7 @@ def test_recording_switched_off_inside_a_forward_keeps_hooks_balanced() -> None:
         model.hm = hm
         model(torch.randn(2, 3))
         assert _get_current_function_mode_stack() == []  # the function capture ended with the forward
-        assert hm._stack == []
+        assert hm.tracer.stack == []
         model.hm = None
         hm.resume()
         model(torch.randn(2, 3))

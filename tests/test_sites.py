@@ -262,9 +262,9 @@ def test_functional_false_keeps_only_activation_and_entry_modules_hooked() -> No
 
 
 def test_a_functional_activation_that_appears_later_is_found_at_rediscovery(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hookscope.manager
+    import hookscope.tracing
 
-    monkeypatch.setattr(hookscope.manager, "REDISCOVER_EVERY", 3)
+    monkeypatch.setattr(hookscope.tracing, "REDISCOVER_EVERY", 3)
 
     class Late(nn.Module):
         def __init__(self) -> None:

@@ -15,7 +15,7 @@ step moves the views to the next row, and the collectors process the closed rows
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
@@ -26,15 +26,7 @@ from hookscope.errors import ConfigError, ConfigTypeError, StateError
 if TYPE_CHECKING:
     from hookscope.sites import Site
 
-__all__ = ["RING_STEPS", "Collector", "SiteState", "StateBank", "StateSpec", "count_dtype", "host_to_device"]
-
-#: Largest count that float32 sums exactly (every partial sum of 0/1 values is an integer up to it).
-_EXACT_F32 = 2**24
-
-
-def count_dtype(n: int) -> torch.dtype:
-    """The dtype in which a sum of ``n`` values of 0 or 1 is exact and cheapest: float32 up to 2**24 terms."""
-    return torch.float32 if n <= _EXACT_F32 else torch.float64
+__all__ = ["RING_STEPS", "Collector", "SiteState", "StateBank", "StateSpec", "host_to_device", "validate_collectors"]
 
 
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -99,7 +91,7 @@ class StateBank:
     """Flat device tensors holding one collector's declared state for all sites.
 
     Persistent states are one flat tensor each. Per-step states live in a *ring* of :data:`RING_STEPS` rows
-    (``(RING_STEPS, n)`` each): the open step's state is row :attr:`pending`, and closing a step only moves the
+    (``(RING_STEPS, n)`` each): the open step's state is row :attr:`closed_rows`, and closing a step only moves the
     sites' views to the next row (no tensor operation). The collector turns the closed rows into recorded
     numbers for many steps at once (:meth:`Collector.close_steps`) when the ring is full or a report is asked
     for; then the ring is emptied (:meth:`recycle`). The layout (sites, units) only changes while the ring holds
@@ -110,7 +102,7 @@ class StateBank:
         self.specs = dict(specs)
         self.device = device
         self.ring: dict[str, torch.Tensor] = {}
-        self.pending = 0  # closed steps in the ring; the open step is row `pending`
+        self.closed_rows = 0  # closed steps waiting in the ring; the open step is the row after them
         self.n_sites = 0
         self.n_units = 0
         self._site_cap = 0
@@ -132,7 +124,7 @@ class StateBank:
             return torch.full(shape, spec.default, dtype=spec.dtype, device=self.device)
 
     def _alloc(self, site_cap: int, unit_cap: int) -> None:
-        assert self.pending == 0, "the layout of a state bank changed while closed steps were pending"
+        assert self.closed_rows == 0, "the layout of a state bank changed while closed steps waited in the ring"
         for name, spec in self.specs.items():
             cap, used = (unit_cap, self.n_units) if spec.per_unit else (site_cap, self.n_sites)
             if spec.persistent:
@@ -162,9 +154,9 @@ class StateBank:
             return (self.units if spec.per_unit else self.scalars)[name]
         return self.ring[name][row]
 
-    def _bind(self, state: SiteState) -> None:
+    def _point(self, state: SiteState) -> None:
         """Point a site's views at the open step's row."""
-        key = (state.site_index, self.pending)
+        key = (state.site_index, self.closed_rows)
         views = self._site_views.get(key)
         if views is None:
             i = state.site_index
@@ -172,7 +164,7 @@ class StateBank:
             # Views made under inference_mode could not be updated in place outside it.
             with torch.inference_mode(False):
                 for name, spec in self.specs.items():
-                    flat = self._flat(name, self.pending)
+                    flat = self._flat(name, self.closed_rows)
                     if not spec.per_unit:
                         views[name] = flat[i]
                     elif i in self._unit_offsets:
@@ -183,7 +175,15 @@ class StateBank:
 
     def _bind_all(self) -> None:
         for state in self._states.values():
-            self._bind(state)
+            self._point(state)
+
+    def site_state(self, site_index: int) -> SiteState:
+        """The views of one site (the open step's row for per-step states).
+
+        Raises:
+            KeyError: The site has no state in this bank.
+        """
+        return self._states[site_index]
 
     def add_site(self, site_index: int, units: int) -> SiteState:
         """Allocate state for a site (site indices are the manager's; they may skip sites this bank ignores)."""
@@ -206,7 +206,7 @@ class StateBank:
         self._views.clear()
         state = SiteState(site_index)
         self._states[site_index] = state
-        self._bind(state)
+        self._point(state)
         return state
 
     def resize(self, n_sites: int) -> None:
@@ -222,7 +222,7 @@ class StateBank:
 
     # -- whole-bank views ---------------------------------------------------------------------------------------
     def _whole(self, name: str, n: int) -> torch.Tensor:
-        row = -1 if self.specs[name].persistent else self.pending
+        row = -1 if self.specs[name].persistent else self.closed_rows
         view = self._views.get((name, row))
         if view is None:
             with torch.inference_mode(False):
@@ -264,18 +264,18 @@ class StateBank:
         """Close the open step: its row joins the closed ones and the sites' views move to the next row, which
         holds the defaults. When the ring is full, :meth:`take` and :meth:`recycle` must follow before the next
         update."""
-        assert self.pending < RING_STEPS
-        self.pending += 1
-        if self.pending < RING_STEPS:
+        assert self.closed_rows < RING_STEPS
+        self.closed_rows += 1
+        if self.closed_rows < RING_STEPS:
             self._bind_all()
 
     def take(self) -> dict[str, torch.Tensor]:
         """The closed rows of every per-step state (``(steps, n)`` each; views, valid until :meth:`recycle`)."""
-        return self._rows(0, self.pending)
+        return self._rows(0, self.closed_rows)
 
     def recycle(self) -> None:
         """Empty the ring once its closed rows have been processed: the open step's row becomes row 0."""
-        rows, self.pending = self.pending, 0
+        rows, self.closed_rows = self.closed_rows, 0
         if rows == 0:
             return
         for name, spec in self.specs.items():
@@ -291,7 +291,7 @@ class StateBank:
 
     def current(self) -> dict[str, torch.Tensor]:
         """The per-step states of the open step, as a block of one row."""
-        return self._rows(self.pending, self.pending + 1)
+        return self._rows(self.closed_rows, self.closed_rows + 1)
 
     def nbytes(self) -> int:
         """Bytes held by the state tensors (the ring included)."""
@@ -389,13 +389,24 @@ class Collector:
         """The collector's class name."""
         return type(self).__name__
 
-    # -- binding (called by the manager) ------------------------------------------------------------------------
-    def _bind(self, owner: object) -> None:
+    # -- binding (called by the manager's recorder) -------------------------------------------------------------
+    def bind_owner(self, owner: object) -> None:
+        """Claim the collector for one manager (a collector's state belongs to one model).
+
+        Raises:
+            RuntimeError: Another manager uses it already.
+        """
         if self._owner is not None and self._owner is not owner:
             raise StateError(
                 f"collector {self.name} is already used by another HookManager; create one collector per manager"
             )
         self._owner = owner
+
+    def bind_device(self, device: torch.device) -> StateBank:
+        """Create the state tensors on ``device`` (once: the device of the first recorded output)."""
+        if self._bank is None:
+            self._bank = StateBank(self._state_specs, device)
+        return self._bank
 
     @property
     def bank(self) -> StateBank:
@@ -404,10 +415,10 @@ class Collector:
             raise StateError(f"{self.name} has no state yet: no site has been recorded")
         return self._bank
 
-    def _add_site(self, site: Site, device: torch.device) -> SiteState:
-        if self._bank is None:
-            self._bank = StateBank(self._state_specs, device)
-        return self._bank.add_site(site.index, site.units)
+    @property
+    def has_state(self) -> bool:
+        """Whether :attr:`bank` exists yet."""
+        return self._bank is not None
 
     # -- the protocol -------------------------------------------------------------------------------------------
     def applies_to(self, site: Site) -> bool:
@@ -447,3 +458,34 @@ class Collector:
 
     def __repr__(self) -> str:
         return f"{self.name}()"
+
+
+def validate_collectors(collectors: object, reserved: Iterable[str] = ()) -> list[Collector]:
+    """Check ``HookManager(collectors=...)``: one collector or an iterable of distinct instances whose columns are
+    unique and none of ``reserved`` (the manager's own columns)."""
+    if isinstance(collectors, Collector):
+        collectors = [collectors]
+    if not isinstance(collectors, Iterable):
+        raise ConfigTypeError(f"`collectors` must be None or a list of Collector instances, got {collectors!r}")
+    out: list[Collector] = []
+    for c in collectors:
+        if isinstance(c, type) and issubclass(c, Collector):
+            raise ConfigTypeError(
+                f"`collectors` must hold Collector instances, got the class {c.__name__}; write {c.__name__}() instead"
+            )
+        if not isinstance(c, Collector):
+            raise ConfigTypeError(f"`collectors` must hold hookscope Collector instances, got {c!r}")
+        if any(c is o for o in out):
+            raise ConfigError(f"`collectors` holds {c!r} twice")
+        out.append(c)
+    seen: dict[str, Collector] = {}
+    for c in out:
+        for col in c.columns:
+            if col in seen or col in reserved:
+                other = seen.get(col)
+                by = repr(other) if other is not None else "the manager"
+                raise ConfigError(
+                    f"`collectors`: column {col!r} of {c!r} is already reported by {by}; columns must be unique"
+                )
+            seen[col] = c
+    return out

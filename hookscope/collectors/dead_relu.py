@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from hookscope.collectors.base import Collector, SiteState, count_dtype, host_to_device
-from hookscope.errors import ConfigError, ConfigTypeError
+from hookscope.checks import check_int
+from hookscope.collectors.base import Collector, SiteState, host_to_device
+from hookscope.numerics import count_dtype
 from hookscope.sites import Site
 
-__all__ = ["DeadReLU", "per_unit_sum"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["TIMELINE_COLUMNS", "DeadReLU", "per_unit_sum"]
+
+#: Columns of :meth:`DeadReLU.timeline` (``HookManager.unit_timeline``), in order.
+TIMELINE_COLUMNS = ("layer", "unit", "last_fired", "dead", "dead_since", "revivals", "last_revival")
 
 
 #: Below this many elements per (sample, unit), summing the batch dimension first is faster (see per_unit_sum).
@@ -60,11 +68,9 @@ class DeadReLU(Collector):
 
     def __init__(self, window: int = 1) -> None:
         super().__init__()
-        if isinstance(window, bool) or not isinstance(window, int):
-            raise ConfigTypeError(f"`window` must be an int >= 1, got {window!r}")
-        if window < 1:
-            raise ConfigError(f"`window` must be >= 1, got {window}; use window=1 to judge each step alone")
-        self.window = window
+        self.window = check_int(
+            "window", window, minimum=1, meaning="consecutive silent steps; 1 judges each step alone"
+        )
         # Positive elements of each unit in the open step, and the last step in which each unit fired (> 0);
         # -inf for never.
         self.add_state("positive", per_unit=True)
@@ -123,7 +129,7 @@ class DeadReLU(Collector):
         Returns ``last_fired`` (``-inf`` if never), ``dead`` (bool), ``revivals`` and ``last_revival``. With
         ``include_open``, units firing in the open step count as having fired at ``step``.
         """
-        views = self.bank._states[site.index]
+        views = self.bank.site_state(site.index)
         last = views["last_fired"].cpu().numpy().copy()  # on CPU, .cpu().numpy() shares the live state's memory
         if include_open:
             last = np.where(views["positive"].cpu().numpy() > 0, float(step), last)
@@ -133,6 +139,39 @@ class DeadReLU(Collector):
             "revivals": views["revivals"].cpu().numpy().astype(np.int64),
             "last_revival": views["last_revival"].cpu().numpy().copy(),
         }
+
+    def timeline(self, sites: Sequence[Site], step: int, include_open: bool) -> pd.DataFrame:
+        """Per-unit history of ``sites`` as of ``step``: one row per unit, columns :data:`TIMELINE_COLUMNS`.
+
+        ``dead_since`` is the first step of the current dead spell: ``last_fired + window`` (the first step at
+        which the unit counted as dead), or the site's first step if the unit never fired. Sites this collector
+        does not apply to, and sites without units, are left out.
+        """
+        import pandas as pd
+
+        parts = []
+        for site in sites:
+            if site.units == 0 or not self.applies_to(site):
+                continue
+            st = self.unit_state(site, step, include_open)
+            last = st["last_fired"]
+            never = np.isinf(last)
+            first = float(site.first_step if site.first_step is not None else step)
+            since = np.where(never, first, last + self.window)
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "layer": site.layer,
+                        "unit": np.arange(site.units),
+                        "last_fired": np.where(never, np.nan, last),
+                        "dead": st["dead"],
+                        "dead_since": np.where(st["dead"], since, np.nan),
+                        "revivals": st["revivals"],
+                        "last_revival": np.where(np.isinf(st["last_revival"]), np.nan, st["last_revival"]),
+                    }
+                )
+            )
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(TIMELINE_COLUMNS))
 
     def __repr__(self) -> str:
         return f"DeadReLU(window={self.window})"

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from hookscope.collectors.base import Collector, SiteState, count_dtype
+from hookscope.collectors.base import Collector, SiteState
+from hookscope.numerics import count_dtype
 from hookscope.sites import Site
 
 __all__ = ["NonFinite", "count_nonfinite"]

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from hookscope.collectors.base import Collector, SiteState, count_dtype
+from hookscope.collectors.base import Collector, SiteState
 from hookscope.errors import ConfigError, ConfigTypeError
+from hookscope.numerics import count_dtype
 from hookscope.sites import Site
 
 __all__ = ["Saturation"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hookscope.checks import check_int
 from hookscope.manager import HookManager
-from hookscope.report import scalars
+from hookscope.report import STAT_COLUMNS, scalars
 
 __all__ = ["HookscopeCallback"]
 
@@ -18,8 +19,6 @@ except ModuleNotFoundError:  # pragma: no cover - exercised only without lightni
         raise ModuleNotFoundError(
             "the Lightning callback needs lightning: pip install 'hookscope[lightning]' (or pip install lightning)"
         ) from e
-
-STATS = ("dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm")
 
 
 class HookscopeCallback(Callback):  # type: ignore[misc]
@@ -42,11 +41,11 @@ class HookscopeCallback(Callback):  # type: ignore[misc]
         manager: The manager (``None`` before fit starts).
     """
 
-    def __init__(self, log_every_n_steps: int = 50, stats: tuple[str, ...] = STATS, **manager_kwargs: Any) -> None:
+    def __init__(
+        self, log_every_n_steps: int = 50, stats: tuple[str, ...] = STAT_COLUMNS, **manager_kwargs: Any
+    ) -> None:
         super().__init__()
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"`log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}")
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, meaning="steps between logs")
         self.stats = tuple(stats)
         self.manager_kwargs = manager_kwargs
         self.manager: HookManager | None = None

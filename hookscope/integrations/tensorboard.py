@@ -8,12 +8,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hookscope.report import scalars
-from hookscope.reporters.sink import Sink
+from hookscope.report import STAT_COLUMNS, scalars
+from hookscope.sinks import Sink
 
 __all__ = ["TensorBoardSink"]
-
-STATS = ("dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm")
 
 
 def _summary_writer() -> Any:
@@ -45,7 +43,7 @@ class TensorBoardSink(Sink):
         self,
         writer: Any,
         every: int = 100,
-        stats: tuple[str, ...] = STATS,
+        stats: tuple[str, ...] = STAT_COLUMNS,
         histograms: bool = False,
     ) -> None:
         super().__init__(every)
@@ -58,9 +56,9 @@ class TensorBoardSink(Sink):
     def write(self, frame: pd.DataFrame) -> None:
         for tag, step, value in scalars(frame, self.stats):
             self.writer.add_scalar(tag, value, global_step=step)
-        if self.histograms and self.manager is not None and len(frame):
+        if self.histograms and self.source is not None and len(frame):
             step = int(frame["step"].to_numpy().max())
-            timeline = self.manager.unit_timeline()
+            timeline = self.source.unit_timeline()
             for layer, units in timeline.groupby("layer", sort=False):
                 last = units["last_fired"].to_numpy(dtype=float)
                 since = np.where(np.isnan(last), step + 1, step - last)

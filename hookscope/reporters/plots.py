@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 
 from hookscope.errors import ConfigError
-from hookscope.reporters.csv import atomic_path
+from hookscope.files import PathLike, atomic_path
+from hookscope.report import STAT_COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["METRICS", "plot_heatmap", "plot_lines", "save_figure"]
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-#: Plottable metrics, with their titles; ``grad_norm`` is drawn on a log scale.
-METRICS = {
-    "dead_ratio": "dead ratio",
-    "inactive_fraction": "inactive fraction",
-    "saturation_rate": "saturation rate",
-    "grad_norm": "gradient norm (log scale)",
-}
+#: Plottable metrics (the statistic columns), with their titles; ``grad_norm`` is drawn on a log scale.
+_TITLES = {"grad_norm": "gradient norm (log scale)"}
+METRICS = {column: _TITLES.get(column, column.replace("_", " ")) for column in STAT_COLUMNS}
 
 
 def _matplotlib() -> Any:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from hookscope.alerts import DEAD_RATIO_ALERT, GRADIENT_ORDERS, SATURATION_ALERT
+from hookscope.alerts import DEAD_RATIO_ALERT, SATURATION_ALERT, gradient_outliers
 
 __all__ = ["build_table", "make_console"]
 
@@ -71,13 +71,9 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
     for header in ("calls", "dead", "inactive", "saturated", "grad norm"):
         table.add_column(header, justify="right", no_wrap=True)
     grads = rows["grad_norm"].to_numpy(dtype=float) if len(rows) else np.zeros(0)
-    finite = grads[np.isfinite(grads) & (grads > 0)]
-    median = float(np.median(finite)) if len(finite) >= 2 else math.nan
-    for r in rows.itertuples(index=False):
+    vanishing, exploding = gradient_outliers(grads)
+    for r, grad_alert in zip(rows.itertuples(index=False), vanishing | exploding):
         dead, sat, grad = _float(r.dead_ratio), _float(r.saturation_rate), _float(r.grad_norm)
-        grad_alert = not math.isnan(median) and (
-            grad < median * 10.0**-GRADIENT_ORDERS or grad > median * 10.0**GRADIENT_ORDERS
-        )
         table.add_row(
             str(r.layer),
             str(r.kind),
@@ -86,6 +82,6 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
             _styled(_pct(dead, missing), not math.isnan(dead) and dead >= DEAD_RATIO_ALERT, ascii),
             _pct(_float(r.inactive_fraction), missing),
             _styled(_pct(sat, missing), not math.isnan(sat) and sat >= SATURATION_ALERT, ascii),
-            _styled(_num(grad, missing), grad_alert or math.isinf(grad), ascii),
+            _styled(_num(grad, missing), bool(grad_alert) or math.isinf(grad), ascii),
         )
     return table

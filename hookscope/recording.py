@@ -1,0 +1,416 @@
+"""Recording: the site table, the open step, and closing steps into records.
+
+The tracer (:mod:`hookscope.tracing`) follows forward passes and hands each activation output to a
+:class:`Recorder`, which owns everything that is recorded:
+
+- the site table: which activation calls are sites (``include`` / ``exclude``), their names, units and bounds,
+  each site's collector states and its gradient hook;
+- the open step: per site, forward calls, output elements, backward passes, in order of first appearance; the
+  collectors' per-step state is updated in place on the device from the hooks;
+- closing a step: its per-step state moves to the collectors' rings (no tensor operation) and its record waits
+  there until the ring is *flushed* (every :data:`~hookscope.collectors.base.RING_STEPS` steps, or when a report
+  asks), which turns the closed rows into recorded values and stores them in the :class:`~hookscope.history.History`;
+- under ``torch.distributed``, the cross-rank reduction of each step's state and counts
+  (:mod:`hookscope.distributed`).
+
+The hooks call :meth:`Recorder.new_site`, :meth:`Recorder.observe` and, through each site's gradient hook,
+:meth:`Recorder.observe_grad`; the manager calls :meth:`Recorder.close_step`, :meth:`Recorder.snapshot`,
+:meth:`Recorder.flush` and the report helpers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hookscope import distributed
+from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBank, host_to_device
+from hookscope.errors import ConfigError, StateError
+from hookscope.history import FieldLayout, History, Rows, StepRecord
+from hookscope.report import build_frame
+from hookscope.sites import Site, UnitDim, matches, resolve_unit_dim
+from hookscope.warn import warn_once
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from hookscope.activations import ActivationSpec, Bounds
+
+__all__ = ["MISSING", "Recorder", "SiteKey"]
+
+#: A site's key in the table: (base name, call index within one forward pass).
+SiteKey = tuple[str, int]
+#: What :attr:`Recorder.site_by_key` answers for a key never seen (``None`` means "seen, not a site").
+MISSING: Any = object()
+
+
+class _Slot:
+    """A site's row in the table: its collector states, its gradient hook and its counts in the open step."""
+
+    __slots__ = ("applies", "backward", "calls", "elements", "fwd", "grad", "grad_hook", "site", "touched")
+
+    def __init__(self, site: Site, applies: tuple[bool, ...], grad_hook: Callable[[torch.Tensor], None]) -> None:
+        self.site = site
+        self.applies = applies  # per collector: whether it records this site
+        self.fwd: list[tuple[Collector, SiteState]] = []  # states fed with outputs
+        self.grad: list[tuple[Collector, SiteState]] = []  # states fed with gradients
+        self.grad_hook = grad_hook
+        self.touched = False  # ran (forward or backward) in the open step
+        self.calls = 0
+        self.elements = 0
+        self.backward = 0
+
+
+def _feed(pairs: list[tuple[Collector, SiteState]], tensor: torch.Tensor, site: Site, grad: bool) -> None:
+    """Give an output (or its gradient) to collectors with autograd and the function mode off.
+
+    No graph is recorded, so no ``detach()`` is needed; switching the grad mode directly costs a third of
+    ``torch.no_grad()`` as a context manager, and this runs twice per site and step.
+    """
+    grad_mode = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        with torch._C.DisableTorchFunction():
+            for collector, state in pairs:
+                if grad:
+                    collector.update_grad(state, tensor, site)
+                else:
+                    collector.update(state, tensor, site)
+    finally:
+        torch._C._set_grad_enabled(grad_mode)
+
+
+class Recorder:
+    """The site table, the open step and the closed ones, for one manager.
+
+    Args:
+        collectors: The manager's collectors (validated).
+        include: Layer-name patterns to record, or ``None`` for every site.
+        exclude: Layer-name patterns to leave out.
+        unit_dim: The ``unit_dim`` override (validated).
+        global_stats: Combine each step across ``torch.distributed`` ranks.
+        max_history: Steps kept for reports (``None``: all).
+        start_step: Number of the first step.
+    """
+
+    def __init__(
+        self,
+        collectors: Sequence[Collector],
+        *,
+        include: tuple[str, ...] | None,
+        exclude: tuple[str, ...] | None,
+        unit_dim: UnitDim,
+        global_stats: bool,
+        max_history: int | None,
+        start_step: int,
+    ) -> None:
+        self.collectors = list(collectors)
+        self.include = include
+        self.exclude = exclude
+        self.unit_dim = unit_dim
+        self.global_stats = global_stats
+        self.max_history = max_history
+        self.wants_grad = any(c.wants_grad for c in self.collectors)
+        #: Whether gradient hooks still record (false once the manager detached).
+        self.enabled = False
+        self.step = start_step  # the open step
+        self.sites: list[Site] = []
+        self.site_by_key: dict[SiteKey, Site | None] = {}  # None: an activation call left out by the patterns
+        self._slots: list[_Slot] = []
+        self._banks: list[StateBank] = []  # one per collector, once the device is known
+        self._device: torch.device | None = None
+        self._device_index = -2  # get_device() of the device: a cheaper first test in the hot path
+        self._order: list[_Slot] = []  # slots that ran in the open step, in order of first appearance
+        self.history = History(max_steps=max_history)
+        self.layout: FieldLayout | None = None  # fixed at the first flush
+        self.last_closed: StepRecord | None = None
+        self._in_ring: list[StepRecord] = []  # closed steps whose values wait in the collectors' rings
+        self._in_ring_counts: list[torch.Tensor] = []  # their global counts (global_stats)
+        self._reduced_layout: list[int] = []  # site and unit counts at the last cross-rank reduction
+        self._include_checked = False
+        self._ref = weakref.ref(self)
+        for c in self.collectors:
+            c.bind_owner(self)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the site table (called from the hooks)
+
+    def new_site(
+        self,
+        key: SiteKey,
+        layer: str,
+        module: str,
+        call: int,
+        spec: ActivationSpec,
+        function: str | None,
+        bounds: Bounds | None,
+    ) -> Site | None:
+        """Enter an activation call seen for the first time; ``None`` when the patterns leave it out."""
+        base = layer.split("#")[0]  # a pattern matching `name` also matches its further calls `name#k`
+        if (self.include is not None and not matches(self.include, layer, base)) or (
+            self.exclude is not None and matches(self.exclude, layer, base)
+        ):
+            self.site_by_key[key] = None
+            return None
+        # Closed steps are turned into values with the layout they were recorded with: the state grows when the
+        # site is bound (right after this, in the same hook) or at the next step's close, with the ring empty.
+        self.flush()
+        site = Site(len(self.sites), layer, module, call, spec, function, bounds)
+        ref = self._ref
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            recorder = ref()
+            if recorder is not None and recorder.enabled:
+                recorder.observe_grad(site, grad)
+
+        self.sites.append(site)
+        self.site_by_key[key] = site
+        self._slots.append(_Slot(site, tuple(c.applies_to(site) for c in self.collectors), grad_hook))
+        return site
+
+    def _bind(self, site: Site, out: torch.Tensor) -> bool:
+        """Fix a site's units and create its collector state at its first output. False if it cannot be."""
+        shape = tuple(out.shape)
+        try:
+            site.bind_shape(shape, resolve_unit_dim(self.unit_dim, site.layer, site.layer.split("#")[0], len(shape)))
+        except ConfigError as e:
+            site.problem = str(e)
+            _problem(f"hookscope: {e}; the site is skipped")
+            return False
+        if self._device is None:
+            self._device, self._device_index = out.device, out.get_device()
+            self._banks = [c.bind_device(out.device) for c in self.collectors]
+        slot = self._slots[site.index]
+        for c, bank, applies in zip(self.collectors, self._banks, slot.applies):
+            if applies:
+                state = bank.add_site(site.index, site.units)
+                slot.fwd.append((c, state))
+                if c.wants_grad:
+                    slot.grad.append((c, state))
+        return True
+
+    def observe(self, site: Site, output: torch.Tensor, recompute: bool) -> None:
+        """Record one output of a site (``recompute``: a checkpointed forward recomputed in backward, already
+        counted in the first pass; only its gradient hook matters)."""
+        if site.problem is not None:
+            return
+        if not site.units_fixed and not self._bind(site, output):
+            return
+        slot = self._slots[site.index]
+        if recompute:
+            if self.wants_grad and output.requires_grad:
+                output.register_hook(slot.grad_hook)
+            return
+        shape = output.shape
+        if shape != site.shape:
+            if site.units_of(shape) != site.units:
+                _problem(
+                    f"hookscope: site {site.layer!r} produced an output of shape {list(shape)} with "
+                    f"{site.units_of(shape)} units after {site.units} units; such calls are skipped "
+                    f"(use `unit_dim` if units sit in another dimension)"
+                )
+                return
+            site.shape = tuple(shape)
+        if output.get_device() != self._device_index and output.device != self._device:
+            _problem(
+                f"hookscope: site {site.layer!r} runs on {output.device} while the statistics live on "
+                f"{self._device}; calls on other devices are skipped (model parallelism is not supported)"
+            )
+            return
+        if not slot.touched:
+            slot.touched = True
+            self._order.append(slot)
+            if site.first_step is None:
+                site.first_step = self.step
+        slot.calls += 1
+        slot.elements += output.numel()
+        _feed(slot.fwd, output, site, grad=False)
+        if self.wants_grad and output.requires_grad:
+            output.register_hook(slot.grad_hook)
+
+    def observe_grad(self, site: Site, grad: torch.Tensor) -> None:
+        """Record one gradient with respect to a site's output (called by the site's gradient hook)."""
+        slot = self._slots[site.index]
+        if not slot.touched:
+            slot.touched = True
+            self._order.append(slot)
+        slot.backward += 1
+        _feed(slot.grad, grad, site, grad=True)
+
+    def applies(self) -> list[tuple[bool, ...]]:
+        """Per site, per collector: whether the collector records the site."""
+        return [slot.applies for slot in self._slots]
+
+    def check_include(self) -> None:
+        """Warn once when ``include`` matched none of the activation calls seen so far."""
+        if self._include_checked or self.include is None or not self.site_by_key:
+            return
+        self._include_checked = True
+        if not self.sites:
+            found = sorted(k[0] if k[1] == 0 else f"{k[0]}#{k[1]}" for k in self.site_by_key)
+            warn_once(
+                f"hookscope: `include` patterns {list(self.include)} matched none of the activation sites "
+                f"({', '.join(found[:10])}{', ...' if len(found) > 10 else ''})",
+                stacklevel=4,
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # closing steps
+
+    def close_step(self) -> StepRecord | None:
+        """Close the open step and number the next one. Returns the closed step's record (its values arrive
+        with the next :meth:`flush`), or ``None`` when nothing ran in it."""
+        # under torch.distributed the collective takes place even when nothing ran here in this step
+        record = self._close(commit=True, force=self.global_stats and bool(self.sites))
+        self.step += 1
+        if record is None:
+            return None
+        self._in_ring.append(record)
+        self.last_closed = record
+        if len(self._in_ring) >= RING_STEPS:
+            self.flush()
+        return record
+
+    def snapshot(self) -> StepRecord | None:
+        """The open step's record with its values, or ``None`` when nothing ran in it (or, under
+        ``torch.distributed``, always: its values are rank-local until :meth:`close_step` combines them)."""
+        return None if self.global_stats else self._close(commit=False)
+
+    def _close(self, commit: bool, force: bool = False) -> StepRecord | None:
+        """Close the open step (``commit``), or take a snapshot of it. A closed step's per-step state goes to
+        the collectors' rings and its record gets its values when the ring is flushed."""
+        order = self._order
+        if not order and not force:
+            return None
+        if not commit:
+            self.flush()
+        n = len(self.sites)
+        values: torch.Tensor | None = None
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            for bank in self._banks:
+                bank.resize(n)
+            counts = self._reduce_across_ranks(n) if self.global_stats else None
+            if commit:
+                for bank in self._banks:
+                    bank.push()
+                if counts is not None:
+                    self._in_ring_counts.append(counts)
+            else:
+                values = self._values([self.step], [counts] if counts is not None else [], commit=False)[0]
+        record = StepRecord(
+            step=self.step,
+            sites=[slot.site.index for slot in order],
+            calls=[slot.calls for slot in order],
+            elements=[slot.elements for slot in order],
+            backward=[slot.backward for slot in order],
+            units=[slot.site.units for slot in order],
+            shapes=[slot.site.shape for slot in order],
+            values=values,
+        )
+        if commit:
+            for slot in order:
+                slot.touched = False
+                slot.calls = slot.elements = slot.backward = 0
+            self._order = []
+        return record
+
+    def _values(self, steps: list[int], counts: list[torch.Tensor], commit: bool) -> torch.Tensor:
+        """``(len(steps), n_sites, n_fields)`` float64 values of a block of steps: the closed rows of the rings
+        when ``commit``, else the open step."""
+        columns: list[torch.Tensor] = []
+        if counts:  # global counts of calls, elements and backward passes: (steps, n_sites, 3)
+            columns.extend(torch.stack(counts).unbind(2))
+        n = len(self.sites)
+        if not self._banks:  # no site has been bound yet: no collector has state
+            return torch.zeros(len(steps), n, len(columns), dtype=torch.float64, device=self._device)
+        fields: list[tuple[str, ...]] = []
+        try:
+            for c, bank in zip(self.collectors, self._banks):
+                n = bank.n_sites
+                block = bank.take() if commit else bank.current()
+                closed = c.close_steps(steps, block, commit)
+                fields.append(tuple(closed))
+                columns.extend(closed.values())
+            layout = FieldLayout(global_counts=bool(counts), collectors=tuple(fields))
+            if self.layout is None:
+                self.layout = layout
+            elif layout != self.layout:
+                raise StateError(
+                    f"collectors must record the same fields at every step: got {layout}, expected {self.layout}"
+                )
+            if not columns:
+                return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device)
+            return torch.stack(columns, dim=2).to(torch.float64)  # a copy: the ring rows may be reused now
+        finally:
+            if commit:  # also when a collector raised: the hooks must never write into a closed row
+                for bank in self._banks:
+                    bank.recycle()
+
+    def flush(self) -> None:
+        """Turn the closed steps waiting in the rings into recorded values and store them in the history."""
+        records, self._in_ring = self._in_ring, []
+        if not records:
+            return
+        counts, self._in_ring_counts = self._in_ring_counts, []
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            values = self._values([r.step for r in records], counts, commit=True)
+        for record, row in zip(records, values.unbind(0)):  # one operation for all the rows
+            record.values = row
+            self.history.append(record)
+
+    def _reduce_across_ranks(self, n: int) -> torch.Tensor:
+        """Make this step's state global (one all_reduce per reduction kind; the banks cover ``n`` sites);
+        returns the global counts."""
+        assert self._device is not None
+        slots = self._slots[:n]
+        counts = torch.tensor(
+            [[s.calls for s in slots], [s.elements for s in slots], [s.backward for s in slots]], dtype=torch.float64
+        ).T.contiguous()
+        counts = host_to_device(counts, self._device)  # without waiting for the device
+        layout = [n, *(b.n_units for b in self._banks)]
+        check = layout != self._reduced_layout
+        self._reduced_layout = layout
+        return distributed.reduce_step(self._banks, counts, n, self._device, check_layout=check)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # reports
+
+    def frame(self, records: Sequence[StepRecord]) -> pd.DataFrame:
+        """The report frame of some records (their values must be set: flush first)."""
+        return self.frame_of_rows(Rows.concat([Rows.of(r) for r in records]))
+
+    def frame_of_rows(self, rows: Rows) -> pd.DataFrame:
+        """The report frame of some rows."""
+        return build_frame(rows, self.sites, self.collectors, self.layout or FieldLayout(), self.applies())
+
+    def rows(self) -> Rows:
+        """Recorded (step, site) rows with their raw counts, the open step included when it has data."""
+        self.flush()
+        parts = [self.history.records()]
+        snapshot = self.snapshot()
+        if snapshot is not None:
+            parts.append(Rows.of(snapshot))
+        rows = Rows.concat(parts)
+        steps = np.unique(rows.step)
+        if self.max_history is not None and len(steps) > self.max_history:
+            return rows.select(rows.step >= steps[-self.max_history])
+        return rows
+
+    def latest(self) -> tuple[int, bool]:
+        """The step reports call latest, and whether it is the open one (brings persistent state up to date)."""
+        self.flush()
+        if self._order:
+            return self.step, True
+        return (self.history.steps[-1], False) if len(self.history) else (self.step, False)
+
+    def state_bytes(self) -> int:
+        """Bytes of collector state on the device (independent of the number of steps)."""
+        return sum(bank.nbytes() for bank in self._banks)
+
+
+def _problem(message: str) -> None:
+    warn_once(message, stacklevel=5)

@@ -1,0 +1,347 @@
+"""Tracing: following a model's forward passes and handing each activation output to the recorder.
+
+Hooks are global state of a model: every forward pass runs them, whoever calls it, until they are removed. A
+:class:`Tracer` therefore owns exactly the handles it created, removes them in :meth:`Tracer.detach`, and a
+finalizer removes them too when the tracer (its manager) is garbage-collected without being detached. Hooks and
+the function mode hold only weak references to the tracer, so they never keep a manager alive.
+
+How a forward pass is followed:
+
+- During discovery (the first recorded step, and one recorded step in :data:`REDISCOVER_EVERY` after it) every
+  module of the model has a forward pre-hook and an ``always_call`` forward hook, which keep a stack of running
+  modules. A module entered while none is running starts a new forward pass: call indices restart there
+  (nothing depends on the root's own ``forward`` being called, as with Lightning's ``training_step``). After
+  discovery only the modules that matter keep their hooks (see :meth:`Tracer.slim`).
+- Activation modules are sites; their output is recorded in the forward hook. Functional activations
+  (``F.relu``, ``torch.tanh``, ``x.relu_()``...) are captured by a ``TorchFunctionMode`` that is active only
+  while a forward pass runs (after discovery: only inside the modules that call them); calls made inside an
+  activation module are not separate sites.
+- Gradients are captured by the recorder with a tensor hook on the output (``register_full_backward_hook``
+  fails on in-place activations). A forward pass recomputed by activation checkpointing runs inside autograd's
+  backward: its outputs are not counted again, but they carry the tensor hook when the first pass had no graph
+  (reentrant checkpointing).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from hookscope.activations import ActivationSpec, activation_for_function, activation_for_module
+from hookscope.recording import MISSING, Recorder
+from hookscope.sites import ROOT_NAME, iter_named_modules
+
+__all__ = ["REDISCOVER_EVERY", "Tracer"]
+
+_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+#: After discovery, every module is hooked again for one recorded step in this many (see Tracer.slim).
+REDISCOVER_EVERY = 1000
+
+
+def _in_backward() -> bool:
+    """True while autograd's backward runs (where activation checkpointing recomputes forwards)."""
+    return _graph_task_id() != -1
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for h in handles:
+        h.remove()
+
+
+class _FunctionCapture(TorchFunctionMode):
+    """Sees every torch function call of a forward pass and reports activation calls to the tracer."""
+
+    def __init__(self, tracer: weakref.ReferenceType[Tracer]) -> None:
+        super().__init__()
+        self._tracer = tracer
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        spec = activation_for_function(func)
+        if spec is not None:
+            tracer = self._tracer()
+            if tracer is not None:
+                tracer.functional_call(func, spec, args, kwargs, out)
+        return out
+
+
+class Tracer:
+    """Module hooks and the function mode of one manager; hands activation outputs to a :class:`Recorder`.
+
+    Args:
+        model: The model to follow.
+        recorder: Where outputs go.
+        functional: Capture functional activations with the function mode.
+
+    Attributes:
+        recording: Whether forward passes that begin now are followed (the manager sets it: paused, or a step
+            that ``every`` skips, is not recorded). A pass that began while recording is followed to its end.
+        attached: Whether the hooks are in place.
+    """
+
+    def __init__(self, model: nn.Module, recorder: Recorder, functional: bool) -> None:
+        self.model = model
+        self.recorder = recorder
+        self.functional = functional
+        self.recording = True
+        self.attached = False
+        self._ref = weakref.ref(self)
+        self._mode = _FunctionCapture(self._ref)
+        self._mode_active = False
+        self._mode_depth = 0  # stack depth of the module that pushed the function mode
+        # every handle registered (the finalizer holds this very list); per module, the ones in place
+        self._handles: list[RemovableHandle] = []
+        self._module_handles: dict[str, list[RemovableHandle]] = {}
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._activation_modules: set[str] = set()
+        # Discovery: during the first recorded step (and one step in REDISCOVER_EVERY after it) every module is
+        # hooked and the function mode covers whole forward passes. Afterwards only the modules that matter keep
+        # their hooks (see slim), because each hooked module call and each torch call seen by the mode costs
+        # microseconds of Python.
+        self.discovering = True
+        self._entries: set[str] = set()  # modules that began a forward pass
+        self._fn_parents: set[str] = set()  # modules that called a functional activation themselves
+        self._compiled = False  # a forward pass was traced by torch.compile: hooks never change
+        self._forward_seen = False  # a forward pass began since the last end_step()
+        self._recorded_steps = 0
+        # the forward pass in progress
+        self.stack: list[str] = []
+        self._activation_stack: list[tuple[str, int, ActivationSpec, nn.Module] | None] = []
+        self._counts: dict[str, int] = {}
+        self._recompute = False
+        self._recompute_task = -1
+        self._recompute_counts: dict[str, int] = {}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # hooks in place
+
+    def attach(self) -> None:
+        """Hook every module (discovery)."""
+        self._handles = []
+        self._module_handles = {}
+        self._activation_modules = set()
+        try:
+            self._hook_modules()
+        except BaseException:
+            _remove_handles(self._handles)
+            raise
+        # a manager dropped without detach() still takes its hooks off the model when it is collected
+        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+        self.stack.clear()
+        self._activation_stack.clear()
+        self.discovering = True
+        self.attached = True
+
+    def detach(self) -> None:
+        """Remove every hook (idempotent), and leave the function mode if a forward pass is interrupted."""
+        _remove_handles(self._handles)
+        self._handles = []
+        self._module_handles = {}
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self.attached = False
+        if self._mode_active:  # detached from inside a forward pass
+            self._mode.__exit__(None, None, None)
+            self._mode_active = False
+        self.stack.clear()
+        self._activation_stack.clear()
+
+    def hooked_modules(self) -> list[str]:
+        """Names of the modules that have hooks of this tracer now."""
+        return list(self._module_handles)
+
+    def _hook_modules(self) -> None:
+        """Hook every module of the model that has no hooks of ours yet."""
+        ref = self._ref
+        for name, module in iter_named_modules(self.model):
+            if name in self._module_handles:
+                continue
+            spec = activation_for_module(module)
+            pair = [
+                module.register_forward_pre_hook(_pre_hook(ref, name, spec), prepend=True),
+                module.register_forward_hook(_post_hook(ref, name, spec), always_call=True),
+            ]
+            self._module_handles[name] = pair
+            self._handles.extend(pair)
+            if spec is not None:
+                self._activation_modules.add(name)
+
+    def slim(self) -> None:
+        """End discovery: keep hooks only where they are needed to name and observe every site found.
+
+        Kept: activation modules; modules that began a forward pass (so passes begin and end as before); modules
+        that call a functional activation themselves, where the function mode is pushed, and their direct
+        children (so that the innermost running module, which names a functional site, is the same as in
+        discovery). Every other module loses its hooks.
+        """
+        parents = self._fn_parents if self.functional else set()
+        keep = self._entries | parents | self._activation_modules | {""}
+        for name, pair in list(self._module_handles.items()):
+            parent = name.rpartition(".")[0] if name else None
+            if name in keep or parent in parents:
+                continue
+            for h in pair:
+                h.remove()
+            del self._module_handles[name]
+        self._handles[:] = [h for pair in self._module_handles.values() for h in pair]
+        self.discovering = False
+
+    def end_step(self) -> None:
+        """Housekeeping after a step closed: end discovery after the first recorded step, rediscover now and
+        then; nothing under ``torch.compile`` (changing hooks would make it recompile, and give up after a few
+        times)."""
+        if not (self._forward_seen and self.attached):
+            return
+        self._forward_seen = False
+        self._recorded_steps += 1
+        if self._compiled:
+            return
+        if self.discovering:
+            self.slim()
+        elif self._recorded_steps % REDISCOVER_EVERY == 0:
+            self._hook_modules()  # one recorded step with every module hooked again
+            self.discovering = True
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the forward pass (hot path)
+
+    def enter(self, name: str, spec: ActivationSpec | None, module: nn.Module) -> None:
+        """A hooked module begins its forward."""
+        if not self.stack:
+            self._begin_forward()
+            if self.discovering:
+                self._entries.add(name)
+        self.stack.append(name)
+        if not self._mode_active and name in self._fn_parents and self.functional:
+            self._mode.__enter__()
+            self._mode_active, self._mode_depth = True, len(self.stack)
+        if spec is not None:
+            if self._activation_stack:
+                self._activation_stack.append(None)  # nested inside another activation: not a site
+            else:
+                k = self._counts.get(name, 0)
+                self._counts[name] = k + 1
+                self._activation_stack.append((name, k, spec, module))
+
+    def exit(self, name: str, spec: ActivationSpec | None, output: Any) -> None:
+        """A hooked module ends its forward (also when it raised: ``always_call``)."""
+        if not self.stack or self.stack[-1] != name:
+            return  # our pre-hook did not run for this call (an earlier pre-hook raised)
+        self.stack.pop()
+        if self._mode_active and len(self.stack) < self._mode_depth:
+            self._mode_active = False
+            self._mode.__exit__(None, None, None)
+        if spec is not None and self._activation_stack:
+            entry = self._activation_stack.pop()
+            if entry is not None and isinstance(output, torch.Tensor):
+                act_name, k, act_spec, module = entry
+                recorder = self.recorder
+                site = recorder.site_by_key.get((act_name, k), MISSING)
+                if site is MISSING:
+                    layer = act_name or ROOT_NAME
+                    site = recorder.new_site(
+                        (act_name, k),
+                        layer if k == 0 else f"{layer}#{k}",
+                        act_name,
+                        k,
+                        act_spec,
+                        None,
+                        act_spec.resolve_bounds(module),
+                    )
+                if site is not None:
+                    recorder.observe(site, output, self._recompute)
+        if not self.stack:
+            self._end_forward()
+
+    def _begin_forward(self) -> None:
+        self._forward_seen = True
+        if torch.compiler.is_compiling():  # traced by torch.compile: the hooks must stay as they are
+            self._compiled = True
+        if _in_backward():  # activation checkpointing recomputes a forward inside backward
+            task = _graph_task_id()
+            if task != self._recompute_task:
+                self._recompute_task, self._recompute_counts = task, {}
+            self._counts, self._recompute = self._recompute_counts, True
+        else:
+            self._counts, self._recompute = {}, False
+        if self.functional and self.discovering and not self._mode_active:
+            self._mode.__enter__()
+            self._mode_active, self._mode_depth = True, 1
+
+    def _end_forward(self) -> None:
+        if self._mode_active:
+            self._mode_active = False
+            self._mode.__exit__(None, None, None)
+
+    def functional_call(
+        self,
+        func: Callable[..., Any],
+        spec: ActivationSpec,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        out: Any,
+    ) -> None:
+        """The function mode saw a call of an activation function."""
+        if not self.attached or self._activation_stack or not isinstance(out, torch.Tensor):
+            return
+        enclosing = self.stack[-1] if self.stack else ""
+        if enclosing not in self._fn_parents:
+            if not self.discovering:  # the mode runs in a child of a module that calls activations
+                return
+            self._fn_parents.add(enclosing)
+        fname = getattr(func, "__name__", "function")
+        base = f"{enclosing}.{fname}()" if enclosing else f"{fname}()"
+        k = self._counts.get(base, 0)
+        self._counts[base] = k + 1
+        recorder = self.recorder
+        site = recorder.site_by_key.get((base, k), MISSING)
+        if site is MISSING:
+            site = recorder.new_site(
+                (base, k),
+                base if k == 0 else f"{base}#{k}",
+                enclosing,
+                k,
+                spec,
+                fname,
+                spec.resolve_bounds(None, args, kwargs),
+            )
+        if site is not None:
+            recorder.observe(site, out, self._recompute)
+
+
+def _pre_hook(
+    ref: weakref.ReferenceType[Tracer], name: str, spec: ActivationSpec | None
+) -> Callable[[nn.Module, Any], None]:
+    def hook(module: nn.Module, args: Any) -> None:
+        tracer = ref()
+        # a forward that began while recording is followed to its end, so the module stack stays balanced
+        if tracer is not None and tracer.attached and (tracer.recording or tracer.stack):
+            tracer.enter(name, spec, module)
+
+    return hook
+
+
+def _post_hook(
+    ref: weakref.ReferenceType[Tracer], name: str, spec: ActivationSpec | None
+) -> Callable[[nn.Module, Any, Any], None]:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        tracer = ref()
+        if tracer is not None and tracer.attached and tracer.stack:
+            tracer.exit(name, spec, output)
+
+    return hook
