@@ -31,7 +31,7 @@ from hookscope.collectors.saturation import Saturation
 from hookscope.errors import ConfigError, ConfigTypeError, StateError, UnknownLayerError
 from hookscope.history import Rows, StepRecord
 from hookscope.recording import Recorder
-from hookscope.report import ROW_COLUMNS
+from hookscope.report import ROW_COLUMNS, report_columns
 from hookscope.sinks import Sink, sinks_of
 from hookscope.sites import Site, validate_patterns, validate_unit_dim
 from hookscope.tracing import Tracer
@@ -263,6 +263,11 @@ class HookManager:
 
     # ----------------------------------------------------------------------------------------------------------
     # reports
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns of :meth:`to_dataframe`, in order (fixed when the manager is built)."""
+        return report_columns(self.collectors)
 
     def rows(self) -> Rows:
         """Recorded (step, site) rows with their raw counts, the open step included when it has data."""

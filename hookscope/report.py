@@ -18,12 +18,18 @@ if TYPE_CHECKING:
     from hookscope.collectors.base import Collector
     from hookscope.sites import Site
 
-__all__ = ["ROW_COLUMNS", "STAT_COLUMNS", "build_frame", "scalars"]
+__all__ = ["ROW_COLUMNS", "STAT_COLUMNS", "build_frame", "report_columns", "scalars"]
 
 #: Columns describing the row, in order.
 ROW_COLUMNS: tuple[str, ...] = ("step", "layer", "kind", "shape", "units", "calls")
 #: Columns of the built-in collectors, always present (NaN when the collector is not attached), in order.
 STAT_COLUMNS: tuple[str, ...] = ("dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm")
+
+
+def report_columns(collectors: Sequence[Collector]) -> tuple[str, ...]:
+    """The columns of a report frame: the row columns, the built-in statistics, then custom collectors' columns."""
+    extra = [col for c in collectors for col in c.columns if col not in STAT_COLUMNS]
+    return (*ROW_COLUMNS, *STAT_COLUMNS, *extra)
 
 
 def scalars(frame: pd.DataFrame, stats: Sequence[str] = STAT_COLUMNS) -> list[tuple[str, int, float]]:
@@ -51,8 +57,7 @@ def build_frame(
 
     ``applies[i][c]`` tells whether collector ``c`` records site ``i`` (its columns are NaN where it does not).
     """
-    extra = [col for c in collectors for col in c.columns if col not in STAT_COLUMNS]
-    columns = [*ROW_COLUMNS, *STAT_COLUMNS, *extra]
+    columns = report_columns(collectors)
     idx = rows.site
     out: dict[str, object] = {
         "step": rows.step.astype(np.int64),
@@ -62,7 +67,7 @@ def build_frame(
         "units": rows.units.astype(np.int64),
         "calls": rows.calls.astype(np.int64),
     }
-    for col in (*STAT_COLUMNS, *extra):
+    for col in columns[len(ROW_COLUMNS) :]:
         out[col] = np.full(len(idx), np.nan)
     if len(idx):
         applies_arr = np.asarray(applies, dtype=bool).reshape(len(sites), len(collectors))[idx]
@@ -79,4 +84,4 @@ def build_frame(
             for col in collector.columns:
                 out[col] = np.where(mask, np.asarray(computed[col], dtype=np.float64), np.nan)
     # step, units and calls are int64 arrays already: an astype() here cost 70% of building the frame
-    return pd.DataFrame(out, columns=columns)
+    return pd.DataFrame(out, columns=list(columns))

@@ -21,6 +21,11 @@ __all__ = ["Sink", "SinkSource", "sinks_of"]
 class SinkSource(Protocol):
     """What a sink may ask of the manager that feeds it."""
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns of every frame the sink will receive, in order (known when the sink is bound)."""
+        ...
+
     def unit_timeline(self, layer: str | None = None) -> pd.DataFrame:
         """Per-unit history of the rectifier layers (see ``HookManager.unit_timeline``)."""
         ...
