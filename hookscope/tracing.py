@@ -24,6 +24,7 @@ How a forward pass is followed:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
@@ -55,6 +56,63 @@ def _remove_handles(handles: list[RemovableHandle]) -> None:
         h.remove()
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Hooks under torch.compile
+#
+# hookscope's Python (dictionaries, thresholds, per-site state) must never be traced into a compiled graph: its
+# floats and containers become guards that fail ("Guard failed on the same frame it was created"), and values
+# that dynamo turns into tensors break it ("'NoneType' object has no attribute 'item'"). So the hooks are opaque
+# to dynamo: a traced forward breaks its graph at each hook, and the hook runs eagerly, outside any compiled
+# frame. Marking the hook functions (instead of wrapping them with torch.compiler.disable) costs nothing in
+# eager mode and does not import torch._dynamo: the marks are a function attribute that dynamo checks when it
+# meets a call, and a per-code "skip" strategy so that dynamo never compiles the hook as a frame of its own.
+# Inside a compiled region dynamo's frame callback is set: the hook then runs its body with dynamo disabled, so
+# that the functions it calls are not compiled either, and notes that the model is compiled (its hooks must then
+# never change: each change would make it recompile).
+
+_dynamo_c: Any
+try:
+    from torch._C._dynamo import eval_frame as _dynamo_c
+
+    _compile_region: Callable[[], object] = _dynamo_c.get_eval_frame_callback
+except (ImportError, AttributeError):  # pragma: no cover - torch builds without dynamo
+    _dynamo_c = None
+
+    def _compile_region() -> object:
+        return None
+
+
+def _never_a_compiled_frame(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark ``fn`` so that dynamo never compiles it as a frame of its own (it may still trace it inline)."""
+    if _dynamo_c is not None:
+        with contextlib.suppress(AttributeError, TypeError):
+            strategy = _dynamo_c._FrameExecStrategy(_dynamo_c._FrameAction.SKIP, _dynamo_c._FrameAction.DEFAULT)
+            _dynamo_c.set_code_exec_strategy(fn.__code__, strategy)
+    return fn
+
+
+def _opaque_to_dynamo(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark ``fn`` so that torch.compile neither traces nor compiles it (see above)."""
+    fn._torchdynamo_disable = True  # type: ignore[attr-defined]
+    return _never_a_compiled_frame(fn)
+
+
+_disabled: Callable[..., None] | None = None
+
+
+@_opaque_to_dynamo
+def _outside_compile(fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn(*args)`` with dynamo disabled (from a hook called inside a compiled region)."""
+    global _disabled
+    if _disabled is None:
+        _disabled = torch.compiler.disable(_call)
+    _disabled(fn, *args)
+
+
+def _call(fn: Callable[..., None], *args: Any) -> None:
+    fn(*args)
+
+
 class _FunctionCapture(TorchFunctionMode):
     """Sees every torch function call of a forward pass and reports activation calls to the tracer."""
 
@@ -73,10 +131,13 @@ class _FunctionCapture(TorchFunctionMode):
         out = func(*args, **kwargs)
         spec = activation_for_function(func)
         if spec is not None:
-            tracer = self._tracer()
-            if tracer is not None:
-                tracer.functional_call(func, spec, args, kwargs, out)
+            _functional_call(self._tracer, func, spec, args, kwargs, out)
         return out
+
+
+# Its frames run whenever torch calls go through the mode; compiled on their own, they were reused across
+# different functions (a sigmoid recorded as a relu): only a forward traced by dynamo may trace it inline.
+_never_a_compiled_frame(_FunctionCapture.__torch_function__)
 
 
 class Tracer:
@@ -115,7 +176,10 @@ class Tracer:
         self.discovering = True
         self._entries: set[str] = set()  # modules that began a forward pass
         self._fn_parents: set[str] = set()  # modules that called a functional activation themselves
-        self._compiled = False  # a forward pass was traced by torch.compile: hooks never change
+        self._compiled = _Compiled()  # a forward pass was traced by torch.compile: hooks never change
+        self._hooks = (_pre_hook(self._ref, self._compiled), _post_hook(self._ref, self._compiled))  # shared
+        #: The name and activation kind of each hooked module, by ``id(module)``.
+        self.names: dict[int, tuple[str, ActivationSpec | None]] = {}
         self._forward_seen = False  # a forward pass began since the last end_step()
         self._recorded_steps = 0
         # the forward pass in progress
@@ -167,14 +231,14 @@ class Tracer:
 
     def _hook_modules(self) -> None:
         """Hook every module of the model that has no hooks of ours yet."""
-        ref = self._ref
         for name, module in iter_named_modules(self.model):
             if name in self._module_handles:
                 continue
             spec = activation_for_module(module)
+            self.names[id(module)] = (name, spec)
             pair = [
-                module.register_forward_pre_hook(_pre_hook(ref, name, spec), prepend=True),
-                module.register_forward_hook(_post_hook(ref, name, spec), always_call=True),
+                module.register_forward_pre_hook(self._hooks[0], prepend=True),
+                module.register_forward_hook(self._hooks[1], always_call=True),
             ]
             self._module_handles[name] = pair
             self._handles.extend(pair)
@@ -209,7 +273,7 @@ class Tracer:
             return
         self._forward_seen = False
         self._recorded_steps += 1
-        if self._compiled:
+        if self._compiled.seen:
             return
         if self.discovering:
             self.slim()
@@ -219,6 +283,19 @@ class Tracer:
 
     # ----------------------------------------------------------------------------------------------------------
     # the forward pass (hot path)
+
+    def pre_hook(self, module: nn.Module) -> None:
+        """Called by every hooked module's forward pre-hook."""
+        # a forward that began while recording is followed to its end, so the module stack stays balanced
+        if self.attached and (self.recording or self.stack):
+            name, spec = self.names[id(module)]
+            self.enter(name, spec, module)
+
+    def post_hook(self, module: nn.Module, output: Any) -> None:
+        """Called by every hooked module's forward hook (``always_call``: also when the forward raised)."""
+        if self.attached and self.stack:
+            name, spec = self.names[id(module)]
+            self.exit(name, spec, output)
 
     def enter(self, name: str, spec: ActivationSpec | None, module: nn.Module) -> None:
         """A hooked module begins its forward."""
@@ -270,8 +347,6 @@ class Tracer:
 
     def _begin_forward(self) -> None:
         self._forward_seen = True
-        if torch.compiler.is_compiling():  # traced by torch.compile: the hooks must stay as they are
-            self._compiled = True
         if _in_backward():  # activation checkpointing recomputes a forward inside backward
             task = _graph_task_id()
             if task != self._recompute_task:
@@ -324,24 +399,59 @@ class Tracer:
             recorder.observe(site, out, self._recompute)
 
 
-def _pre_hook(
-    ref: weakref.ReferenceType[Tracer], name: str, spec: ActivationSpec | None
-) -> Callable[[nn.Module, Any], None]:
+class _Compiled:
+    """Whether a hook ran inside a torch.compile region."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+
+def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled) -> Callable[[nn.Module, Any], None]:
+    @_opaque_to_dynamo
     def hook(module: nn.Module, args: Any) -> None:
         tracer = ref()
-        # a forward that began while recording is followed to its end, so the module stack stays balanced
-        if tracer is not None and tracer.attached and (tracer.recording or tracer.stack):
-            tracer.enter(name, spec, module)
+        if tracer is None:
+            return
+        if _compile_region() is None:
+            tracer.pre_hook(module)
+        else:
+            compiled.seen = True
+            _outside_compile(tracer.pre_hook, module)
 
     return hook
 
 
-def _post_hook(
-    ref: weakref.ReferenceType[Tracer], name: str, spec: ActivationSpec | None
-) -> Callable[[nn.Module, Any, Any], None]:
+def _post_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled) -> Callable[[nn.Module, Any, Any], None]:
+    @_opaque_to_dynamo
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         tracer = ref()
-        if tracer is not None and tracer.attached and tracer.stack:
-            tracer.exit(name, spec, output)
+        if tracer is None:
+            return
+        if _compile_region() is None:
+            tracer.post_hook(module, output)
+        else:
+            compiled.seen = True
+            _outside_compile(tracer.post_hook, module, output)
 
     return hook
+
+
+@_opaque_to_dynamo
+def _functional_call(
+    ref: weakref.ReferenceType[Tracer],
+    func: Callable[..., Any],
+    spec: ActivationSpec,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    out: Any,
+) -> None:
+    tracer = ref()
+    if tracer is None:
+        return
+    if _compile_region() is None:
+        tracer.functional_call(func, spec, args, kwargs, out)
+    else:
+        tracer._compiled.seen = True
+        _outside_compile(tracer.functional_call, func, spec, args, kwargs, out)
