@@ -25,8 +25,10 @@ How a forward pass is followed:
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from collections.abc import Iterable, Mapping
+from types import FrameType
 from typing import Any, Callable
 
 import torch
@@ -180,10 +182,11 @@ class Tracer:
         self._hooks = (_pre_hook(self._ref, self._compiled), _post_hook(self._ref, self._compiled))  # shared
         #: The name and activation kind of each hooked module, by ``id(module)``.
         self.names: dict[int, tuple[str, ActivationSpec | None]] = {}
-        self._forward_seen = False  # a forward pass began since the last end_step()
+        self._pass_done = False  # a forward pass ran to its end since the last end_step()
         self._recorded_steps = 0
         # the forward pass in progress
         self.stack: list[str] = []
+        self._pass_frame: FrameType | None = None  # the frame of the module call that began the pass
         self._activation_stack: list[tuple[str, int, ActivationSpec, nn.Module] | None] = []
         self._counts: dict[str, int] = {}
         self._recompute = False
@@ -219,11 +222,7 @@ class Tracer:
             self._finalizer.detach()
             self._finalizer = None
         self.attached = False
-        if self._mode_active:  # detached from inside a forward pass
-            self._mode.__exit__(None, None, None)
-            self._mode_active = False
-        self.stack.clear()
-        self._activation_stack.clear()
+        self.recover()  # detached from inside (or after an interrupted) forward pass
 
     def hooked_modules(self) -> list[str]:
         """Names of the modules that have hooks of this tracer now."""
@@ -269,9 +268,12 @@ class Tracer:
         """Housekeeping after a step closed: end discovery after the first recorded step, rediscover now and
         then; nothing under ``torch.compile`` (changing hooks would make it recompile, and give up after a few
         times)."""
-        if not (self._forward_seen and self.attached):
+        if self.stack and self._interrupted():  # no forward runs between steps
+            self.recover()
+        # discovery ends after a step in which a pass ran to its end (an interrupted one saw only part of it)
+        if not (self._pass_done and self.attached):
             return
-        self._forward_seen = False
+        self._pass_done = False
         self._recorded_steps += 1
         if self._compiled.seen:
             return
@@ -285,11 +287,44 @@ class Tracer:
     # the forward pass (hot path)
 
     def pre_hook(self, module: nn.Module) -> None:
-        """Called by every hooked module's forward pre-hook."""
-        # a forward that began while recording is followed to its end, so the module stack stays balanced
-        if self.attached and (self.recording or self.stack):
+        """Called by every hooked module's forward pre-hook (directly: ``sys._getframe(2)`` is the frame of
+        torch's module call that runs the hook)."""
+        if not self.attached:
+            return
+        if self.stack:
             name, spec = self.names[id(module)]
-            self.enter(name, spec, module)
+            if name in self._entries and self._interrupted():
+                self.recover()
+        elif self.recording:
+            # the frame of the module call that begins this forward pass lives exactly as long as the pass
+            self._pass_frame = None if self._compiled.seen else sys._getframe(2)
+            name, spec = self.names[id(module)]
+        else:
+            return
+        # a forward that began while recording is followed to its end, so the module stack stays balanced
+        self.enter(name, spec, module)
+
+    def _interrupted(self) -> bool:
+        """Whether the forward pass on the stack ended without our forward hooks (torch runs ``always_call``
+        hooks for ``Exception`` only: a ``KeyboardInterrupt`` or ``SystemExit`` inside a forward skips them)."""
+        frame = self._pass_frame
+        if frame is None:
+            return False
+        try:
+            frame.clear()  # only a frame that finished can be cleared
+        except RuntimeError:
+            return False  # still executing: the pass is running and this module is nested in it
+        return True
+
+    def recover(self) -> None:
+        """Forget a forward pass that was interrupted: empty the stacks and leave the function mode."""
+        self._pass_frame = None
+        if self._mode_active:
+            self._mode_active = False
+            if torch.overrides._get_current_function_mode_stack()[-1:] == [self._mode]:
+                self._mode.__exit__(None, None, None)
+        self.stack.clear()
+        self._activation_stack.clear()
 
     def post_hook(self, module: nn.Module, output: Any) -> None:
         """Called by every hooked module's forward hook (``always_call``: also when the forward raised)."""
@@ -343,10 +378,11 @@ class Tracer:
                 if site is not None:
                     recorder.observe(site, output, self._recompute)
         if not self.stack:
+            self._pass_frame = None
+            self._pass_done = True
             self._end_forward()
 
     def _begin_forward(self) -> None:
-        self._forward_seen = True
         if _in_backward():  # activation checkpointing recomputes a forward inside backward
             task = _graph_task_id()
             if task != self._recompute_task:
