@@ -340,26 +340,45 @@ class Alerts:
         """Apply the rules to one step's rows; report and return the alerts not reported before.
 
         Only the ``primary`` process (rank zero under ``torch.distributed``) warns and logs; the callback is
-        called on every rank.
+        called on every rank. Every new alert is recorded and delivered even when a custom rule or a delivery
+        (the callback, a warning filter that turns warnings into errors) raises; the first such error is raised
+        once all are delivered.
         """
         new: list[Alert] = []
+        errors: list[Exception] = []  # raised by user code (a custom rule, the callback, warnings as errors)
         for rule in self.rules:
-            for layer, value, threshold, text in rule.check(rows):
+            try:
+                hits = rule.check(rows)
+            except Exception as e:
+                errors.append(e)
+                continue
+            for layer, value, threshold, text in hits:
                 key = (rule.name, layer)
                 if key in self._seen:
                     continue
                 self._seen.add(key)
                 message = f"hookscope: step {step}: layer {layer!r}: {text} ({rule.name}). {HINTS.get(rule.name, '')}"
                 new.append(Alert(rule.name, layer, step, float(value), float(threshold), message.strip()))
-        for alert in new:
+        for alert in new:  # every alert is delivered, whatever one delivery raised
             self.fired.append(alert)
-            if self.warn and primary:
-                warnings.warn(alert.message, HookscopeAlert, stacklevel=4)
-            if self.log and primary:
-                logger.warning(alert.message)
-            if self.callback is not None:
-                self.callback(alert)
+            for deliver in self._deliveries(primary):
+                try:
+                    deliver(alert)
+                except Exception as e:
+                    errors.append(e)
+        if errors:
+            raise errors[0]
         return new
+
+    def _deliveries(self, primary: bool) -> list[Callable[[Alert], None]]:
+        out: list[Callable[[Alert], None]] = []
+        if self.warn and primary:
+            out.append(lambda alert: warnings.warn(alert.message, HookscopeAlert, stacklevel=4))
+        if self.log and primary:
+            out.append(lambda alert: logger.warning(alert.message))
+        if self.callback is not None:
+            out.append(self.callback)
+        return out
 
     def __repr__(self) -> str:
         return f"Alerts(rules={self.rules}, every={self.every})"

@@ -160,15 +160,26 @@ class HookManager:
 
     def detach(self) -> None:
         """Remove every hook this manager added, then flush and close the sinks. Idempotent; recorded results
-        stay readable."""
+        stay readable.
+
+        Raises:
+            Exception: What a sink or custom collector raised, once every hook is removed and every sink closed.
+        """
         was_attached = self._tracer.attached
         self._tracer.detach()
         self._recorder.enabled = False
-        if was_attached:
-            self._recorder.flush()
-            for i, sink in enumerate(self.sinks):
-                self._write_sink(i)
+        if not was_attached:
+            return
+        errors: list[Exception] = []
+        self._flush_into(errors)
+        for i, sink in enumerate(self.sinks):
+            self._write_sink(i, errors)
+            try:
                 sink.close()
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def pause(self) -> None:
         """Stop recording without removing hooks (evaluation passes inside training, for example)."""
@@ -230,27 +241,56 @@ class HookManager:
 
         Does tensor work only (no host synchronisation); values reach the host when a report is asked for.
         Under ``torch.distributed`` (``global_stats``) this is a collective: every rank must call it.
-        """
-        record = self._recorder.close_step()
-        if record is not None:
-            if self.alerts is not None and self.alerts.due(record.step):
-                self._recorder.flush()
-                self.alerts.check(self._recorder.frame([record]), record.step, primary=distributed.rank() == 0)
-            for i, sink in enumerate(self.sinks):
-                self._sink_buffers[i].append(record)
-                if len(self._sink_buffers[i]) >= sink.every:
-                    self._write_sink(i)
-        self._tracer.end_step()
-        self._update_recording()
-        self._recorder.check_include()
 
-    def _write_sink(self, i: int) -> None:
-        """Hand sink ``i`` the closed steps it has not received yet (rank zero only, unless it asks otherwise)."""
-        self._recorder.flush()
+        Raises:
+            Exception: What user code that hookscope calls raised (a custom collector, an alert callback or rule, a
+                sink). The step is closed and numbered all the same, no closed step is lost, every alert due is
+                delivered and every other sink is fed; the first such error is raised at the end.
+        """
+        recorder = self._recorder
+        record = recorder.close_step()  # the step is closed and numbered here, exactly once
+        errors = recorder.take_failures()
+        try:
+            if record is not None:
+                if self.alerts is not None and self.alerts.due(record.step):
+                    self._flush_into(errors)
+                    try:
+                        self.alerts.check(recorder.frame([record]), record.step, primary=distributed.rank() == 0)
+                    except Exception as e:
+                        errors.append(e)
+                for i, sink in enumerate(self.sinks):
+                    self._sink_buffers[i].append(record)
+                    if len(self._sink_buffers[i]) >= sink.every:
+                        self._write_sink(i, errors)
+        finally:
+            self._tracer.end_step()
+            self._update_recording()
+            recorder.check_include()
+        if errors:
+            raise errors[0]
+
+    def _flush_into(self, errors: list[Exception]) -> None:
+        """Flush the ring; a collector's error goes to ``errors`` (the values are stored all the same)."""
+        try:
+            self._recorder.flush()
+        except Exception as e:
+            errors.append(e)
+
+    def _write_sink(self, i: int, errors: list[Exception]) -> None:
+        """Hand sink ``i`` the closed steps it has not received yet (rank zero only, unless it asks otherwise).
+
+        When the sink raises, its rows are kept and handed to it again at its next write, and the error goes to
+        ``errors``.
+        """
+        self._flush_into(errors)
         records, self._sink_buffers[i] = self._sink_buffers[i], []
         sink = self.sinks[i]
         if records and (sink.all_ranks or distributed.rank() == 0):
-            sink.write(self._recorder.frame(records))
+            try:
+                sink.write(self._recorder.frame(records))
+            except Exception as e:
+                self._sink_buffers[i][:0] = records
+                errors.append(e)
 
     def state_bytes(self) -> int:
         """Bytes of collector state on the device (independent of the number of steps)."""

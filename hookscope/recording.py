@@ -20,6 +20,7 @@ The hooks call :meth:`Recorder.new_site`, :meth:`Recorder.observe` and, through 
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -130,6 +131,7 @@ class Recorder:
         self.last_closed: StepRecord | None = None
         self._in_ring: list[StepRecord] = []  # closed steps whose values wait in the collectors' rings
         self._in_ring_counts: list[torch.Tensor] = []  # their global counts (global_stats)
+        self._failures: list[Exception] = []  # errors of collectors' close_steps not raised yet
         self._reduced_layout: list[int] = []  # site and unit counts at the last cross-rank reduction
         self._include_checked = False
         self._ref = weakref.ref(self)
@@ -158,7 +160,7 @@ class Recorder:
             return None
         # Closed steps are turned into values with the layout they were recorded with: the state grows when the
         # site is bound (right after this, in the same hook) or at the next step's close, with the ring empty.
-        self.flush()
+        self._flush_ring()  # inside a hook: a collector's error waits for the next step()
         site = Site(len(self.sites), layer, module, call, spec, function, bounds)
         ref = self._ref
 
@@ -263,7 +265,8 @@ class Recorder:
 
     def close_step(self) -> StepRecord | None:
         """Close the open step and number the next one. Returns the closed step's record (its values arrive
-        with the next :meth:`flush`), or ``None`` when nothing ran in it."""
+        with the next :meth:`flush`), or ``None`` when nothing ran in it. Errors of collectors' ``close_steps``
+        are kept for :meth:`take_failures`, never raised here: the step is closed and numbered exactly once."""
         # under torch.distributed the collective takes place even when nothing ran here in this step
         record = self._close(commit=True, force=self.global_stats and bool(self.sites))
         self.step += 1
@@ -272,7 +275,7 @@ class Recorder:
         self._in_ring.append(record)
         self.last_closed = record
         if len(self._in_ring) >= RING_STEPS:
-            self.flush()
+            self._flush_ring()  # a collector's error is kept for take_failures()
         return record
 
     def snapshot(self) -> StepRecord | None:
@@ -300,7 +303,10 @@ class Recorder:
                 if counts is not None:
                     self._in_ring_counts.append(counts)
             else:
-                values = self._values([self.step], [counts] if counts is not None else [], commit=False)[0]
+                block, failure = self._values([self.step], [counts] if counts is not None else [], commit=False)
+                if failure is not None:
+                    raise failure
+                values = block[0]
         record = StepRecord(
             step=self.step,
             sites=[slot.site.index for slot in order],
@@ -318,21 +324,34 @@ class Recorder:
             self._order = []
         return record
 
-    def _values(self, steps: list[int], counts: list[torch.Tensor], commit: bool) -> torch.Tensor:
+    def _values(
+        self, steps: list[int], counts: list[torch.Tensor], commit: bool
+    ) -> tuple[torch.Tensor, Exception | None]:
         """``(len(steps), n_sites, n_fields)`` float64 values of a block of steps: the closed rows of the rings
-        when ``commit``, else the open step."""
+        when ``commit``, else the open step; and the first error a collector raised.
+
+        A collector whose ``close_steps`` raises (user code) gets NaN for its fields in this block, so that the
+        other collectors' values and every record are kept; the error is returned for the caller to raise once
+        its own state is consistent.
+        """
         columns: list[torch.Tensor] = []
         if counts:  # global counts of calls, elements and backward passes: (steps, n_sites, 3)
             columns.extend(torch.stack(counts).unbind(2))
         n = len(self.sites)
         if not self._banks:  # no site has been bound yet: no collector has state
-            return torch.zeros(len(steps), n, len(columns), dtype=torch.float64, device=self._device)
+            return torch.zeros(len(steps), n, len(columns), dtype=torch.float64, device=self._device), None
         fields: list[tuple[str, ...]] = []
+        failure: Exception | None = None
         try:
-            for c, bank in zip(self.collectors, self._banks):
+            for ci, (c, bank) in enumerate(zip(self.collectors, self._banks)):
                 n = bank.n_sites
                 block = bank.take() if commit else bank.current()
-                closed = c.close_steps(steps, block, commit)
+                try:
+                    closed = c.close_steps(steps, block, commit)
+                except Exception as e:
+                    failure = failure or e
+                    nan = torch.full((len(steps), n), math.nan, dtype=torch.float64, device=self._device)
+                    closed = dict.fromkeys(self._fields_of(ci, c, bank), nan)
                 fields.append(tuple(closed))
                 columns.extend(closed.values())
             layout = FieldLayout(global_counts=bool(counts), collectors=tuple(fields))
@@ -343,24 +362,54 @@ class Recorder:
                     f"collectors must record the same fields at every step: got {layout}, expected {self.layout}"
                 )
             if not columns:
-                return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device)
-            return torch.stack(columns, dim=2).to(torch.float64)  # a copy: the ring rows may be reused now
+                return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device), failure
+            # a copy: the ring rows may be reused now
+            return torch.stack(columns, dim=2).to(torch.float64), failure
         finally:
             if commit:  # also when a collector raised: the hooks must never write into a closed row
                 for bank in self._banks:
                     bank.recycle()
 
+    def _fields_of(self, index: int, collector: Collector, bank: StateBank) -> tuple[str, ...]:
+        """The fields a collector records (for NaN values when its ``close_steps`` raised): from the layout, or
+        from a block of no step."""
+        if self.layout is not None:
+            return self.layout.collectors[index]
+        empty = {name: rows[:0] for name, rows in bank.current().items()}
+        try:
+            return tuple(collector.close_steps([], empty, commit=False))
+        except Exception:
+            return ()
+
     def flush(self) -> None:
-        """Turn the closed steps waiting in the rings into recorded values and store them in the history."""
+        """Turn the closed steps waiting in the rings into recorded values and store them in the history.
+
+        Raises:
+            Exception: What a collector's ``close_steps`` raised (user code), once every record is stored (with NaN
+                for that collector's fields); also an error kept from an earlier flush inside a hook.
+        """
+        self._flush_ring()
+        failures = self.take_failures()
+        if failures:
+            raise failures[0]
+
+    def take_failures(self) -> list[Exception]:
+        """The errors collectors raised in flushes that could not raise (inside hooks, in :meth:`close_step`)."""
+        failures, self._failures = self._failures, []
+        return failures
+
+    def _flush_ring(self) -> None:
         records, self._in_ring = self._in_ring, []
         if not records:
             return
         counts, self._in_ring_counts = self._in_ring_counts, []
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            values = self._values([r.step for r in records], counts, commit=True)
+            values, failure = self._values([r.step for r in records], counts, commit=True)
         for record, row in zip(records, values.unbind(0)):  # one operation for all the rows
             record.values = row
             self.history.append(record)
+        if failure is not None:
+            self._failures.append(failure)
 
     def _reduce_across_ranks(self, n: int) -> torch.Tensor:
         """Make this step's state global (one all_reduce per reduction kind; the banks cover ``n`` sites);
