@@ -14,7 +14,11 @@ training loop never leaves hooks behind, and a manager dropped without ``detach(
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import atexit
+import functools
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +39,7 @@ from hookscope.report import ROW_COLUMNS, report_columns
 from hookscope.sinks import Sink, sinks_of
 from hookscope.sites import Site, validate_patterns, validate_unit_dim
 from hookscope.tracing import Tracer
-from hookscope.warn import warn_once
+from hookscope.warn import HookscopeWarning, warn_once
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -129,6 +133,7 @@ class HookManager:
         self._tracer = Tracer(model, self._recorder, check_bool("functional", functional))
         self._sink_buffers: list[list[StepRecord]] = [[] for _ in self.sinks]  # closed steps not yet written
         self._paused = False
+        self._at_exit: Callable[[], None] | None = None
         self._update_recording()
         for sink in self.sinks:
             sink.bind(self)
@@ -156,6 +161,9 @@ class HookManager:
             )
         self._tracer.attach()
         self._recorder.enabled = True
+        if self.sinks:  # a script that never detaches still writes its last steps when the interpreter exits
+            self._at_exit = functools.partial(_detach_at_exit, weakref.ref(self))
+            atexit.register(self._at_exit)
         return self
 
     def detach(self) -> None:
@@ -168,6 +176,9 @@ class HookManager:
         was_attached = self._tracer.attached
         self._tracer.detach()
         self._recorder.enabled = False
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
         if not was_attached:
             return
         errors: list[Exception] = []
@@ -411,3 +422,14 @@ class HookManager:
             f"HookManager({type(self.model).__name__}, collectors={self.collectors}, "
             f"{state}, sites={len(self._recorder.sites)}, step={self._recorder.step})"
         )
+
+
+def _detach_at_exit(ref: weakref.ReferenceType[HookManager]) -> None:
+    """At interpreter exit: write what the sinks of a manager that was never detached have not received yet."""
+    manager = ref()
+    if manager is None:
+        return
+    try:
+        manager.detach()
+    except Exception as e:  # the interpreter is exiting: say it, do not raise
+        warnings.warn(f"hookscope: writing the sinks at interpreter exit failed: {e!r}", HookscopeWarning, stacklevel=1)

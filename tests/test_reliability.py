@@ -249,3 +249,24 @@ def test_a_collector_error_inside_a_hook_waits_for_step() -> None:
             hm.step()
         assert hm.current_step == 2
     assert hm.to_dataframe()["step"].tolist() == [0, 1, 1]
+
+
+def test_a_script_that_never_detaches_still_writes_its_last_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    path = tmp_path / "stats.csv"
+    script = f"""
+import torch, torch.nn as nn
+import hookscope as hs
+from hookscope.reporters.csv import CSVSink
+model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+hm = hs.HookManager(model, alerts=False, sinks=[CSVSink({str(path)!r}, every=100)]).attach()
+for _ in range(7):
+    model(torch.randn(2, 4))
+    hm.step()
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert pd.read_csv(path)["step"].tolist() == list(range(7))
