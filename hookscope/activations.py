@@ -21,6 +21,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Union
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hookscope.checks import check_bool
 from hookscope.errors import ConfigError, ConfigTypeError, UnknownActivationError
 
 __all__ = [
@@ -86,12 +89,22 @@ class ActivationSpec:
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Bounds | None:
-        """The ``(lo, hi)`` range of one site, or ``None`` when the kind is unbounded."""
+        """The ``(lo, hi)`` range of one site, or ``None`` when the kind is unbounded.
+
+        Raises:
+            ConfigError: A bounds callable returned bounds that are not finite with lo < hi (anything it raises
+                propagates too).
+        """
         if self.bounds is None:
             return None
         if callable(self.bounds):
             got = self.bounds(module, args, kwargs or {})
-            return None if got is None else (float(got[0]), float(got[1]))
+            if got is None:
+                return None
+            lo, hi = (float(v) for v in got)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ConfigError(f"the bounds of {self.name!r} must be finite with lo < hi, got {tuple(got)!r}")
+            return (lo, hi)
         return (float(self.bounds[0]), float(self.bounds[1]))
 
 
@@ -121,13 +134,17 @@ def _as_tuple(arg: str, value: object) -> tuple[Any, ...]:
     raise ConfigTypeError(f"`{arg}` must be a sequence, got {value!r}")
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _validate_bounds(value: object) -> BoundsLike | None:
     if value is None or callable(value):
         return value  # type: ignore[return-value]
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_real(v) for v in value):
         lo, hi = float(value[0]), float(value[1])
-        if not lo < hi:
-            raise ConfigError(f"`bounds` must satisfy lo < hi, got {value!r}")
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ConfigError(f"`bounds` must be finite with lo < hi, got {value!r}")
         return (lo, hi)
     raise ConfigTypeError(
         f"`bounds` must be None, a (lo, hi) pair of numbers, or a callable (module, args, kwargs) -> (lo, hi); "
@@ -201,16 +218,34 @@ def register_activation(
         modules=mods,
         class_names=names,
         functions=funcs,
-        rectifier=bool(rectifier),
+        rectifier=check_bool("rectifier", rectifier),
         bounds=_validate_bounds(bounds),
         saturate=saturate,
         aliases=alias_t,
-        nonnegative=bool(nonnegative),
+        nonnegative=check_bool("nonnegative", nonnegative),
     )
+    check_bool("replace", replace)
+    if (name in _SPECS or name in _ALIASES) and not replace:
+        raise ConfigError(f"activation `name` {name!r} is already registered; pass replace=True to redefine it")
+    replaced = _ALIASES.get(name, name)
+    # An entry point of another kind is never taken over: unregistering this kind would then remove it from the
+    # registry of the whole process (torch.relu would stop being a relu).
+    lookups: tuple[tuple[str, tuple[Any, ...], dict[Any, ActivationSpec]], ...] = (
+        ("modules", mods, _BY_CLASS),
+        ("class_names", names, _BY_CLASS_NAME),
+        ("functions", funcs, _BY_FUNCTION),
+    )
+    for arg, keys, lookup in lookups:
+        for key in keys:
+            owner = lookup.get(key)
+            if owner is not None and owner.name != replaced:
+                shown = key if isinstance(key, str) else f"{key.__module__}.{key.__name__}"
+                raise ConfigError(
+                    f"`{arg}`: {shown!s} is already the activation {owner.name!r}; a module class, class name or "
+                    f"function belongs to one kind (redefine {owner.name!r} with replace=True instead)"
+                )
     if name in _SPECS or name in _ALIASES:
-        if not replace:
-            raise ConfigError(f"activation `name` {name!r} is already registered; pass replace=True to redefine it")
-        unregister_activation(_ALIASES.get(name, name))
+        unregister_activation(replaced)
     _SPECS[name] = spec
     for a in alias_t:
         _ALIASES[a] = name

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hookscope.checks import check_int
-from hookscope.errors import ConfigError, ConfigTypeError
+from hookscope.checks import check_bool, check_int, check_number
+from hookscope.errors import ConfigTypeError
 from hookscope.warn import HookscopeWarning
 
 __all__ = [
@@ -120,21 +120,13 @@ def _hits(rows: pd.DataFrame, mask: np.ndarray, column: str, threshold: float, t
     return [(str(r.layer), float(getattr(r, column)), float(threshold), text(r)) for r in hit.itertuples()]
 
 
-def _threshold(arg: str, value: object, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigTypeError(f"`{arg}` must be a number, got {value!r}")
-    if not lo < float(value) <= hi:
-        raise ConfigError(f"`{arg}` must be in ({lo}, {hi}], got {value!r}")
-    return float(value)
-
-
 class _AtLeastRule(AlertRule):
     """``column >= threshold`` for a ratio column."""
 
     column = ""
 
     def __init__(self, threshold: float) -> None:
-        self.threshold = _threshold("threshold", threshold, 0.0, 1.0)
+        self.threshold = check_number("threshold", threshold, low=0.0, high=1.0, meaning="a ratio")
 
     def describe(self, row: Any) -> str:
         raise NotImplementedError
@@ -191,7 +183,7 @@ class VanishingGradientRule(AlertRule):
     name = "vanishing_gradient"
 
     def __init__(self, orders: float = GRADIENT_ORDERS) -> None:
-        self.orders = _threshold("orders", orders, 0.0, 300.0)
+        self.orders = check_number("orders", orders, low=0.0, high=300.0, meaning="orders of magnitude")
 
     def check(self, rows: pd.DataFrame) -> list[Hit]:
         median = gradient_median(rows["grad_norm"].to_numpy(dtype=float))
@@ -213,8 +205,10 @@ class ExplodingGradientRule(AlertRule):
     name = "exploding_gradient"
 
     def __init__(self, orders: float = GRADIENT_ORDERS, absolute: float | None = None) -> None:
-        self.orders = _threshold("orders", orders, 0.0, 300.0)
-        self.absolute = None if absolute is None else _threshold("absolute", absolute, 0.0, math.inf)
+        self.orders = check_number("orders", orders, low=0.0, high=300.0, meaning="orders of magnitude")
+        self.absolute = (
+            None if absolute is None else check_number("absolute", absolute, low=0.0, high=math.inf, high_open=True)
+        )
 
     def check(self, rows: pd.DataFrame) -> list[Hit]:
         median = gradient_median(rows["grad_norm"].to_numpy(dtype=float))
@@ -319,16 +313,22 @@ class Alerts:
         warn: bool = True,
         log: bool = True,
     ) -> None:
+        if isinstance(rules, AlertRule):
+            rules = [rules]
+        if rules is not None and (isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable)):
+            raise ConfigTypeError(f"`rules` must be None or a list of AlertRule instances, got {rules!r}")
         self.rules: list[AlertRule] = default_rules() if rules is None else list(rules)
         for rule in self.rules:
+            if isinstance(rule, type) and issubclass(rule, AlertRule):
+                raise ConfigTypeError(f"`rules` must hold AlertRule instances, got the class {rule.__name__}")
             if not isinstance(rule, AlertRule):
                 raise ConfigTypeError(f"`rules` must hold AlertRule instances, got {rule!r}")
         self.every = check_int("every", every, minimum=1, meaning="check alerts every N steps")
         if callback is not None and not callable(callback):
             raise ConfigTypeError(f"`callback` must be callable, got {callback!r}")
         self.callback = callback
-        self.warn = warn
-        self.log = log
+        self.warn = check_bool("warn", warn)
+        self.log = check_bool("log", log)
         self.fired: list[Alert] = []
         self._seen: set[tuple[str, str]] = set()
 

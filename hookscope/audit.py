@@ -50,8 +50,9 @@ def audit(
 
     Args:
         model: The model (an ``nn.Module``).
-        batches: Tensors, ``(inputs, targets)`` tuples (the first element is the input) or dicts of keyword
-            inputs; tensors are moved to the device of the model's first parameter.
+        batches: An iterable (a DataLoader, a list) of tensors, ``(inputs, targets)`` tuples (the first element is
+            the input) or dicts of keyword inputs; a single tensor or dict is one batch. Tensors are moved to the
+            device of the model's first parameter.
         collectors: As for :class:`~hookscope.HookManager` (default ``DeadReLU``, ``Saturation``,
             ``GradientNorm``; gradient norms are NaN in a ``no_grad`` pass).
         max_batches: Stop after this many batches.
@@ -77,6 +78,13 @@ def audit(
     if not isinstance(model, nn.Module):
         raise ConfigTypeError(f"`model` must be a torch nn.Module, got {type(model).__name__}")
     max_batches = check_int("max_batches", max_batches, optional=True, meaning="None runs every batch")
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        batches = [batches]  # one batch, not an iterable of samples (iterating a tensor would split its batch)
+    elif isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise ConfigTypeError(
+            f"`batches` must be a tensor (one batch) or an iterable of batches (tensors, (inputs, targets) tuples "
+            f"or dicts of keyword inputs, e.g. a DataLoader); got {type(batches).__name__}"
+        )
     manager_kwargs.setdefault("alerts", False)
     hm = HookManager(model, collectors, **manager_kwargs)
     param = next(model.parameters(), None)

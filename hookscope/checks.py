@@ -16,12 +16,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Literal, overload
 
 from hookscope.errors import ConfigError, ConfigTypeError
 
-__all__ = ["check_bool", "check_int", "describe"]
+__all__ = ["check_bool", "check_int", "check_number", "describe"]
 
 
 def describe(value: object, limit: int = 80) -> str:
@@ -71,3 +72,32 @@ def check_bool(arg: str, value: object, meaning: str = "") -> bool:
     if not isinstance(value, bool):
         raise ConfigTypeError(_message(arg, "True or False", value, meaning))
     return value
+
+
+def check_number(
+    arg: str,
+    value: object,
+    *,
+    low: float,
+    high: float,
+    low_open: bool = True,
+    high_open: bool = False,
+    meaning: str = "",
+) -> float:
+    """``value`` as a float in the interval from ``low`` to ``high`` (open or closed at each end), NaN never;
+    integral and real numpy scalars are accepted, booleans are not.
+
+    Raises:
+        ConfigTypeError: Not a real number.
+        ConfigError: NaN or outside the interval.
+    """
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    allowed = f"a number in {interval}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigTypeError(_message(arg, allowed, value, meaning))
+    number = float(value)
+    below = number <= low if low_open else number < low
+    above = number >= high if high_open else number > high
+    if math.isnan(number) or below or above:
+        raise ConfigError(_message(arg, allowed, value, meaning))
+    return number

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch.nn as nn
@@ -389,7 +390,7 @@ class HookManager:
         sites = [self.site(layer)] if layer is not None else self._recorder.sites
         return collector.timeline(sites, step, include_open=is_open)
 
-    def to_csv(self, path: str | Any) -> None:
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dataframe` to ``path`` as CSV, atomically (no partial file on error).
 
         Raises:
@@ -397,6 +398,8 @@ class HookManager:
         """
         from hookscope.reporters.csv import write_csv
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigTypeError(f"`path` must be a str or os.PathLike, got {describe(path)}")
         write_csv(self.to_dataframe(), path)
 
     def table(self, step: int | None = None, *, ascii: bool = False) -> Table:
@@ -406,6 +409,8 @@ class HookManager:
         """
         from hookscope.reporters.table import build_table
 
+        check_int("step", step, minimum=0, optional=True, meaning="None shows the latest")
+        check_bool("ascii", ascii)
         recorder = self._recorder
         recorder.flush()
         if step is None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from hookscope.collectors.base import check_computed
 from hookscope.history import FieldLayout, Rows
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ def build_frame(
             for name, k in layout.collector_columns(ci).items():
                 record[name] = rows.values[:, k]
             computed = collector.compute(record)
+            check_computed(collector, computed)
             mask = applies_arr[:, ci]
             for col in collector.columns:
                 out[col] = np.where(mask, np.asarray(computed[col], dtype=np.float64), np.nan)

@@ -36,9 +36,10 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from hookscope.activations import ActivationSpec, activation_for_function, activation_for_module
+from hookscope.activations import ActivationSpec, Bounds, activation_for_function, activation_for_module
 from hookscope.recording import MISSING, Recorder
 from hookscope.sites import ROOT_NAME, iter_named_modules
+from hookscope.warn import warn_once
 
 __all__ = ["REDISCOVER_EVERY", "Tracer"]
 
@@ -366,15 +367,9 @@ class Tracer:
                 site = recorder.site_by_key.get((act_name, k), MISSING)
                 if site is MISSING:
                     layer = act_name or ROOT_NAME
-                    site = recorder.new_site(
-                        (act_name, k),
-                        layer if k == 0 else f"{layer}#{k}",
-                        act_name,
-                        k,
-                        act_spec,
-                        None,
-                        act_spec.resolve_bounds(module),
-                    )
+                    layer_k = layer if k == 0 else f"{layer}#{k}"
+                    bounds = _site_bounds(act_spec, layer_k, module, (), {})
+                    site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
                 if site is not None:
                     recorder.observe(site, output, self._recompute)
         if not self.stack:
@@ -422,15 +417,9 @@ class Tracer:
         recorder = self.recorder
         site = recorder.site_by_key.get((base, k), MISSING)
         if site is MISSING:
-            site = recorder.new_site(
-                (base, k),
-                base if k == 0 else f"{base}#{k}",
-                enclosing,
-                k,
-                spec,
-                fname,
-                spec.resolve_bounds(None, args, kwargs),
-            )
+            layer = base if k == 0 else f"{base}#{k}"
+            bounds = _site_bounds(spec, layer, None, args, kwargs)
+            site = recorder.new_site((base, k), layer, enclosing, k, spec, fname, bounds)
         if site is not None:
             recorder.observe(site, out, self._recompute)
 
@@ -442,6 +431,18 @@ class _Compiled:
 
     def __init__(self) -> None:
         self.seen = False
+
+
+def _site_bounds(
+    spec: ActivationSpec, layer: str, module: nn.Module | None, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> Bounds | None:
+    """A new site's output range; ``None`` (no saturation there, with one warning) when the kind's bounds callable
+    raises or returns bounds that are not finite with lo < hi: a forward pass never fails because of it."""
+    try:
+        return spec.resolve_bounds(module, args, kwargs)
+    except Exception as e:
+        warn_once(f"hookscope: site {layer!r}: cannot read its output range ({e}); saturation is not recorded there")
+        return None
 
 
 def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled) -> Callable[[nn.Module, Any], None]:

@@ -270,3 +270,141 @@ for _ in range(7):
 """
     subprocess.run([sys.executable, "-c", script], check=True)
     assert pd.read_csv(path)["step"].tolist() == list(range(7))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input raises up front, naming the argument
+
+
+def _bad_inputs():  # type: ignore[no-untyped-def]
+    import hookscope as hs
+    from hookscope.alerts import DeadRatioRule, ExplodingGradientRule
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    return [
+        ("sinks=None", lambda: HookManager(m, sinks=None), TypeError, "`sinks`"),
+        ("sinks='a.csv'", lambda: HookManager(m, sinks="a.csv"), TypeError, "`sinks`"),
+        ("every=2.0", lambda: HookManager(m, every=2.0), TypeError, "`every`"),
+        ("every=True", lambda: HookManager(m, every=True), TypeError, "`every`"),
+        ("start_step=-1", lambda: HookManager(m, start_step=-1), ValueError, "`start_step`"),
+        ("max_history=0", lambda: HookManager(m, max_history=0), ValueError, "`max_history`"),
+        ("functional=1", lambda: HookManager(m, functional=1), TypeError, "`functional`"),
+        ("Saturation(eps=nan)", lambda: hs.Saturation(eps=float("nan")), ValueError, "`eps`"),
+        ("Saturation(eps='0.1')", lambda: hs.Saturation(eps="0.1"), TypeError, "`eps`"),
+        ("GradientNorm(scaler=nan)", lambda: hs.GradientNorm(scaler=float("nan")), ValueError, "`scaler`"),
+        ("Alerts(rules='x')", lambda: hs.Alerts(rules="x"), TypeError, "`rules`"),
+        ("Alerts(rules=[DeadRatioRule])", lambda: hs.Alerts(rules=[DeadRatioRule]), TypeError, "`rules`"),
+        ("Alerts(warn='no')", lambda: hs.Alerts(warn="no"), TypeError, "`warn`"),
+        ("Alerts(log=None)", lambda: hs.Alerts(log=None), TypeError, "`log`"),
+        ("Alerts(callback=5)", lambda: hs.Alerts(callback=5), TypeError, "`callback`"),
+        ("DeadRatioRule(nan)", lambda: DeadRatioRule(float("nan")), ValueError, "`threshold`"),
+        ("absolute=nan", lambda: ExplodingGradientRule(absolute=float("nan")), ValueError, "`absolute`"),
+        ("audit(m, None)", lambda: hs.audit(m, None), TypeError, "`batches`"),
+        ("audit(m, 'data')", lambda: hs.audit(m, "data"), TypeError, "`batches`"),
+        ("rectifier='yes'", lambda: hs.register_activation("q1", rectifier="yes"), TypeError, "`rectifier`"),
+        ("bounds=(0, nan)", lambda: hs.register_activation("q2", bounds=(0, float("nan"))), ValueError, "`bounds`"),
+        ("steal torch.relu", lambda: hs.register_activation("q3", functions=[torch.relu]), ValueError, "torch.relu"),
+        ("steal nn.Tanh", lambda: hs.register_activation("q4", modules=[nn.Tanh]), ValueError, "`modules`"),
+        ("table(step='x')", lambda: HookManager(m).table(step="x"), TypeError, "`step`"),
+        ("table(ascii=1)", lambda: HookManager(m).table(ascii=1), TypeError, "`ascii`"),
+        ("to_csv(5)", lambda: HookManager(m).to_csv(5), TypeError, "`path`"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_bad_input_raises_up_front_with_the_argument_named(case) -> None:  # type: ignore[no-untyped-def]
+    _, call, kind, fragment = case
+    with pytest.raises(kind, match=fragment) as e:
+        call()
+    from hookscope import HookscopeError
+
+    assert isinstance(e.value, HookscopeError)
+
+
+def test_integral_numpy_scalars_are_accepted() -> None:
+    import numpy as np
+
+    import hookscope as hs
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    hm = HookManager(model, every=np.int64(2), max_history=np.int32(5), alerts=hs.Alerts(every=np.int64(3)))
+    assert (hm.every, hm.max_history, type(hm.every)) == (2, 5, int)
+    assert hs.DeadReLU(window=np.int16(3)).window == 3
+
+
+def test_a_tensor_given_to_audit_is_one_batch() -> None:
+    import hookscope as hs
+
+    lin = nn.Linear(2, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        lin.bias.zero_()
+    x = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])  # unit 0 fires on the first sample, unit 1 on the second
+    frame = hs.audit(nn.Sequential(lin, nn.ReLU()), x)
+    assert frame["calls"].tolist() == [1]  # iterating the tensor would have made two batches of one sample
+    assert frame.attrs["dead_units"] == {"1": [2]}  # unit 2 sums to 0: never positive
+
+
+def test_a_collector_with_mistakes_is_refused_when_the_manager_is_built() -> None:
+    from hookscope import Collector
+
+    class NoSuper(Collector):
+        columns = ("x",)
+
+        def __init__(self) -> None:
+            pass
+
+        def compute(self, record):  # type: ignore[no-untyped-def]
+            return {"x": record["calls"]}
+
+    class MissingColumn(Collector):
+        columns = ("a", "b")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("total")
+
+        def compute(self, record):  # type: ignore[no-untyped-def]
+            return {"a": record["total"]}
+
+    class NoCompute(Collector):
+        columns = ("c",)
+
+    class ForgotSuperButAddsState(Collector):
+        def __init__(self) -> None:
+            self.add_state("x")
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(TypeError, match="super"):
+        HookManager(m, [NoSuper()])
+    with pytest.raises(ValueError, match="'b'"):
+        HookManager(m, [MissingColumn()])
+    with pytest.raises(TypeError, match="compute"):
+        HookManager(m, [NoCompute()])
+    with pytest.raises(TypeError, match="super"):
+        ForgotSuperButAddsState()
+
+
+def test_a_bounds_callable_that_returns_inverted_bounds_skips_saturation_with_a_warning() -> None:
+    import warnings
+
+    import hookscope as hs
+    from hookscope.activations import unregister_activation
+
+    class Squash(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x)
+
+    hs.register_activation("squash_inverted", modules=[Squash], bounds=lambda module, args, kwargs: (1.0, -1.0))
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), Squash())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with HookManager(model, alerts=False) as hm:
+                model(torch.randn(8, 4))
+                hm.step()
+        assert any("output range" in str(w.message) and "'1'" in str(w.message) for w in caught)
+        assert hm.to_dataframe()["saturation_rate"].isna().all()  # not 1.0 everywhere
+    finally:
+        unregister_activation("squash_inverted")
+    assert hs.get_activation("tanh").modules == (nn.Tanh,)

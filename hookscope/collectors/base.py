@@ -26,7 +26,16 @@ from hookscope.errors import ConfigError, ConfigTypeError, StateError
 if TYPE_CHECKING:
     from hookscope.sites import Site
 
-__all__ = ["RING_STEPS", "Collector", "SiteState", "StateBank", "StateSpec", "host_to_device", "validate_collectors"]
+__all__ = [
+    "RING_STEPS",
+    "Collector",
+    "SiteState",
+    "StateBank",
+    "StateSpec",
+    "check_computed",
+    "host_to_device",
+    "validate_collectors",
+]
 
 
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -367,6 +376,11 @@ class Collector:
         Raises:
             ValueError: Bad name, duplicate name or unknown reduction.
         """
+        if "_state_specs" not in vars(self):
+            raise ConfigTypeError(
+                f"collector {type(self).__name__} was not initialised: its __init__ must call super().__init__() "
+                "before add_state()"
+            )
         if not isinstance(name, str) or not name.isidentifier():
             raise ConfigError(f"`name` must be an identifier, got {name!r}")
         if name in self._state_specs or name in ("calls", "elements", "units", "backward"):
@@ -477,6 +491,7 @@ def validate_collectors(collectors: object, reserved: Iterable[str] = ()) -> lis
             raise ConfigTypeError(f"`collectors` must hold hookscope Collector instances, got {c!r}")
         if any(c is o for o in out):
             raise ConfigError(f"`collectors` holds {c!r} twice")
+        _check_collector(c)
         out.append(c)
     seen: dict[str, Collector] = {}
     for c in out:
@@ -489,3 +504,36 @@ def validate_collectors(collectors: object, reserved: Iterable[str] = ()) -> lis
                 )
             seen[col] = c
     return out
+
+
+def _check_collector(c: Collector) -> None:
+    """A custom collector's mistakes, found when the manager is built rather than at the first report."""
+    name = type(c).__name__
+    if "_state_specs" not in vars(c):
+        raise ConfigTypeError(f"collector {name} was not initialised: its __init__ must call super().__init__()")
+    columns = type(c).columns
+    if not isinstance(columns, tuple) or not all(isinstance(col, str) and col for col in columns):
+        raise ConfigTypeError(f"`{name}.columns` must be a tuple of column names (str), got {columns!r}")
+    if type(c).compute is Collector.compute:
+        raise ConfigTypeError(f"collector {name} must implement compute(record) -> {{column: values}}")
+    if type(c).close_steps is not Collector.close_steps:
+        return  # its recorded fields are known only once it closes a step
+    fields = [n for n, s in c.state_specs.items() if not s.per_unit and not s.persistent]
+    record = dict.fromkeys(["calls", "elements", "units", "backward", *fields], np.zeros(0))
+    try:
+        computed = c.compute(record)
+    except Exception:
+        return  # it may need real rows; build_frame checks the columns then
+    check_computed(c, computed)
+
+
+def check_computed(c: Collector, computed: object) -> None:
+    """Raise when ``compute`` did not return a mapping with every declared column."""
+    if not isinstance(computed, Mapping):
+        raise ConfigTypeError(f"{type(c).__name__}.compute() must return a dict of columns, got {computed!r:.80}")
+    missing = [col for col in type(c).columns if col not in computed]
+    if missing:
+        raise ConfigError(
+            f"{type(c).__name__}.compute() returned no {', '.join(map(repr, missing))}: it must return every "
+            f"column declared in `columns` {type(c).columns!r}"
+        )

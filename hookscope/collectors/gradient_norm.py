@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
 import torch
 
+from hookscope.checks import check_number
 from hookscope.collectors.base import Collector, SiteState
-from hookscope.errors import ConfigError, ConfigTypeError
+from hookscope.errors import ConfigTypeError
 from hookscope.sites import Site
 
 
@@ -56,12 +58,11 @@ class GradientNorm(Collector):
     def __init__(self, scaler: Any = None) -> None:
         super().__init__()
         if scaler is not None and not _is_grad_scaler(scaler):
-            if isinstance(scaler, bool) or not isinstance(scaler, (int, float)):
+            if isinstance(scaler, bool) or not isinstance(scaler, numbers.Real):
                 raise ConfigTypeError(
                     f"`scaler` must be a torch.amp.GradScaler, a positive number or None; got {scaler!r}"
                 )
-            if not scaler > 0 or math.isinf(scaler):
-                raise ConfigError(f"`scaler` as a constant scale must be a positive finite number, got {scaler!r}")
+            scaler = check_number("scaler", scaler, low=0.0, high=math.inf, high_open=True, meaning="a loss scale")
         self.scaler = scaler
         self.add_state("sumsq")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
+from hookscope.checks import check_number
 from hookscope.collectors.base import Collector, SiteState
-from hookscope.errors import ConfigError, ConfigTypeError
 from hookscope.numerics import count_dtype
 from hookscope.sites import Site
 
@@ -42,11 +41,7 @@ class Saturation(Collector):
 
     def __init__(self, eps: float = 0.01) -> None:
         super().__init__()
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise ConfigTypeError(f"`eps` must be a number in (0, 0.5), got {eps!r}")
-        if not (0.0 < eps < 0.5) or math.isnan(eps):
-            raise ConfigError(f"`eps` must be in (0, 0.5) (a fraction of the activation's range), got {eps!r}")
-        self.eps = float(eps)
+        self.eps = check_number("eps", eps, low=0.0, high=0.5, high_open=True, meaning="a fraction of the range")
         self.add_state("saturated")
 
     def applies_to(self, site: Site) -> bool:
