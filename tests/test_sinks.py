@@ -5,9 +5,11 @@ never sees a torn line. CSV, TensorBoard, CallbackSink and the top-level exports
 from __future__ import annotations
 
 import contextlib
+import gc
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,7 +19,7 @@ from conftest import SharedReLU, train_steps
 
 import hookscope as hs
 from hookscope import HookManager
-from hookscope.errors import ConfigTypeError
+from hookscope.errors import ConfigError, ConfigTypeError, StateError
 from hookscope.report import scalars
 from hookscope.sinks import Sink
 
@@ -26,6 +28,21 @@ def steps(model: nn.Module, n: int, hm: HookManager) -> None:
     for _ in range(n):
         model(torch.randn(2, 4))
         hm.step()
+
+
+def test_a_sink_belongs_to_one_manager(tmp_path: Path) -> None:
+    model = SharedReLU()
+    sink = hs.CallbackSink(lambda frame: None)
+    with pytest.raises(ConfigError, match=r"`sinks` must hold each sink once, .* at positions 0 and 1"):
+        HookManager(model, sinks=[sink, sink])
+    owner = HookManager(model, sinks=[sink])
+    with pytest.raises(StateError, match="already feeds another HookManager"):
+        HookManager(model, sinks=[sink])
+    assert sink.source is owner
+    del owner
+    gc.collect()
+    assert sink.source is None  # a sink does not keep its manager alive
+    HookManager(model, sinks=[sink])
 
 
 # ---------------------------------------------------------------------------------------------------------------
