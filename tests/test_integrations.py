@@ -1,4 +1,4 @@
-"""Streaming CSV, TensorBoard, Lightning, AMP loss scaling and torch.compile."""
+"""Pause / resume, TensorBoard, Lightning, AMP loss scaling and torch.compile (the CSV sink is in test_sinks.py)."""
 
 from __future__ import annotations
 
@@ -15,61 +15,6 @@ from conftest import FunctionalReLU, SharedReLU, hook_count, train_steps
 from test_real_conditions import CountSyncs
 
 from hookscope import GradientNorm, HookManager
-from hookscope.reporters.csv import CSVSink
-
-# ---------------------------------------------------------------------------------------------------------------
-# streaming CSV
-
-
-def test_csv_sink_streams_flushes_every_n_steps_and_resumes(tmp_path: Path) -> None:
-    path = tmp_path / "stats.csv"
-    model = SharedReLU()
-    hm = HookManager(model, sinks=[CSVSink(path, every=3)], max_history=2, alerts=False).attach()
-    for step in range(5):
-        model(torch.randn(2, 4))
-        hm.step()
-        if step == 3:  # 3 steps written and flushed, the 4th still buffered
-            assert sorted(pd.read_csv(path)["step"].unique()) == [0, 1, 2]
-    hm.detach()  # writes what is left, fsyncs
-    first = pd.read_csv(path, dtype={"layer": str})
-    assert sorted(first["step"].unique()) == [0, 1, 2, 3, 4]
-    assert list(first.columns) == list(hm.to_dataframe().columns)
-    # resuming: a new manager continues the numbering and appends without a second header
-    with HookManager(model, sinks=[CSVSink(path, every=10)], start_step=5, alerts=False) as hm2:
-        model(torch.randn(2, 4))
-        hm2.step()
-    both = pd.read_csv(path, dtype={"layer": str})
-    assert list(both["step"]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
-    assert path.read_text().count("step,layer") == 1
-
-
-def test_csv_sink_rejects_a_file_with_other_columns(tmp_path: Path) -> None:
-    path = tmp_path / "other.csv"
-    path.write_text("a,b\n1,2\n")
-    model = SharedReLU()
-    with pytest.raises(RuntimeError, match="other columns"), HookManager(model, sinks=[CSVSink(path, every=1)]) as hm:
-        model(torch.randn(2, 4))
-        hm.step()
-    assert path.read_text() == "a,b\n1,2\n"
-    with pytest.raises(OSError):
-        CSVSink(tmp_path / "missing" / "x.csv")
-    with pytest.raises(ValueError, match="`every`"):
-        CSVSink(tmp_path / "x.csv", every=0)
-    with pytest.raises(TypeError, match="`sinks`"):
-        HookManager(model, sinks=["stats.csv"])  # type: ignore[list-item]
-
-
-def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
-    model = SharedReLU()
-    with HookManager(model, sinks=[CSVSink(tmp_path / "s.csv", every=50)], max_history=10, alerts=False) as hm:
-        sizes = []
-        for _ in range(600):
-            model(torch.randn(2, 4))
-            hm.step()
-            sizes.append(hm.history_bytes())
-        assert max(sizes[200:]) <= max(sizes[130:200])  # a saw tooth that stops growing
-    assert len(pd.read_csv(tmp_path / "s.csv")) == 600 * 2
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # pause / resume
