@@ -1,4 +1,4 @@
-"""Pause / resume, TensorBoard, Lightning, AMP loss scaling and torch.compile (the CSV sink is in test_sinks.py)."""
+"""Pause / resume, Lightning, AMP loss scaling and torch.compile (the sinks are in test_sinks.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import FunctionalReLU, SharedReLU, hook_count, train_steps
+from conftest import FunctionalReLU, SharedReLU, hook_count
 from test_real_conditions import CountSyncs
 
 from hookscope import GradientNorm, HookManager
@@ -29,32 +29,6 @@ def test_pause_and_resume() -> None:
         hm.resume()
         hm.step()
     assert hm.to_dataframe()["calls"].tolist() == [1, 1]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# TensorBoard
-
-
-def test_tensorboard_sink_writes_scalars_and_histograms(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from hookscope.integrations.tensorboard import TensorBoardSink
-
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.Tanh())
-    with HookManager(model, sinks=[TensorBoardSink(tmp_path, every=2, histograms=True)], alerts=False) as hm:
-        train_steps(model, 3, hm)
-    expected = hm.to_dataframe()
-    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    assert "hookscope/1/dead_ratio" in tags["scalars"] and "hookscope/3/saturation_rate" in tags["scalars"]
-    assert "hookscope/3/dead_ratio" not in tags["scalars"]  # NaN for tanh: not written
-    events = acc.Scalars("hookscope/1/grad_norm")
-    assert [e.step for e in events] == [0, 1, 2]
-    got = [e.value for e in events]
-    assert got == pytest.approx(expected[expected["layer"] == "1"]["grad_norm"].tolist(), rel=1e-6)
-    assert "hookscope/1/steps_since_fired" in tags["histograms"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import types
 import warnings
 from collections.abc import Iterator
@@ -385,6 +387,129 @@ def test_a_torn_header_is_rewritten(tmp_path: Path) -> None:
         steps(model, 2, hm)
     assert len(messages) == 1 and "dropped its last 13 bytes" in messages[0]
     pd.testing.assert_frame_equal(read(path), hm.to_dataframe())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+class RecordingWriter:
+    """A duck-typed SummaryWriter."""
+
+    def __init__(self, fail_with: int | None = None) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+        self.fail_with = fail_with
+        self.calls = 0
+
+    def add_scalar(self, tag: str, value: float, global_step: int) -> None:
+        self.calls += 1
+        if self.fail_with is not None:
+            raise OSError(self.fail_with, os.strerror(self.fail_with))
+        self.scalars.append((tag, value, global_step))
+
+
+def test_tensorboard_sink_writes_scalars_and_histograms(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.Tanh())
+    with HookManager(model, sinks=[hs.TensorBoardSink(tmp_path, every=2, histograms=True)], alerts=False) as hm:
+        train_steps(model, 3, hm)
+    expected = hm.to_dataframe()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "hookscope/1/dead_ratio" in tags["scalars"] and "hookscope/3/saturation_rate" in tags["scalars"]
+    assert "hookscope/3/dead_ratio" not in tags["scalars"]  # NaN for tanh: not written
+    events = acc.Scalars("hookscope/1/grad_norm")
+    assert [e.step for e in events] == [0, 1, 2]
+    got = [e.value for e in events]
+    assert got == pytest.approx(expected[expected["layer"] == "1"]["grad_norm"].tolist(), rel=1e-6)
+    assert "hookscope/1/steps_since_fired" in tags["histograms"]
+
+
+def test_tensorboard_stats_may_be_one_name() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    writer = RecordingWriter()
+    with HookManager(model, sinks=[hs.TensorBoardSink(writer, every=2, stats="dead_ratio")], alerts=False) as hm:
+        train_steps(model, 3, hm)
+    expected = hm.to_dataframe()["dead_ratio"].tolist()
+    assert writer.scalars == [("hookscope/1/dead_ratio", v, s) for s, v in enumerate(expected)]
+
+
+def test_tensorboard_arguments_are_checked_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    with pytest.raises(ConfigTypeError, match=r"`writer` must be a log directory .*got 123 \(it has no add_scalar"):
+        hs.TensorBoardSink(123)
+    with pytest.raises(ConfigTypeError, match="it has no add_histogram"):
+        hs.TensorBoardSink(RecordingWriter(), histograms=True)
+    with pytest.raises(ConfigTypeError, match=r"`histograms` must be True or False \(.*\), got 'yes'"):
+        hs.TensorBoardSink(RecordingWriter(), histograms="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigTypeError, match="`stats` must be a statistic column name or a sequence"):
+        hs.TensorBoardSink(RecordingWriter(), stats=3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigTypeError, match=r"`stats` .*got 1 in \['dead_ratio', 1\]"):
+        hs.TensorBoardSink(RecordingWriter(), stats=["dead_ratio", 1])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="`stats` must name statistic columns, got 'layer'"):
+        hs.TensorBoardSink(RecordingWriter(), stats="layer")
+    typo = hs.TensorBoardSink(RecordingWriter(), stats=("dead_ration",))  # perhaps a custom collector's column
+    with pytest.raises(ConfigError, match=r"got 'dead_ration' .*this manager's statistic columns: dead_ratio, "):
+        HookManager(model, sinks=[typo])
+    with pytest.raises(ConfigError, match=r"`histograms=True` needs .*DeadReLU"):
+        writer = types.SimpleNamespace(add_scalar=print, add_histogram=print)
+        HookManager(model, [Saturation()], sinks=[hs.TensorBoardSink(writer, histograms=True)])
+
+    class Mean(hs.Collector):
+        columns = ("mean",)
+
+        def update(self, state, output, site):  # type: ignore[no-untyped-def]
+            pass
+
+        def compute(self, record):  # type: ignore[no-untyped-def]
+            return {"mean": 1.0}
+
+    HookManager(model, [Mean()], sinks=[hs.TensorBoardSink(RecordingWriter(), stats=["mean", "grad_norm"])])
+
+
+def test_tensorboard_log_directory_that_cannot_be_created(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigPathError, match="`writer` must be a log directory that can be created"):
+        hs.TensorBoardSink(tmp_path / "file" / "logs")
+
+
+def test_tensorboard_without_tensorboard_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'hookscope\[tensorboard\]'"):
+        hs.TensorBoardSink(tmp_path)
+    hs.TensorBoardSink(RecordingWriter())  # a writer of your own needs no tensorboard
+
+
+def test_tensorboard_writer_failing_warns_once_and_stops() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    writer = RecordingWriter(fail_with=errno.ENOSPC)
+    with hookscope_warnings() as messages, HookManager(model, sinks=[hs.TensorBoardSink(writer, every=2)]) as hm:
+        train_steps(model, 5, hm)
+    one_stop_warning(messages, "RecordingWriter", "No space left on device")
+    assert writer.calls == 1 and len(hm.to_dataframe()) == 5
+
+
+def test_tensorboard_log_directory_removed_mid_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorboard")
+    thread_errors: list[type[BaseException]] = []  # tensorboard's writer thread dies with the error it hands on
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_type))
+    logs = tmp_path / "logs"
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    with hookscope_warnings() as messages:
+        hm = HookManager(model, sinks=[hs.TensorBoardSink(logs, every=2)], alerts=False).attach()
+        train_steps(model, 2, hm)
+        shutil.rmtree(logs)
+        train_steps(model, 4, hm)
+        hm.detach()
+    one_stop_warning(messages, logs, "No such file or directory")
+    deadline = time.monotonic() + 10
+    while not thread_errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert thread_errors == [FileNotFoundError]
 
 
 # ---------------------------------------------------------------------------------------------------------------
