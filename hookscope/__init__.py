@@ -13,14 +13,21 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from hookscope.activations import ActivationSpec, get_activation, list_activations, register_activation
 from hookscope.alerts import Alert, AlertRule, Alerts, HookscopeAlert
 from hookscope.audit import audit
 from hookscope.collectors import Collector, DeadReLU, GradientNorm, NonFinite, Saturation
 from hookscope.errors import ConfigError, HookscopeError
 from hookscope.manager import HookManager
+from hookscope.reporters.callback import CallbackSink
+from hookscope.reporters.csv import CSVSink
 from hookscope.sites import Site
 from hookscope.warn import HookscopeWarning
+
+if TYPE_CHECKING:
+    from hookscope.integrations.tensorboard import TensorBoardSink
 
 __version__ = "0.1.0"
 
@@ -29,6 +36,8 @@ __all__ = [
     "Alert",
     "AlertRule",
     "Alerts",
+    "CSVSink",
+    "CallbackSink",
     "Collector",
     "ConfigError",
     "DeadReLU",
@@ -40,9 +49,23 @@ __all__ = [
     "NonFinite",
     "Saturation",
     "Site",
+    "TensorBoardSink",
     "__version__",
     "audit",
     "get_activation",
     "list_activations",
     "register_activation",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # optional integrations load on first use, so that ``import hookscope`` needs none of their dependencies
+    if name == "TensorBoardSink":
+        from hookscope.integrations.tensorboard import TensorBoardSink
+
+        return TensorBoardSink
+    raise AttributeError(f"module 'hookscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

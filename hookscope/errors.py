@@ -20,6 +20,11 @@ class ConfigTypeError(HookscopeError, TypeError):
     """An argument has a type that is not allowed."""
 
 
+class ConfigPathError(ConfigError, OSError):
+    """A path argument names a place that cannot be written (a missing directory, a directory where a file
+    belongs, a file without write permission); also an ``OSError``, as the failed ``open`` would have been."""
+
+
 class StateError(HookscopeError, RuntimeError):
     """An operation was called at the wrong time (for example ``attach()`` twice)."""
 

@@ -1,15 +1,29 @@
-"""Files written atomically: readers see the old file or the whole new one, never a partial file."""
+"""Files that a reader never sees half-written: whole files replaced atomically, and files that grow by whole
+lines (a failed append is truncated back, a torn tail left by a crash is dropped before appending again)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
-__all__ = ["PathLike", "atomic_path", "atomic_write_text", "file_mode", "require_directory"]
+from hookscope.checks import describe
+from hookscope.errors import ConfigError, ConfigPathError, ConfigTypeError
+
+__all__ = [
+    "AppendFile",
+    "PathLike",
+    "atomic_path",
+    "atomic_write_text",
+    "check_output_file",
+    "file_mode",
+    "require_directory",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -58,3 +72,133 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def check_output_file(arg: str, value: object) -> Path:
+    """``value`` as the path of a file that can be created or appended to: a str or ``os.PathLike`` naming a
+    regular file (existing and writable, or not yet there) in an existing, writable directory.
+
+    Raises:
+        ConfigTypeError: Not a str or ``os.PathLike`` of a str.
+        ConfigPathError: The directory is missing or not writable, or the target is a directory, another kind of
+            file (a device, a pipe), or a file that cannot be written.
+    """
+    raw = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(raw, str):
+        raise ConfigTypeError(f"`{arg}` must be a file path (a str or os.PathLike), got {describe(value)}")
+    if not raw:
+        raise ConfigError(f"`{arg}` must be a file path, got an empty string")
+    target = Path(raw)
+    directory = target.parent
+
+    def fail(problem: str, fix: str) -> ConfigPathError:
+        return ConfigPathError(
+            f"`{arg}` must be a writable file in an existing directory, got {raw!r}: {problem}; {fix}"
+        )
+
+    if not directory.is_dir():
+        raise fail(f"directory {str(directory)!r} does not exist", "create it first (os.makedirs)")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise fail(f"directory {str(directory)!r} is not writable", "choose a directory this process can write")
+    if target.is_dir():
+        raise fail("it is a directory", "name a file inside it")
+    if target.exists():
+        if not target.is_file():
+            raise fail("it is not a regular file (a device, a pipe or a socket)", "name a regular file")
+        if not os.access(target, os.W_OK):
+            raise fail("the file is not writable", "fix its permissions or choose another file")
+    return target
+
+
+class AppendFile:
+    """A file that grows by whole batches of lines, so that a reader never sees a torn line.
+
+    :meth:`append` writes a batch with as few ``write`` calls as the system allows (one, for a regular file) and,
+    when one of them fails (a full disk), truncates the file back to where the batch began. A process killed in
+    the middle of a batch can still leave a torn last line: :meth:`drop_torn_tail` removes it before appending
+    again. The file is opened for reading and appending (created if missing); every method raises ``OSError`` as
+    the system calls do, and the descriptor is closed when the object is garbage-collected without
+    :meth:`close`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        self._fd: int | None = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{str(self.path)!r} is closed")
+        return self._fd
+
+    def size(self) -> int:
+        """Bytes in the file now (0 for a device)."""
+        return os.fstat(self.fileno()).st_size
+
+    def head(self, limit: int = 1 << 16) -> bytes:
+        """The first ``limit`` bytes (fewer if the file is shorter)."""
+        data = b""
+        while len(data) < limit:
+            chunk = os.pread(self.fileno(), limit - len(data), len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def drop_torn_tail(self) -> int:
+        """Truncate the file just after its last newline (to nothing if it holds none); returns the number of
+        bytes dropped."""
+        fd = self.fileno()
+        size = end = self.size()
+        keep = 0
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            newline = os.pread(fd, end - start, start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        if keep < size:
+            os.ftruncate(fd, keep)
+        return size - keep
+
+    def check_in_place(self) -> None:
+        """Raise ``OSError`` when the path no longer names this file (removed, its directory removed, or replaced
+        by another file or a directory): writes to the open descriptor would then reach no reader."""
+        opened = os.fstat(self.fileno())
+        now = os.stat(self.path)  # FileNotFoundError when removed
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            raise OSError(f"{str(self.path)!r} no longer names the file being written (it was replaced)")
+
+    def append(self, data: bytes) -> None:
+        """Append ``data`` whole; on any failure the file is truncated back to its previous length (when the
+        system allows it) and the error is raised."""
+        fd = self.fileno()
+        start = os.fstat(fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:  # never for a regular file; a loop that cannot end would hang training
+                    raise OSError(errno.EIO, f"writing to {str(self.path)!r} made no progress")
+                view = view[written:]
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+
+    def sync(self) -> None:
+        """Make what was appended durable (``fsync``)."""
+        os.fsync(self.fileno())
+
+    def close(self) -> None:
+        """Release the descriptor (idempotent; the descriptor is released even when ``close`` reports an error)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            self._finalizer.detach()
+            os.close(fd)

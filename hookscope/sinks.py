@@ -6,11 +6,12 @@ A sink knows nothing of the manager that feeds it: it receives frames, and may a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from hookscope.checks import check_int
-from hookscope.errors import ConfigTypeError
+from hookscope.checks import check_int, describe
+from hookscope.errors import ConfigError, ConfigTypeError, StateError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,6 +40,9 @@ class Sink:
     detaches, after a last :meth:`write` of what is left. Under ``torch.distributed`` only rank zero writes
     (the values are global), unless :attr:`all_ranks` is set.
 
+    A sink belongs to one manager: binding it to a second one while the first is alive is an error. It holds its
+    source by a weak reference (when the source allows it), so a sink never keeps a dropped manager alive.
+
     Args:
         every: Steps between writes (a crash loses at most this many steps).
     """
@@ -47,10 +51,36 @@ class Sink:
 
     def __init__(self, every: int = 100) -> None:
         self.every = check_int("every", every, minimum=1, meaning="steps between writes")
-        self.source: SinkSource | None = None
+        self._source: Callable[[], SinkSource | None] = lambda: None
+
+    @property
+    def source(self) -> SinkSource | None:
+        """The manager that feeds this sink (``None`` before :meth:`bind`, or once that manager is gone)."""
+        return self._source()
+
+    @source.setter
+    def source(self, source: SinkSource | None) -> None:
+        if source is None:
+            self._source = lambda: None
+            return
+        try:
+            self._source = weakref.ref(source)
+        except TypeError:  # a source without weak references: hold it
+            self._source = lambda: source
 
     def bind(self, source: SinkSource) -> None:
-        """Called once by the manager that owns the sink."""
+        """Called once by the manager that owns the sink, in its constructor. Subclasses check there what needs
+        the source (its columns), so that a mistake raises before training starts.
+
+        Raises:
+            StateError: The sink is already bound to another source that is still alive.
+        """
+        current = self.source
+        if current is not None and current is not source:
+            raise StateError(
+                f"{self!r} already feeds another HookManager; a sink belongs to one manager: give this one a sink "
+                "of its own (or detach the other manager and drop it first)"
+            )
         self.source = source
 
     def write(self, frame: pd.DataFrame) -> None:
@@ -73,7 +103,14 @@ def sinks_of(sinks: object) -> list[Sink]:
             f"`sinks` must be a list of hookscope Sink instances (e.g. [CSVSink(path)]), got {sinks!r}"
         )
     out = list(sinks)
-    for sink in out:
+    seen: dict[int, int] = {}  # id -> first position
+    for i, sink in enumerate(out):
         if not isinstance(sink, Sink):
-            raise ConfigTypeError(f"`sinks` must hold hookscope Sink instances (e.g. CSVSink), got {sink!r}")
+            raise ConfigTypeError(f"`sinks` must hold hookscope Sink instances (e.g. CSVSink), got {describe(sink)}")
+        first = seen.setdefault(id(sink), i)
+        if first != i:
+            raise ConfigError(
+                f"`sinks` must hold each sink once, got {describe(sink)} at positions {first} and {i}; "
+                "a sink listed twice would receive every row twice"
+            )
     return out

@@ -1,4 +1,4 @@
-"""Streaming CSV, TensorBoard, Lightning, AMP loss scaling and torch.compile."""
+"""Pause / resume, Lightning, AMP loss scaling and torch.compile (the sinks are in test_sinks.py)."""
 
 from __future__ import annotations
 
@@ -11,65 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import FunctionalReLU, SharedReLU, hook_count, train_steps
+from conftest import FunctionalReLU, SharedReLU, hook_count
 from test_real_conditions import CountSyncs
 
 from hookscope import GradientNorm, HookManager
-from hookscope.reporters.csv import CSVSink
-
-# ---------------------------------------------------------------------------------------------------------------
-# streaming CSV
-
-
-def test_csv_sink_streams_flushes_every_n_steps_and_resumes(tmp_path: Path) -> None:
-    path = tmp_path / "stats.csv"
-    model = SharedReLU()
-    hm = HookManager(model, sinks=[CSVSink(path, every=3)], max_history=2, alerts=False).attach()
-    for step in range(5):
-        model(torch.randn(2, 4))
-        hm.step()
-        if step == 3:  # 3 steps written and flushed, the 4th still buffered
-            assert sorted(pd.read_csv(path)["step"].unique()) == [0, 1, 2]
-    hm.detach()  # writes what is left, fsyncs
-    first = pd.read_csv(path, dtype={"layer": str})
-    assert sorted(first["step"].unique()) == [0, 1, 2, 3, 4]
-    assert list(first.columns) == list(hm.to_dataframe().columns)
-    # resuming: a new manager continues the numbering and appends without a second header
-    with HookManager(model, sinks=[CSVSink(path, every=10)], start_step=5, alerts=False) as hm2:
-        model(torch.randn(2, 4))
-        hm2.step()
-    both = pd.read_csv(path, dtype={"layer": str})
-    assert list(both["step"]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
-    assert path.read_text().count("step,layer") == 1
-
-
-def test_csv_sink_rejects_a_file_with_other_columns(tmp_path: Path) -> None:
-    path = tmp_path / "other.csv"
-    path.write_text("a,b\n1,2\n")
-    model = SharedReLU()
-    with pytest.raises(RuntimeError, match="other columns"), HookManager(model, sinks=[CSVSink(path, every=1)]) as hm:
-        model(torch.randn(2, 4))
-        hm.step()
-    assert path.read_text() == "a,b\n1,2\n"
-    with pytest.raises(OSError):
-        CSVSink(tmp_path / "missing" / "x.csv")
-    with pytest.raises(ValueError, match="`every`"):
-        CSVSink(tmp_path / "x.csv", every=0)
-    with pytest.raises(TypeError, match="`sinks`"):
-        HookManager(model, sinks=["stats.csv"])  # type: ignore[list-item]
-
-
-def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
-    model = SharedReLU()
-    with HookManager(model, sinks=[CSVSink(tmp_path / "s.csv", every=50)], max_history=10, alerts=False) as hm:
-        sizes = []
-        for _ in range(600):
-            model(torch.randn(2, 4))
-            hm.step()
-            sizes.append(hm.history_bytes())
-        assert max(sizes[200:]) <= max(sizes[130:200])  # a saw tooth that stops growing
-    assert len(pd.read_csv(tmp_path / "s.csv")) == 600 * 2
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # pause / resume
@@ -84,32 +29,6 @@ def test_pause_and_resume() -> None:
         hm.resume()
         hm.step()
     assert hm.to_dataframe()["calls"].tolist() == [1, 1]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# TensorBoard
-
-
-def test_tensorboard_sink_writes_scalars_and_histograms(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from hookscope.integrations.tensorboard import TensorBoardSink
-
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.Tanh())
-    with HookManager(model, sinks=[TensorBoardSink(tmp_path, every=2, histograms=True)], alerts=False) as hm:
-        train_steps(model, 3, hm)
-    expected = hm.to_dataframe()
-    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    assert "hookscope/1/dead_ratio" in tags["scalars"] and "hookscope/3/saturation_rate" in tags["scalars"]
-    assert "hookscope/3/dead_ratio" not in tags["scalars"]  # NaN for tanh: not written
-    events = acc.Scalars("hookscope/1/grad_norm")
-    assert [e.step for e in events] == [0, 1, 2]
-    got = [e.value for e in events]
-    assert got == pytest.approx(expected[expected["layer"] == "1"]["grad_norm"].tolist(), rel=1e-6)
-    assert "hookscope/1/steps_since_fired" in tags["histograms"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
