@@ -136,8 +136,15 @@ class HookManager:
         self._paused = False
         self._at_exit: Callable[[], None] | None = None
         self._update_recording()
-        for sink in self.sinks:
-            sink.bind(self)
+        bound: list[Sink] = []
+        try:
+            for sink in self.sinks:
+                sink.bind(self)
+                bound.append(sink)
+        except BaseException:  # a manager that failed to build leaves its sinks free for the next one
+            for sink in bound:
+                sink.source = None
+            raise
 
     # ----------------------------------------------------------------------------------------------------------
     # attach / detach

@@ -12,14 +12,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from hookscope.checks import describe
 from hookscope.collectors.base import check_computed
+from hookscope.errors import ConfigError, ConfigTypeError
 from hookscope.history import FieldLayout, Rows
 
 if TYPE_CHECKING:
     from hookscope.collectors.base import Collector
     from hookscope.sites import Site
 
-__all__ = ["ROW_COLUMNS", "STAT_COLUMNS", "build_frame", "report_columns", "scalars"]
+__all__ = ["ROW_COLUMNS", "STAT_COLUMNS", "build_frame", "check_stat_names", "report_columns", "scalars", "stat_names"]
 
 #: Columns describing the row, in order.
 ROW_COLUMNS: tuple[str, ...] = ("step", "layer", "kind", "shape", "units", "calls")
@@ -87,3 +89,29 @@ def build_frame(
                 out[col] = np.where(mask, np.asarray(computed[col], dtype=np.float64), np.nan)
     # step, units and calls are int64 arrays already: an astype() here cost 70% of building the frame
     return pd.DataFrame(out, columns=list(columns))
+
+
+def stat_names(stats: object) -> tuple[str, ...]:
+    """``stats`` as a tuple of column names: one name, or a sequence of names (duplicates dropped)."""
+    if isinstance(stats, str):
+        return (stats,)
+    allowed = "a statistic column name or a sequence of them (e.g. ('dead_ratio', 'grad_norm'))"
+    if isinstance(stats, bytes) or not isinstance(stats, Sequence):
+        raise ConfigTypeError(f"`stats` must be {allowed}, got {describe(stats)}")
+    names = list(stats)
+    for name in names:
+        if not isinstance(name, str):
+            raise ConfigTypeError(f"`stats` must be {allowed}, got {describe(name)} in {describe(stats)}")
+    return tuple(dict.fromkeys(names))
+
+
+def check_stat_names(stats: tuple[str, ...], allowed: tuple[str, ...], *, final: bool) -> None:
+    """Raise for a name of ``stats`` not in ``allowed``; before binding (``final=False``) the names that a custom
+    collector may still provide pass."""
+    unknown = [s for s in stats if s not in allowed and (final or s in ROW_COLUMNS)]
+    if unknown:
+        where = "this manager's statistic columns" if final else "statistic columns"
+        raise ConfigError(
+            f"`stats` must name statistic columns, got {describe(unknown[0])} in {describe(stats)}; "
+            f"{where}: {', '.join(allowed)}"
+        )

@@ -6,7 +6,7 @@ from typing import Any
 
 from hookscope.checks import check_int
 from hookscope.manager import HookManager
-from hookscope.report import STAT_COLUMNS, scalars
+from hookscope.report import STAT_COLUMNS, check_stat_names, scalars, stat_names
 
 __all__ = ["HookscopeCallback"]
 
@@ -46,7 +46,8 @@ class HookscopeCallback(Callback):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, meaning="steps between logs")
-        self.stats = tuple(stats)
+        self.stats = stat_names(stats)
+        check_stat_names(self.stats, STAT_COLUMNS, final=False)
         self.manager_kwargs = manager_kwargs
         self.manager: HookManager | None = None
 

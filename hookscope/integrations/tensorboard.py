@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ import pandas as pd
 
 from hookscope.checks import check_bool, describe
 from hookscope.errors import ConfigError, ConfigPathError, ConfigTypeError, StateError
-from hookscope.report import ROW_COLUMNS, STAT_COLUMNS, scalars
+from hookscope.report import ROW_COLUMNS, STAT_COLUMNS, check_stat_names, scalars, stat_names
 from hookscope.sinks import Sink, SinkSource
 from hookscope.warn import warn_once
 
@@ -29,32 +28,6 @@ def _summary_writer() -> Any:
             f"the TensorBoard sink needs tensorboard: {INSTALL_HINT} (or pip install tensorboard)"
         ) from e
     return SummaryWriter
-
-
-def _stats_of(stats: object) -> tuple[str, ...]:
-    """``stats`` as a tuple of column names: one name, or a sequence of names (duplicates dropped)."""
-    if isinstance(stats, str):
-        return (stats,)
-    allowed = "a statistic column name or a sequence of them (e.g. ('dead_ratio', 'grad_norm'))"
-    if isinstance(stats, bytes) or not isinstance(stats, Sequence):
-        raise ConfigTypeError(f"`stats` must be {allowed}, got {describe(stats)}")
-    names = list(stats)
-    for name in names:
-        if not isinstance(name, str):
-            raise ConfigTypeError(f"`stats` must be {allowed}, got {describe(name)} in {describe(stats)}")
-    return tuple(dict.fromkeys(names))
-
-
-def _check_known(stats: tuple[str, ...], allowed: tuple[str, ...], *, final: bool) -> None:
-    """Raise for a name of ``stats`` not in ``allowed``; before binding (``final=False``) the names that a custom
-    collector may still provide pass."""
-    unknown = [s for s in stats if s not in allowed and (final or s in ROW_COLUMNS)]
-    if unknown:
-        where = "this manager's statistic columns" if final else "statistic columns"
-        raise ConfigError(
-            f"`stats` must name statistic columns, got {describe(unknown[0])} in {describe(stats)}; "
-            f"{where}: {', '.join(allowed)}"
-        )
 
 
 class TensorBoardSink(Sink):
@@ -92,8 +65,8 @@ class TensorBoardSink(Sink):
         histograms: bool = False,
     ) -> None:
         super().__init__(every)
-        self.stats = _stats_of(stats)
-        _check_known(self.stats, STAT_COLUMNS, final=False)
+        self.stats = stat_names(stats)
+        check_stat_names(self.stats, STAT_COLUMNS, final=False)
         self.histograms = check_bool("histograms", histograms, meaning="write steps-since-fired histograms")
         self._owns = isinstance(writer, (str, os.PathLike))
         if not self._owns:
@@ -130,7 +103,7 @@ class TensorBoardSink(Sink):
                 is set and the manager has no ``DeadReLU`` collector.
         """
         columns = tuple(source.columns)
-        _check_known(self.stats, tuple(c for c in columns if c not in ROW_COLUMNS), final=True)
+        check_stat_names(self.stats, tuple(c for c in columns if c not in ROW_COLUMNS), final=True)
         if self.histograms:
             try:
                 source.unit_timeline()
