@@ -1,20 +1,36 @@
 """All cross-rank reduction in one place.
 
-Under ``torch.distributed`` every statistic is global: when a step closes, each rank's per-step collector state
-(per-site counts, per-unit counts) and the host-side counts (calls, elements, backward passes) are combined with
-one ``all_reduce`` per reduction kind, all sites flattened together, before any ratio is formed. So
-``inactive_fraction`` is Σ inactive / Σ elements over ranks, a unit is dead only if it was inactive on every
-rank, and ``grad_norm`` is sqrt(Σ over ranks of squared local norms). Persistent state (when each unit last
-fired) is then updated from global values and is identical on every rank, so reports need no collective: any
-rank may ask for one at any time. ``step()`` is the collective: every rank must call it, as with
-``optimizer.step()`` under DDP. With NCCL the collectives are enqueued on the device without host
-synchronisation.
+Under ``torch.distributed`` every statistic is global: each step's per-step collector state (per-site counts,
+per-unit counts) and its host counts (calls, elements, backward passes) are summed (or maxed, minned) across
+ranks before any ratio is formed. So ``inactive_fraction`` is Σ inactive / Σ elements over ranks, a unit is dead
+only if it was inactive on every rank, and ``grad_norm`` is sqrt(Σ over ranks of squared local norms). Persistent
+state (when each unit last fired) is then updated from global values and is identical on every rank, so reports
+need no collective: any rank may ask for one at any time.
+
+How a step is combined (:class:`CrossRank`):
+
+- Sites are identified across ranks **by name**, not by the order in which each rank met them: with
+  data-dependent routing (mixture of experts) rank 0 may meet expert A first and rank 1 expert B. When some rank
+  has sites that the ranks have not agreed on yet, the ranks exchange their descriptions (name, kind, units) and
+  every rank enters the sites it never ran itself, so that all ranks hold the same sites; the same name with
+  another kind or unit count on another rank is an error on every rank. A site that runs on some ranks only in a
+  step is reported from the ranks where it ran.
+- hookscope's collectives run in process groups of their own, never interleaved with DDP's, and ``step()`` never
+  waits for the other ranks' current ``step()``: each ``step()`` posts a small header (step number, forward
+  passes, sites) without waiting, and the step is combined at the *next* ``step()``, once every rank's header has
+  arrived. A rank that skipped ``step()`` (or called it once too often) then shows a different number of forward
+  passes, and every rank raises an error naming it — instead of its collective meeting DDP's gradient all_reduce,
+  which gloo answers by aborting the process.
+- So the latest closed step becomes part of the reports one ``step()`` later (or at ``detach()``, which combines
+  it); the open step is never reported under ``torch.distributed``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -24,9 +40,10 @@ from hookscope.errors import ConfigError, ConfigTypeError, StateError
 if TYPE_CHECKING:
     from hookscope.collectors.base import StateBank
 
-__all__ = ["global_stats_of", "is_distributed", "rank", "reduce_step"]
+__all__ = ["CrossRank", "PendingReduction", "SiteDescription", "global_stats_of", "is_distributed", "rank"]
 
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+_last_rank: int | None = None  # this process's rank while a process group existed
 
 
 def is_distributed() -> bool:
@@ -35,55 +52,13 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _check_layout(layout: list[int], device: torch.device) -> None:
-    """Raise on every rank when the ranks' state layouts differ (instead of a collective on unequal sizes)."""
-    local = torch.tensor(layout + [-v for v in layout], dtype=torch.float64, device=device)
-    both = local.clone()
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    k = len(layout)
-    # reading the result is a host sync, but only when the layout may have changed (new sites)
-    if not torch.equal(both[:k], local[:k]) or not torch.equal(-both[k:], local[:k]):
-        raise StateError(
-            f"hookscope: ranks recorded different activation sites (rank {rank()}: {layout[0]} sites, "
-            f"layout {layout}); every rank must run the same model so that statistics can be combined"
-        )
-
-
-def reduce_step(
-    banks: Sequence[StateBank], counts: torch.Tensor, n_sites: int, device: torch.device, check_layout: bool
-) -> torch.Tensor:
-    """Combine one step's state across ranks in place; returns the global ``(n_sites, 3)`` host counts.
-
-    Args:
-        banks: Collector state banks; their per-step states are replaced by global values.
-        counts: ``(n_sites, 3)`` float64 calls, elements and backward passes of this rank.
-        n_sites: Number of sites (the same on every rank).
-        device: Device of the state.
-        check_layout: Verify first that every rank has the same layout (after new sites appeared).
-    """
-    if check_layout:
-        _check_layout([n_sites, *(b.n_units for b in banks)], device)
-    groups: dict[str, list[torch.Tensor]] = {"sum": [counts.reshape(-1)], "max": [], "min": []}
-    for bank in banks:
-        for name, spec in bank.specs.items():
-            if spec.persistent:
-                continue  # derived from reduced values, identical on every rank
-            groups[spec.reduce].append(bank.unit(name) if spec.per_unit else bank.scalar(name))
-    for kind, tensors in groups.items():
-        if not tensors:
-            continue
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-        dist.all_reduce(flat, op=getattr(dist.ReduceOp, _OPS[kind]))
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
-    return counts
+    """This process's rank: 0 when not distributed. After the process group is destroyed, the rank the process
+    had (``dist.get_rank()`` would then say 0 on every rank, and every rank would write the sinks)."""
+    global _last_rank
+    if dist.is_available() and dist.is_initialized():
+        _last_rank = dist.get_rank()
+        return _last_rank
+    return _last_rank if _last_rank is not None else 0
 
 
 def global_stats_of(global_stats: object) -> bool:
@@ -95,4 +70,203 @@ def global_stats_of(global_stats: object) -> bool:
             "`global_stats=True` needs torch.distributed initialised with more than one rank "
             "(call torch.distributed.init_process_group first, or leave global_stats=None)"
         )
+    if is_distributed():
+        rank()  # remember it while it can be asked
     return is_distributed() if global_stats is None else global_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteDescription:
+    """What the ranks exchange about a site they must agree on."""
+
+    name: str
+    key: tuple[str, int]
+    module: str
+    call: int
+    kind: str
+    function: str | None
+    bounds: tuple[float, float] | None
+    unit_dim: int | None
+    units: int
+    shape: tuple[int, ...]
+
+
+#: Header columns each rank writes into its row: step number, forward passes in the step, sites it holds.
+_HEADER = ("step", "passes", "sites")
+
+
+class CrossRank:
+    """The cross-rank side of one manager's recorder: process groups, the agreed sites, and combining steps.
+
+    Args:
+        device: Where the collector state lives (CUDA state is reduced with NCCL, CPU state with gloo).
+        timeout: How long ``detach()`` waits for the other ranks to combine the last step.
+    """
+
+    def __init__(self, device: torch.device | None, timeout: float = 120.0) -> None:
+        self.world = dist.get_world_size()
+        self.rank = rank()
+        self.timeout = timeout
+        self.agreed: list[SiteDescription] = []
+        self._agreed_names: dict[str, int] = {}
+        self._host: Any = None  # gloo group: headers, site descriptions, host counts
+        self._device_group: Any = None  # the group that reduces device state
+        self._device = device
+        self._header: tuple[Any, torch.Tensor, int] | None = None  # (work, tensor, step) posted, not yet read
+
+    # -- groups ------------------------------------------------------------------------------------------------
+    def _groups(self, device: torch.device | None) -> None:
+        if self._host is not None:
+            return
+        # every rank calls step(), so every rank creates the groups in the same order
+        self._host = dist.new_group(backend="gloo")
+        if device is not None and device.type == "cuda":
+            self._device_group = dist.new_group(backend="nccl")
+        else:
+            self._device_group = self._host
+
+    # -- the header --------------------------------------------------------------------------------------------
+    def post_header(self, step: int, passes: int, sites: int, device: torch.device | None) -> None:
+        """Post this rank's header for the step just closed, without waiting for the other ranks."""
+        self._groups(device)
+        header = torch.zeros(self.world, len(_HEADER), dtype=torch.float64)
+        header[self.rank] = torch.tensor([step, passes, sites], dtype=torch.float64)
+        work = dist.all_reduce(header, group=self._host, async_op=True)
+        self._header = (work, header, step)
+
+    @property
+    def posted(self) -> bool:
+        """Whether a step's header waits to be read."""
+        return self._header is not None
+
+    def read_header(self, timeout: float | None = None) -> tuple[int, bool]:
+        """Wait for every rank's header of the posted step; check that the ranks closed the same step after the
+        same forward passes. Returns the step and whether some rank holds sites that are not agreed yet.
+
+        Raises:
+            StateError: The ranks' steps differ (a rank skipped ``step()`` or called it once too often), or
+                ``timeout`` seconds passed.
+        """
+        assert self._header is not None
+        work, header, step = self._header
+        self._header = None
+        try:
+            _wait(work, timeout)
+        except StateError as e:
+            raise StateError(f"{e} (step {step})") from None
+        rows = header.to(torch.int64).tolist()
+        steps = [r[0] for r in rows]
+        passes = [r[1] for r in rows]
+        if len(set(steps)) > 1 or len(set(passes)) > 1:
+            described = ", ".join(f"rank {r}: step {s}, {p} forward passes" for r, (s, p, _) in enumerate(rows))
+            odd = [r for r, p in enumerate(passes) if passes.count(p) == 1] if self.world > 2 else []
+            who = f"rank {odd[0]}" if len(odd) == 1 else "a rank"
+            raise StateError(
+                f"hookscope: the ranks closed different training steps as step {step} ({described}): {who} "
+                "skipped step() or called it once too often. Every rank must call HookManager.step() once per "
+                "training step, after the same number of forward passes (as DDP requires); use "
+                "global_stats=False for rank-local statistics"
+            )
+        return step, any(r[2] != len(self.agreed) for r in rows)
+
+    # -- agreeing on sites -------------------------------------------------------------------------------------
+    def agree(self, local: Sequence[SiteDescription]) -> list[SiteDescription]:
+        """Exchange the sites not agreed yet (every rank calls this in the same step); returns the newly agreed
+        ones in the global order (by the lowest rank that holds each, then that rank's order).
+
+        Raises:
+            StateError: A name stands for different sites (kind or units) on two ranks.
+        """
+        mine = [d for d in local if d.name not in self._agreed_names]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine, group=self._host)
+        new: list[SiteDescription] = []
+        seen: dict[str, tuple[int, SiteDescription]] = {}
+        for r, descriptions in enumerate(gathered):
+            for d in descriptions:
+                if d.name in seen:
+                    r0, first = seen[d.name]
+                    if (first.kind, first.units, first.unit_dim) != (d.kind, d.units, d.unit_dim):
+                        raise StateError(
+                            f"hookscope: ranks recorded different activation sites under one name: {d.name!r} is "
+                            f"{first.kind} with {first.units} units (unit dim {first.unit_dim}) on rank {r0} and "
+                            f"{d.kind} with {d.units} units (unit dim {d.unit_dim}) on rank {r}; every rank must "
+                            "run the same model so that statistics can be combined"
+                        )
+                    continue
+                seen[d.name] = (r, d)
+                new.append(d)
+        for d in new:
+            self._agreed_names[d.name] = len(self.agreed)
+            self.agreed.append(d)
+        return new
+
+    # -- reducing a step ---------------------------------------------------------------------------------------
+    def post_reduce(
+        self,
+        banks: Sequence[StateBank],
+        row: int,
+        site_order: torch.Tensor,
+        unit_orders: Sequence[torch.Tensor],
+        counts: torch.Tensor,
+    ) -> PendingReduction:
+        """Post the combination of one closed ring row of every bank, and of the host counts, without waiting.
+
+        Args:
+            banks: Collector state banks (their per-step states of ``row`` get global values at
+                :meth:`PendingReduction.wait`).
+            row: The ring row of the step.
+            site_order: Local site index of each agreed site, in the agreed order.
+            unit_orders: Per bank, the local positions of the agreed sites' units, in the agreed order.
+            counts: ``(3, n_agreed)`` float64 host counts (calls, elements, backward) in the agreed order.
+        """
+        groups: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"sum": [], "max": [], "min": []}
+        for bank, unit_order in zip(banks, unit_orders):
+            for name, spec in bank.specs.items():
+                if spec.persistent:
+                    continue  # derived from reduced values, identical on every rank
+                groups[spec.reduce].append((bank.ring[name][row], unit_order if spec.per_unit else site_order))
+        posted = []
+        for kind, parts in groups.items():
+            if parts:
+                flat = torch.cat([values[order].to(torch.float64) for values, order in parts])
+                op = getattr(dist.ReduceOp, _OPS[kind])
+                posted.append((dist.all_reduce(flat, op=op, group=self._device_group, async_op=True), flat, parts))
+        counts = counts.clone()
+        count_work = dist.all_reduce(counts, group=self._host, async_op=True)
+        return PendingReduction(posted, count_work, counts)
+
+
+class PendingReduction:
+    """A step's combination, posted; :meth:`wait` writes the global values into the ring row it came from."""
+
+    def __init__(self, posted: list[tuple[Any, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]],
+                 count_work: Any, counts: torch.Tensor) -> None:  # fmt: skip
+        self._posted = posted
+        self._count_work = count_work
+        self._counts = counts
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        """Wait for the other ranks; returns the global ``(3, n_agreed)`` counts.
+
+        Raises:
+            StateError: ``timeout`` seconds passed, or a peer vanished.
+        """
+        for work, flat, parts in self._posted:
+            _wait(work, timeout)
+            offset = 0
+            for values, order in parts:
+                n = order.numel()
+                values.index_copy_(0, order, flat[offset : offset + n].to(values.dtype))
+                offset += n
+        _wait(self._count_work, timeout)
+        return self._counts
+
+
+def _wait(work: Any, timeout: float | None) -> None:
+    try:
+        done = work.wait() if timeout is None else work.wait(timeout=datetime.timedelta(seconds=timeout))
+    except RuntimeError as e:  # gloo raises on a timeout or a vanished peer
+        raise StateError(f"hookscope: rank {rank()}: the other ranks did not combine a step: {e}") from None
+    if done is False:
+        raise StateError(f"hookscope: rank {rank()}: the other ranks did not combine a step within {timeout} s")

@@ -16,11 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["COUNT_FIELDS", "FieldLayout", "History", "Rows", "StepRecord", "format_shape"]
-
-#: The host counts of every (step, site) row; under ``torch.distributed`` their global values are recorded as
-#: the first fields of a step's values (see :class:`FieldLayout`).
-COUNT_FIELDS: tuple[str, ...] = ("calls", "elements", "backward")
+__all__ = ["FieldLayout", "History", "Rows", "StepRecord", "format_shape"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,25 +24,17 @@ class FieldLayout:
     """What each column of a step record's ``values`` holds.
 
     Attributes:
-        global_counts: The first ``len(COUNT_FIELDS)`` columns hold the counts (calls, elements, backward
-            passes) combined across ranks, which replace the rank-local host counts.
-        collectors: For each collector, in the manager's order, the names of the fields it recorded (the
-            columns that follow, collector after collector).
+        collectors: For each collector, in the manager's order, the names of the fields it recorded (the columns,
+            collector after collector).
     """
 
-    global_counts: bool = False
     collectors: tuple[tuple[str, ...], ...] = ()
-
-    def count_columns(self) -> dict[str, int]:
-        """Column of each global count (empty without ``global_counts``)."""
-        return {name: k for k, name in enumerate(COUNT_FIELDS)} if self.global_counts else {}
 
     def collector_columns(self, index: int) -> dict[str, int]:
         """Column of each field of the collector at ``index`` (empty when it recorded none)."""
         if index >= len(self.collectors):
             return {}
-        start = len(COUNT_FIELDS) if self.global_counts else 0
-        start += sum(len(f) for f in self.collectors[:index])
+        start = sum(len(f) for f in self.collectors[:index])
         return {name: start + k for k, name in enumerate(self.collectors[index])}
 
 

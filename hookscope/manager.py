@@ -46,7 +46,10 @@ if TYPE_CHECKING:
     import pandas as pd
     from rich.table import Table
 
-__all__ = ["HookManager"]
+__all__ = ["DETACH_TIMEOUT", "HookManager"]
+
+#: Seconds ``detach()`` waits for the other ranks to combine the last step under ``torch.distributed``.
+DETACH_TIMEOUT = 60.0
 
 
 class HookManager:
@@ -190,6 +193,10 @@ class HookManager:
         if not was_attached:
             return
         errors: list[Exception] = []
+        try:  # distributed: the last step is combined here, if every rank gets here in time
+            self._deliver(self._recorder.finish(timeout=DETACH_TIMEOUT), errors)
+        except Exception as e:
+            errors.append(e)
         self._flush_into(errors)
         for i, sink in enumerate(self.sinks):
             self._write_sink(i, errors)
@@ -267,26 +274,32 @@ class HookManager:
                 delivered and every other sink is fed; the first such error is raised at the end.
         """
         recorder = self._recorder
-        record = recorder.close_step()  # the step is closed and numbered here, exactly once
+        # the step is closed and numbered here, exactly once; distributed, the previous step is combined
+        records = recorder.close_step(passes=self._tracer.passes)
         errors = recorder.take_failures()
         try:
-            if record is not None:
-                if self.alerts is not None and self.alerts.due(record.step):
-                    self._flush_into(errors)
-                    try:
-                        self.alerts.check(recorder.frame([record]), record.step, primary=distributed.rank() == 0)
-                    except Exception as e:
-                        errors.append(e)
-                for i, sink in enumerate(self.sinks):
-                    self._sink_buffers[i].append(record)
-                    if len(self._sink_buffers[i]) >= sink.every:
-                        self._write_sink(i, errors)
+            self._deliver(records, errors)
         finally:
             self._tracer.end_step()
             self._update_recording()
             recorder.check_include()
         if errors:
             raise errors[0]
+
+    def _deliver(self, records: list[StepRecord], errors: list[Exception]) -> None:
+        """Check the alerts due at these final records and feed them to the sinks; user errors go to ``errors``."""
+        recorder = self._recorder
+        for record in records:
+            if self.alerts is not None and self.alerts.due(record.step):
+                self._flush_into(errors)
+                try:
+                    self.alerts.check(recorder.frame([record]), record.step, primary=distributed.rank() == 0)
+                except Exception as e:
+                    errors.append(e)
+            for i, sink in enumerate(self.sinks):
+                self._sink_buffers[i].append(record)
+                if len(self._sink_buffers[i]) >= sink.every:
+                    self._write_sink(i, errors)
 
     def _flush_into(self, errors: list[Exception]) -> None:
         """Flush the ring; a collector's error goes to ``errors`` (the values are stored all the same)."""

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hookscope import distributed
-from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBank, host_to_device
+from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBank
+from hookscope.distributed import CrossRank, PendingReduction, SiteDescription
 from hookscope.errors import ConfigError, StateError
 from hookscope.history import FieldLayout, History, Rows, StepRecord
 from hookscope.report import build_frame
@@ -128,11 +128,11 @@ class Recorder:
         self._order: list[_Slot] = []  # slots that ran in the open step, in order of first appearance
         self.history = History(max_steps=max_history)
         self.layout: FieldLayout | None = None  # fixed at the first flush
-        self.last_closed: StepRecord | None = None
+        self.last_closed: StepRecord | None = None  # the latest step closed (and, distributed, combined)
         self._in_ring: list[StepRecord] = []  # closed steps whose values wait in the collectors' rings
-        self._in_ring_counts: list[torch.Tensor] = []  # their global counts (global_stats)
         self._failures: list[Exception] = []  # errors of collectors' close_steps not raised yet
-        self._reduced_layout: list[int] = []  # site and unit counts at the last cross-rank reduction
+        self._keys: list[SiteKey] = []  # each site's key in the table
+        self._cross: _Combiner | None = _Combiner(self) if global_stats else None
         self._include_checked = False
         self._ref = weakref.ref(self)
         for c in self.collectors:
@@ -159,8 +159,9 @@ class Recorder:
             self.site_by_key[key] = None
             return None
         # Closed steps are turned into values with the layout they were recorded with: the state grows when the
-        # site is bound (right after this, in the same hook) or at the next step's close, with the ring empty.
-        self._flush_ring()  # inside a hook: a collector's error waits for the next step()
+        # site is bound (right after this, in the same hook) or at the next step's close. (A step not yet
+        # combined across ranks stays in the ring; the new site holds the defaults there.)
+        self._flush_ring(wait=False)  # inside a hook: a collector's error waits for the next step()
         site = Site(len(self.sites), layer, module, call, spec, function, bounds)
         ref = self._ref
 
@@ -171,6 +172,7 @@ class Recorder:
 
         self.sites.append(site)
         self.site_by_key[key] = site
+        self._keys.append(key)
         self._slots.append(_Slot(site, tuple(c.applies_to(site) for c in self.collectors), grad_hook))
         return site
 
@@ -184,8 +186,19 @@ class Recorder:
             _problem(f"hookscope: {e}; the site is skipped")
             return False
         if self._device is None:
-            self._device, self._device_index = out.device, out.get_device()
-            self._banks = [c.bind_device(out.device) for c in self.collectors]
+            self._bind_device(out.device)
+        self._bind_state(site)
+        return True
+
+    def _bind_device(self, device: torch.device) -> None:
+        self._device = device
+        self._device_index = device.index if device.type != "cpu" and device.index is not None else -1
+        self._banks = [c.bind_device(device) for c in self.collectors]
+        for bank in self._banks:  # steps closed before any state existed (distributed): rows of defaults
+            for _ in self._in_ring:
+                bank.push()
+
+    def _bind_state(self, site: Site) -> None:
         slot = self._slots[site.index]
         for c, bank, applies in zip(self.collectors, self._banks, slot.applies):
             if applies:
@@ -193,7 +206,6 @@ class Recorder:
                 slot.fwd.append((c, state))
                 if c.wants_grad:
                     slot.grad.append((c, state))
-        return True
 
     def observe(self, site: Site, output: torch.Tensor, recompute: bool) -> None:
         """Record one output of a site (``recompute``: a checkpointed forward recomputed in backward, already
@@ -263,20 +275,62 @@ class Recorder:
     # ----------------------------------------------------------------------------------------------------------
     # closing steps
 
-    def close_step(self) -> StepRecord | None:
-        """Close the open step and number the next one. Returns the closed step's record (its values arrive
-        with the next :meth:`flush`), or ``None`` when nothing ran in it. Errors of collectors' ``close_steps``
-        are kept for :meth:`take_failures`, never raised here: the step is closed and numbered exactly once."""
-        # under torch.distributed the collective takes place even when nothing ran here in this step
-        record = self._close(commit=True, force=self.global_stats and bool(self.sites))
+    def close_step(self, passes: int = 0) -> list[StepRecord]:
+        """Close the open step and number the next one. Returns the records that are final now (their values
+        arrive with the next :meth:`flush`): the step just closed, or nothing when nothing ran in it; under
+        ``torch.distributed`` the previous step, combined across ranks (``passes``: forward passes followed in the
+        step just closed, compared across ranks).
+
+        Errors of collectors' ``close_steps`` are kept for :meth:`take_failures`, never raised here: the step is
+        closed and numbered exactly once.
+
+        Raises:
+            StateError: Under ``torch.distributed``, the ranks closed different steps or hold different sites
+                under one name (raised on every rank).
+        """
+        final: list[StepRecord] = []
+        mismatch: StateError | None = None
+        if self._cross is not None:
+            try:
+                final = self._cross.advance()
+            except StateError as e:  # the step is closed and numbered all the same
+                mismatch = e
+                self._give_up_global(e)
+        record = self._close(commit=True, force=self._cross is not None)
         self.step += 1
-        if record is None:
-            return None
-        self._in_ring.append(record)
-        self.last_closed = record
-        if len(self._in_ring) >= RING_STEPS:
-            self._flush_ring()  # a collector's error is kept for take_failures()
-        return record
+        if self._cross is not None and record is not None:
+            self._cross.post(record, passes)
+        elif record is not None:
+            final = [record]
+        if record is not None:
+            self._in_ring.append(record)
+        for r in final:
+            self.last_closed = r
+        if self._banks and self._banks[0].closed_rows >= RING_STEPS:
+            self._flush_ring(wait=False)  # a collector's error is kept for take_failures()
+        if mismatch is not None:
+            raise mismatch
+        return final
+
+    def _give_up_global(self, error: StateError) -> None:
+        """After the ranks disagreed, record rank-local statistics (no more collectives that could hang)."""
+        self._cross = None
+        self.global_stats = False
+        warn_once(f"{error}. hookscope records rank-local statistics from now on", stacklevel=5)
+
+    def finish(self, timeout: float) -> list[StepRecord]:
+        """Under ``torch.distributed``: combine the last closed step (at ``detach()``, waiting at most ``timeout``
+        seconds for the other ranks); returns it when it is final."""
+        if self._cross is None:
+            return []
+        try:
+            final = self._cross.advance(timeout) + self._cross.finish_combining(timeout)
+        except StateError as e:
+            self._give_up_global(e)
+            raise
+        for r in final:
+            self.last_closed = r
+        return final
 
     def snapshot(self) -> StepRecord | None:
         """The open step's record with its values, or ``None`` when nothing ran in it (or, under
@@ -296,14 +350,11 @@ class Recorder:
         with torch._C.DisableTorchFunction(), torch.no_grad():
             for bank in self._banks:
                 bank.resize(n)
-            counts = self._reduce_across_ranks(n) if self.global_stats else None
             if commit:
                 for bank in self._banks:
                     bank.push()
-                if counts is not None:
-                    self._in_ring_counts.append(counts)
             else:
-                block, failure = self._values([self.step], [counts] if counts is not None else [], commit=False)
+                block, failure = self._values([self.step], commit=False)
                 if failure is not None:
                     raise failure
                 values = block[0]
@@ -324,28 +375,24 @@ class Recorder:
             self._order = []
         return record
 
-    def _values(
-        self, steps: list[int], counts: list[torch.Tensor], commit: bool
-    ) -> tuple[torch.Tensor, Exception | None]:
-        """``(len(steps), n_sites, n_fields)`` float64 values of a block of steps: the closed rows of the rings
-        when ``commit``, else the open step; and the first error a collector raised.
+    def _values(self, steps: list[int], commit: bool) -> tuple[torch.Tensor, Exception | None]:
+        """``(len(steps), n_sites, n_fields)`` float64 values of a block of steps: the first ``len(steps)`` closed
+        rows of the rings when ``commit``, else the open step; and the first error a collector raised.
 
         A collector whose ``close_steps`` raises (user code) gets NaN for its fields in this block, so that the
         other collectors' values and every record are kept; the error is returned for the caller to raise once
         its own state is consistent.
         """
         columns: list[torch.Tensor] = []
-        if counts:  # global counts of calls, elements and backward passes: (steps, n_sites, 3)
-            columns.extend(torch.stack(counts).unbind(2))
         n = len(self.sites)
         if not self._banks:  # no site has been bound yet: no collector has state
-            return torch.zeros(len(steps), n, len(columns), dtype=torch.float64, device=self._device), None
+            return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device), None
         fields: list[tuple[str, ...]] = []
         failure: Exception | None = None
         try:
             for ci, (c, bank) in enumerate(zip(self.collectors, self._banks)):
                 n = bank.n_sites
-                block = bank.take() if commit else bank.current()
+                block = bank.take(len(steps)) if commit else bank.current()
                 try:
                     closed = c.close_steps(steps, block, commit)
                 except Exception as e:
@@ -354,7 +401,7 @@ class Recorder:
                     closed = dict.fromkeys(self._fields_of(ci, c, bank), nan)
                 fields.append(tuple(closed))
                 columns.extend(closed.values())
-            layout = FieldLayout(global_counts=bool(counts), collectors=tuple(fields))
+            layout = FieldLayout(collectors=tuple(fields))
             if self.layout is None:
                 self.layout = layout
             elif layout != self.layout:
@@ -368,7 +415,7 @@ class Recorder:
         finally:
             if commit:  # also when a collector raised: the hooks must never write into a closed row
                 for bank in self._banks:
-                    bank.recycle()
+                    bank.recycle(len(steps))
 
     def _fields_of(self, index: int, collector: Collector, bank: StateBank) -> tuple[str, ...]:
         """The fields a collector records (for NaN values when its ``close_steps`` raised): from the layout, or
@@ -398,32 +445,65 @@ class Recorder:
         failures, self._failures = self._failures, []
         return failures
 
-    def _flush_ring(self) -> None:
-        records, self._in_ring = self._in_ring, []
+    def _flush_ring(self, wait: bool = True) -> None:
+        """Flush the combined closed steps; ``wait`` (reports only: never inside a hook or ``step()``) first waits for
+        the step being combined across ranks, which every rank posted at its last ``step()``."""
+        records = self._in_ring
+        if self._cross is not None:
+            if self._cross.combining is not None and wait:
+                self._cross.ready.extend(self._cross.finish_combining())
+            if self._cross.unfinished:  # the latest steps are combined across ranks at the next step() calls
+                records = records[: -self._cross.unfinished]
         if not records:
             return
-        counts, self._in_ring_counts = self._in_ring_counts, []
+        self._in_ring = self._in_ring[len(records) :]
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            values, failure = self._values([r.step for r in records], counts, commit=True)
+            values, failure = self._values([r.step for r in records], commit=True)
         for record, row in zip(records, values.unbind(0)):  # one operation for all the rows
             record.values = row
-            self.history.append(record)
+            if record.sites or self._cross is None:
+                self.history.append(record)
         if failure is not None:
             self._failures.append(failure)
 
-    def _reduce_across_ranks(self, n: int) -> torch.Tensor:
-        """Make this step's state global (one all_reduce per reduction kind; the banks cover ``n`` sites);
-        returns the global counts."""
-        assert self._device is not None
-        slots = self._slots[:n]
-        counts = torch.tensor(
-            [[s.calls for s in slots], [s.elements for s in slots], [s.backward for s in slots]], dtype=torch.float64
-        ).T.contiguous()
-        counts = host_to_device(counts, self._device)  # without waiting for the device
-        layout = [n, *(b.n_units for b in self._banks)]
-        check = layout != self._reduced_layout
-        self._reduced_layout = layout
-        return distributed.reduce_step(self._banks, counts, n, self._device, check_layout=check)
+    # ----------------------------------------------------------------------------------------------------------
+    # the site table under torch.distributed
+
+    def describe_sites(self) -> list[SiteDescription]:
+        """The sites this rank can describe to the others (bound, not skipped)."""
+        return [
+            SiteDescription(
+                s.layer,
+                self._keys[s.index],
+                s.module,
+                s.call,
+                s.kind,
+                s.function,
+                s.bounds,
+                s.unit_dim,
+                s.units,
+                s.shape,
+            )
+            for s in self.sites
+            if s.units_fixed and s.problem is None
+        ]
+
+    def enter_remote_site(self, d: SiteDescription) -> Site:
+        """Enter a site that only other ranks have run so far, as they described it."""
+        from hookscope.activations import get_activation
+
+        site = self.new_site(d.key, d.name, d.module, d.call, get_activation(d.kind), d.function, d.bounds)
+        if site is None:
+            raise StateError(
+                f"hookscope: site {d.name!r} of another rank is left out by this rank's `include`/`exclude`; every "
+                "rank must use the same patterns"
+            )
+        site.unit_dim, site.units, site.shape, site.units_fixed = d.unit_dim, d.units, d.shape, True
+        site.reduce_dims = tuple(i for i in range(len(d.shape)) if i != d.unit_dim)
+        if self._device is None:
+            self._bind_device(_default_device())
+        self._bind_state(site)
+        return site
 
     # ----------------------------------------------------------------------------------------------------------
     # reports
@@ -463,3 +543,123 @@ class Recorder:
 
 def _problem(message: str) -> None:
     warn_once(message, stacklevel=5)
+
+
+def _default_device() -> torch.device:
+    """The device for the state of a rank that has run no site yet: the current CUDA device under NCCL."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _Combiner:
+    """Combines each closed step across ranks, two ``step()`` calls later, without ever waiting in ``step()`` for an
+    operation that another rank posts in its current ``step()`` (see :mod:`hookscope.distributed`): at each call
+    it waits for what every rank posted at the previous call (a step's combined values, the next step's header),
+    posts the combination of the step whose header it read, and posts the header of the step it closes."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = weakref.ref(recorder)
+        self.cross: CrossRank | None = None
+        #: Closed, its header posted: the last closed row of the ring.
+        self.waiting: StepRecord | None = None
+        #: Its combination posted (the row before it), with what finishing it needs.
+        self.combining: tuple[StepRecord, PendingReduction, list[int]] | None = None
+        self.ready: list[StepRecord] = []  # combined by a report since the last step(): final at the next one
+        self._orders: tuple[list[int], torch.Tensor, list[torch.Tensor]] | None = None
+
+    @property
+    def recorder(self) -> Recorder:
+        recorder = self._recorder()
+        assert recorder is not None
+        return recorder
+
+    @property
+    def unfinished(self) -> int:
+        """Closed rows at the end of the ring that are not combined yet."""
+        return (self.waiting is not None) + (self.combining is not None)
+
+    def post(self, record: StepRecord, passes: int) -> None:
+        rec = self.recorder
+        if self.cross is None:
+            self.cross = CrossRank(rec._device)
+        self.cross.post_header(record.step, passes, len(rec.sites), rec._device)
+        self.waiting = record
+
+    def advance(self, timeout: float | None = None) -> list[StepRecord]:
+        """At ``step()`` (and ``detach()``): finish the step being combined, then post the combination of the waiting
+        one. Returns the records that became final."""
+        final = [*self.ready, *self.finish_combining(timeout)]
+        self.ready = []
+        record = self.waiting
+        if record is None or self.cross is None:
+            return final
+        try:  # it stays waiting (in the ring) while sites of other ranks are entered
+            self._post_combination(record, timeout)
+        finally:
+            self.waiting = None
+        return final
+
+    def finish_combining(self, timeout: float | None = None) -> list[StepRecord]:
+        """Wait for the step being combined (posted by every rank at its previous ``step()``) and finalise it."""
+        if self.combining is None:
+            return []
+        record, pending, order = self.combining
+        rec = self.recorder
+        try:
+            with torch._C.DisableTorchFunction(), torch.no_grad():
+                calls, elements, backward = pending.wait(timeout).tolist()
+        finally:
+            self.combining = None
+        shapes = dict(zip(record.sites, record.shapes))
+        ran = [g for g in range(len(order)) if calls[g] + backward[g] > 0]
+        record.sites = [order[g] for g in ran]
+        record.calls = [int(calls[g]) for g in ran]
+        record.elements = [int(elements[g]) for g in ran]
+        record.backward = [int(backward[g]) for g in ran]
+        record.units = [rec.sites[i].units for i in record.sites]
+        record.shapes = [shapes.get(i, rec.sites[i].shape) for i in record.sites]
+        return [record] if record.sites else []
+
+    def _post_combination(self, record: StepRecord, timeout: float | None) -> None:
+        assert self.cross is not None
+        rec = self.recorder
+        _, changed = self.cross.read_header(timeout)
+        if changed:
+            local = {s.layer for s in rec.sites}
+            for d in self.cross.agree(rec.describe_sites()):
+                if d.name not in local:
+                    rec.enter_remote_site(d)
+            self._orders = None
+        if not self.cross.agreed or not rec._banks:
+            record.sites, record.calls, record.elements, record.backward = [], [], [], []
+            record.units, record.shapes = [], []
+            return
+        order, site_order, unit_orders = self._order_tensors()
+        position = {i: g for g, i in enumerate(order)}
+        counts = torch.zeros(3, len(order), dtype=torch.float64)
+        for i, c, e, b in zip(record.sites, record.calls, record.elements, record.backward):
+            if i in position:
+                counts[:, position[i]] = torch.tensor([c, e, b], dtype=torch.float64)
+        row = rec._banks[0].closed_rows - 1
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            pending = self.cross.post_reduce(rec._banks, row, site_order, unit_orders, counts)
+        self.combining = (record, pending, order)
+
+    def _order_tensors(self) -> tuple[list[int], torch.Tensor, list[torch.Tensor]]:
+        """The agreed sites as local site indices, and the positions of their units in each bank."""
+        if self._orders is None:
+            rec = self.recorder
+            assert self.cross is not None and rec._device is not None
+            index = {s.layer: s.index for s in rec.sites}
+            order = [index[d.name] for d in self.cross.agreed]
+            device = rec._device
+            units = []
+            for bank in rec._banks:
+                ranges = [r for r in map(bank.unit_range, order) if r is not None]
+                parts = [torch.arange(off, off + n, device=device) for off, n in ranges]
+                units.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device))
+            self._orders = (order, torch.tensor(order, dtype=torch.long, device=device), units)
+        return self._orders

@@ -75,9 +75,6 @@ def build_frame(
     if len(idx):
         applies_arr = np.asarray(applies, dtype=bool).reshape(len(sites), len(collectors))[idx]
         base = {"calls": rows.calls, "elements": rows.elements, "backward": rows.backward, "units": rows.units}
-        for name, k in layout.count_columns().items():  # counts combined across ranks replace the local ones
-            base[name] = rows.values[:, k]
-        out["calls"] = base["calls"].astype(np.int64)
         for ci, collector in enumerate(collectors):
             record = dict(base)
             for name, k in layout.collector_columns(ci).items():

@@ -184,6 +184,8 @@ class Tracer:
         #: The name and activation kind of each hooked module, by ``id(module)``.
         self.names: dict[int, tuple[str, ActivationSpec | None]] = {}
         self._pass_done = False  # a forward pass ran to its end since the last end_step()
+        #: Forward passes followed to their end since the last end_step() (compared across ranks).
+        self.passes = 0
         self._recorded_steps = 0
         # the forward pass in progress
         self.stack: list[str] = []
@@ -269,6 +271,7 @@ class Tracer:
         """Housekeeping after a step closed: end discovery after the first recorded step, rediscover now and
         then; nothing under ``torch.compile`` (changing hooks would make it recompile, and give up after a few
         times)."""
+        self.passes = 0
         if self.stack and self._interrupted():  # no forward runs between steps
             self.recover()
         # discovery ends after a step in which a pass ran to its end (an interrupted one saw only part of it)
@@ -375,6 +378,7 @@ class Tracer:
         if not self.stack:
             self._pass_frame = None
             self._pass_done = True
+            self.passes += 1
             self._end_forward()
 
     def _begin_forward(self) -> None:

@@ -92,3 +92,175 @@ def test_global_stats_true_needs_a_process_group() -> None:
 
     with pytest.raises(ValueError, match="init_process_group"):
         HookManager(make_model(), global_stats=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sites by name, sites on some ranks only, layouts that differ, skipped steps, a destroyed process group
+
+
+class Experts(nn.Module):
+    """A router that sends every sample to the experts named in ``route`` (in that order), then sums them."""
+
+    def __init__(self, width: int = 3) -> None:
+        super().__init__()
+        self.experts = nn.ModuleDict({n: nn.Sequential(nn.Linear(2, width), nn.ReLU()) for n in "abc"})
+        with torch.no_grad():
+            for n in "abc":
+                lin = self.experts[n][0]
+                lin.weight.fill_(1.0)
+                lin.bias.fill_(-100.0 if n == "a" else 0.0)  # expert a: every unit dead on every rank
+
+    def forward(self, x: torch.Tensor, route: str) -> torch.Tensor:
+        return sum(self.experts[n](x).sum() for n in route)  # type: ignore[return-value]
+
+
+def _frame_rows(frame: pd.DataFrame) -> list[tuple]:  # type: ignore[type-arg]
+    return [tuple(r) for r in frame[["step", "layer", "calls", "dead_ratio", "inactive_fraction"]].to_numpy()]
+
+
+def scenario_routing(rank: int, out: Path) -> None:
+    """MoE routing: rank 0 meets a then b, rank 1 b then a; expert c runs on rank 1 only, at step 1."""
+    from hookscope import Collector, DeadReLU, HookManager
+
+    class Extremes(Collector):  # max and min states combine with max and min across ranks
+        columns = ("largest", "smallest")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("hi", -math.inf, reduce="max")
+            self.add_state("lo", math.inf, reduce="min")
+
+        def update(self, state, output, site) -> None:  # type: ignore[no-untyped-def]
+            state["hi"].clamp_(min=output.max().double())
+            state["lo"].clamp_(max=output.min().double())
+
+        def compute(self, record):  # type: ignore[no-untyped-def]
+            return {"largest": record["hi"], "smallest": record["lo"]}
+
+    model = Experts()
+    x = torch.full((2, 2), float(rank + 1))  # rank 0: outputs 2.0, rank 1: 4.0 (experts b, c)
+    routes = {0: ["ab", "ab"], 1: ["ba", "bac"]}[rank]
+    with HookManager(model, [DeadReLU(), Extremes()], alerts=False) as hm:
+        for route in routes:
+            model(x, route)
+            hm.step()
+    frame = hm.to_dataframe()
+    frame.to_csv(out / f"routing{rank}.csv", index=False)
+
+
+def scenario_layouts_differ(rank: int, out: Path) -> None:
+    from hookscope import HookManager
+
+    model = Experts(width=3 if rank == 0 else 5)  # expert b has 3 units on rank 0 and 5 on rank 1
+    with HookManager(model, alerts=False) as hm:
+        try:
+            for _ in range(3):
+                model(torch.ones(2, 2), "b")
+                hm.step()
+            message = "no error"
+        except RuntimeError as e:
+            message = str(e)
+    (out / f"layouts{rank}.txt").write_text(message)
+
+
+def scenario_skipped_step(rank: int, out: Path) -> None:
+    from hookscope import HookManager
+
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    hm = HookManager(ddp, alerts=False).attach()
+    messages = []
+    for i in range(6):  # a loop that catches errors and goes on: training must go on too
+        ddp(torch.tensor(INPUTS[rank]).reshape(-1, 1)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if not (rank == 1 and i == 2):  # rank 1 forgets step() once
+            try:
+                hm.step()
+            except RuntimeError as e:
+                messages.append(f"{i}: {e}")
+    hm.detach()
+    (out / f"skipped{rank}.txt").write_text("\n".join(messages) or "no error")
+
+
+def scenario_destroyed_group(rank: int, out: Path) -> None:
+    import warnings
+
+    from hookscope import CSVSink, HookManager
+
+    model = make_model()
+    hm = HookManager(model, alerts=False, sinks=[CSVSink(out / f"sink{rank}.csv", every=100)]).attach()
+    for _ in range(2):
+        model(torch.tensor(INPUTS[rank]).reshape(-1, 1))
+        hm.step()
+    dist.barrier()
+    dist.destroy_process_group()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            hm.detach()  # hookscope's own groups still combine the last step; only rank 0 writes
+        except RuntimeError as e:
+            (out / f"destroyed{rank}.txt").write_text(str(e))
+
+
+SCENARIOS = {
+    "routing": scenario_routing,
+    "layouts": scenario_layouts_differ,
+    "skipped": scenario_skipped_step,
+    "destroyed": scenario_destroyed_group,
+}
+
+
+def scenario_worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        for name in names:
+            SCENARIOS[name](rank, Path(out_dir))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_scenarios(tmp_path: Path, *names: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(scenario_worker, args=(init_file, str(tmp_path), list(names)), nprocs=2, join=True)
+
+
+def test_sites_are_matched_by_name_across_ranks_and_a_site_on_one_rank_is_reported(tmp_path: Path) -> None:
+    run_scenarios(tmp_path, "routing", "layouts")
+    f0 = pd.read_csv(tmp_path / "routing0.csv", dtype={"layer": str})
+    f1 = pd.read_csv(tmp_path / "routing1.csv", dtype={"layer": str})
+    assert _frame_rows(f0) == _frame_rows(f1)  # every rank reports the same global numbers
+    by = {(r.step, r.layer): r for r in f0.itertuples()}
+    # expert a is dead on every rank, whatever order the ranks met it in (index pairing reported 0%)
+    assert by[(0, "experts.a.1")].dead_ratio == 1.0 and by[(1, "experts.a.1")].dead_ratio == 1.0
+    assert by[(0, "experts.b.1")].dead_ratio == 0.0
+    assert by[(0, "experts.a.1")].calls == 2 and by[(0, "experts.b.1")].calls == 2  # one call per rank
+    # expert c ran on rank 1 only, in step 1: reported on both ranks, from rank 1
+    assert (0, "experts.c.1") not in by
+    assert by[(1, "experts.c.1")].calls == 1 and by[(1, "experts.c.1")].inactive_fraction == 0.0
+    # max and min states: b's outputs are 2.0 on rank 0 and 4.0 on rank 1 (weights 1, bias 0, inputs 1 or 2)
+    assert by[(0, "experts.b.1")].largest == 4.0 and by[(0, "experts.b.1")].smallest == 2.0
+    # a name that stands for other sites on the other rank: a clear error on every rank
+    for r in (0, 1):
+        text = (tmp_path / f"layouts{r}.txt").read_text()
+        assert "different activation sites" in text and "'experts.b.1'" in text and "3 units" in text
+
+
+def test_a_rank_that_skips_step_raises_an_error_naming_it_instead_of_aborting(tmp_path: Path) -> None:
+    run_scenarios(tmp_path, "skipped")  # gloo aborted both processes (exit -6) before
+    for r, when in ((0, 3), (1, 4)):  # each rank notices at its next step() after the skip
+        lines = (tmp_path / f"skipped{r}.txt").read_text().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{when}: "), lines  # once; rank-local afterwards
+        assert "skipped step() or called it once too often" in lines[0]
+        assert "rank 0: step 2, 1 forward passes" in lines[0] and "rank 1: step 2, 2 forward passes" in lines[0]
+
+
+def test_after_the_process_group_is_destroyed_only_rank_zero_writes(tmp_path: Path) -> None:
+    run_scenarios(tmp_path, "destroyed")
+    sink = pd.read_csv(tmp_path / "sink0.csv")
+    assert sink["step"].tolist() == [0, 1] and sink["inactive_fraction"].tolist() == [5 / 8, 5 / 8]  # global
+    assert not (tmp_path / "sink1.csv").exists() or (tmp_path / "sink1.csv").stat().st_size == 0
+    assert not (tmp_path / "destroyed0.txt").exists() and not (tmp_path / "destroyed1.txt").exists()

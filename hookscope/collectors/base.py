@@ -133,7 +133,7 @@ class StateBank:
             return torch.full(shape, spec.default, dtype=spec.dtype, device=self.device)
 
     def _alloc(self, site_cap: int, unit_cap: int) -> None:
-        assert self.closed_rows == 0, "the layout of a state bank changed while closed steps waited in the ring"
+        # closed rows are copied with the rest: a site added now holds the defaults in them (it had not run)
         for name, spec in self.specs.items():
             cap, used = (unit_cap, self.n_units) if spec.per_unit else (site_cap, self.n_sites)
             if spec.persistent:
@@ -185,6 +185,10 @@ class StateBank:
     def _bind_all(self) -> None:
         for state in self._states.values():
             self._point(state)
+
+    def unit_range(self, site_index: int) -> tuple[int, int] | None:
+        """``(offset, units)`` of a site's units in the per-unit vectors, or ``None`` when it has none here."""
+        return self._unit_offsets.get(site_index)
 
     def site_state(self, site_index: int) -> SiteState:
         """The views of one site (the open step's row for per-step states).
@@ -278,24 +282,28 @@ class StateBank:
         if self.closed_rows < RING_STEPS:
             self._bind_all()
 
-    def take(self) -> dict[str, torch.Tensor]:
-        """The closed rows of every per-step state (``(steps, n)`` each; views, valid until :meth:`recycle`)."""
-        return self._rows(0, self.closed_rows)
+    def take(self, count: int | None = None) -> dict[str, torch.Tensor]:
+        """The first ``count`` closed rows (all by default) of every per-step state (``(count, n)`` each; views,
+        valid until :meth:`recycle`)."""
+        return self._rows(0, self.closed_rows if count is None else count)
 
-    def recycle(self) -> None:
-        """Empty the ring once its closed rows have been processed: the open step's row becomes row 0."""
-        rows, self.closed_rows = self.closed_rows, 0
+    def recycle(self, count: int | None = None) -> None:
+        """Drop the first ``count`` closed rows (all by default) once they have been processed: the rows after
+        them, and the open step's row, move to the front."""
+        rows = self.closed_rows if count is None else count
         if rows == 0:
             return
+        keep = self.closed_rows - rows  # closed rows that stay
+        moved = keep + (1 if self.closed_rows < RING_STEPS else 0)  # and the open row, if the ring had one
+        self.closed_rows = keep
         for name, spec in self.specs.items():
             if spec.persistent:
                 continue
             ring = self.ring[name]
-            if rows < RING_STEPS:
-                ring[0].copy_(ring[rows])
-                ring[1 : rows + 1].fill_(spec.default)
-            else:
-                ring.fill_(spec.default)
+            if moved:
+                source = ring[rows : rows + moved]
+                ring[:moved].copy_(source if moved <= rows else source.clone())  # clone: the slices overlap
+            ring[moved : rows + moved].fill_(spec.default)  # the rows after them held defaults already
         self._bind_all()
 
     def current(self) -> dict[str, torch.Tensor]:
