@@ -189,7 +189,7 @@ def _dense(x: torch.Tensor) -> bool:
     """Whether ``x`` fills a block of memory without gaps or overlaps, in some order of its dimensions (its
     elements are then the ``numel()`` values from ``data_ptr()`` on)."""
     expected = 1
-    for size, stride in sorted((s, st) for s, st in zip(x.shape, x.stride()) if s != 1):
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
         if stride != expected:
             return False
         expected *= size
