@@ -62,7 +62,7 @@ int32_t hs_openmp(void);
  *                   exact; NaN never counts. With both bounds and lower > upper every element counts;
  *   *nonfinite   += number of NaN, +inf and -inf elements.
  * Thresholds are compared exactly with the elements' values (a threshold that is not a value of the dtype is
- * rounded in the direction that keeps the comparison exact). All requested quantities come from one pass over x,
+ * rounded in the direction that keeps the comparison exact); a NaN bound counts nothing. All requested quantities come from one pass over x,
  * split over up to `threads` threads. */
 int32_t hs_output_stats(const void *x, int32_t dtype, int64_t outer, int64_t units, int64_t inner, double *positive,
                         double *saturated, int32_t bounds, double lower, double upper, double *nonfinite,
