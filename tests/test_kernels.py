@@ -677,3 +677,11 @@ def test_the_baseline_builds_without_the_x86_dispatch(tmp_path: Path) -> None:
     ptr = scalars.data_ptr()
     assert native.output_stats(x.data_ptr(), 2, 1, 1, 5, None, ptr, 2, 0.0, 1.0, ptr + 8, 1) == 0
     assert scalars.tolist() == [2.0, 2.0]
+
+
+def test_a_nan_bound_counts_nothing(isa: str) -> None:
+    x = torch.tensor([-2.0, 0.0, 2.0, math.nan])
+    _, _, saturated, _ = run_output(x, None, math.nan, 1.0)
+    assert saturated == 1.0  # only x > 1
+    _, _, saturated, _ = run_output(x, None, math.nan, math.nan)
+    assert saturated == 0.0
