@@ -1,15 +1,30 @@
 """Overhead of hookscope on full training steps, measured side by side with the plain step.
 
-Each model is built once per configuration, with identical weights, and the configurations run interleaved step
-by step (forward, cross-entropy, backward, SGD step, ``hm.step()``; one step of each configuration per round, in
-alternating order), so that drifts of the machine hit them all alike. The table reports mean ms per step and the
-ratio of total time to ``plain``'s (work done once in many steps included), with the quartiles of the per-round
-ratios as a measure of the noise:
+Method. Each configuration gets its own copy of the model, with identical weights, and its own optimiser. A round
+runs one step of every configuration (forward, cross-entropy, backward, SGD step, ``hm.step()``), in an order that
+rotates by one configuration per round, with garbage collection off, so that a drift of the machine hits them all
+alike. The headline ratio is a configuration's total time over ``plain``'s total time (work done once in many
+steps included); the quartiles of the per-round ratios show the noise, and ``plain (A/A)``, a second plain copy,
+shows the noise floor. A contention guard reads the machine's busy CPU time (``/proc/stat``) minus this process's
+own (``/proc/self/stat``) over windows of rounds (about ``--window`` seconds each) and discards every window in
+which other processes used more than ``--max-other-cores`` cores (0.15 by default), running more rounds until
+enough are kept; after three times the planned time (at least 30 s) it gives up and reports the contended rounds,
+flagged. The table says how many rounds were kept and discarded.
 
-- ``plain``: no hooks; ``plain (A/A)``: a second plain copy, the noise floor of the ratios;
-- ``hookscope``: ``HookManager`` with the default collectors, every step;
-- ``every=K``: the same, recording one step in K;
-- ``naive``: blog-style hooks, ``(out <= 0).float().mean().item()`` and ``grad.norm().item()`` per layer and step.
+Configurations:
+
+- ``plain``: no hooks; ``plain (A/A)``: a second plain copy;
+- ``empty hooks``: a forward hook on every activation module and a tensor hook on its output, both doing nothing:
+  the cost of being hooked at all;
+- ``ATen floor``: the same hooks doing exactly one ``torch.sum(out=)`` per activation output into a preallocated
+  buffer and one ``torch.dot(out=)`` per gradient: about the least any ATen-based statistic can cost;
+- ``hookscope``: ``HookManager`` with the default collectors, every step, created inside
+  ``hookscope.kernels.forced("native")`` (the native kernels; ATen when they are not built, as the JSON says);
+- ``hookscope (ATen)``: the same inside ``forced("aten")``;
+- ``every=K``: recording one step in K (default backend);
+- ``naive``: blog-style hooks, ``(out <= 0).float().mean().item()`` and ``grad.norm().item()`` per layer and step;
+- ``params`` (with ``--params``): ``HookManager(model, params=True)``, skipped with a message while the manager
+  does not accept ``params``.
 
 Run on this machine kind (2 CPU threads):
 
@@ -29,6 +44,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -91,20 +107,67 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 # configurations
 
 
-def naive_hooks(model: nn.Module) -> list[Any]:
-    """What blog posts do: a float per layer per step, read on the host in the hook."""
+def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The activation modules of a model: the sites hookscope hooks in these models (none calls a functional
+    activation)."""
     from hookscope.activations import activation_for_module
 
+    return [(name, m) for name, m in model.named_modules() if activation_for_module(m) is not None]
+
+
+def naive_hooks(model: nn.Module) -> list[Any]:
+    """What blog posts do: a float per layer per step, read on the host in the hook."""
     stats: dict[str, list[float]] = {}
     handles = []
-    for name, module in model.named_modules():
-        if activation_for_module(module) is None:
-            continue
+    for name, module in activation_modules(model):
 
         def fwd(m: nn.Module, inp: Any, out: torch.Tensor, name: str = name) -> None:
             stats.setdefault(name, []).append((out <= 0).float().mean().item())
             if out.requires_grad:
                 out.register_hook(lambda g: stats.setdefault(name + ".grad", []).append(g.norm().item()))
+
+        handles.append(module.register_forward_hook(fwd))
+    return handles
+
+
+def empty_hooks(model: nn.Module) -> list[Any]:
+    """A forward hook on each activation module and a tensor hook on its output, both doing nothing."""
+
+    def grad_hook(g: torch.Tensor) -> None:
+        return None
+
+    def fwd(m: nn.Module, inp: Any, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(grad_hook)
+
+    return [module.register_forward_hook(fwd) for _, module in activation_modules(model)]
+
+
+_ALL_DIMS = [tuple(range(n)) for n in range(8)]
+
+
+def aten_floor_hooks(model: nn.Module) -> list[Any]:
+    """The same hooks doing one ``torch.sum(out=)`` per output and one ``torch.dot(out=)`` per gradient, into
+    buffers allocated at the first call of each site (the flat view of the gradient is a metadata operation)."""
+    handles = []
+    for _, module in activation_modules(model):
+        buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+        def buffer(kind: str, t: torch.Tensor, buffers: dict[tuple[str, torch.dtype], torch.Tensor] = buffers) -> Any:
+            key = (kind, t.dtype)
+            if key not in buffers:
+                buffers[key] = torch.zeros((), dtype=t.dtype, device=t.device)
+            return buffers[key]
+
+        def grad_hook(g: torch.Tensor, buffer: Any = buffer) -> None:
+            flat = g.reshape(-1)
+            torch.dot(flat, flat, out=buffer("grad", g))
+
+        def fwd(m: nn.Module, inp: Any, out: torch.Tensor, buffer: Any = buffer, grad_hook: Any = grad_hook) -> None:
+            with torch.no_grad():  # the full reduction has an out= form only with the dims spelled out
+                torch.sum(out, dim=_ALL_DIMS[out.dim()], out=buffer("out", out))
+            if out.requires_grad:
+                out.register_hook(grad_hook)
 
         handles.append(module.register_forward_hook(fwd))
     return handles
@@ -119,27 +182,53 @@ class Config:
     times: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
     manager: Any = None
+    backend: str | None = None  # the statistics implementation of a manager
 
 
-def make_configs(name: str, device: torch.device, every: int) -> list[Config]:
+def _manager(model: nn.Module, backend: str | None, **kwargs: Any) -> tuple[Any, str]:
+    """A HookManager created inside ``kernels.forced(backend)`` (``None``: the default); the backend it got."""
     import hookscope as hs
+    from hookscope import kernels
 
+    if backend == "native" and not kernels.available():
+        print(f"# hookscope: native kernels not available ({kernels.info()['reason']}); `hookscope` runs ATen")
+        backend = "aten"
+    scope = kernels.forced(backend) if backend is not None else nullcontext()
+    with scope:
+        return hs.HookManager(model, **kwargs).attach(), kernels.backend()
+
+
+def make_configs(name: str, device: torch.device, every: int, params: bool = False) -> list[Config]:
     torch.manual_seed(0)
     base, _ = build(name)
     base = base.to(device)
+    labels = ["plain", "plain (A/A)", "empty hooks", "ATen floor", "hookscope", "hookscope (ATen)", f"every={every}"]
+    labels += ["naive", *(["params"] if params else [])]
     configs = []
-    for label in ("plain", "plain (A/A)", "hookscope", f"every={every}", "naive"):
+    for label in labels:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         cfg = Config(label, model, opt)
         if label == "hookscope":
-            cfg.manager = hs.HookManager(model).attach()
-            cfg.close = cfg.manager.step
+            cfg.manager, cfg.backend = _manager(model, "native")
+        elif label == "hookscope (ATen)":
+            cfg.manager, cfg.backend = _manager(model, "aten")
         elif label.startswith("every="):
-            cfg.manager = hs.HookManager(model, every=every).attach()
-            cfg.close = cfg.manager.step
+            cfg.manager, cfg.backend = _manager(model, None, every=every)
+        elif label == "params":
+            try:
+                cfg.manager, cfg.backend = _manager(model, None, params=True)
+            except TypeError as e:
+                print(f"# skipping `params`: HookManager does not accept `params` yet ({e})")
+                continue
+        elif label == "empty hooks":
+            empty_hooks(model)
+        elif label == "ATen floor":
+            aten_floor_hooks(model)
         elif label == "naive":
             naive_hooks(model)
+        if cfg.manager is not None:
+            cfg.close = cfg.manager.step
         configs.append(cfg)
     return configs
 
@@ -162,6 +251,41 @@ def run_steps(cfg: Config, x: torch.Tensor, y: torch.Tensor, steps: int, amp: to
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+class ContentionGuard:
+    """CPU time used by other processes over a window: busy jiffies of the machine (``/proc/stat``) minus this
+    process's own (``/proc/self/stat``, all its threads), in cores. Unavailable (``None``) off Linux."""
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.available = self.sample() is not None
+
+    @staticmethod
+    def read() -> tuple[int, int] | None:
+        """(busy jiffies of all CPUs, jiffies of this process), or ``None``."""
+        try:
+            with open("/proc/stat") as f:
+                cpu = [int(v) for v in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                own = f.read()
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal (guest time is already in user and nice)
+        busy = sum(cpu[:8]) - cpu[3] - cpu[4]
+        fields = own[own.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 3, utime 14, stime 15
+        return busy, int(fields[11]) + int(fields[12])
+
+    def sample(self) -> tuple[float, int, int] | None:
+        jiffies = self.read()
+        return None if jiffies is None else (time.perf_counter(), *jiffies)
+
+    def other_cores(self, start: tuple[float, int, int] | None, end: tuple[float, int, int] | None) -> float | None:
+        """Cores used by other processes between two samples."""
+        if start is None or end is None or end[0] <= start[0]:
+            return None
+        other = (end[1] - start[1]) - (end[2] - start[2])
+        return max(other, 0) / self.hz / (end[0] - start[0])
+
+
 def bench_model(
     name: str,
     device: torch.device,
@@ -170,8 +294,12 @@ def bench_model(
     steps_per_round: int,
     every: int,
     amp: torch.dtype | None,
+    params: bool = False,
+    max_other_cores: float = 0.15,
+    window_s: float = 1.0,
+    guard: ContentionGuard | None = None,
 ) -> dict[str, Any]:
-    configs = make_configs(name, device, every)
+    configs = make_configs(name, device, every, params)
     _, shape = build(name)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=gen).to(device)
@@ -179,26 +307,63 @@ def bench_model(
     for cfg in configs:  # warm-up: allocator, sites, lazy state, the first ring of closed steps
         run_steps(cfg, x, y, 20 if name == "mlp" else 3, amp)
     per_step = statistics.median(run_steps(configs[0], x, y, 1, amp) for _ in range(3))
+    round_ms = per_step * steps_per_round * len(configs)
     if rounds is None:  # fill the time budget: every round runs each configuration once
-        rounds = max(15, int(budget_s * 1e3 / (per_step * steps_per_round * len(configs))))
+        rounds = max(15, int(budget_s * 1e3 / round_ms))
+    guard = guard or ContentionGuard()
+    # when contention never ends: give up after three times the planned time (at least 30 s)
+    deadline = time.perf_counter() + 3 * max(rounds * round_ms / 1e3, 10.0, window_s)
+    kept: list[dict[str, float]] = []
+    dropped: list[dict[str, float]] = []
+    windows: list[dict[str, Any]] = []
+    done = 0
     gc.collect()
     gc.disable()  # a collection inside one configuration's timing would bias its ratio
     try:
-        for r in range(rounds):
-            # Steps interleave configuration by configuration, so a drift of the machine (a noisy neighbour, a
-            # frequency change) hits all of them alike and each round's ratios compare like with like.
-            order = configs if r % 2 == 0 else configs[::-1]
-            for cfg in order:
-                cfg.times.append(run_steps(cfg, x, y, steps_per_round, amp))
-            plain = configs[0].times[-1]
-            for cfg in configs:
-                cfg.ratios.append(cfg.times[-1] / plain)
+        while len(kept) < rounds and (done < rounds or time.perf_counter() < deadline):
+            start = guard.sample()
+            window: list[dict[str, float]] = []
+            while True:
+                # rotating order: each configuration runs first, second, ... equally often
+                k = done % len(configs)
+                times: dict[str, float] = {}
+                for cfg in configs[k:] + configs[:k]:
+                    times[cfg.name] = run_steps(cfg, x, y, steps_per_round, amp)
+                window.append(times)
+                done += 1
+                elapsed = time.perf_counter() - (start[0] if start else 0.0)
+                if len(kept) + len(window) >= rounds or start is None or elapsed >= window_s:
+                    break
+            other = guard.other_cores(start, guard.sample())
+            ok = other is None or other <= max_other_cores
+            windows.append({"rounds": len(window), "other_cores": other, "kept": ok})
+            (kept if ok else dropped).extend(window)
     finally:
         gc.enable()
-    result: dict[str, Any] = {"model": name, "steps_per_round": steps_per_round, "rounds": rounds, "configs": {}}
+    contended = not kept  # every window was contended: report them all, flagged
+    used = kept or dropped
+    for times in used:
+        for cfg in configs:
+            cfg.times.append(times[cfg.name])
+            cfg.ratios.append(times[cfg.name] / times["plain"])
+    result: dict[str, Any] = {
+        "model": name,
+        "steps_per_round": steps_per_round,
+        "rounds": len(used),
+        "order": "rotating",
+        "discarded_rounds": len(dropped),  # all of them when `contended`: then the table shows them
+        "contended": contended,
+        "guard": {
+            "available": guard.available,
+            "max_other_cores": max_other_cores,
+            "window_s": window_s,
+            "windows": windows,
+        },
+        "configs": {},
+    }
     plain_total = sum(configs[0].times)
     for cfg in configs:
-        result["configs"][cfg.name] = {
+        entry: dict[str, Any] = {
             "ms": statistics.mean(cfg.times),
             # total time over total plain time: includes the work done once in many steps (the ring of closed
             # steps every 16 steps, alert checks every 100), which a median of per-round ratios would hide
@@ -209,20 +374,25 @@ def bench_model(
             "aten_ops_per_step": count_ops(cfg, x, y, amp),
         }
         if cfg.manager is not None:
-            result["configs"][cfg.name]["state_bytes"] = cfg.manager.state_bytes()
+            entry["backend"] = cfg.backend
+            entry["state_bytes"] = cfg.manager.state_bytes()
             cfg.manager.detach()
+        result["configs"][cfg.name] = entry
     return result
 
 
 def quartiles(values: list[float]) -> list[float]:
     """First and third quartiles (the spread of per-round ratios)."""
+    if len(values) < 2:
+        return [values[0], values[0]] if values else [math.nan, math.nan]
     q = statistics.quantiles(values, n=4)
     return [q[0], q[2]]
 
 
 def count_ops(cfg: Config, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None) -> float:
-    """ATen operations dispatched per training step, averaged over one ring of closed steps (hookscope
-    processes them 16 at a time): a deterministic proxy for the fixed per-op cost."""
+    """ATen operations dispatched per training step, averaged over one ring of closed steps for a manager
+    (hookscope processes them 16 at a time), over one step otherwise: a deterministic proxy for the fixed per-op
+    cost."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from hookscope.collectors.base import RING_STEPS
@@ -234,9 +404,10 @@ def count_ops(cfg: Config, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | 
             Counter.n += 1
             return func(*args, **(kwargs or {}))
 
+    steps = RING_STEPS if cfg.manager is not None else 1
     with Counter():
-        run_steps(cfg, x, y, RING_STEPS, amp)
-    return Counter.n / RING_STEPS
+        run_steps(cfg, x, y, steps, amp)
+    return Counter.n / steps
 
 
 def sync_check(name: str, device: torch.device, amp: torch.dtype | None) -> str:
@@ -300,19 +471,29 @@ def quartile_text(config: dict[str, Any]) -> str:
 
 
 def markdown(results: list[dict[str, Any]], every: int) -> str:
+    """The table: the columns issue 4 pins (model ... + hookscope, in that order), then the new ones."""
+    params = any("params" in r["configs"] for r in results)
     lines = [
         f"| model | plain ms | hookscope ms | ratio | every={every} ratio | naive ratio | A/A ratio | "
-        "ratio quartiles | A/A quartiles | ATen ops/step plain | + hookscope |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "ratio quartiles | A/A quartiles | ATen ops/step plain | + hookscope | "
+        "empty hooks ratio | ATen floor ratio | hookscope (ATen) ratio | hookscope (ATen) quartiles | "
+        f"+ hookscope (ATen) | + ATen floor | {'params ratio | ' if params else ''}backend | rounds kept | discarded |",
+        "|---|" + "---:|" * (19 + params),
     ]
     for r in results:
         c = r["configs"]
         plain_ops = c["plain"]["aten_ops_per_step"]
+        hs, aten = c["hookscope"], c["hookscope (ATen)"]
+        extra = f"{c['params']['ratio']:.3f}× | " if "params" in c else ("— | " if params else "")
         lines.append(
-            f"| {r['model']} | {c['plain']['ms']:.2f} | {c['hookscope']['ms']:.2f} | {c['hookscope']['ratio']:.3f}× | "
+            f"| {r['model']} | {c['plain']['ms']:.2f} | {hs['ms']:.2f} | {hs['ratio']:.3f}× | "
             f"{c[f'every={every}']['ratio']:.3f}× | {c['naive']['ratio']:.3f}× | {c['plain (A/A)']['ratio']:.3f}× | "
-            f"{quartile_text(c['hookscope'])} | {quartile_text(c['plain (A/A)'])} | {plain_ops:.0f} | "
-            f"{c['hookscope']['aten_ops_per_step'] - plain_ops:.1f} |"
+            f"{quartile_text(hs)} | {quartile_text(c['plain (A/A)'])} | {plain_ops:.0f} | "
+            f"{hs['aten_ops_per_step'] - plain_ops:.1f} | "
+            f"{c['empty hooks']['ratio']:.3f}× | {c['ATen floor']['ratio']:.3f}× | {aten['ratio']:.3f}× | "
+            f"{quartile_text(aten)} | {aten['aten_ops_per_step'] - plain_ops:.1f} | "
+            f"{c['ATen floor']['aten_ops_per_step'] - plain_ops:.1f} | {extra}{hs.get('backend')} | "
+            f"{r['rounds']}{' (contended)' if r['contended'] else ''} | {r['discarded_rounds']} |"
         )
     return "\n".join(lines)
 
@@ -339,6 +520,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=45.0, help="seconds of timed rounds per model")
     parser.add_argument("--steps-per-round", type=int, default=1, help="steps of each configuration per round")
     parser.add_argument("--every", type=int, default=4)
+    parser.add_argument("--params", action="store_true", help="also time HookManager(model, params=True)")
+    parser.add_argument(
+        "--max-other-cores",
+        type=float,
+        default=0.15,
+        help="discard windows of rounds in which other processes used more CPU than this (cores; inf: keep all)",
+    )
+    parser.add_argument("--window", type=float, default=1.0, help="seconds per window of the contention guard")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     parser.add_argument("--sync-check", action="store_true", help="CUDA only: set_sync_debug_mode('error')")
@@ -363,7 +552,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {env}", flush=True)
     results = []
     for name in args.models.split(","):
-        res = bench_model(name, device, args.rounds, args.budget, args.steps_per_round, args.every, amp)
+        res = bench_model(
+            name,
+            device,
+            args.rounds,
+            args.budget,
+            args.steps_per_round,
+            args.every,
+            amp,
+            params=args.params,
+            max_other_cores=args.max_other_cores,
+            window_s=args.window,
+        )
         if args.sync_check and device.type == "cuda":
             res["sync_check"] = sync_check(name, device, amp)
         results.append(res)

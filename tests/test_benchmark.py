@@ -3,35 +3,106 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
+CONFIGS = {
+    "plain",
+    "plain (A/A)",
+    "empty hooks",
+    "ATen floor",
+    "hookscope",
+    "hookscope (ATen)",
+    "every=4",
+    "naive",
+}
 
-def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+
+def overhead() -> ModuleType:
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import overhead
+        import overhead as module
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "results.json"
     args = ["--models", "mlp", "--rounds", "3", "--no-malloc-env", "--threads", "1", "--json", str(out)]
-    assert overhead.main(args) == 0
+    args += ["--max-other-cores", "inf", "--params"]  # no round discarded: the counts below are exact
+    assert overhead().main(args) == 0
     table = capsys.readouterr().out
-    # the columns the issue pins, in its order, then the noise and the op counts
-    assert "| model | plain ms | hookscope ms | ratio | every=4 ratio | naive ratio | A/A ratio |" in table
+    # the columns the issue pins, in its order, then the noise and the op counts, then the new columns
+    assert (
+        "| model | plain ms | hookscope ms | ratio | every=4 ratio | naive ratio | A/A ratio | ratio quartiles | "
+        "A/A quartiles | ATen ops/step plain | + hookscope | empty hooks ratio | ATen floor ratio |" in table
+    )
     result = json.loads(out.read_text())["results"][0]
-    assert result["model"] == "mlp" and result["rounds"] == 3
+    assert result["model"] == "mlp" and result["rounds"] == 3 and result["order"] == "rotating"
+    assert result["discarded_rounds"] == 0 and not result["contended"]
     configs = result["configs"]
-    assert set(configs) == {"plain", "plain (A/A)", "hookscope", "every=4", "naive"}
+    assert CONFIGS <= set(configs) <= CONFIGS | {"params"}  # params: once the manager accepts it
     assert all(len(c["ratios"]) == 3 and c["ms"] > 0 for c in configs.values())
     assert configs["plain"]["ratio"] == configs["plain"]["median_ratio"] == 1.0
-    assert configs["plain"]["aten_ops_per_step"] == configs["plain (A/A)"]["aten_ops_per_step"]
-    # 3 ReLU sites: 6 ops each in the forward and backward hooks, plus one processing of the ring every 16 steps
-    # (closing a step dispatches no op)
-    extra = configs["hookscope"]["aten_ops_per_step"] - configs["plain"]["aten_ops_per_step"]
-    assert 3 * 6 < extra <= 3 * 6 + 64 / 16
+    ops = {name: c["aten_ops_per_step"] - configs["plain"]["aten_ops_per_step"] for name, c in configs.items()}
+    assert ops["plain (A/A)"] == 0 and ops["empty hooks"] == 0
+    # 3 ReLU sites: one sum per output; a flat view and one dot per gradient
+    assert ops["ATen floor"] == 3 * 3
+    # ATen collectors: 6 ops per site in the forward and backward hooks, plus one processing of the ring every 16
+    # steps (closing a step dispatches no op); the kernels dispatch no more than that
+    assert 3 * 6 < ops["hookscope (ATen)"] <= 3 * 6 + 64 / 16
+    assert ops["hookscope"] <= ops["hookscope (ATen)"]
+    assert configs["hookscope (ATen)"]["backend"] == "aten"
+    from hookscope import kernels
+
+    assert configs["hookscope"]["backend"] == ("native" if kernels.available() else "aten")
     assert configs["hookscope"]["state_bytes"] > 0
+
+
+class FakeGuard:
+    """Reports other processes' CPU use per window from a list."""
+
+    available = True
+
+    def __init__(self, other: list[float]) -> None:
+        self.other = other
+        self.t = 0.0
+
+    def sample(self) -> tuple[float, int, int]:
+        self.t += 1.0
+        return (self.t, 0, 0)
+
+    def other_cores(self, start: Any, end: Any) -> float:
+        return self.other.pop(0) if self.other else 0.0
+
+
+def test_contended_windows_are_discarded() -> None:
+    bench = overhead()
+    torch.set_num_threads(1)
+    guard = FakeGuard([0.9, 0.0, 0.5, 0.1])  # windows of one round (window_s=0): the 1st and 3rd are contended
+    result = bench.bench_model(
+        "mlp", torch.device("cpu"), 3, 0.0, 1, 4, None, max_other_cores=0.15, window_s=0.0, guard=guard
+    )
+    assert result["rounds"] == 3 and result["discarded_rounds"] == 2 and not result["contended"]
+    assert [w["kept"] for w in result["guard"]["windows"]] == [False, True, False, True, True]
+    assert all(len(c["ratios"]) == 3 for c in result["configs"].values())
+
+
+def test_the_contention_guard_reads_this_machine() -> None:
+    guard = overhead().ContentionGuard()
+    if not guard.available:
+        pytest.skip("no /proc/stat here")
+    a = guard.sample()
+    sum(i * i for i in range(200_000))  # this process's own work does not count
+    b = guard.sample()
+    other = guard.other_cores(a, b)
+    assert other is not None and 0.0 <= other <= torch.get_num_threads() + 64 and not math.isnan(other)

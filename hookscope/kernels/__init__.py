@@ -1,0 +1,419 @@
+"""Native statistics kernels: the per-unit positive counts, saturation and non-finite counts of an activation
+output, and the sum of squares and non-finite count of a gradient, each in one pass over the tensor.
+
+On CPU the ATen formulation of these statistics costs several dispatched operations per output (each a few
+microseconds, and a full pass over the tensor); the kernels do all of them in one pass, straight into the
+collectors' float64 state, dispatching no ATen operation. They are a plain C library (``src/``) behind an
+``extern "C"`` interface over raw pointers and sizes, with no torch or Python header, loaded with ctypes: one
+binary serves every torch and Python version. It is compiled when the package is installed, if a C compiler is
+there (see :mod:`hookscope.kernels.build`); without it hookscope uses ATen and says so once, when a CPU tensor
+first reaches a statistic.
+
+Which implementation a manager uses is decided when it is created (:func:`select`): the kernels when the library
+loads, unless the environment variable ``HOOKSCOPE_KERNELS`` is ``aten`` or :func:`forced` says otherwise.
+:func:`output_stats` and :func:`grad_stats` decline (return ``False``, doing nothing) what they cannot handle: a
+tensor that is not a plain strided CPU tensor of float32, float64, bfloat16 or float16, code being traced by
+torch.compile, or a missing library; the caller then uses ATen.
+
+Example:
+    >>> import torch
+    >>> from hookscope import kernels
+    >>> x = torch.tensor([[1.0, -1.0, 0.0], [2.0, 3.0, float("nan")]])
+    >>> positive = torch.zeros(3, dtype=torch.float64)
+    >>> nonfinite = torch.zeros((), dtype=torch.float64)
+    >>> if kernels.output_stats(x, unit_dim=1, units=3, positive=positive, nonfinite=nonfinite):
+    ...     assert positive.tolist() == [2.0, 1.0, 0.0] and nonfinite.item() == 1.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import torch
+
+from hookscope.errors import ConfigError, ConfigTypeError, StateError
+from hookscope.kernels import _native
+from hookscope.warn import warn_once
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "Backend",
+    "available",
+    "backend",
+    "forced",
+    "grad_stats",
+    "info",
+    "output_stats",
+    "select",
+]
+
+#: The environment variable that chooses the implementation ("aten" or "native"; unset: native when available).
+ENV_VAR = "HOOKSCOPE_KERNELS"
+#: The implementations.
+BACKENDS = ("native", "aten")
+
+_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_SCALE_DTYPES = {torch.float32: 0, torch.float64: 1}
+_F64 = torch.float64
+_TENSOR = torch.Tensor
+_STRIDED = torch.strided
+_CHANNELS_LAST = torch.channels_last
+_CHANNELS_LAST_3D = torch.channels_last_3d
+_get_num_threads = torch.get_num_threads
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
+# Loaded on first use: the library (or why not) and its two entry points.
+_loaded = False
+_lib: _native.Native | None = None
+_reason: str | None = None
+_out_fn: Any = None
+_grad_fn: Any = None
+
+
+def _one_thread() -> int:
+    return 1
+
+
+_threads_fn: Callable[[], int] = _one_thread
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("hookscope_kernels_forced", default=None)
+
+
+def _load() -> bool:
+    global _loaded, _lib, _reason, _out_fn, _grad_fn, _threads_fn
+    if not _loaded:
+        _lib, _reason = _native.load()
+        if _lib is not None:
+            _out_fn, _grad_fn = _lib.output_stats, _lib.grad_stats
+            _threads_fn = _get_num_threads if _lib.openmp else _one_thread
+        _loaded = True
+    return _lib is not None
+
+
+def _library() -> _native.Native | None:
+    """The loaded library (tests select its instruction set), or ``None``."""
+    _load()
+    return _lib
+
+
+def available() -> bool:
+    """Whether the native library is loaded (loading it on the first call)."""
+    return _load()
+
+
+def _resolve() -> tuple[str, str | None]:
+    """The implementation a manager created now uses, and why ATen when it is ATen (``None``: chosen with
+    :func:`forced`, nothing to say)."""
+    name = _forced.get()
+    if name is not None:
+        return name, None
+    value = os.environ.get(ENV_VAR, "")
+    choice = value.strip().lower()
+    if choice == "aten":
+        return "aten", f"{ENV_VAR}=aten"
+    if choice not in ("", "native"):
+        warn_once(
+            f"hookscope: environment variable {ENV_VAR}={value!r} is not one of 'native', 'aten' (or unset); "
+            f"using ATen operations",
+            stacklevel=4,
+        )
+        return "aten", f"{ENV_VAR}={value!r} is not one of 'native', 'aten'"
+    if not _load():
+        return "aten", f"the native kernels are not available: {_reason}"
+    return "native", None
+
+
+def backend() -> str:
+    """What a manager created now will use: ``"native"`` or ``"aten"``.
+
+    ``"native"`` when the library loads, unless ``HOOKSCOPE_KERNELS=aten`` or inside ``forced("aten")``. Any other
+    value of the variable warns once and means ``"aten"``.
+    """
+    return _resolve()[0]
+
+
+def info() -> dict[str, Any]:
+    """What the kernels are doing here: ``backend`` (see :func:`backend`), ``library`` (the loaded library's path
+    or ``None``), ``isa`` (``"avx2"`` or ``"baseline"``, ``None`` without the library), ``reason`` (why ATen, or
+    ``None``) and ``threads`` (threads of a large call: ``torch.get_num_threads()``, 1 without OpenMP)."""
+    name, reason = _resolve()
+    if name == "aten" and reason is None:
+        reason = "forced('aten')"
+    return {
+        "backend": name,
+        "library": str(_lib.path) if _lib is not None else None,
+        "isa": _lib.isa() if _lib is not None else None,
+        "reason": reason,
+        "threads": _threads_fn(),
+    }
+
+
+@contextlib.contextmanager
+def forced(name: str) -> Iterator[None]:
+    """Managers created inside use implementation ``name`` (``"native"`` or ``"aten"``), whatever
+    ``HOOKSCOPE_KERNELS`` says; for tests and benchmarks. Nests; restores the previous choice on exit.
+
+    Raises:
+        ValueError: ``name`` is not ``"native"`` or ``"aten"``.
+        TypeError: ``name`` is not a string.
+        RuntimeError: ``"native"`` while the library is not available (the reason is in the message).
+    """
+    if not isinstance(name, str):
+        raise ConfigTypeError(f"`name` must be a str, one of {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    if name not in BACKENDS:
+        raise ConfigError(f"`name` must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    if name == "native" and not _load():
+        raise StateError(f"forced('native'): the native kernels are not available: {_reason}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _bad_buffer(arg: str, buf: Any, numel: int) -> None:
+    what = f"a {buf.dtype} tensor of shape {list(buf.shape)} on {buf.device}" if isinstance(buf, _TENSOR) else repr(buf)
+    raise ConfigError(
+        f"`{arg}` must be a contiguous float64 CPU tensor of {numel} element(s) (a view of the collector's state), "
+        f"got {what}"
+    )
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` fills a block of memory without gaps or overlaps, in some order of its dimensions (its
+    elements are then the ``numel()`` values from ``data_ptr()`` on)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def output_stats(
+    x: torch.Tensor,
+    *,
+    unit_dim: int | None,
+    units: int,
+    positive: torch.Tensor | None = None,
+    lower: float | None = None,
+    upper: float | None = None,
+    saturated: torch.Tensor | None = None,
+    nonfinite: torch.Tensor | None = None,
+) -> bool:
+    """Add one output's statistics to float64 CPU state, in one pass over ``x``; ``False`` (nothing done) when the
+    kernels cannot handle ``x``.
+
+    Layouts read in place: contiguous tensors with any unit dimension, ``channels_last`` 4-D and
+    ``channels_last_3d`` 5-D tensors with unit dimension 1, and any dense layout without a unit dimension; other
+    layouts are copied to a contiguous tensor first.
+
+    Args:
+        x: The output.
+        unit_dim: The dimension that holds units, or ``None`` (the whole tensor is one unit).
+        units: ``x.shape[unit_dim]`` (1 when ``unit_dim`` is ``None``).
+        positive: ``units`` contiguous float64 values: ``positive[u] +=`` elements of unit ``u`` with ``x > 0``.
+        lower: With ``saturated``: count elements ``x < lower`` (a value of ``x``'s dtype, see
+            :func:`hookscope.numerics.strict_threshold`); ``None``: no lower band.
+        upper: With ``saturated``: count elements ``x > upper``; ``None``: no upper band.
+        saturated: One float64 value: ``+=`` elements below ``lower`` or above ``upper`` (NaN never; every element
+            when ``lower > upper``).
+        nonfinite: One float64 value: ``+=`` NaN, +inf and -inf elements.
+
+    Returns:
+        Whether the statistics were added.
+
+    Raises:
+        ValueError: A state tensor of the wrong dtype, size or device, or ``unit_dim`` / ``units`` that do not match
+            ``x`` (mistakes of the caller, not of the data).
+    """
+    fn = _out_fn
+    if fn is None:
+        if not _load():
+            return False
+        fn = _out_fn
+    code = _DTYPES.get(x.dtype)
+    if code is None or type(x) is not _TENSOR or not x.is_cpu or x.layout is not _STRIDED or _is_compiling():
+        return False
+    if unit_dim is None:
+        if units != 1:
+            raise ConfigError(f"`units` must be 1 when `unit_dim` is None, got {units!r}")
+        if not x.is_contiguous() and not _dense(x):
+            x = x.contiguous()
+        outer, inner = 1, x.numel()
+    else:
+        shape = x.shape
+        nd = len(shape)
+        d = unit_dim + nd if unit_dim < 0 else unit_dim
+        if not 0 <= d < nd or shape[d] != units:
+            raise ConfigError(
+                f"`unit_dim` {unit_dim!r} and `units` {units!r} do not match an output of shape {list(shape)}"
+            )
+        if x.is_contiguous():
+            outer = 1 if d == 0 else shape[0] if d == 1 else math.prod(shape[:d])
+        elif d == 1 and (
+            (nd == 4 and x.is_contiguous(memory_format=_CHANNELS_LAST))
+            or (nd == 5 and x.is_contiguous(memory_format=_CHANNELS_LAST_3D))
+        ):
+            outer = 0  # memory order N, spatial, C: the units are last
+        else:
+            x = x.contiguous()
+            outer = math.prod(shape[:d])
+        block = outer * units
+        if block:
+            inner = x.numel() // block
+        elif outer == 0 and units:  # channels_last: (N * spatial, C, 1)
+            outer, inner = x.numel() // units, 1
+        else:
+            outer = inner = 0  # no element
+    p = s = f = None
+    if positive is not None:
+        if (
+            positive.dtype is not _F64
+            or positive.numel() != units
+            or not positive.is_contiguous()
+            or not positive.is_cpu
+        ):
+            _bad_buffer("positive", positive, units)
+        p = positive.data_ptr()
+    bounds = 0
+    if saturated is not None:
+        if saturated.dtype is not _F64 or saturated.numel() != 1 or not saturated.is_cpu:
+            _bad_buffer("saturated", saturated, 1)
+        s = saturated.data_ptr()
+        bounds = (lower is not None) | (upper is not None) << 1
+    if nonfinite is not None:
+        if nonfinite.dtype is not _F64 or nonfinite.numel() != 1 or not nonfinite.is_cpu:
+            _bad_buffer("nonfinite", nonfinite, 1)
+        f = nonfinite.data_ptr()
+    rc = fn(
+        x.data_ptr(),
+        code,
+        outer,
+        units,
+        inner,
+        p,
+        s,
+        bounds,
+        0.0 if lower is None else lower,
+        0.0 if upper is None else upper,
+        f,
+        _threads_fn(),  # the library runs calls of fewer than 2**18 elements per thread on fewer threads
+    )
+    return bool(rc == 0)
+
+
+def grad_stats(
+    g: torch.Tensor,
+    *,
+    sumsq: torch.Tensor | None = None,
+    scale: float | torch.Tensor | None = None,
+    nonfinite: torch.Tensor | None = None,
+) -> bool:
+    """Add one gradient's statistics to float64 CPU state, in one pass over ``g``; ``False`` (nothing done) when
+    the kernels cannot handle it.
+
+    Args:
+        g: The gradient (any dense layout is read in place; others are copied first).
+        sumsq: One float64 value: ``+=`` the sum of ``g**2`` divided by ``scale**2``, squares summed in float lanes
+            within blocks of 4096 elements and in float64 across blocks (float64 throughout for float64 ``g``).
+        scale: A ``GradScaler``'s scale: a positive number, or a one-element float32/float64 CPU tensor (read by
+            the kernel, no ``.item()``); ``None``: 1.
+        nonfinite: One float64 value: ``+=`` NaN, +inf and -inf elements of ``g``.
+
+    Returns:
+        Whether the statistics were added (``False`` also for a scale tensor that is not on the CPU).
+
+    Raises:
+        ValueError: A state tensor of the wrong dtype, size or device.
+    """
+    fn = _grad_fn
+    if fn is None:
+        if not _load():
+            return False
+        fn = _grad_fn
+    code = _DTYPES.get(g.dtype)
+    if code is None or type(g) is not _TENSOR or not g.is_cpu or g.layout is not _STRIDED or _is_compiling():
+        return False
+    if not g.is_contiguous() and not _dense(g):
+        g = g.contiguous()
+    s = f = sp = None
+    sd = 0
+    value = 1.0
+    if scale is not None:
+        if isinstance(scale, _TENSOR):
+            sd_or_none = _SCALE_DTYPES.get(scale.dtype)
+            if sd_or_none is None or scale.numel() != 1 or not scale.is_cpu or scale.layout is not _STRIDED:
+                return False
+            sd, sp = sd_or_none, scale.data_ptr()
+        else:
+            value = float(scale)
+    if sumsq is not None:
+        if sumsq.dtype is not _F64 or sumsq.numel() != 1 or not sumsq.is_cpu:
+            _bad_buffer("sumsq", sumsq, 1)
+        s = sumsq.data_ptr()
+    if nonfinite is not None:
+        if nonfinite.dtype is not _F64 or nonfinite.numel() != 1 or not nonfinite.is_cpu:
+            _bad_buffer("nonfinite", nonfinite, 1)
+        f = nonfinite.data_ptr()
+    rc = fn(g.data_ptr(), code, g.numel(), s, value, sp, sd, f, _threads_fn())
+    return bool(rc == 0)
+
+
+class Backend:
+    """The statistics implementation one manager uses, chosen when it is created (:func:`select`).
+
+    ``output_stats`` / ``grad_stats`` have the signatures of the module's functions. For ``"native"`` they are
+    those functions; for ``"aten"`` they always decline, and the first CPU tensor they see (one the kernels would
+    have handled) makes hookscope say once why it uses ATen, unless ATen was chosen with :func:`forced`.
+
+    Attributes:
+        name: ``"native"`` or ``"aten"``.
+        reason: Why ATen (``None`` for native, or when chosen with :func:`forced`).
+    """
+
+    __slots__ = ("grad_stats", "name", "output_stats", "reason")
+
+    def __init__(self, name: str, reason: str | None) -> None:
+        self.name = name
+        self.reason = reason
+        self.output_stats: Callable[..., bool]
+        self.grad_stats: Callable[..., bool]
+        if name == "native":
+            self.output_stats, self.grad_stats = output_stats, grad_stats
+        else:
+            self.output_stats = self.grad_stats = _decline if reason is None else _declining(reason)
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})" if self.reason is None else f"Backend({self.name!r}, reason={self.reason!r})"
+
+
+def _decline(x: torch.Tensor, **kwargs: Any) -> bool:
+    return False
+
+
+def _declining(reason: str) -> Callable[..., bool]:
+    said = False
+
+    def decline(x: torch.Tensor, **kwargs: Any) -> bool:
+        nonlocal said
+        if not said and x.is_cpu and x.dtype in _DTYPES:
+            said = True
+            warn_once(
+                f"hookscope: statistics of CPU tensors use ATen operations, not the native kernels ({reason})",
+                stacklevel=3,
+            )
+        return False
+
+    return decline
+
+
+def select() -> Backend:
+    """The implementation a manager created now uses (call it once, in the manager's constructor)."""
+    return Backend(*_resolve())

@@ -1,0 +1,87 @@
+"""Loading the native kernels library with ctypes (once, on first use, never at import)."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from hookscope.kernels.build import ABI_VERSION, LIBRARY_NAME, SOURCE_DIR, source_hash
+
+__all__ = ["ISA_NAMES", "LIBRARY_PATH", "Native", "load"]
+
+#: Where the build puts the library: inside the package, next to this file (editable and wheel installs alike).
+LIBRARY_PATH = Path(__file__).resolve().parent / LIBRARY_NAME
+
+#: hs_select_isa codes.
+ISA_NAMES = {"baseline": 0, "avx2": 1}
+
+_p = ctypes.c_void_p
+_i32 = ctypes.c_int32
+_i64 = ctypes.c_int64
+_f64 = ctypes.c_double
+
+
+@dataclasses.dataclass(frozen=True)
+class Native:
+    """The loaded library and its entry points (ctypes function objects with their argument types set)."""
+
+    path: Path
+    output_stats: Any
+    grad_stats: Any
+    openmp: bool
+    _lib: ctypes.CDLL
+
+    def isa(self) -> str:
+        """The instruction set in use ("avx2" or "baseline")."""
+        return str(self._lib.hs_isa().decode())
+
+    def select_isa(self, name: str) -> str:
+        """Use the ``name`` instruction set ("baseline", "avx2" where the CPU has it, or "best"); returns the one in
+        use. Tests run both."""
+        code = -1 if name == "best" else ISA_NAMES[name]
+        self._lib.hs_select_isa(code)
+        return self.isa()
+
+
+def load(path: Path = LIBRARY_PATH) -> tuple[Native | None, str | None]:
+    """Load the library: ``(native, None)``, or ``(None, reason)`` saying why it cannot be used."""
+    if not path.exists():
+        return None, (
+            f"{path.name} was not built (no C compiler when hookscope was installed?); install a C compiler and "
+            f"reinstall, or run `python -m hookscope.kernels`"
+        )
+    try:
+        lib = ctypes.CDLL(str(path))
+        lib.hs_abi_version.restype = _i32
+        lib.hs_abi_version.argtypes = []
+        version = int(lib.hs_abi_version())
+    except (OSError, AttributeError) as e:
+        return None, f"{path} does not load ({e})"
+    if version != ABI_VERSION:
+        return None, f"{path} has ABI version {version}, this hookscope needs {ABI_VERSION}; reinstall hookscope"
+    lib.hs_source_hash.restype = ctypes.c_char_p
+    lib.hs_source_hash.argtypes = []
+    built = lib.hs_source_hash().decode()
+    expected = source_hash(SOURCE_DIR)
+    if expected is not None and built != expected:
+        return None, (
+            f"{path} was built from other sources than those in {SOURCE_DIR} (hash {built or 'none'}, sources "
+            f"{expected}); rebuild it with `python -m hookscope.kernels` or `pip install -e .`"
+        )
+    lib.hs_isa.restype = ctypes.c_char_p
+    lib.hs_isa.argtypes = []
+    lib.hs_select_isa.restype = _i32
+    lib.hs_select_isa.argtypes = [_i32]
+    lib.hs_openmp.restype = _i32
+    lib.hs_openmp.argtypes = []
+    out = lib.hs_output_stats
+    out.restype = _i32
+    # x, dtype, outer, units, inner, positive, saturated, bounds, lower, upper, nonfinite, threads
+    out.argtypes = [_p, _i32, _i64, _i64, _i64, _p, _p, _i32, _f64, _f64, _p, _i32]
+    grad = lib.hs_grad_stats
+    grad.restype = _i32
+    # g, dtype, n, sumsq, scale, scale_ptr, scale_dtype, nonfinite, threads
+    grad.argtypes = [_p, _i32, _i64, _p, _f64, _p, _i32, _p, _i32]
+    return Native(path, out, grad, bool(lib.hs_openmp()), lib), None
