@@ -32,6 +32,7 @@ from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBan
 from hookscope.distributed import CrossRank, PendingReduction, SiteDescription
 from hookscope.errors import ConfigError, StateError
 from hookscope.history import FieldLayout, History, Rows, StepRecord
+from hookscope.kernels import select as select_kernels
 from hookscope.report import build_frame
 from hookscope.sites import Site, UnitDim, matches, resolve_unit_dim
 from hookscope.warn import warn_once
@@ -49,21 +50,76 @@ SiteKey = tuple[str, int]
 MISSING: Any = object()
 
 
+class _Pass:
+    """One site's fused native pass over its outputs (or gradients): which states each statistic is added to."""
+
+    __slots__ = ("band_of", "scale_of", "targets")
+
+    def __init__(self) -> None:
+        self.targets: list[tuple[str, SiteState, str]] = []  # (statistic, state, state name)
+        self.band_of: Collector | None = None  # the collector whose band the "saturated" count uses
+        self.scale_of: Collector | None = None  # the collector whose gradient scale "sumsq" divides by
+
+    def arguments(self, tensor: torch.Tensor, site: Site) -> dict[str, Any] | None:
+        """The kernel's keyword arguments for one tensor (``None``: the pass cannot take this dtype)."""
+        kwargs: dict[str, Any] = {statistic: state[name] for statistic, state, name in self.targets}
+        if self.band_of is not None:
+            lower, upper = self.band_of.band(site, tensor.dtype)
+            if lower is None and upper is None:
+                return None
+            kwargs["lower"], kwargs["upper"] = lower, upper
+        if self.scale_of is not None:
+            kwargs["scale"] = self.scale_of.gradient_scale(tensor.device)
+        return kwargs
+
+
 class _Slot:
     """A site's row in the table: its collector states, its gradient hook and its counts in the open step."""
 
-    __slots__ = ("applies", "backward", "calls", "elements", "fwd", "grad", "grad_hook", "site", "touched")
+    __slots__ = (
+        "applies", "backward", "calls", "elements", "fwd", "fwd_rest", "grad", "grad_hook", "grad_pass",
+        "grad_rest", "out_pass", "site", "touched",
+    )  # fmt: skip
 
     def __init__(self, site: Site, applies: tuple[bool, ...], grad_hook: Callable[[torch.Tensor], None]) -> None:
         self.site = site
         self.applies = applies  # per collector: whether it records this site
         self.fwd: list[tuple[Collector, SiteState]] = []  # states fed with outputs
         self.grad: list[tuple[Collector, SiteState]] = []  # states fed with gradients
+        self.out_pass: _Pass | None = None  # the fused pass over outputs, and the states it does not feed
+        self.fwd_rest: list[tuple[Collector, SiteState]] = []
+        self.grad_pass: _Pass | None = None
+        self.grad_rest: list[tuple[Collector, SiteState]] = []
         self.grad_hook = grad_hook
         self.touched = False  # ran (forward or backward) in the open step
         self.calls = 0
         self.elements = 0
         self.backward = 0
+
+    def plan(self) -> None:
+        """Split the states into those the fused passes feed and the rest (a statistic feeds one state)."""
+        self.out_pass, self.fwd_rest = _plan(self.fwd, self.site, gradient=False)
+        self.grad_pass, self.grad_rest = _plan(self.grad, self.site, gradient=True)
+
+
+def _plan(
+    pairs: list[tuple[Collector, SiteState]], site: Site, gradient: bool
+) -> tuple[_Pass | None, list[tuple[Collector, SiteState]]]:
+    fused = _Pass()
+    rest = []
+    taken: set[str] = set()
+    for collector, state in pairs:
+        wanted = collector.fused_gradient(site) if gradient else collector.fused_output(site)
+        if not wanted or taken & set(wanted):
+            rest.append((collector, state))
+            continue
+        taken |= set(wanted)
+        fused.targets.extend((statistic, state, name) for statistic, name in wanted.items())
+        if "saturated" in wanted:
+            fused.band_of = collector
+        if "sumsq" in wanted:
+            fused.scale_of = collector
+    return (fused if fused.targets else None), rest
 
 
 def _feed(pairs: list[tuple[Collector, SiteState]], tensor: torch.Tensor, site: Site, grad: bool) -> None:
@@ -133,6 +189,8 @@ class Recorder:
         self._failures: list[Exception] = []  # errors of collectors' close_steps not raised yet
         self._keys: list[SiteKey] = []  # each site's key in the table
         self._cross: _Combiner | None = _Combiner(self) if global_stats else None
+        #: The statistics implementation (native kernels or ATen), chosen once for this manager.
+        self.kernels = select_kernels()
         self._include_checked = False
         self._ref = weakref.ref(self)
         for c in self.collectors:
@@ -206,6 +264,7 @@ class Recorder:
                 slot.fwd.append((c, state))
                 if c.wants_grad:
                     slot.grad.append((c, state))
+        slot.plan()
 
     def observe(self, site: Site, output: torch.Tensor, recompute: bool) -> None:
         """Record one output of a site (``recompute``: a checkpointed forward recomputed in backward, already
@@ -242,7 +301,16 @@ class Recorder:
                 site.first_step = self.step
         slot.calls += 1
         slot.elements += output.numel()
-        _feed(slot.fwd, output, site, grad=False)
+        fused = slot.out_pass
+        if (
+            fused is not None
+            and (kwargs := fused.arguments(output, site)) is not None
+            and self.kernels.output_stats(output, unit_dim=site.unit_dim, units=site.units, **kwargs)
+        ):
+            if slot.fwd_rest:
+                _feed(slot.fwd_rest, output, site, grad=False)
+        else:
+            _feed(slot.fwd, output, site, grad=False)
         if self.wants_grad and output.requires_grad:
             output.register_hook(slot.grad_hook)
 
@@ -253,7 +321,16 @@ class Recorder:
             slot.touched = True
             self._order.append(slot)
         slot.backward += 1
-        _feed(slot.grad, grad, site, grad=True)
+        fused = slot.grad_pass
+        if (
+            fused is not None
+            and (kwargs := fused.arguments(grad, site)) is not None
+            and self.kernels.grad_stats(grad, **kwargs)
+        ):
+            if slot.grad_rest:
+                _feed(slot.grad_rest, grad, site, grad=True)
+        else:
+            _feed(slot.grad, grad, site, grad=True)
 
     def applies(self) -> list[tuple[bool, ...]]:
         """Per site, per collector: whether the collector records the site."""
@@ -467,45 +544,6 @@ class Recorder:
             self._failures.append(failure)
 
     # ----------------------------------------------------------------------------------------------------------
-    # the site table under torch.distributed
-
-    def describe_sites(self) -> list[SiteDescription]:
-        """The sites this rank can describe to the others (bound, not skipped)."""
-        return [
-            SiteDescription(
-                s.layer,
-                self._keys[s.index],
-                s.module,
-                s.call,
-                s.kind,
-                s.function,
-                s.bounds,
-                s.unit_dim,
-                s.units,
-                s.shape,
-            )
-            for s in self.sites
-            if s.units_fixed and s.problem is None
-        ]
-
-    def enter_remote_site(self, d: SiteDescription) -> Site:
-        """Enter a site that only other ranks have run so far, as they described it."""
-        from hookscope.activations import get_activation
-
-        site = self.new_site(d.key, d.name, d.module, d.call, get_activation(d.kind), d.function, d.bounds)
-        if site is None:
-            raise StateError(
-                f"hookscope: site {d.name!r} of another rank is left out by this rank's `include`/`exclude`; every "
-                "rank must use the same patterns"
-            )
-        site.unit_dim, site.units, site.shape, site.units_fixed = d.unit_dim, d.units, d.shape, True
-        site.reduce_dims = tuple(i for i in range(len(d.shape)) if i != d.unit_dim)
-        if self._device is None:
-            self._bind_device(_default_device())
-        self._bind_state(site)
-        return site
-
-    # ----------------------------------------------------------------------------------------------------------
     # reports
 
     def frame(self, records: Sequence[StepRecord]) -> pd.DataFrame:
@@ -629,9 +667,9 @@ class _Combiner:
         _, changed = self.cross.read_header(timeout)
         if changed:
             local = {s.layer for s in rec.sites}
-            for d in self.cross.agree(rec.describe_sites()):
+            for d in self.cross.agree(self.describe_sites()):
                 if d.name not in local:
-                    rec.enter_remote_site(d)
+                    self.enter_remote_site(d)
             self._orders = None
         if not self.cross.agreed or not rec._banks:
             record.sites, record.calls, record.elements, record.backward = [], [], [], []
@@ -647,6 +685,44 @@ class _Combiner:
         with torch._C.DisableTorchFunction(), torch.no_grad():
             pending = self.cross.post_reduce(rec._banks, row, site_order, unit_orders, counts)
         self.combining = (record, pending, order)
+
+    def describe_sites(self) -> list[SiteDescription]:
+        """The sites this rank can describe to the others (bound, not skipped)."""
+        rec = self.recorder
+        return [
+            SiteDescription(
+                s.layer,
+                rec._keys[s.index],
+                s.module,
+                s.call,
+                s.kind,
+                s.function,
+                s.bounds,
+                s.unit_dim,
+                s.units,
+                s.shape,
+            )
+            for s in rec.sites
+            if s.units_fixed and s.problem is None
+        ]
+
+    def enter_remote_site(self, d: SiteDescription) -> Site:
+        """Enter a site that only other ranks have run so far, as they described it."""
+        from hookscope.activations import get_activation
+
+        rec = self.recorder
+        site = rec.new_site(d.key, d.name, d.module, d.call, get_activation(d.kind), d.function, d.bounds)
+        if site is None:
+            raise StateError(
+                f"hookscope: site {d.name!r} of another rank is left out by this rank's `include`/`exclude`; every "
+                "rank must use the same patterns"
+            )
+        site.unit_dim, site.units, site.shape, site.units_fixed = d.unit_dim, d.units, d.shape, True
+        site.reduce_dims = tuple(i for i in range(len(d.shape)) if i != d.unit_dim)
+        if rec._device is None:
+            rec._bind_device(_default_device())
+        rec._bind_state(site)
+        return site
 
     def _order_tensors(self) -> tuple[list[int], torch.Tensor, list[torch.Tensor]]:
         """The agreed sites as local site indices, and the positions of their units in each bank."""

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from hookscope.activations import ActivationSpec, Bounds
 from hookscope.errors import ConfigError, ConfigTypeError
-from hookscope.numerics import round_to_dtype, strict_threshold
+from hookscope.numerics import strict_threshold
 
 __all__ = [
     "ROOT_NAME",
@@ -166,7 +166,7 @@ class Site:
     problem: str | None = None
     first_step: int | None = None
     units_fixed: bool = False
-    _thresholds: dict[tuple[torch.dtype, float, bool, bool], float | None] = dataclasses.field(
+    _thresholds: dict[tuple[torch.dtype, float, bool], float | None] = dataclasses.field(
         default_factory=dict, repr=False
     )
 
@@ -197,17 +197,11 @@ class Site:
             return 1
         return int(shape[self.unit_dim]) if self.unit_dim < len(shape) else -1
 
-    def threshold(self, value: float, dtype: torch.dtype, above: bool, adjacent: bool = False) -> float | None:
-        """:func:`strict_threshold` of ``value`` in ``dtype``, cached per site.
-
-        With ``adjacent``, the value of the dtype next to the strict threshold on the other side of ``value``
-        instead: the smallest value >= ``value`` (not ``above``) or the largest <= ``value`` (``above``).
-        """
-        key = (dtype, value, above, adjacent)
+    def threshold(self, value: float, dtype: torch.dtype, above: bool) -> float | None:
+        """:func:`~hookscope.numerics.strict_threshold` of ``value`` in ``dtype``, cached per site."""
+        key = (dtype, value, above)
         if key not in self._thresholds:
-            self._thresholds[key] = (
-                round_to_dtype(value, dtype, up=not above) if adjacent else strict_threshold(value, dtype, above)
-            )
+            self._thresholds[key] = strict_threshold(value, dtype, above)
         return self._thresholds[key]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -14,6 +14,17 @@ import torch.nn as nn
 
 import hookscope as hs
 from hookscope import DeadReLU, GradientNorm, HookManager, Saturation
+
+
+@pytest.fixture(autouse=True, params=["native", "aten"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every statistics test runs on both paths: the native kernels and the ATen formulation."""
+    from hookscope import kernels
+
+    if request.param == "native" and not kernels.available():
+        pytest.skip(f"native kernels unavailable: {kernels.info()['reason']}")
+    with kernels.forced(request.param):
+        yield request.param
 
 
 def three_unit_relu() -> nn.Sequential:

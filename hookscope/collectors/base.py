@@ -453,6 +453,32 @@ class Collector:
     def update_grad(self, state: SiteState, grad: torch.Tensor, site: Site) -> None:
         """Fold one gradient w.r.t. the site's output into its state (hot path: tensor operations only)."""
 
+    # -- the fused passes (native kernels) ------------------------------------------------------------------
+    # On CPU one native pass over each output (and each gradient) computes what every attached collector needs
+    # from it. A collector says here which of the pass's statistics it takes, and into which of its states
+    # they are added; for a site where the pass runs, its update() / update_grad() are not called. Where the
+    # pass cannot run (CUDA tensors, the ATen backend), they are, and must give the same numbers.
+
+    def fused_output(self, site: Site) -> Mapping[str, str] | None:
+        """Statistics of the fused output pass that replace :meth:`update` at ``site``: ``{"positive" | "saturated"
+        | "nonfinite": state name}`` (per-unit count of outputs > 0; count of outputs in the band of :meth:`band`;
+        count of NaN/inf outputs). ``None``: :meth:`update` always runs."""
+        return None
+
+    def band(self, site: Site, dtype: torch.dtype) -> tuple[float | None, float | None]:
+        """With ``"saturated"``: ``(lower, upper)`` of ``dtype``; an output counts when ``y < lower`` or
+        ``y > upper`` (``None``: no such band)."""
+        return None, None
+
+    def fused_gradient(self, site: Site) -> Mapping[str, str] | None:
+        """Statistics of the fused gradient pass that replace :meth:`update_grad`: ``{"sumsq" | "nonfinite": state
+        name}`` (sum of squares divided by :meth:`gradient_scale` squared; count of NaN/inf elements)."""
+        return None
+
+    def gradient_scale(self, device: torch.device) -> torch.Tensor | float | None:
+        """With ``"sumsq"``: the scale the gradients carry (a ``GradScaler``'s), or ``None``."""
+        return None
+
     def close_steps(self, steps: list[int], block: Mapping[str, torch.Tensor], commit: bool) -> dict[str, torch.Tensor]:
         """Summable per-site numbers to record for a block of closed steps (``(len(steps), n_sites)`` each).
 

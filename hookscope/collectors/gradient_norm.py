@@ -66,6 +66,12 @@ class GradientNorm(Collector):
         self.scaler = scaler
         self.add_state("sumsq")
 
+    def fused_gradient(self, site: Site) -> Mapping[str, str] | None:
+        return {"sumsq": "sumsq"}
+
+    def gradient_scale(self, device: torch.device) -> torch.Tensor | float | None:
+        return self._scale(device)
+
     def _scale(self, device: torch.device) -> torch.Tensor | float | None:
         scaler = self.scaler
         if scaler is None:

@@ -46,6 +46,12 @@ class NonFinite(Collector):
     def update_grad(self, state: SiteState, grad: torch.Tensor, site: Site) -> None:
         state["nonfinite_grad"].add_(count_nonfinite(grad))
 
+    def fused_output(self, site: Site) -> Mapping[str, str] | None:
+        return {"nonfinite": "nonfinite_out"}
+
+    def fused_gradient(self, site: Site) -> Mapping[str, str] | None:
+        return {"nonfinite": "nonfinite_grad"}
+
     def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {
             "nonfinite": np.asarray(record["nonfinite_out"], dtype=np.float64),

@@ -1,0 +1,105 @@
+"""The native kernels and the ATen formulation give the same statistics: counts exactly, norms within float
+tolerance, and both follow the definitions (checked against hand-computed values where the data is planted)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hookscope import HookManager, NonFinite, kernels
+from hookscope.collectors import DeadReLU, GradientNorm, Saturation
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
+
+STATS = ["dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm", "nonfinite", "grad_nonfinite"]
+
+
+class Block(nn.Module):
+    """Conv → BN → ReLU6 (channels_last capable), a sigmoid head and a functional tanh and GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU6()
+        self.fc = nn.Linear(8, 6)
+        self.sig = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn(self.conv(x)) * 4)
+        h = F.gelu(h).mean(dim=(2, 3))
+        return self.sig(torch.tanh(self.fc(h) * 3))
+
+
+def _run(model: nn.Module, xs: list[torch.Tensor], backend: str) -> list[list[float]]:
+    collectors = [DeadReLU(), Saturation(), GradientNorm(), NonFinite()]
+    with kernels.forced(backend), HookManager(model, collectors, alerts=False) as hm:
+        for x in xs:
+            model(x).float().pow(2).mean().backward()
+            hm.step()
+    return hm.to_dataframe()[STATS].to_numpy().tolist()
+
+
+def _agree(native: list[list[float]], aten: list[list[float]]) -> None:
+    assert len(native) == len(aten) > 0
+    for n, a in zip(native, aten):
+        assert n[:3] + n[4:] == pytest.approx(a[:3] + a[4:], abs=0, nan_ok=True)  # counts: exactly
+        assert n[3] == pytest.approx(a[3], rel=1e-5, nan_ok=True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_paths_agree(layout: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = Block().to(dtype)
+    xs = [torch.randn(4, 3, 6, 6, dtype=dtype) for _ in range(3)]
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        xs = [x.to(memory_format=torch.channels_last) for x in xs]
+    _agree(_run(copy.deepcopy(model), xs, "native"), _run(copy.deepcopy(model), xs, "aten"))
+
+
+def test_both_paths_agree_under_bfloat16_autocast() -> None:
+    torch.manual_seed(1)
+    model = Block()
+    xs = [torch.randn(4, 3, 6, 6) for _ in range(2)]
+
+    def run(backend: str) -> list[list[float]]:
+        m = copy.deepcopy(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _run(m, xs, backend)
+
+    _agree(run("native"), run("aten"))
+
+
+@pytest.mark.parametrize("backend", ["native", "aten"])
+def test_nan_outputs_are_inactive_not_saturated_and_counted_as_nonfinite(backend: str) -> None:
+    # hand-planted outputs: 8 elements per site, 2 of them NaN, 1 +inf
+    y = torch.tensor([[float("nan"), 1.0, -1.0, 0.5], [float("nan"), float("inf"), 0.0, 2.0]])
+
+    class Plant(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.relu, self.sig = nn.ReLU(), nn.Sigmoid()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.sig(self.relu(x) + x * 0)  # relu sees y; the sigmoid sees relu(y) + y * 0
+
+    with kernels.forced(backend), HookManager(Plant(), [DeadReLU(), Saturation(), NonFinite()], alerts=False) as hm:
+        hm.model(y)
+        hm.step()
+    relu, sig = hm.to_dataframe().to_dict("records")
+    # relu(y) = [nan, 1, 0, .5 | nan, inf, 0, 2]: positive 1, .5, inf, 2 -> 4 of 8; NaN is not positive
+    assert relu["inactive_fraction"] == 4 / 8 and relu["nonfinite"] == 3
+    # units are columns: column 0 (NaN, NaN) and column 2 (0, 0) never fire; columns 1 (1, inf) and 3 do
+    assert relu["dead_ratio"] == 2 / 4
+    # relu(y) + y*0 = [nan, 1, 0, .5 | nan, nan (inf*0), 0, 2]: sigmoid of 1, 0, .5, 2 is .73, .5, .62, .88, none
+    # in a band (<= .01 or >= .99), and NaN is never saturated
+    assert sig["saturation_rate"] == 0.0
+    assert sig["nonfinite"] == 3
+    assert not math.isnan(relu["inactive_fraction"])
