@@ -507,3 +507,21 @@ def test_demo_runs_and_writes_outputs(demo_run: DemoRun) -> None:
     assert dying[dying["step"] == last]["dead_ratio"].max() > 0.3
     assert remedy[remedy["step"] == last]["dead_ratio"].iloc[0] < 0.1
     assert (demo_run.out / "dead_ratio_heatmap.png").read_bytes()[:8] == PNG
+
+
+def test_demo_says_when_units_stopped_firing_and_when_death_was_confirmed(demo_run: DemoRun) -> None:
+    units = pd.read_csv(demo_run.out / "units_dying.csv", dtype={"layer": str})
+    dead = units[units["dead"] & (units["layer"] == "act1")]
+    fired = dead["last_fired"].notna()
+    # the window rule: a unit that last fired at step s is silent from s + 1 and counts as dead from s + 20
+    assert ((dead["dead_since"] - dead["last_fired"])[fired] == 20).all()
+    stopped = (dead["last_fired"] + 1).fillna(0)  # a unit that never fired is silent from the first step
+    text = " ".join(demo_run.text.split())
+    expected = (
+        f"{len(dead)} dead at the last step (silent 20 steps): they stopped firing between steps"
+        f" {stopped.min():.0f} and {stopped.max():.0f} (median {stopped.median():.0f}), {int((~fired).sum())} of"
+        f" them never fired; death confirmed (dead by the window rule) between steps"
+        f" {dead['dead_since'].min():.0f} and {dead['dead_since'].max():.0f} (median"
+        f" {dead['dead_since'].median():.0f})"
+    )
+    assert expected in text
