@@ -20,6 +20,7 @@ from hookscope.cli import main, read_stats
 
 PNG = b"\x89PNG\r\n\x1a\n"
 COMMANDS = ("scan", "show", "plot", "demo", "activations")
+README = Path(__file__).resolve().parent.parent / "README.md"
 HEADER = "step,layer,kind,shape,units,calls,dead_ratio,inactive_fraction,saturation_rate,grad_norm"
 # two steps of a relu and a sigmoid, as HookManager.to_csv writes them (NaN is an empty field)
 ROWS = [
@@ -525,3 +526,39 @@ def test_demo_says_when_units_stopped_firing_and_when_death_was_confirmed(demo_r
         f" {dead['dead_since'].median():.0f})"
     )
     assert expected in text
+
+
+def readme_demo_fragments() -> list[str]:
+    """The README's demo block, cut at its ``...`` lines, each piece with its whitespace collapsed."""
+    blocks: list[list[str]] = []
+    inside = False
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            inside = not inside
+            if inside:
+                blocks.append([])
+        elif inside:
+            blocks[-1].append(line)
+    block = next(b for b in blocks if b and b[0].startswith("hookscope demo:"))
+    pieces: list[list[str]] = [[]]
+    for line in block:
+        if line.strip() == "...":
+            pieces.append([])
+        else:
+            pieces[-1].append(line)
+    fragments = [" ".join(" ".join(p).split()) for p in pieces]
+    return [f[:-3].rstrip() if f.endswith("...") else f for f in fragments if f]
+
+
+def test_the_readme_shows_what_the_demo_prints(demo_run: DemoRun) -> None:
+    printed = " ".join(demo_run.text.split())  # rich wraps at the console's width, the README at its own
+    fragments = readme_demo_fragments()
+    assert len(fragments) >= 4 and sum(map(len, fragments)) > 1500
+    at = 0
+    for fragment in fragments:
+        found = printed.find(fragment, at)
+        assert found >= 0, (
+            f"README.md's demo block is not what `hookscope demo --no-live` prints: {fragment!r} is not printed"
+            f" (after character {at}); update the block from this output:\n{demo_run.text}"
+        )
+        at = found + len(fragment)
