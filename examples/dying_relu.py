@@ -41,9 +41,16 @@ def main(steps: int = 300) -> dict[float, hs.HookManager]:
         last = hm.to_dataframe().groupby("layer", sort=False).last()
         print(f"\nAdam lr={lr:g}: dead ratio at the last step")
         for layer, row in last.iterrows():
-            timeline = hm.unit_timeline(layer)
-            died = timeline["dead_since"].dropna()
-            since = f", half of them dead by step {died.median():.0f}" if len(died) else ""
+            dead = hm.unit_timeline(layer).query("dead")
+            # a unit stops firing the step after it last fired (step 0 if it never did); its death is confirmed
+            # `window` silent steps later, at `dead_since`
+            stopped = (dead["last_fired"] + 1).fillna(0)
+            since = (
+                f", half of them had stopped firing by step {stopped.median():.0f} (dead by the window rule by step "
+                f"{dead['dead_since'].median():.0f})"
+                if len(dead)
+                else ""
+            )
             print(f"  {layer}: {row['dead_ratio']:.0%} of {row['units']} units dead{since}")
         for alert in alerts:
             print(f"  alert: {alert.message[:110]}...")

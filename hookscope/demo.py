@@ -3,8 +3,9 @@
 A ReLU MLP (64-128-128-128-10) is trained twice with hookscope attached: with Adam at a learning rate that is far
 too high (0.05), which kills most units of the first hidden layers within a few dozen steps, and with the same
 network at lr=0.001 with biases initialised to 0.1. A live view shows a progress bar and the per-layer table
-while training; at the end a diagnosis says which layers lost how many units, when they died, whether any
-revived, and which remedies fit the evidence. CSVs and PNG plots are written to the output directory.
+while training; at the end a diagnosis says which layers lost how many units, when they stopped firing and when
+their death was confirmed, whether any revived, and which remedies fit the evidence. CSVs and PNG plots are
+written to the output directory.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from hookscope.collectors import DeadReLU, GradientNorm, NonFinite, Saturation
 from hookscope.manager import HookManager
 from hookscope.reporters.table import make_console
 
-__all__ = ["DemoRun", "load_digits_data", "make_mlp", "run_demo", "train_run"]
+__all__ = ["DemoRun", "death_steps", "load_digits_data", "make_mlp", "run_demo", "train_run"]
 
 DYING_LR = 0.05
 REMEDY_LR = 0.001
 REMEDY_BIAS = 0.1  # small positive biases: units start in the active region of the ReLU
 WINDOW = 20  # a unit is dead after 20 silent steps of 64 samples: 1280 samples, most of the training set
+#: Intra-op threads while training: float sums split across threads round differently, so the numbers the demo
+#: prints (and the README shows) are the same on every run only with a fixed thread count, whatever the caller set.
+THREADS = 2
 
 
 def load_digits_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,23 +145,39 @@ def train_run(
     return DemoRun(name, lr, recipe, hm.to_dataframe(), hm.unit_timeline(), whole_set, accuracy, fired)
 
 
+def death_steps(timeline: pd.DataFrame, first_step: int = 0) -> tuple[pd.Series, pd.Series]:
+    """For the units dead at the latest step of a ``unit_timeline()`` frame: the step at which each stopped firing
+    (the step after it last fired, or ``first_step`` if it never fired) and the step at which its death was
+    confirmed (``dead_since``: ``window`` silent steps later, when the window rule first counted it as dead)."""
+    dead = timeline[timeline["dead"]]
+    stopped = (dead["last_fired"] + 1).fillna(first_step)
+    return stopped, dead["dead_since"]
+
+
+def _span(steps: pd.Series) -> str:
+    return f"between steps {int(steps.min())} and {int(steps.max())} (median {statistics.median(steps):.0f})"
+
+
 def _layer_lines(run: DemoRun) -> list[str]:
     lines = []
     last = run.frame[run.frame["step"] == run.frame["step"].max()].set_index("layer")
+    first_step = int(run.frame["step"].min())
     for layer, dead_units in run.audit.attrs["dead_units"].items():
         units = int(last.loc[layer, "units"])
         tl = run.timeline[run.timeline["layer"] == layer]
-        dead_now = tl[tl["dead"]]
-        died = dead_now["dead_since"].dropna()
+        stopped, confirmed = death_steps(tl, first_step)
+        never = int(tl[tl["dead"]]["last_fired"].isna().sum())
         revived = int((tl["revivals"] > 0).sum())
         when = (
-            f"died between steps {int(died.min())} and {int(died.max())} (median {statistics.median(died):.0f})"
-            if len(died)
+            f"they stopped firing {_span(stopped)}"
+            + (f", {never} of them never fired" if never else "")
+            + f"; death confirmed (dead by the window rule) {_span(confirmed)}"
+            if len(stopped)
             else "none died during training"
         )
         lines.append(
             f"  {layer}: {len(dead_units)} of {units} units never fire on the training set "
-            f"({len(dead_units) / units:.0%}); {len(dead_now)} dead at the last step (silent {WINDOW} steps), "
+            f"({len(dead_units) / units:.0%}); {len(stopped)} dead at the last step (silent {WINDOW} steps): "
             f"{when}; {revived} unit{'s' if revived != 1 else ''} revived after dying"
         )
     return lines
@@ -178,15 +198,21 @@ def diagnose(dying: DemoRun, remedy: DemoRun) -> str:
     out.append("[bold]What the evidence says[/]")
     if bad[worst] / units >= DEAD_RATIO_ALERT:
         tl = dying.timeline[dying.timeline["layer"] == worst]
-        died = tl["dead_since"].dropna()
+        stopped, confirmed = death_steps(tl, int(dying.frame["step"].min()))
         revived = int((tl[tl["dead"]]["revivals"] > 0).sum())
         alert = f" (first alert at step {first_alert})" if first_alert is not None else ""
+        timing = (
+            f" Half of the dead units of {worst} had stopped firing by step {statistics.median(stopped):.0f} (their"
+            f" death confirmed by step {statistics.median(confirmed):.0f}), and {revived} of those dead now had come"
+            " back before dying again:"
+            if len(stopped)
+            else " The likely cause:"
+        )
         out.append(
             f"- With {dying.recipe}, {worst} lost {bad[worst]} of {units} units{alert}; with {remedy.recipe} it"
-            f" loses {good[worst]}, and no layer loses more than {max(good.values())}. Half of the dead units of"
-            f" {worst} were dead by step {statistics.median(died):.0f}, and {revived} of those dead now had come"
-            " back before dying again: large Adam updates pushed biases and weights to where the pre-activation is"
-            " negative for every input, where a ReLU gets no gradient to recover."
+            f" loses {good[worst]}, and no layer loses more than {max(good.values())}.{timing} large Adam updates"
+            " pushed biases and weights to where the pre-activation is negative for every input, where a ReLU gets"
+            " no gradient to recover."
         )
         out.append(
             "- Remedies that fit: lower the learning rate (or warm it up), and start biases slightly positive."
@@ -198,11 +224,14 @@ def diagnose(dying: DemoRun, remedy: DemoRun) -> str:
 def run_demo(
     out_dir: str | Path = "hookscope-demo", *, steps: int = 400, live: bool = True, console: Console | None = None
 ) -> dict[str, Any]:
-    """Run the whole demo and write CSVs and plots into ``out_dir``; returns the runs and the files written."""
+    """Run the whole demo and write CSVs and plots into ``out_dir``; returns the runs and the files written.
+
+    Training runs on :data:`THREADS` intra-op threads (the caller's setting is restored afterwards), so that the
+    printed numbers do not depend on it.
+    """
     from hookscope.reporters.csv import write_csv
     from hookscope.reporters.plots import plot_heatmap, plot_lines, save_figure
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     console = console or make_console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,8 +240,13 @@ def run_demo(
         f"[bold]hookscope demo[/]: a ReLU MLP on scikit-learn's digits ({len(data[0])} training images), trained"
         f" with a too-high learning rate, then with the remedy"
     )
-    dying = train_run("dying", DYING_LR, data, steps=steps, console=console, live=live)
-    remedy = train_run("remedy", REMEDY_LR, data, steps=steps, bias=REMEDY_BIAS, console=console, live=live)
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        dying = train_run("dying", DYING_LR, data, steps=steps, console=console, live=live)
+        remedy = train_run("remedy", REMEDY_LR, data, steps=steps, bias=REMEDY_BIAS, console=console, live=live)
+    finally:
+        torch.set_num_threads(caller_threads)
     console.print(diagnose(dying, remedy))
 
     files = []

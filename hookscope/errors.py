@@ -41,3 +41,8 @@ class UnknownLayerError(HookscopeError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class InputError(HookscopeError, ValueError):
+    """A file or a command-line value given to hookscope is malformed (a CSV that is not hookscope's, a model
+    that cannot be built). The command line prints these as one line with exit code 2."""

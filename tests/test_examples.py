@@ -32,9 +32,17 @@ def test_quickstart_main_returns_the_manager() -> None:
     assert not hm.attached
 
 
-def test_dying_relu_example_shows_the_remedy() -> None:
+def test_dying_relu_example_shows_the_remedy(capsys) -> None:
     managers = load("dying_relu")["main"](steps=120)
     high, low = managers[0.05], managers[0.001]
+    # when units stopped firing (the step after they last fired) and when the window rule (20) confirmed it
+    dead = high.unit_timeline("act1").query("dead")
+    stopped, confirmed = (dead["last_fired"] + 1).fillna(0), dead["dead_since"]
+    assert ((confirmed - stopped)[dead["last_fired"].notna()] == 19).all()
+    assert (
+        f"half of them had stopped firing by step {stopped.median():.0f} (dead by the window rule by step "
+        f"{confirmed.median():.0f})" in capsys.readouterr().out
+    )
 
     def last_dead(hm) -> float:
         df = hm.to_dataframe()

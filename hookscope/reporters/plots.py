@@ -1,4 +1,16 @@
-"""PNG plots of a report frame: layer × step heat maps and per-layer lines (matplotlib, optional extra)."""
+"""PNG plots of a report frame: layer × step heat maps and per-layer lines (matplotlib, optional extra).
+
+What each mark means, in both kinds of plot:
+
+- Steps are whole numbers: the step axis only has integer ticks.
+- Heat map: a layer with no value of the metric at any step (the statistic does not apply to its kind, such as
+  the saturation of a relu, or its collector was not attached) is a grey hatched row whose label ends in
+  ``(n/a)``; a step at which a layer has no row (it did not run, or the step was not recorded) is a white cell;
+  for ``grad_norm`` (log colour scale) a zero norm is drawn in :data:`ZERO_COLOUR`, below the scale.
+- Lines: when more than :data:`MAX_LABELLED` layers have values, only the :data:`MAX_LABELLED` most extreme are
+  coloured and named in the legend (the highest maximum; for ``grad_norm``, the last value farthest from the
+  median layer's on the log scale), the others are thin grey lines, and the legend's title says how many.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +21,38 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import pandas as pd
 
-from hookscope.errors import ConfigError
+from hookscope.checks import check_int, describe
+from hookscope.errors import ConfigError, ConfigTypeError
 from hookscope.files import PathLike, atomic_path
 from hookscope.report import STAT_COLUMNS
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["METRICS", "plot_heatmap", "plot_lines", "save_figure"]
+__all__ = [
+    "MAX_LABELLED",
+    "METRICS",
+    "MISSING_COLOUR",
+    "NA_COLOUR",
+    "NA_HATCH",
+    "ZERO_COLOUR",
+    "check_png_path",
+    "plot_heatmap",
+    "plot_lines",
+    "save_figure",
+]
 
 #: Plottable metrics (the statistic columns), with their titles; ``grad_norm`` is drawn on a log scale.
 _TITLES = {"grad_norm": "gradient norm (log scale)"}
 METRICS = {column: _TITLES.get(column, column.replace("_", " ")) for column in STAT_COLUMNS}
+#: At most this many layers are coloured and named in a line plot; the others are drawn in grey.
+MAX_LABELLED = 10
+#: Heat-map cells: a layer's row where the metric has no value at any step, and a step where the layer has no row.
+NA_COLOUR, NA_HATCH, MISSING_COLOUR = "0.82", "//", "white"
+#: A zero gradient norm on the log colour scale.
+ZERO_COLOUR = "tab:cyan"
+_GREY = "0.72"
 
 
 def _matplotlib() -> Any:
@@ -33,86 +65,243 @@ def _matplotlib() -> Any:
     return Figure
 
 
-def _check(frame: pd.DataFrame, metric: str) -> None:
+def _check(frame: object, metric: object, title: object) -> pd.DataFrame:
+    """The argument checks of both plots, in the order a reader would fix them."""
+    if not isinstance(frame, pd.DataFrame):
+        raise ConfigTypeError(
+            f"`frame` must be a pandas DataFrame (HookManager.to_dataframe(), or its CSV read back), got "
+            f"{type(frame).__name__}"
+        )
+    if not isinstance(metric, str):
+        raise ConfigTypeError(f"`metric` must be a column name (a str), got {describe(metric)}")
+    if title is not None and not isinstance(title, str):
+        raise ConfigTypeError(f"`title` must be None or a str, got {describe(title)}")
+    missing = [c for c in ("step", "layer") if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"`frame` lacks the columns {', '.join(missing)} of a report; got {list(frame.columns)}")
     if metric not in frame.columns:
         allowed = ", ".join(c for c in METRICS if c in frame.columns) or ", ".join(METRICS)
         raise ConfigError(f"`metric` {metric!r} is not a column of the report; choose one of: {allowed}")
+    if not pd.api.types.is_numeric_dtype(frame[metric]) or pd.api.types.is_bool_dtype(frame[metric]):
+        raise ConfigError(f"`metric` {metric!r} is not a numeric column (dtype {frame[metric].dtype})")
     if frame.empty:
         raise ConfigError("the report is empty: nothing to plot (record at least one step)")
+    steps = pd.to_numeric(frame["step"], errors="coerce").to_numpy(dtype=np.float64)
+    if not (np.isfinite(steps) & (steps == np.floor(steps))).all():
+        raise ConfigError(f"`frame` column `step` must hold whole step numbers, got {describe(list(frame['step']))}")
     if not frame[metric].notna().any():
+        kinds = sorted(set(map(str, frame["kind"]))) if "kind" in frame.columns else []
         raise ConfigError(
             f"`metric` {metric!r} has no values in this report: it does not apply to these layers "
-            f"({', '.join(sorted(set(map(str, frame['kind']))))}) or its collector was not attached"
+            f"({', '.join(kinds)}) or its collector was not attached"
         )
+    return frame
 
 
-def _matrix(frame: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-    layers = list(dict.fromkeys(frame["layer"]))  # first-seen (forward) order
+def _matrix(frame: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Values (layer × step), layers in first-seen (forward) order, steps, and whether each layer has a value."""
+    frame = frame.assign(step=frame["step"].astype(np.int64), layer=frame["layer"].astype(str))
+    layers = list(dict.fromkeys(frame["layer"]))
     steps = np.sort(frame["step"].unique())
     pivot = frame.pivot_table(index="layer", columns="step", values=metric, aggfunc="last", dropna=False)
-    return pivot.reindex(index=layers, columns=steps).to_numpy(dtype=float), layers, steps
+    data = pivot.reindex(index=layers, columns=steps).to_numpy(dtype=float)
+    return data, layers, steps, ~np.isnan(data).all(axis=1)
+
+
+def _cell_edges(steps: np.ndarray) -> np.ndarray:
+    """Column edges halfway between recorded steps (steps 0, 4, 8 of ``every=4`` are cells 4 wide)."""
+    s = steps.astype(float)
+    if len(s) == 1:
+        return np.array([s[0] - 0.5, s[0] + 0.5])
+    mids = (s[1:] + s[:-1]) / 2
+    return np.concatenate([[s[0] - (mids[0] - s[0])], mids, [s[-1] + (s[-1] - mids[-1])]])
+
+
+def _integer_steps(ax: Axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
 
 
 def plot_heatmap(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | None = None) -> Figure:
-    """A layer × step heat map of one metric (log colour scale for ``grad_norm``)."""
-    figure_cls = _matplotlib()
-    from matplotlib.colors import LogNorm, Normalize
+    """A layer × step heat map of one metric (log colour scale for ``grad_norm``).
 
-    _check(frame, metric)
-    data, layers, steps = _matrix(frame, metric)
+    Rows where the metric has no value at any step are grey, hatched and labelled ``(n/a)``; steps at which a
+    layer has no row are white (see the module's docstring).
+
+    Args:
+        frame: A report frame (``HookManager.to_dataframe()``, or its CSV read back).
+        metric: The column to draw, one of :data:`METRICS` or a custom collector's numeric column.
+        title: The axes' title; ``None`` uses the metric's name.
+
+    Returns:
+        A matplotlib ``Figure`` (save it with :func:`save_figure`).
+
+    Raises:
+        ConfigTypeError: ``frame`` is not a DataFrame, ``metric`` not a str, ``title`` neither None nor a str.
+        ConfigError: Columns are missing, the metric is not numeric or has no value, the frame is empty.
+    """
+    figure_cls = _matplotlib()
+    import matplotlib
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.patches import Rectangle
+
+    _check(frame, metric, title)
+    data, layers, steps, has_values = _matrix(frame, metric)
     log = metric == "grad_norm"
-    if log:
-        data = np.where(data > 0, data, np.nan)
-    finite = data[np.isfinite(data)]
+    cmap = matplotlib.colormaps["magma" if log else "viridis"].with_extremes(bad=MISSING_COLOUR)
     norm: Normalize
-    if log and len(finite):
-        norm = LogNorm(vmin=float(finite.min()), vmax=float(max(finite.max(), finite.min() * 10)))
+    zeros = bool(log and (data <= 0).any())
+    if log:
+        positive = data[np.isfinite(data) & (data > 0)]
+        low = float(positive.min()) if len(positive) else 1.0
+        norm = LogNorm(vmin=low, vmax=float(max(positive.max(), low * 10)) if len(positive) else low * 10)
+        cmap = cmap.with_extremes(under=ZERO_COLOUR)
+        data = np.where(data <= 0, low / 10, data)  # zero norms: below the scale, in the `under` colour
     else:
-        norm = Normalize(vmin=0.0, vmax=1.0 if metric != "grad_norm" else None)
+        finite = data[np.isfinite(data)]
+        if metric in STAT_COLUMNS or not len(finite):  # ratios
+            norm = Normalize(vmin=0.0, vmax=1.0)
+        else:
+            norm = Normalize(vmin=float(finite.min()), vmax=float(finite.max()))
     fig = figure_cls(figsize=(10, max(2.5, 0.28 * len(layers) + 1.5)), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(
-        np.ma.masked_invalid(data),
-        aspect="auto",
-        interpolation="nearest",
-        cmap="magma" if log else "viridis",
-        norm=norm,
-        extent=(float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(layers) - 0.5, -0.5),
-    )
-    ax.set_yticks(range(len(layers)), labels=layers, fontsize=8)
-    ax.set_xlabel("step")
+    x_edges = _cell_edges(steps)
+    mesh = ax.pcolormesh(x_edges, np.arange(len(layers) + 1) - 0.5, np.ma.masked_invalid(data), cmap=cmap, norm=norm)
+    for row in np.flatnonzero(~has_values):
+        ax.add_patch(
+            Rectangle(
+                (float(x_edges[0]), row - 0.5), float(x_edges[-1] - x_edges[0]), 1.0,
+                facecolor=NA_COLOUR, edgecolor="0.5", hatch=NA_HATCH, linewidth=0, label="n/a",
+            )
+        )  # fmt: skip
+    ax.set_ylim(len(layers) - 0.5, -0.5)  # the first layer at the top
+    labels = [layer if ok else f"{layer} (n/a)" for layer, ok in zip(layers, has_values)]
+    ax.set_yticks(range(len(layers)), labels=labels, fontsize=8)
+    _integer_steps(ax)
     ax.set_title(title or METRICS.get(metric, metric))
-    fig.colorbar(image, ax=ax, label=METRICS.get(metric, metric))
+    for row in np.flatnonzero(~has_values):
+        ax.text(
+            float(x_edges[0] + x_edges[-1]) / 2, row, f"n/a: no {METRICS.get(metric, metric)} at any step",
+            ha="center", va="center", fontsize=7, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5},
+        )  # fmt: skip
+    label = METRICS.get(metric, metric)
+    if zeros:
+        label += f"; {ZERO_COLOUR.removeprefix('tab:')}: 0"
+    fig.colorbar(mesh, ax=ax, label=label, extend="min" if zeros else "neither")
     return cast("Figure", fig)
+
+
+def _extremes(data: np.ndarray, metric: str) -> np.ndarray:
+    """Rank of each layer's extremity, most extreme first (stable: forward order among ties)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if metric == "grad_norm":  # vanishing and exploding alike: the last value's distance from the median's
+            last = np.array([row[~np.isnan(row)][-1] for row in data])
+            logs = np.log10(last)
+            score = np.abs(logs - np.nanmedian(logs[np.isfinite(logs)])) if np.isfinite(logs).any() else logs
+            score = np.where(np.isnan(score), np.inf, score)  # log of 0 or inf: as extreme as it gets
+        else:
+            score = np.nanmax(data, axis=1)
+    return np.argsort(-score, kind="stable")
 
 
 def plot_lines(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | None = None) -> Figure:
-    """One line per layer of a metric over steps."""
+    """One line per layer of a metric over steps.
+
+    With more than :data:`MAX_LABELLED` layers, the :data:`MAX_LABELLED` most extreme are coloured and named in
+    the legend (the highest maximum; for ``grad_norm`` the last value farthest from the median layer's on the log
+    scale) and the others are grey; the legend's title says how many are unlabelled. Layers without any value are
+    not drawn and are counted in the title too.
+
+    Args:
+        frame: A report frame (``HookManager.to_dataframe()``, or its CSV read back).
+        metric: The column to draw, one of :data:`METRICS` or a custom collector's numeric column.
+        title: The axes' title; ``None`` uses the metric's name.
+
+    Returns:
+        A matplotlib ``Figure`` (save it with :func:`save_figure`).
+
+    Raises:
+        ConfigTypeError: ``frame`` is not a DataFrame, ``metric`` not a str, ``title`` neither None nor a str.
+        ConfigError: Columns are missing, the metric is not numeric or has no value, the frame is empty.
+    """
     figure_cls = _matplotlib()
-    _check(frame, metric)
-    data, layers, steps = _matrix(frame, metric)
+    import matplotlib
+
+    _check(frame, metric, title)
+    data, layers, steps, has_values = _matrix(frame, metric)
+    drawn = np.flatnonzero(has_values)
+    named = set(drawn[_extremes(data[drawn], metric)[:MAX_LABELLED]].tolist())
+    tab10 = matplotlib.colormaps["tab10"]
+    colours = (tab10(i % 10) for i in range(len(named)))
     fig = figure_cls(figsize=(10, 4.5), layout="constrained")
     ax = fig.subplots()
-    for row, layer in zip(data, layers):
-        if np.isfinite(row).any():
-            ax.plot(steps, row, label=layer, linewidth=1.2)
-    if metric == "grad_norm":
+    marker = "o" if len(steps) == 1 else None
+    for i in drawn:  # forward order, so colours follow the layers
+        if i in named:
+            ax.plot(steps, data[i], label=layers[i], color=next(colours), linewidth=1.4, marker=marker, zorder=3)
+        else:
+            ax.plot(steps, data[i], label="_nolegend_", color=_GREY, linewidth=0.8, marker=marker, zorder=2)
+    if metric == "grad_norm" and (data[drawn] > 0).any():  # all zero: no log scale can show it
         ax.set_yscale("log")
-    ax.set_xlabel("step")
+    _integer_steps(ax)
     ax.set_ylabel(METRICS.get(metric, metric))
     ax.set_title(title or METRICS.get(metric, metric))
-    if len(layers) <= 20:
-        ax.legend(fontsize=7, ncols=2 if len(layers) > 8 else 1)
+    notes = []
+    if len(drawn) > len(named):
+        rule = "last value farthest\nfrom the median's" if metric == "grad_norm" else "highest maximum"
+        notes.append(f"{len(named)} of {len(drawn)} layers named\n({rule});\n{len(drawn) - len(named)} others in grey")
+    if len(drawn) < len(layers):
+        blank = len(layers) - len(drawn)
+        notes.append(f"{blank} layer{'s' if blank != 1 else ''} without values not drawn")
+    ax.legend(
+        title="\n".join(notes) or None, fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+    )  # fmt: skip
     return cast("Figure", fig)
+
+
+def check_png_path(path: object, arg: str = "path") -> Path:
+    """``path`` as a ``Path`` if it names a PNG file (a non-empty name ending in ``.png``, any case).
+
+    Plots are written as PNG only, so that a file's name says what it holds.
+
+    Raises:
+        ConfigTypeError: Not a str or ``os.PathLike`` of str.
+        ConfigError: Empty, or another suffix (``plot.pdf``, ``plot``).
+    """
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise ConfigTypeError(f"`{arg}` must be a path (a str or os.PathLike) ending in .png, got {describe(path)}")
+    if Path(text).suffix.lower() != ".png":
+        raise ConfigError(f"`{arg}` must be a file name ending in .png (plots are written as PNG), got {text!r}")
+    return Path(text)
 
 
 def save_figure(fig: Figure, path: PathLike, dpi: int = 100) -> Path:
     """Save a figure as PNG atomically (temporary file, then ``os.replace``).
 
+    Args:
+        fig: A matplotlib ``Figure`` (from :func:`plot_heatmap` or :func:`plot_lines`).
+        path: The PNG to write, ending in ``.png``; its directory must exist.
+        dpi: Resolution, an int >= 1.
+
+    Returns:
+        The path written.
+
     Raises:
-        OSError: The directory does not exist or is not writable.
+        ConfigTypeError: ``fig`` is not a Figure, ``path`` not a path, ``dpi`` not an int.
+        ConfigError: ``path`` does not end in ``.png``, ``dpi`` < 1.
+        OSError: The directory does not exist or is not writable, or ``path`` is a directory.
     """
-    target = Path(os.fspath(path))
+    figure_cls = _matplotlib()
+    if not isinstance(fig, figure_cls):
+        raise ConfigTypeError(f"`fig` must be a matplotlib Figure, got {type(fig).__name__}")
+    target = check_png_path(path)
+    dpi = check_int("dpi", dpi, minimum=1)
+    if target.is_dir():
+        raise IsADirectoryError(f"cannot write {str(target)!r}: it is a directory")
     with atomic_path(target, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return target
