@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,9 +12,12 @@ import torch.nn.functional as F
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads() -> None:
+def _seed_and_threads() -> Iterator[None]:
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message=".*torch.utils.checkpoint.*")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # a test (the benchmark) that changes it does not change the others
 
 
 def hook_count(model: nn.Module) -> int:
