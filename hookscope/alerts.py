@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hookscope.checks import check_bool, check_int, check_number
-from hookscope.errors import ConfigTypeError
+from hookscope.errors import ConfigError, ConfigTypeError
 from hookscope.warn import HookscopeWarning
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "default_rules",
     "gradient_median",
     "gradient_outliers",
+    "hint",
 ]
 
 #: Dead ratio at or above which a layer alerts (the threshold of keras-contrib's DeadReluDetector).
@@ -64,6 +65,21 @@ HINTS = {
     "nonfinite": "likely causes: learning rate too high, log(0) or division by zero, fp16 overflow; remedies: lower "
     "the learning rate, clip gradients, use a GradScaler or bf16, guard logs and divisions",
 }
+
+
+#: The dead-unit hint for rectifiers with a gradient on their negative side (it must not prescribe the family the
+#: layer already uses).
+NEGATIVE_SIDE_HINT = (
+    "likely causes: large negative biases or pre-activations, learning rate too high, inputs not normalised; "
+    "remedies: lower the learning rate, normalisation before the activation, check the initialisation and biases"
+)
+
+
+def hint(rule: str, kind: str = "") -> str:
+    """The one-line hint of an alert of ``rule`` on a layer of ``kind``."""
+    if rule == "dead_relu" and kind and kind not in ZERO_SLOPE_KINDS:
+        return NEGATIVE_SIDE_HINT
+    return HINTS.get(rule, "")
 
 
 class HookscopeAlert(HookscopeWarning):
@@ -136,16 +152,40 @@ class _AtLeastRule(AlertRule):
                      self.describe)  # fmt: skip
 
 
+#: Rectifiers whose negative side has no gradient: an inactive unit there is dead; elsewhere it sits on the
+#: negative side and still learns.
+ZERO_SLOPE_KINDS = frozenset({"relu", "relu6"})
+
+
 class DeadRatioRule(_AtLeastRule):
-    """``dead_ratio >= threshold`` (default 10%)."""
+    """``confirmed_dead_ratio >= threshold`` (default 10%): units inactive on each of their last ``evidence``
+    outputs (see :class:`~hookscope.collectors.DeadReLU`), so that small batches do not make healthy units look
+    dead. ``column="dead_ratio"`` judges each step's window alone instead. A row without the column (a custom
+    collector set) falls back to ``dead_ratio``."""
 
-    name, column = "dead_relu", "dead_ratio"
+    name = "dead_relu"
 
-    def __init__(self, threshold: float = DEAD_RATIO_ALERT) -> None:
+    def __init__(self, threshold: float = DEAD_RATIO_ALERT, column: str = "confirmed_dead_ratio") -> None:
         super().__init__(threshold)
+        if column not in ("confirmed_dead_ratio", "dead_ratio"):
+            raise ConfigError(f"`column` must be 'confirmed_dead_ratio' or 'dead_ratio', got {column!r}")
+        self.column = column
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        column = self.column if self.column in rows.columns else "dead_ratio"
+        return _hits(rows, rows[column].to_numpy(dtype=float) >= self.threshold, column, self.threshold,
+                     lambda row: self._describe(row, float(getattr(row, column))))  # fmt: skip
+
+    def _describe(self, row: Any, value: float) -> str:
+        if str(row.kind) in ZERO_SLOPE_KINDS:
+            return f"{value:.0%} of its {row.units} units are dead (inactive on all their recent outputs)"
+        return (
+            f"{value:.0%} of its {row.units} units sit on their negative side (output <= 0 on all their recent "
+            f"outputs; a {row.kind} still passes a gradient there)"
+        )
 
     def describe(self, row: Any) -> str:
-        return f"{row.dead_ratio:.0%} of its {row.units} units are dead"
+        return self._describe(row, float(row.dead_ratio))
 
 
 class SaturationRule(_AtLeastRule):
@@ -331,10 +371,13 @@ class Alerts:
         self.log = check_bool("log", log)
         self.fired: list[Alert] = []
         self._seen: set[tuple[str, str]] = set()
+        self._next_due = self.every - 1  # the first step at which a check is due
 
     def due(self, step: int) -> bool:
-        """Whether the step just closed is checked."""
-        return (step + 1) % self.every == 0
+        """Whether the rules are checked at this (recorded) step: checks fall due after steps ``every - 1``,
+        ``2 * every - 1``, ..., and one that falls on a step that is not recorded (``HookManager(every=K)``)
+        runs at the next recorded step."""
+        return step >= self._next_due
 
     def check(self, rows: pd.DataFrame, step: int, primary: bool = True) -> list[Alert]:
         """Apply the rules to one step's rows; report and return the alerts not reported before.
@@ -344,6 +387,8 @@ class Alerts:
         (the callback, a warning filter that turns warnings into errors) raises; the first such error is raised
         once all are delivered.
         """
+        self._next_due = ((step + 1) // self.every + 1) * self.every - 1
+        kinds = dict(zip(rows["layer"], rows["kind"])) if {"layer", "kind"} <= set(rows.columns) else {}
         new: list[Alert] = []
         errors: list[Exception] = []  # raised by user code (a custom rule, the callback, warnings as errors)
         for rule in self.rules:
@@ -357,7 +402,8 @@ class Alerts:
                 if key in self._seen:
                     continue
                 self._seen.add(key)
-                message = f"hookscope: step {step}: layer {layer!r}: {text} ({rule.name}). {HINTS.get(rule.name, '')}"
+                kind = kinds.get(layer, "")
+                message = f"hookscope: step {step}: layer {layer!r}: {text} ({rule.name}). {hint(rule.name, kind)}"
                 new.append(Alert(rule.name, layer, step, float(value), float(threshold), message.strip()))
         for alert in new:  # every alert is delivered, whatever one delivery raised
             self.fired.append(alert)

@@ -136,6 +136,8 @@ class HookManager:
         )
         self._tracer = Tracer(model, self._recorder, check_bool("functional", functional))
         self._sink_buffers: list[list[StepRecord]] = [[] for _ in self.sinks]  # closed steps not yet written
+        # the step at which each sink writes next: it counts training steps, recorded or not
+        self._sink_due = [self._recorder.step + sink.every - 1 for sink in self.sinks]
         self._paused = False
         self._at_exit: Callable[[], None] | None = None
         self._update_recording()
@@ -298,7 +300,8 @@ class HookManager:
                     errors.append(e)
             for i, sink in enumerate(self.sinks):
                 self._sink_buffers[i].append(record)
-                if len(self._sink_buffers[i]) >= sink.every:
+                if record.step >= self._sink_due[i]:  # `every` training steps since the last write
+                    self._sink_due[i] = record.step + sink.every
                     self._write_sink(i, errors)
 
     def _flush_into(self, errors: list[Exception]) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBank
+from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBank, host_to_device
 from hookscope.distributed import CrossRank, PendingReduction, SiteDescription
 from hookscope.errors import ConfigError, StateError
 from hookscope.history import FieldLayout, History, Rows, StepRecord
@@ -423,18 +423,6 @@ class Recorder:
         if not commit:
             self.flush()
         n = len(self.sites)
-        values: torch.Tensor | None = None
-        with torch._C.DisableTorchFunction(), torch.no_grad():
-            for bank in self._banks:
-                bank.resize(n)
-            if commit:
-                for bank in self._banks:
-                    bank.push()
-            else:
-                block, failure = self._values([self.step], commit=False)
-                if failure is not None:
-                    raise failure
-                values = block[0]
         record = StepRecord(
             step=self.step,
             sites=[slot.site.index for slot in order],
@@ -443,8 +431,19 @@ class Recorder:
             backward=[slot.backward for slot in order],
             units=[slot.site.units for slot in order],
             shapes=[slot.site.shape for slot in order],
-            values=values,
+            values=None,
         )
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            for bank in self._banks:
+                bank.resize(n)
+            if commit:
+                for bank in self._banks:
+                    bank.push()
+            else:
+                block, failure = self._values([record], commit=False)
+                if failure is not None:
+                    raise failure
+                record.values = block[0]
         if commit:
             for slot in order:
                 slot.touched = False
@@ -452,24 +451,36 @@ class Recorder:
             self._order = []
         return record
 
-    def _values(self, steps: list[int], commit: bool) -> tuple[torch.Tensor, Exception | None]:
-        """``(len(steps), n_sites, n_fields)`` float64 values of a block of steps: the first ``len(steps)`` closed
-        rows of the rings when ``commit``, else the open step; and the first error a collector raised.
+    def _values(self, records: list[StepRecord], commit: bool) -> tuple[torch.Tensor, Exception | None]:
+        """``(len(records), n_sites, n_fields)`` float64 values of a block of steps: the first ``len(records)``
+        closed rows of the rings when ``commit``, else the open step; and the first error a collector raised.
+
+        Besides the per-step states, collectors' blocks hold ``elements``: the output elements of each site in
+        each step, ``(len(records), n_sites)``.
 
         A collector whose ``close_steps`` raises (user code) gets NaN for its fields in this block, so that the
         other collectors' values and every record are kept; the error is returned for the caller to raise once
         its own state is consistent.
         """
         columns: list[torch.Tensor] = []
+        steps = [r.step for r in records]
         n = len(self.sites)
         if not self._banks:  # no site has been bound yet: no collector has state
             return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device), None
+        rows = [[0.0] * n for _ in records]  # on the host first: one tensor operation, not one per record
+        for row, record in zip(rows, records):
+            for i, count in zip(record.sites, record.elements):
+                row[i] = float(count)
+        elements = host_to_device(
+            torch.tensor(rows, dtype=torch.float64).reshape(len(records), n), self._banks[0].device
+        )
         fields: list[tuple[str, ...]] = []
         failure: Exception | None = None
         try:
             for ci, (c, bank) in enumerate(zip(self.collectors, self._banks)):
                 n = bank.n_sites
-                block = bank.take(len(steps)) if commit else bank.current()
+                block = dict(bank.take(len(steps)) if commit else bank.current())
+                block["elements"] = elements[:, :n]
                 try:
                     closed = c.close_steps(steps, block, commit)
                 except Exception as e:
@@ -500,6 +511,7 @@ class Recorder:
         if self.layout is not None:
             return self.layout.collectors[index]
         empty = {name: rows[:0] for name, rows in bank.current().items()}
+        empty["elements"] = torch.zeros(0, bank.n_sites, dtype=torch.float64, device=bank.device)
         try:
             return tuple(collector.close_steps([], empty, commit=False))
         except Exception:
@@ -535,7 +547,7 @@ class Recorder:
             return
         self._in_ring = self._in_ring[len(records) :]
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            values, failure = self._values([r.step for r in records], commit=True)
+            values, failure = self._values(records, commit=True)
         for record, row in zip(records, values.unbind(0)):  # one operation for all the rows
             record.values = row
             if record.sites or self._cross is None:

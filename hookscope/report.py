@@ -21,18 +21,31 @@ if TYPE_CHECKING:
     from hookscope.collectors.base import Collector
     from hookscope.sites import Site
 
-__all__ = ["ROW_COLUMNS", "STAT_COLUMNS", "build_frame", "check_stat_names", "report_columns", "scalars", "stat_names"]
+__all__ = [
+    "EVIDENCE_COLUMNS",
+    "ROW_COLUMNS",
+    "STAT_COLUMNS",
+    "build_frame",
+    "check_stat_names",
+    "report_columns",
+    "scalars",
+    "stat_names",
+]
 
 #: Columns describing the row, in order.
 ROW_COLUMNS: tuple[str, ...] = ("step", "layer", "kind", "shape", "units", "calls")
 #: Columns of the built-in collectors, always present (NaN when the collector is not attached), in order.
 STAT_COLUMNS: tuple[str, ...] = ("dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm")
+#: Further built-in columns, always present after :data:`STAT_COLUMNS` (``DeadReLU``'s dead units judged on
+#: enough evidence, which the default dead-unit alert uses); custom collectors' columns follow them.
+EVIDENCE_COLUMNS: tuple[str, ...] = ("confirmed_dead_ratio",)
 
 
 def report_columns(collectors: Sequence[Collector]) -> tuple[str, ...]:
     """The columns of a report frame: the row columns, the built-in statistics, then custom collectors' columns."""
-    extra = [col for c in collectors for col in c.columns if col not in STAT_COLUMNS]
-    return (*ROW_COLUMNS, *STAT_COLUMNS, *extra)
+    builtin = (*STAT_COLUMNS, *EVIDENCE_COLUMNS)
+    extra = [col for c in collectors for col in c.columns if col not in builtin]
+    return (*ROW_COLUMNS, *builtin, *extra)
 
 
 def scalars(frame: pd.DataFrame, stats: Sequence[str] = STAT_COLUMNS) -> list[tuple[str, int, float]]:

@@ -44,7 +44,7 @@ class Sink:
     source by a weak reference (when the source allows it), so a sink never keeps a dropped manager alive.
 
     Args:
-        every: Steps between writes (a crash loses at most this many steps).
+        every: Training steps between writes, recorded or not (a crash loses at most this many steps).
     """
 
     all_ranks = False

@@ -58,13 +58,13 @@ def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pyte
     # 3 ReLU sites: one sum per output; a flat view and one dot per gradient
     assert ops["ATen floor"] == 3 * 3
     # ATen collectors: 7 ops per ReLU site in the forward and backward hooks (empty, gt, per-unit sum, accumulate;
-    # flat view, dot, accumulate), plus one processing of the ring every 16 steps (closing a step dispatches no op);
-    # the kernels dispatch none in the hooks
-    assert 3 * 7 < ops["hookscope (ATen)"] <= 3 * 7 + 64 / 16
+    # flat view, dot, accumulate), plus one processing of the ring every 16 steps (~110 ops; closing a step
+    # dispatches none); the kernels dispatch none in the hooks
+    assert 3 * 7 < ops["hookscope (ATen)"] <= 3 * 7 + 128 / 16
     from hookscope import kernels
 
     if kernels.available():
-        assert 0 < ops["hookscope"] <= 64 / 16
+        assert 0 < ops["hookscope"] <= 128 / 16
     else:
         assert ops["hookscope"] == ops["hookscope (ATen)"]
     assert configs["hookscope (ATen)"]["backend"] == "aten"

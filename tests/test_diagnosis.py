@@ -137,7 +137,7 @@ def test_alert_fires_once_per_cause_every_n_steps_with_warning_log_and_callback(
         caplog.at_level(logging.WARNING, logger="hookscope"),
     ):
         for step in range(9):
-            model(torch.randn(8, 2))
+            model(torch.randn(64, 2))  # 64 outputs per unit per step: 128 silent outputs confirm death by step 1
             if step == 2:
                 with pytest.warns(HookscopeAlert, match="25% of its 4 units are dead"):
                     hm.step()
@@ -241,11 +241,11 @@ def test_nonfinite_counts_gradients() -> None:
     assert df["nonfinite"].tolist() == [0, 0]
 
 
-@pytest.mark.parametrize(("window", "every"), [(1, 1), (3, 1), (4, 2)])
+@pytest.mark.parametrize(("window", "every"), [(1, 1), (3, 1), (4, 2), (2, 3)])
 def test_dead_units_over_a_long_run_match_a_step_by_step_reference(window: int, every: int) -> None:
     # Steps are closed into a ring and processed many at a time; reports in the middle of a ring flush it early.
     # The reference below applies the definitions one step at a time.
-    units, steps = 5, 70
+    units, steps = 5, 140
     rng = np.random.default_rng(window * 10 + every)
     pattern = rng.random((steps, units)) < np.array([0.5, 0.1, 0.03, 0.0, 0.9])  # unit 3 never fires
     lin = nn.Linear(units, units)
@@ -259,17 +259,23 @@ def test_dead_units_over_a_long_run_match_a_step_by_step_reference(window: int, 
             hm.step()
             if s in (5, 16, 17, 40):
                 hm.to_dataframe()  # a report mid-ring
-    last: list[float | None] = [None] * units
+    # windows count recorded steps: r is the ordinal of recorded step s
+    last: list[float | None] = [None] * units  # step numbers
+    last_r: list[int | None] = [None] * units  # ordinals
     revivals, last_revival = [0] * units, [math.nan] * units
+    died: list[float] = [math.nan] * units
     expected = []
-    for s in range(0, steps, every):
+    for r, s in enumerate(range(0, steps, every)):
         for u in range(units):
+            was_alive = last_r[u] is not None and last_r[u] > r - 1 - window
             if pattern[s, u]:
-                if last[u] is not None and last[u] <= s - 1 - window:
+                if last_r[u] is not None and last_r[u] <= r - 1 - window:
                     revivals[u] += 1
                     last_revival[u] = s
-                last[u] = s
-        expected.append(sum(last[u] is None or last[u] <= s - window for u in range(units)) / units)
+                last[u], last_r[u] = s, r
+            elif was_alive and last_r[u] <= r - window:  # type: ignore[operator]
+                died[u] = s
+        expected.append(sum(last_r[u] is None or last_r[u] <= r - window for u in range(units)) / units)
     df = hm.to_dataframe()
     assert list(df["step"]) == list(range(0, steps, every))
     assert df["dead_ratio"].tolist() == pytest.approx(expected, abs=0)
@@ -278,6 +284,10 @@ def test_dead_units_over_a_long_run_match_a_step_by_step_reference(window: int, 
     assert tl["last_fired"].tolist() == pytest.approx([math.nan if v is None else v for v in last], nan_ok=True)
     assert tl["revivals"].tolist() == revivals
     assert tl["last_revival"].tolist() == pytest.approx(last_revival, nan_ok=True)
+    dead_now = [last_r[u] is None or last_r[u] <= (steps - 1) // every - window for u in range(units)]
+    want_since = [(0.0 if last[u] is None else died[u]) if dead_now[u] else math.nan for u in range(units)]
+    assert tl["dead"].tolist() == dead_now
+    assert tl["dead_since"].tolist() == pytest.approx(want_since, nan_ok=True)
     assert sum(revivals) > 3  # the pattern does exercise revivals
 
 

@@ -220,7 +220,10 @@ def test_table_marks_dead_layers() -> None:
         lin.bias.fill_(-100.0)
     model = nn.Sequential(lin, nn.ReLU())
     with HookManager(model) as hm:
-        model(torch.randn(3, 2))
+        model(torch.randn(3, 2))  # 3 outputs per unit: not enough evidence yet
+        hm.step()
+        assert "100.0% |" in render(hm.table(ascii=True))
+        model(torch.randn(128, 2))  # 131 silent outputs per unit: confirmed
         hm.step()
     text = render(hm.table(ascii=True))
     assert "100.0% !" in text

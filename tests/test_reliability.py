@@ -119,7 +119,7 @@ def test_an_alert_callback_that_raises_does_not_lose_or_merge_steps() -> None:
     with HookManager(model, alerts=Alerts(every=2, callback=callback, warn=False, log=False)) as hm:
         errors = 0
         for _ in range(6):
-            model(torch.randn(2, 4))
+            model(torch.randn(128, 4))  # enough outputs per unit to confirm death in one step
             try:
                 hm.step()
             except RuntimeError as e:

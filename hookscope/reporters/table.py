@@ -53,7 +53,8 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
         step: The step to show; ``None`` shows the latest.
         ascii: Plain ASCII borders and no colour (alerts are marked with ``!``).
 
-    Highlighted (red, or ``!``): dead ratio >= 10%, saturation >= 50%, gradient norm more than three orders of
+    Highlighted (red, or ``!``): dead ratio >= 10% (judged on the units confirmed dead, as the alert does, when
+    the frame has ``confirmed_dead_ratio``), saturation >= 50%, gradient norm more than three orders of
     magnitude below or above the median layer's, as in the default alert rules.
 
     Returns:
@@ -74,12 +75,14 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
     vanishing, exploding = gradient_outliers(grads)
     for r, grad_alert in zip(rows.itertuples(index=False), vanishing | exploding):
         dead, sat, grad = _float(r.dead_ratio), _float(r.saturation_rate), _float(r.grad_norm)
+        # marked as the default alert judges: on the units confirmed dead when the column is there
+        judged = _float(getattr(r, "confirmed_dead_ratio", dead))
         table.add_row(
             str(r.layer),
             str(r.kind),
             str(r.shape),
             str(r.calls),
-            _styled(_pct(dead, missing), not math.isnan(dead) and dead >= DEAD_RATIO_ALERT, ascii),
+            _styled(_pct(dead, missing), not math.isnan(judged) and judged >= DEAD_RATIO_ALERT, ascii),
             _pct(_float(r.inactive_fraction), missing),
             _styled(_pct(sat, missing), not math.isnan(sat) and sat >= SATURATION_ALERT, ascii),
             _styled(_num(grad, missing), bool(grad_alert) or math.isinf(grad), ascii),
