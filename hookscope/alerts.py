@@ -53,6 +53,12 @@ logger = logging.getLogger("hookscope")
 logger.addHandler(logging.NullHandler())  # a library logs only where the application configured logging
 
 HINTS = {
+    "param_gradient": "likely causes: a module cut off from the loss (frozen by mistake, a detach), vanishing or "
+    "exploding gradients; remedies: check requires_grad and the graph, normalisation, residual connections, "
+    "gradient clipping",
+    "update_ratio": "likely causes: learning rate too high (large ratios) or too low / a module that does not "
+    "train (tiny ratios); remedies: tune the learning rate or its schedule, check weight decay and the optimizer's "
+    "parameter groups",
     "dead_relu": "likely causes: learning rate too high, large negative biases, poor initialisation; remedies: "
     "lower the learning rate, He (kaiming) initialisation, LeakyReLU/PReLU/ELU, normalisation before the activation",
     "saturation": "likely causes: pre-activations too large (inputs not normalised, initialisation too wide, "
@@ -112,9 +118,14 @@ class Alert:
 
 
 class AlertRule:
-    """Base class of rules: ``check`` looks at one step's rows and returns ``(layer, value, threshold, text)``."""
+    """Base class of rules: ``check`` looks at one step's rows and returns ``(layer, value, threshold, text)``.
+
+    A rule with ``target = "params"`` looks at the step's rows of ``HookManager.param_frame()`` instead (and names
+    modules, not layers); it is skipped when the manager records no parameter statistics.
+    """
 
     name = "rule"
+    target = "sites"
 
     def check(self, rows: pd.DataFrame) -> list[Hit]:
         raise NotImplementedError
@@ -318,9 +329,72 @@ def _kind_masks(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return rectifier, bounded
 
 
+#: Orders of magnitude between a module's weight-gradient norm and the median module's that alert.
+PARAM_GRADIENT_ORDERS = 4.0
+#: Update ratios (‖Δθ‖ / ‖θ‖ per recorded step) outside this range alert; about 1e-3 is the usual healthy value.
+UPDATE_RATIO_RANGE = (1e-6, 1e-1)
+
+
+class ParamGradientRule(AlertRule):
+    """A module whose weight-gradient norm is more than ``orders`` orders of magnitude below or above the median
+    module's (default 4: parameter gradients spread more across modules than activation gradients)."""
+
+    name, target = "param_gradient", "params"
+
+    def __init__(self, orders: float = PARAM_GRADIENT_ORDERS) -> None:
+        self.orders = check_number("orders", orders, low=0.0, high=300.0, meaning="orders of magnitude")
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        g = rows["grad_norm"].to_numpy(dtype=float)
+        low, high = gradient_outliers(g, self.orders)
+        median = gradient_median(g)
+        out: list[Hit] = []
+        for i in np.flatnonzero(low | high):
+            side = "below" if low[i] else "above"
+            text = (
+                f"weight-gradient norm {g[i]:.3g} is {self.orders:g} orders of magnitude {side} the median "
+                f"module's {median:.3g}"
+            )
+            out.append((str(rows["module"].iloc[i]), float(g[i]), median, text))
+        return out
+
+
+class UpdateRatioRule(AlertRule):
+    """A module whose update ratio ‖θ_s − θ_p‖ / ‖θ_p‖ is below ``low`` or above ``high`` (defaults 1e-6 and
+    1e-1; the common heuristic for a healthy rate is about 1e-3 per step)."""
+
+    name, target = "update_ratio", "params"
+
+    def __init__(self, low: float = UPDATE_RATIO_RANGE[0], high: float = UPDATE_RATIO_RANGE[1]) -> None:
+        self.low = check_number("low", low, low=0.0, high=math.inf, high_open=True)
+        self.high = check_number("high", high, low=self.low, high=math.inf, high_open=True)
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        r = rows["update_ratio"].to_numpy(dtype=float)
+        trained = rows["grad_norm"].to_numpy(dtype=float) > 0  # frozen modules do not move, as they should
+        out: list[Hit] = []
+        for i in np.flatnonzero(np.isfinite(r) & trained & ((r < self.low) | (r > self.high))):
+            big = r[i] > self.high
+            text = (
+                f"parameters change by {r[i]:.3g} of their norm per recorded step "
+                f"({'above' if big else 'below'} {self.high if big else self.low:g})"
+            )
+            out.append((str(rows["module"].iloc[i]), float(r[i]), self.high if big else self.low, text))
+        return out
+
+
 def default_rules() -> list[AlertRule]:
-    """Dead ReLU ≥ 10%, saturation ≥ 50%, vanishing and exploding gradients (3 orders of magnitude), NaN/Inf."""
-    return [DeadRatioRule(), SaturationRule(), VanishingGradientRule(), ExplodingGradientRule(), NonFiniteRule()]
+    """Dead ReLU ≥ 10%, saturation ≥ 50%, vanishing and exploding gradients (3 orders of magnitude), NaN/Inf,
+    and, with parameter statistics, weight-gradient outliers (4 orders) and update ratios outside 1e-6…1e-1."""
+    return [
+        DeadRatioRule(),
+        SaturationRule(),
+        VanishingGradientRule(),
+        ExplodingGradientRule(),
+        NonFiniteRule(),
+        ParamGradientRule(),
+        UpdateRatioRule(),
+    ]
 
 
 class Alerts:
@@ -340,8 +414,9 @@ class Alerts:
     Example:
         >>> seen = []
         >>> alerts = Alerts(every=10, callback=seen.append, warn=False)
-        >>> [r.name for r in alerts.rules]
-        ['dead_relu', 'saturation', 'vanishing_gradient', 'exploding_gradient', 'nonfinite']
+        >>> [r.name for r in alerts.rules]  # doctest: +NORMALIZE_WHITESPACE
+        ['dead_relu', 'saturation', 'vanishing_gradient', 'exploding_gradient', 'nonfinite', 'param_gradient',
+         'update_ratio']
     """
 
     def __init__(
@@ -379,7 +454,9 @@ class Alerts:
         runs at the next recorded step."""
         return step >= self._next_due
 
-    def check(self, rows: pd.DataFrame, step: int, primary: bool = True) -> list[Alert]:
+    def check(
+        self, rows: pd.DataFrame, step: int, primary: bool = True, param_rows: pd.DataFrame | None = None
+    ) -> list[Alert]:
         """Apply the rules to one step's rows; report and return the alerts not reported before.
 
         Only the ``primary`` process (rank zero under ``torch.distributed``) warns and logs; the callback is
@@ -392,8 +469,11 @@ class Alerts:
         new: list[Alert] = []
         errors: list[Exception] = []  # raised by user code (a custom rule, the callback, warnings as errors)
         for rule in self.rules:
+            target = rows if getattr(rule, "target", "sites") == "sites" else param_rows
+            if target is None:
+                continue
             try:
-                hits = rule.check(rows)
+                hits = rule.check(target)
             except Exception as e:
                 errors.append(e)
                 continue

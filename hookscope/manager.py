@@ -35,6 +35,7 @@ from hookscope.collectors.gradient_norm import GradientNorm
 from hookscope.collectors.saturation import Saturation
 from hookscope.errors import ConfigError, ConfigTypeError, StateError, UnknownLayerError
 from hookscope.history import Rows, StepRecord
+from hookscope.params import ParamStats
 from hookscope.recording import Recorder
 from hookscope.report import ROW_COLUMNS, report_columns
 from hookscope.sinks import Sink, sinks_of
@@ -73,6 +74,10 @@ class HookManager:
             :class:`~hookscope.alerts.Alerts`.
         sinks: Destinations that receive closed steps while training runs (``CSVSink``, ``TensorBoardSink``).
         start_step: Number of the first step (to continue the numbering of a resumed run).
+        params: Also record per-module parameter statistics (weight norm, weight-gradient norm, update ratio) at
+            each recorded ``step()``: see :mod:`hookscope.params` and :meth:`param_frame`.
+        param_updates: With ``params``, keep a copy of the parameters (the model's size again, on its devices) to
+            report ``update_ratio``; ``False`` reports it as NaN and keeps no copy.
         global_stats: Combine statistics across ``torch.distributed`` ranks at every ``step()`` (see
             :mod:`hookscope.distributed`); ``None`` does so when a process group with more than one rank is
             initialised, ``False`` keeps rank-local statistics.
@@ -106,6 +111,8 @@ class HookManager:
         global_stats: bool | None = None,
         sinks: Iterable[Sink] = (),
         start_step: int = 0,
+        params: bool = False,
+        param_updates: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(
@@ -135,6 +142,9 @@ class HookManager:
             start_step=check_int("start_step", start_step, minimum=0, meaning="the number of the first step"),
         )
         self._tracer = Tracer(model, self._recorder, check_bool("functional", functional))
+        self.params = check_bool("params", params)
+        updates = check_bool("param_updates", param_updates)
+        self._params = ParamStats(model, updates=updates, max_history=self.max_history) if self.params else None
         self._sink_buffers: list[list[StepRecord]] = [[] for _ in self.sinks]  # closed steps not yet written
         # the step at which each sink writes next: it counts training steps, recorded or not
         self._sink_due = [self._recorder.step + sink.every - 1 for sink in self.sinks]
@@ -276,6 +286,8 @@ class HookManager:
                 delivered and every other sink is fed; the first such error is raised at the end.
         """
         recorder = self._recorder
+        if self._params is not None and self._tracer.recording and self._tracer.attached:
+            self._params.record(recorder.step)  # the parameters as they are now, before the optimizer's step
         # the step is closed and numbered here, exactly once; distributed, the previous step is combined
         records = recorder.close_step(passes=self._tracer.passes)
         errors = recorder.take_failures()
@@ -294,8 +306,10 @@ class HookManager:
         for record in records:
             if self.alerts is not None and self.alerts.due(record.step):
                 self._flush_into(errors)
+                params = self._params.last_frame() if self._params is not None else None
                 try:
-                    self.alerts.check(recorder.frame([record]), record.step, primary=distributed.rank() == 0)
+                    frame = recorder.frame([record])
+                    self.alerts.check(frame, record.step, primary=distributed.rank() == 0, param_rows=params)
                 except Exception as e:
                     errors.append(e)
             for i, sink in enumerate(self.sinks):
@@ -362,6 +376,41 @@ class HookManager:
         self._recorder.flush()
         last = self._recorder.last_closed
         return self._recorder.frame([last] if last is not None else [])
+
+    def param_frame(self) -> pd.DataFrame:
+        """One row per (recorded step, module that owns parameters), in ``named_modules()`` order, columns
+        ``step, module, kind, params, weight_norm, grad_norm, update_ratio`` (see :mod:`hookscope.params`).
+
+        Raises:
+            RuntimeError: The manager was built without ``params=True``.
+        """
+        stats = self._param_stats()
+        return stats.frame_of(stats.rows())
+
+    def last_param_frame(self) -> pd.DataFrame:
+        """The rows of :meth:`param_frame` of the last recorded step only."""
+        frame = self.param_frame()
+        return frame[frame["step"] == frame["step"].max()] if len(frame) else frame
+
+    def param_to_csv(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`param_frame` to ``path`` as CSV, atomically (no partial file on error)."""
+        from hookscope.reporters.csv import write_csv
+
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigTypeError(f"`path` must be a str or os.PathLike, got {describe(path)}")
+        write_csv(self.param_frame(), path)
+
+    def param_table(self, *, ascii: bool = False) -> Table:
+        """A rich table of the parameter statistics of the last recorded step, one row per module."""
+        from hookscope.reporters.table import build_param_table
+
+        check_bool("ascii", ascii)
+        return build_param_table(self.last_param_frame(), ascii=ascii)
+
+    def _param_stats(self) -> ParamStats:
+        if self._params is None:
+            raise StateError("parameter statistics need HookManager(model, params=True)")
+        return self._params
 
     def site(self, layer: str) -> Site:
         """The site called ``layer``.

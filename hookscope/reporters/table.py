@@ -14,7 +14,7 @@ from rich.text import Text
 
 from hookscope.alerts import DEAD_RATIO_ALERT, SATURATION_ALERT, gradient_outliers
 
-__all__ = ["build_table", "make_console"]
+__all__ = ["PrintableTable", "build_param_table", "build_table", "make_console"]
 
 #: Width used when output does not go to a terminal (files, pipes, CI logs), so that rows are not cut.
 PIPE_WIDTH = 140
@@ -25,6 +25,18 @@ def make_console(ascii: bool = False, **kwargs: Any) -> Console:
     probe = Console(**kwargs)
     width = None if probe.is_terminal else max(PIPE_WIDTH, probe.width)
     return Console(width=width, no_color=ascii, highlight=False, emoji=False, **kwargs)
+
+
+class PrintableTable(Table):
+    """A ``rich.table.Table`` that ``print()`` and ``str()`` render as text (at the terminal's width, or
+    :data:`PIPE_WIDTH` columns elsewhere), so that ``print(hm.table())`` shows the table rather than an object;
+    ``rich.print`` and ``Console.print`` render it as any rich table."""
+
+    def __str__(self) -> str:
+        console = make_console(ascii=self.box is box.ASCII)
+        with console.capture() as captured:
+            console.print(self)
+        return captured.get().rstrip("\n")
 
 
 def _pct(value: float, missing: str) -> str:
@@ -65,7 +77,7 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
     rows = frame[frame["step"] == step] if len(frame) else frame
     missing, dot = ("-", "-") if ascii else ("–", "·")
     title = "hookscope: no data recorded yet" if step is None else f"hookscope {dot} step {step}"
-    table = Table(title=title, box=box.ASCII if ascii else box.SIMPLE_HEAVY, title_justify="left")
+    table = PrintableTable(title=title, box=box.ASCII if ascii else box.SIMPLE_HEAVY, title_justify="left")
     table.add_column("layer", overflow="fold")
     table.add_column("kind", no_wrap=True)
     table.add_column("shape", justify="right", overflow="fold")
@@ -86,5 +98,35 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
             _pct(_float(r.inactive_fraction), missing),
             _styled(_pct(sat, missing), not math.isnan(sat) and sat >= SATURATION_ALERT, ascii),
             _styled(_num(grad, missing), bool(grad_alert) or math.isinf(grad), ascii),
+        )
+    return table
+
+
+def build_param_table(frame: pd.DataFrame, *, ascii: bool = False) -> Table:
+    """A table of one step of ``HookManager.param_frame()``: one row per module (weight norm, weight-gradient
+    norm, update ratio), gradient outliers and update ratios outside the alert range marked as the alerts do."""
+    from hookscope.alerts import PARAM_GRADIENT_ORDERS, UPDATE_RATIO_RANGE
+
+    missing, dot = ("-", "-") if ascii else ("–", "·")
+    step = int(_float(frame["step"].max())) if len(frame) else None
+    title = "hookscope parameters: no data recorded yet" if step is None else f"hookscope parameters {dot} step {step}"
+    table = PrintableTable(title=title, box=box.ASCII if ascii else box.SIMPLE_HEAVY, title_justify="left")
+    table.add_column("module", overflow="fold")
+    table.add_column("kind", no_wrap=True)
+    for header in ("params", "weight norm", "grad norm", "update ratio"):
+        table.add_column(header, justify="right", no_wrap=True)
+    grads = frame["grad_norm"].to_numpy(dtype=float) if len(frame) else np.zeros(0)
+    low, high = gradient_outliers(grads, PARAM_GRADIENT_ORDERS)
+    lo, hi = UPDATE_RATIO_RANGE
+    for r, outlier in zip(frame.itertuples(index=False), low | high):
+        ratio = _float(r.update_ratio)
+        odd_ratio = not math.isnan(ratio) and _float(r.grad_norm) > 0 and not lo <= ratio <= hi
+        table.add_row(
+            str(r.module),
+            str(r.kind),
+            f"{int(_float(r.params)):,}",
+            _num(_float(r.weight_norm), missing),
+            _styled(_num(_float(r.grad_norm), missing), bool(outlier), ascii),
+            _styled(_num(ratio, missing), odd_ratio, ascii),
         )
     return table

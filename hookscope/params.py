@@ -1,0 +1,175 @@
+"""Per-layer parameter statistics: the norm of each module's weights, of their gradients, and the size of each
+update relative to the weights.
+
+"Gradient norms per layer" means, for most people who train networks, the norm of each layer's *weight* gradient
+(what Lightning's ``grad_norm``, Composer, OLMo-core and torchtitan log). With ``HookManager(params=True)`` every
+module that owns parameters directly (``named_parameters(recurse=False)``) is recorded at each recorded
+``step()``:
+
+- ``weight_norm`` = sqrt(Σ ‖θ‖²) over the module's own parameters as they are when ``step()`` is called;
+- ``grad_norm`` = sqrt(Σ ‖∂L/∂θ‖²) over those parameters' ``.grad`` (the gradient accumulated over the step:
+  call ``step()`` before ``zero_grad()``); parameters without a gradient are left out, NaN when none has one;
+- ``update_ratio`` = ‖θ_s − θ_p‖ / ‖θ_p‖, θ_s the parameters at this recorded step and θ_p at the previous
+  recorded one (NaN at the first). It keeps a copy of the parameters on their devices (the model's size again);
+  ``HookManager(param_updates=False)`` turns it off.
+
+A parameter shared by several modules (tied embeddings) counts once, under the first module that owns it in
+``named_modules()`` order. Everything runs on the device in a few fused ops per device and step
+(``torch._foreach_norm`` and friends), without a host synchronisation; values reach the host with the reports.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from hookscope.history import History, Rows, StepRecord
+from hookscope.sites import ROOT_NAME, iter_named_modules
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["PARAM_COLUMNS", "PARAM_STATS", "ParamStats"]
+
+#: Columns of ``HookManager.param_frame()``, in order.
+PARAM_COLUMNS: tuple[str, ...] = ("step", "module", "kind", "params", "weight_norm", "grad_norm", "update_ratio")
+#: Its statistic columns.
+PARAM_STATS: tuple[str, ...] = ("weight_norm", "grad_norm", "update_ratio")
+
+
+class _DeviceGroup:
+    """The parameters of one device, with the module each belongs to."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.params: list[torch.Tensor] = []
+        self.owner: list[int] = []  # module index of each parameter
+        self._owner_tensor: torch.Tensor | None = None
+        self.previous: list[torch.Tensor] | None = None  # copies at the last recorded step
+
+    def owners(self) -> torch.Tensor:
+        if self._owner_tensor is None:
+            self._owner_tensor = torch.tensor(self.owner, dtype=torch.long, device=self.device)
+        return self._owner_tensor
+
+
+class ParamStats:
+    """Records the parameter statistics of a model's modules (see the module docstring).
+
+    Args:
+        model: The model (wrappers are unwrapped as for layer names).
+        updates: Keep a copy of the parameters to report ``update_ratio``.
+        max_history: Steps kept for reports (``None``: all).
+    """
+
+    def __init__(self, model: nn.Module, updates: bool = True, max_history: int | None = None) -> None:
+        self.updates = updates
+        self.modules: list[str] = []
+        self.kinds: list[str] = []
+        self.sizes: list[int] = []
+        seen: set[int] = set()
+        groups: dict[torch.device, _DeviceGroup] = {}
+        for name, module in iter_named_modules(model):
+            own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for p in module.parameters(recurse=False))
+            if not own:
+                continue
+            index = len(self.modules)
+            self.modules.append(name or ROOT_NAME)
+            self.kinds.append(type(module).__name__.lower())
+            self.sizes.append(sum(p.numel() for p in own))
+            for p in own:
+                group = groups.setdefault(p.device, _DeviceGroup(p.device))
+                group.params.append(p)
+                group.owner.append(index)
+        self._groups = list(groups.values())
+        self.history = History(max_steps=max_history)
+        self.last: StepRecord | None = None  # the latest recorded step
+        self._first = True
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def record(self, step: int) -> None:
+        """Record the statistics of this step (tensor work only)."""
+        if not self.modules:
+            return
+        n = len(self.modules)
+        with torch.no_grad(), torch._C.DisableTorchFunction():
+            parts = [self._group_sums(group, n) for group in self._groups]
+            home = parts[0].device
+            sums = parts[0]
+            for part in parts[1:]:
+                sums = sums + part.to(home, non_blocking=True)
+            weight, grad, has_grad, update, previous = sums.unbind(1)
+            nan = torch.full_like(weight, float("nan"))
+            grad_norm = torch.where(has_grad > 0, grad.sqrt(), nan)
+            update_ratio = update.sqrt() / previous.sqrt() if self.updates and not self._first else nan
+            values = torch.stack([weight.sqrt(), grad_norm, update_ratio], dim=1)
+        self._first = False
+        index = list(range(n))
+        zeros = [0] * n
+        self.last = StepRecord(step, index, zeros, zeros, zeros, list(self.sizes), [()] * n, values)
+        self.history.append(self.last)
+
+    def _group_sums(self, group: _DeviceGroup, n: int) -> torch.Tensor:
+        """``(n, 5)`` float64 on the group's device: per module Σ‖θ‖², Σ‖g‖², parameters with a gradient,
+        Σ‖θ − θ_prev‖², Σ‖θ_prev‖²."""
+        params = group.params
+        owners = group.owners()
+        columns = torch.zeros(len(params), 5, dtype=torch.float64, device=group.device)
+        columns[:, 0] = _squared_norms(params)
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        if with_grad:
+            grads = [params[i].grad for i in with_grad]
+            norms = _squared_norms(grads)  # type: ignore[arg-type]
+            rows = torch.tensor(with_grad, dtype=torch.long, device=group.device)
+            columns[:, 1].index_copy_(0, rows, norms)
+            columns[:, 2].index_fill_(0, rows, 1.0)
+        if self.updates:
+            if group.previous is not None:
+                delta = torch._foreach_sub(params, group.previous)
+                columns[:, 3] = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32)).double().square()
+                columns[:, 4] = (
+                    torch.stack(torch._foreach_norm(group.previous, 2, dtype=torch.float32)).double().square()
+                )
+                torch._foreach_copy_(group.previous, params)
+            else:
+                group.previous = [p.detach().clone() for p in params]
+        out = torch.zeros(n, 5, dtype=torch.float64, device=group.device)
+        return out.index_add_(0, owners, columns)
+
+    def nbytes(self) -> int:
+        """Bytes of the parameter copies kept for ``update_ratio``."""
+        return sum(p.numel() * p.element_size() for g in self._groups for p in (g.previous or []))
+
+    def last_frame(self) -> pd.DataFrame | None:
+        """The rows of the latest recorded step (for alert checks), or ``None`` before the first."""
+        return None if self.last is None else self.frame_of(Rows.of(self.last))
+
+    def rows(self) -> Rows:
+        """The recorded (step, module) rows."""
+        return self.history.records()
+
+    def frame_of(self, rows: Rows) -> pd.DataFrame:
+        """The param frame of some rows: columns :data:`PARAM_COLUMNS`, modules in ``named_modules()`` order."""
+        import pandas as pd
+
+        values = rows.values if rows.values.ndim == 2 and rows.values.shape[1] == 3 else np.zeros((0, 3))
+        out = {
+            "step": rows.step.astype(np.int64),
+            "module": [self.modules[i] for i in rows.site],
+            "kind": [self.kinds[i] for i in rows.site],
+            "params": rows.units.astype(np.int64),
+        }
+        for k, name in enumerate(PARAM_STATS):
+            out[name] = values[:, k] if len(values) else np.zeros(0)
+        return pd.DataFrame(out, columns=list(PARAM_COLUMNS))
+
+
+def _squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """‖t‖² of each tensor, float64 (norms taken in float32 or wider: no fp16 overflow), in one fused op."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).double().square()

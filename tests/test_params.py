@@ -1,0 +1,173 @@
+"""Per-layer parameter statistics against hand computations: norms of known weights and gradients, a known SGD
+update, tied weights, frozen parameters, gradient accumulation and every=K."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hookscope as hs
+from hookscope import HookManager
+from hookscope.params import PARAM_COLUMNS
+
+
+def two_layer() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+
+
+def norm(*tensors: torch.Tensor) -> float:
+    return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors))
+
+
+def test_norms_and_a_known_sgd_update() -> None:
+    model = two_layer()
+    lr = 0.1
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    xs = [torch.randn(5, 3) for _ in range(3)]
+    want = []
+    previous: dict[str, list[torch.Tensor]] = {}
+    with HookManager(model, params=True, alerts=False) as hm:
+        for s, x in enumerate(xs):
+            model(x).pow(2).mean().backward()
+            hm.step()  # the parameters and gradients the optimizer is about to use
+            for name in ("0", "2"):
+                m = model[int(name)]
+                theta = [m.weight.detach().clone(), m.bias.detach().clone()]
+                ratio = (
+                    math.nan
+                    if s == 0
+                    else norm(*(a - b for a, b in zip(theta, previous[name]))) / norm(*previous[name])
+                )
+                want.append(
+                    [
+                        s,
+                        name,
+                        "linear",
+                        sum(t.numel() for t in theta),
+                        norm(*theta),
+                        norm(m.weight.grad, m.bias.grad),
+                        ratio,
+                    ]
+                )
+                previous[name] = theta
+            opt.step()
+            opt.zero_grad()
+    got = hm.param_frame()
+    assert list(got.columns) == list(PARAM_COLUMNS)
+    assert got[["step", "module", "kind", "params"]].values.tolist() == [w[:4] for w in want]
+    for g, w in zip(got[["weight_norm", "grad_norm", "update_ratio"]].to_numpy(), want):
+        assert g.tolist() == pytest.approx(w[4:], rel=1e-6, nan_ok=True)
+    # the SGD update is -lr * grad: the ratio at step 1 is lr * |g_0| / |theta_0|, from first principles
+    step1 = got[(got["step"] == 1) & (got["module"] == "0")].iloc[0]
+    step0 = got[(got["step"] == 0) & (got["module"] == "0")].iloc[0]
+    assert step1["update_ratio"] == pytest.approx(lr * step0["grad_norm"] / step0["weight_norm"], rel=1e-5)
+
+
+def test_tied_weights_count_once_and_frozen_parameters_have_no_gradient() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor([2.0]))  # owned by the root itself
+            self.embed = nn.Embedding(5, 3)
+            self.head = nn.Linear(3, 5)
+            self.head.weight = self.embed.weight  # tied: counts under `embed`, the first owner
+            self.frozen = nn.Linear(3, 3)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.frozen(self.embed(ids)) * self.scale)
+
+    model = Tied()
+    with HookManager(model, params=True, alerts=False) as hm:
+        F.cross_entropy(model(torch.tensor([0, 1, 2])), torch.tensor([1, 2, 3])).backward()
+        hm.step()
+    frame = hm.param_frame().set_index("module")
+    assert list(frame.index) == ["(root)", "embed", "head", "frozen"]
+    assert frame.loc["embed", "params"] == 15 and frame.loc["head", "params"] == 5  # the bias only
+    assert frame.loc["(root)", "kind"] == "tied" and frame.loc["embed", "kind"] == "embedding"
+    assert frame.loc["head", "weight_norm"] == pytest.approx(norm(model.head.bias), rel=1e-6)
+    assert frame.loc["embed", "grad_norm"] == pytest.approx(norm(model.embed.weight.grad), rel=1e-6)
+    assert math.isnan(frame.loc["frozen", "grad_norm"])  # no parameter of it has a gradient
+    assert frame.loc["frozen", "weight_norm"] == pytest.approx(norm(model.frozen.weight, model.frozen.bias))
+
+
+def test_gradient_accumulation_and_every_k() -> None:
+    model = two_layer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    grads, thetas = {}, {}
+    with HookManager(model, params=True, every=2, alerts=False) as hm:
+        for s in range(4):
+            for _ in range(2):  # two micro-batches: .grad holds their sum
+                model(torch.randn(4, 3)).sum().backward()
+            grads[s] = norm(model[0].weight.grad, model[0].bias.grad)
+            thetas[s] = [model[0].weight.detach().clone(), model[0].bias.detach().clone()]
+            hm.step()
+            opt.step()
+            opt.zero_grad()
+    frame = hm.param_frame()
+    first = frame[frame["module"] == "0"]
+    assert first["step"].tolist() == [0, 2]  # recorded steps only
+    assert first["grad_norm"].tolist() == pytest.approx([grads[0], grads[2]], rel=1e-6)
+    delta = [a - b for a, b in zip(thetas[2], thetas[0])]
+    assert first["update_ratio"].iloc[1] == pytest.approx(norm(*delta) / norm(*thetas[0]), rel=1e-5)
+
+
+def test_without_updates_no_copy_is_kept_and_the_ratio_is_nan() -> None:
+    model = two_layer()
+    with HookManager(model, params=True, param_updates=False, alerts=False) as hm:
+        for _ in range(2):
+            model(torch.randn(2, 3)).sum().backward()
+            hm.step()
+    assert hm.param_frame()["update_ratio"].isna().all()
+    assert hm._param_stats().nbytes() == 0
+    with HookManager(two_layer(), params=True, alerts=False) as hm2:
+        hm2.model(torch.randn(2, 3)).sum().backward()
+        hm2.step()
+    assert hm2._param_stats().nbytes() == sum(p.numel() * 4 for p in hm2.model.parameters())
+
+
+def test_reports_csv_table_and_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = two_layer()
+    with HookManager(model, params=True, alerts=False) as hm:
+        model(torch.randn(2, 3)).sum().backward()
+        hm.step()
+    hm.param_to_csv(tmp_path / "params.csv")
+    back = pd.read_csv(tmp_path / "params.csv", dtype={"module": str})
+    pd.testing.assert_frame_equal(back, hm.param_frame(), check_dtype=False)
+    text = str(hm.param_table(ascii=True))
+    assert "weight norm" in text and "linear" in text and "step 0" in text
+    with pytest.raises(RuntimeError, match="params=True"):
+        HookManager(model).param_frame()
+    with pytest.raises(TypeError, match="`params`"):
+        HookManager(model, params="yes")  # type: ignore[arg-type]
+
+
+def test_param_rules_on_hand_built_rows() -> None:
+    rows = pd.DataFrame(
+        {
+            "module": ["a", "b", "c", "d", "e"],
+            "grad_norm": [1.0, 2.0, 1e-6, 1.5, 0.0],
+            "update_ratio": [1e-3, 0.5, 1e-3, 1e-8, 1e-9],
+        }
+    )
+    # c: 6 orders below the median 1.5 (zeros are left out of the median); e: a zero gradient, as for layers
+    assert [h[0] for h in hs.alerts.ParamGradientRule().check(rows)] == ["c", "e"]
+    hits = hs.alerts.UpdateRatioRule().check(rows)
+    assert [(h[0], h[2]) for h in hits] == [("b", 0.1), ("d", 1e-6)]  # e has no gradient: frozen, not flagged
+
+
+def test_alerts_see_parameter_rows() -> None:
+    model = two_layer()
+    seen: list[hs.Alert] = []
+    with HookManager(model, params=True, alerts=hs.Alerts(every=1, callback=seen.append, warn=False)) as hm:
+        with torch.no_grad():
+            model[2].weight.mul_(1e-7)  # the first layer's gradients vanish
+        model(torch.randn(8, 3)).sum().backward()
+        hm.step()
+    assert ("param_gradient", "0") in [(a.rule, a.layer) for a in seen]
