@@ -34,7 +34,7 @@ from hookscope.errors import ConfigError, StateError
 from hookscope.history import FieldLayout, History, Rows, StepRecord
 from hookscope.kernels import select as select_kernels
 from hookscope.report import build_frame
-from hookscope.sites import Site, UnitDim, matches, resolve_unit_dim
+from hookscope.sites import Producer, Site, UnitDim, matches, resolve_unit_dim
 from hookscope.warn import warn_once
 
 if TYPE_CHECKING:
@@ -234,15 +234,18 @@ class Recorder:
         self._slots.append(_Slot(site, tuple(c.applies_to(site) for c in self.collectors), grad_hook))
         return site
 
-    def _bind(self, site: Site, out: torch.Tensor) -> bool:
+    def _bind(self, site: Site, out: torch.Tensor, producer: Producer | None) -> bool:
         """Fix a site's units and create its collector state at its first output. False if it cannot be."""
         shape = tuple(out.shape)
         try:
-            site.bind_shape(shape, resolve_unit_dim(self.unit_dim, site.layer, site.layer.split("#")[0], len(shape)))
+            dim, note = resolve_unit_dim(self.unit_dim, site.layer, site.layer.split("#")[0], shape, producer)
+            site.bind_shape(shape, dim)
         except ConfigError as e:
             site.problem = str(e)
             _problem(f"hookscope: {e}; the site is skipped")
             return False
+        if note is not None and site.spec.rectifier:  # units matter for per-unit (dead-unit) statistics
+            _problem(f"hookscope: site {site.layer!r} with output shape {list(shape)}: {note}")
         if self._device is None:
             self._bind_device(out.device)
         self._bind_state(site)
@@ -266,12 +269,13 @@ class Recorder:
                     slot.grad.append((c, state))
         slot.plan()
 
-    def observe(self, site: Site, output: torch.Tensor, recompute: bool) -> None:
+    def observe(self, site: Site, output: torch.Tensor, recompute: bool, producer: Producer | None = None) -> None:
         """Record one output of a site (``recompute``: a checkpointed forward recomputed in backward, already
-        counted in the first pass; only its gradient hook matters)."""
+        counted in the first pass; only its gradient hook matters). ``producer``: the layer that produced the
+        activation's input, which tells the unit dimension at the site's first output."""
         if site.problem is not None:
             return
-        if not site.units_fixed and not self._bind(site, output):
+        if not site.units_fixed and not self._bind(site, output, producer):
             return
         slot = self._slots[site.index]
         if recompute:

@@ -77,10 +77,10 @@ def iter_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def default_unit_dim(ndim: int) -> int | None:
     """The dimension that holds units for an output of ``ndim`` dimensions.
 
-    ``(N, C)``, ``(N, C, H, W)`` and ``(N, C, D, H, W)`` outputs: dim 1 (channels). 3-D outputs: the last dim,
-    ``(B, T, F)`` as produced by transformers, RNNs and ``nn.Linear`` on sequences (also right for
-    ``(T, B, F)``); use ``unit_dim`` to treat a ``Conv1d`` output ``(N, C, L)`` by channel. 1-D outputs: each
-    element is a unit. 0-D outputs: one unit (``None``).
+    The rule used when nothing tells more (see :func:`infer_unit_dim`): ``(N, C)``, ``(N, C, H, W)`` and
+    ``(N, C, D, H, W)`` outputs: dim 1 (channels). 3-D outputs: the last dim, ``(B, T, F)`` as produced by
+    transformers, RNNs and ``nn.Linear`` on sequences (also right for ``(T, B, F)``). 1-D outputs: each element is
+    a unit. 0-D outputs: one unit (``None``).
     """
     if ndim == 0:
         return None
@@ -205,12 +205,81 @@ class Site:
         return self._thresholds[key]
 
 
-def resolve_unit_dim(unit_dim: UnitDim, layer: str, base: str, ndim: int) -> int | None:
-    """The unit dimension of a site: the user's override (int or first matching pattern), else the default."""
+#: What produced an activation's input, as far as units go: (feature count, the dimension that holds them:
+#: ``-1`` for the last one, ``1`` for channels, and a short description for warnings).
+Producer = tuple[int, int, str]
+
+
+def producer_of(module: nn.Module) -> Producer | None:
+    """The features a layer produces and where they sit in its output, or ``None`` for layers that say nothing
+    about units (containers, activations, pooling...).
+
+    ``Linear`` (and Hugging Face's GPT-2 ``Conv1D``, ``Embedding``, ``LayerNorm``/``RMSNorm``): the last dim;
+    convolutions, batch / instance / group norms: dim 1. Other layers with an int ``out_features`` (last) or
+    ``out_channels`` / ``num_features`` (dim 1) attribute count too.
+    """
+    name = type(module).__name__
+    if isinstance(module, nn.Linear):
+        return module.out_features, -1, f"{name}(out_features={module.out_features})"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels, 1, f"{name}(out_channels={module.out_channels})"
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return module.num_features, 1, f"{name}(num_features={module.num_features})"
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels, 1, f"{name}(num_channels={module.num_channels})"
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim, -1, f"{name}(embedding_dim={module.embedding_dim})"
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, (tuple, list)) and shape and isinstance(shape[-1], int):
+        return int(shape[-1]), -1, f"{name}(normalized_shape={tuple(shape)})"
+    for attr, dim in (("out_features", -1), ("nf", -1), ("out_channels", 1), ("num_features", 1)):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, dim, f"{name}({attr}={value})"
+    return None
+
+
+def infer_unit_dim(shape: tuple[int, ...], producer: Producer | None) -> tuple[int | None, str | None]:
+    """The unit dimension of an output of ``shape`` whose input came from ``producer`` (the last layer with a
+    feature count that ran before the activation), and a note when the evidence is ambiguous or does not fit.
+
+    The producer's own dimension wins when it has the producer's feature count: a ``Linear`` before a GELU on
+    ``(N, H, W, C)`` (ConvNeXt, Swin) puts units last, a ``Conv1d`` before a GELU on ``(N, C, L)`` (Whisper,
+    wav2vec2) puts them in dim 1. Else the one other dimension (not the batch) with that size, if exactly one
+    has it; else :func:`default_unit_dim`.
+    """
+    ndim = len(shape)
+    rule = default_unit_dim(ndim)
+    if producer is None or ndim < 2:
+        return rule, None
+    features, where, what = producer
+    natural = ndim - 1 if where == -1 else min(where, ndim - 1)
+    if shape[natural] == features:
+        return natural, None
+    candidates = [d for d in range(1, ndim) if shape[d] == features]
+    if len(candidates) == 1:
+        d = candidates[0]
+        return d, f"the layer before it, {what}, puts its features in dim {natural}; took dim {d} (size {features})"
+    if candidates:
+        return rule, (
+            f"dims {candidates} all have the {features} features of the layer before it, {what}: ambiguous, took "
+            f"dim {rule} by the shape rule (set `unit_dim` for this layer)"
+        )
+    return rule, (
+        f"no dim has the {features} features of the layer before it, {what}: took dim {rule} by the shape rule "
+        "(set `unit_dim` for this layer if that is wrong)"
+    )
+
+
+def resolve_unit_dim(
+    unit_dim: UnitDim, layer: str, base: str, shape: tuple[int, ...], producer: Producer | None = None
+) -> tuple[int | None, str | None]:
+    """The unit dimension of a site: the user's override (int or first matching pattern), else inferred from the
+    layer that produced its input (:func:`infer_unit_dim`); and a note for a warning, if any."""
     if isinstance(unit_dim, int):
-        return unit_dim
+        return unit_dim, None
     if isinstance(unit_dim, Mapping):
         for pattern, dim in unit_dim.items():
             if fnmatch.fnmatchcase(layer, pattern) or fnmatch.fnmatchcase(base, pattern):
-                return dim
-    return default_unit_dim(ndim)
+                return dim, None
+    return infer_unit_dim(shape, producer)

@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hookscope.activations import ActivationSpec, Bounds, activation_for_function, activation_for_module
 from hookscope.recording import MISSING, Recorder
-from hookscope.sites import ROOT_NAME, iter_named_modules
+from hookscope.sites import ROOT_NAME, Producer, iter_named_modules, producer_of
 from hookscope.warn import warn_once
 
 __all__ = ["REDISCOVER_EVERY", "Tracer"]
@@ -183,6 +183,10 @@ class Tracer:
         self._hooks = (_pre_hook(self._ref, self._compiled), _post_hook(self._ref, self._compiled))  # shared
         #: The name and activation kind of each hooked module, by ``id(module)``.
         self.names: dict[int, tuple[str, ActivationSpec | None]] = {}
+        # Layers with a feature count, and the last of them that ran in this pass (during discovery): the unit
+        # dimension of an activation is that of the layer that produced its input (see sites.infer_unit_dim).
+        self._producers: dict[int, Producer] = {}
+        self._producer: Producer | None = None
         self._pass_done = False  # a forward pass ran to its end since the last end_step()
         #: Forward passes followed to their end since the last end_step() (compared across ranks).
         self.passes = 0
@@ -238,6 +242,9 @@ class Tracer:
                 continue
             spec = activation_for_module(module)
             self.names[id(module)] = (name, spec)
+            producer = producer_of(module) if spec is None else None
+            if producer is not None:
+                self._producers[id(module)] = producer
             pair = [
                 module.register_forward_pre_hook(self._hooks[0], prepend=True),
                 module.register_forward_hook(self._hooks[1], always_call=True),
@@ -335,6 +342,8 @@ class Tracer:
         if self.attached and self.stack:
             name, spec = self.names[id(module)]
             self.exit(name, spec, output)
+            if self.discovering and spec is None:  # the last layer with features: it tells where units sit
+                self._producer = self._producers.get(id(module), self._producer)
 
     def enter(self, name: str, spec: ActivationSpec | None, module: nn.Module) -> None:
         """A hooked module begins its forward."""
@@ -374,7 +383,7 @@ class Tracer:
                     bounds = _site_bounds(act_spec, layer_k, module, (), {})
                     site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
                 if site is not None:
-                    recorder.observe(site, output, self._recompute)
+                    recorder.observe(site, output, self._recompute, self._producer)
         if not self.stack:
             self._pass_frame = None
             self._pass_done = True
@@ -382,6 +391,7 @@ class Tracer:
             self._end_forward()
 
     def _begin_forward(self) -> None:
+        self._producer = None
         if _in_backward():  # activation checkpointing recomputes a forward inside backward
             task = _graph_task_id()
             if task != self._recompute_task:
@@ -425,7 +435,7 @@ class Tracer:
             bounds = _site_bounds(spec, layer, None, args, kwargs)
             site = recorder.new_site((base, k), layer, enclosing, k, spec, fname, bounds)
         if site is not None:
-            recorder.observe(site, out, self._recompute)
+            recorder.observe(site, out, self._recompute, self._producer)
 
 
 class _Compiled:

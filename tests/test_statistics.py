@@ -346,10 +346,10 @@ def test_units_are_channels_for_2d_4d_5d_and_last_dim_for_3d() -> None:
 
 def test_unit_dim_override() -> None:
     model = nn.Sequential(nn.Conv1d(2, 4, 1), nn.ReLU(), nn.Linear(6, 6), nn.ReLU())
-    x = torch.randn(3, 2, 6)  # conv output (N, C=4, L=6)
-    assert units_of(model, x) == [6, 6]
-    assert units_of(model, x, unit_dim=1) == [4, 4]
-    assert units_of(model, x, unit_dim={"1": 1}) == [4, 6]
+    x = torch.randn(3, 2, 6)  # conv output (N, C=4, L=6), then a Linear on its last dim: (N, 4, 6)
+    assert units_of(model, x) == [4, 6]  # inferred from the layer before each: Conv1d channels, Linear features
+    assert units_of(model, x, unit_dim=2) == [6, 6]
+    assert units_of(model, x, unit_dim={"3": 1}) == [4, 4]
 
 
 def test_dead_units_counted_per_channel_of_a_conv() -> None:
