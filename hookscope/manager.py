@@ -290,6 +290,8 @@ class HookManager:
             self._params.record(recorder.step)  # the parameters as they are now, before the optimizer's step
         # the step is closed and numbered here, exactly once; distributed, the previous step is combined
         records = recorder.close_step(passes=self._tracer.passes)
+        if self._tracer.passes and not recorder.site_by_key:
+            _warn_no_site(self.model)
         errors = recorder.take_failures()
         try:
             self._deliver(records, errors)
@@ -419,7 +421,7 @@ class HookManager:
             KeyError: No such layer; the message lists the known ones.
         """
         sites = self._recorder.sites
-        for site in sites:
+        for site in reversed(sites):  # the latest: a module replaced by another kind has a newer site
             if site.layer == layer:
                 return site
         known = ", ".join(s.layer for s in sites[:20]) + (", ..." if len(sites) > 20 else "")
@@ -510,3 +512,22 @@ def _detach_at_exit(ref: weakref.ReferenceType[HookManager]) -> None:
         manager.detach()
     except Exception as e:  # the interpreter is exiting: say it, do not raise
         warnings.warn(f"hookscope: writing the sinks at interpreter exit failed: {e!r}", HookscopeWarning, stacklevel=1)
+
+
+#: Modules whose activations run inside fused kernels, invisible to any hook.
+_FUSED = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
+
+
+def _warn_no_site(model: nn.Module) -> None:
+    fused = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _FUSED)})
+    why = (
+        f"its {', '.join(fused)} compute their gates and activations inside fused kernels, which no hook sees"
+        if fused
+        else "it calls no registered activation (see hookscope.list_activations(); register others with "
+        "hookscope.register_activation)"
+    )
+    warn_once(
+        f"hookscope: no activation site found in {type(model).__name__} after a forward pass: {why}; nothing is "
+        "recorded (parameter statistics, HookManager(params=True), still work)",
+        stacklevel=4,
+    )

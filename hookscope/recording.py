@@ -275,6 +275,9 @@ class Recorder:
         activation's input, which tells the unit dimension at the site's first output."""
         if site.problem is not None:
             return
+        if type(output) is not torch.Tensor or output.is_nested or output.is_meta or output.layout != torch.strided:
+            _problem(f"hookscope: site {site.layer!r}: skipped {_odd(output)}: its statistics are not recorded")
+            return
         if not site.units_fixed and not self._bind(site, output, producer):
             return
         slot = self._slots[site.index]
@@ -593,6 +596,17 @@ class Recorder:
     def state_bytes(self) -> int:
         """Bytes of collector state on the device (independent of the number of steps)."""
         return sum(bank.nbytes() for bank in self._banks)
+
+
+def _odd(tensor: torch.Tensor) -> str:
+    """What makes an output one that hookscope does not take (for the warning)."""
+    if tensor.is_nested:
+        return "a nested tensor"
+    if tensor.is_meta:
+        return "an output on the meta device"
+    if tensor.layout != torch.strided:
+        return f"a {tensor.layout} output"
+    return f"an output of tensor type {type(tensor).__module__}.{type(tensor).__qualname__}"
 
 
 def _problem(message: str) -> None:

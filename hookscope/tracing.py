@@ -47,6 +47,8 @@ _graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", 
 
 #: After discovery, every module is hooked again for one recorded step in this many (see Tracer.slim).
 REDISCOVER_EVERY = 1000
+#: Modules put in place of hooked ones while attached are hooked within this many recorded steps.
+REHOOK_EVERY = 20
 
 
 def _in_backward() -> bool:
@@ -170,6 +172,7 @@ class Tracer:
         # every handle registered (the finalizer holds this very list); per module, the ones in place
         self._handles: list[RemovableHandle] = []
         self._module_handles: dict[str, list[RemovableHandle]] = {}
+        self._module_ids: dict[str, int] = {}  # id() of the module each name's hooks are on
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._activation_modules: set[str] = set()
         # Discovery: during the first recorded step (and one step in REDISCOVER_EVERY after it) every module is
@@ -207,6 +210,7 @@ class Tracer:
         """Hook every module (discovery)."""
         self._handles = []
         self._module_handles = {}
+        self._module_ids = {}
         self._activation_modules = set()
         try:
             self._hook_modules()
@@ -237,9 +241,23 @@ class Tracer:
 
     def _hook_modules(self) -> None:
         """Hook every module of the model that has no hooks of ours yet."""
+        self._hook(lambda name, module: True)
+
+    def _rehook_replaced(self) -> None:
+        """Hook the modules put in place of hooked ones since they were hooked (``model[3] = nn.ReLU()``)."""
+        self._hook(lambda name, module: name in self._module_ids)
+
+    def _hook(self, wanted: Callable[[str, nn.Module], bool]) -> None:
         for name, module in iter_named_modules(self.model):
-            if name in self._module_handles:
+            if not wanted(name, module):
                 continue
+            if name in self._module_handles:
+                if self._module_ids.get(name) == id(module):
+                    continue
+                for h in self._module_handles.pop(name):  # replaced while attached: hook the new module
+                    h.remove()
+                self._activation_modules.discard(name)
+            self._module_ids[name] = id(module)
             spec = activation_for_module(module)
             self.names[id(module)] = (name, spec)
             producer = producer_of(module) if spec is None else None
@@ -272,6 +290,9 @@ class Tracer:
                 h.remove()
             del self._module_handles[name]
         self._handles[:] = [h for pair in self._module_handles.values() for h in pair]
+        for name in list(self._module_ids):
+            if name not in self._module_handles:
+                del self._module_ids[name]
         self.discovering = False
 
     def end_step(self) -> None:
@@ -288,6 +309,8 @@ class Tracer:
         self._recorded_steps += 1
         if self._compiled.seen:
             return
+        if self._recorded_steps % REHOOK_EVERY == 0:
+            self._rehook_replaced()
         if self.discovering:
             self.slim()
         elif self._recorded_steps % REDISCOVER_EVERY == 0:
@@ -377,6 +400,8 @@ class Tracer:
                 act_name, k, act_spec, module = entry
                 recorder = self.recorder
                 site = recorder.site_by_key.get((act_name, k), MISSING)
+                if site is not MISSING and site is not None and site.spec is not act_spec:
+                    site = MISSING  # the module was replaced by another kind: a new site under the same name
                 if site is MISSING:
                     layer = act_name or ROOT_NAME
                     layer_k = layer if k == 0 else f"{layer}#{k}"

@@ -408,3 +408,74 @@ def test_a_bounds_callable_that_returns_inverted_bounds_skips_saturation_with_a_
     finally:
         unregister_activation("squash_inverted")
     assert hs.get_activation("tanh").modules == (nn.Tanh,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# odd tensors, modules replaced while attached, models without sites
+
+
+def test_outputs_on_the_meta_device_are_skipped_and_reports_work() -> None:
+    import warnings
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).to("meta")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with HookManager(model, alerts=False) as hm:
+            for _ in range(2):
+                model(torch.randn(2, 4, device="meta"))
+                hm.step()
+    assert any("meta device" in str(w.message) and "'1'" in str(w.message) for w in caught)
+    assert len(hm.to_dataframe()) == 0 and "no data" in str(hm.table(ascii=True))
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+def test_nested_tensors_are_skipped_and_the_next_dense_output_is_recorded(layout: torch.layout) -> None:
+    import warnings
+
+    model = nn.Sequential(nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own prototype warning, and ours (once per process)
+        with HookManager(model, alerts=False) as hm:
+            out = model(torch.nested.nested_tensor([torch.randn(3, 4), -torch.ones(5, 4)], layout=layout))
+            hm.step()
+            model(torch.tensor([[1.0, -1.0, 2.0, -2.0]]))
+            hm.step()
+    assert out.is_nested  # the forward pass was not changed
+    df = hm.to_dataframe()
+    assert df[["step", "units", "inactive_fraction"]].values.tolist() == [[1, 4, 0.5]]
+
+
+def test_a_module_replaced_while_attached_is_recorded_under_its_name() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU())
+    from hookscope.tracing import REHOOK_EVERY
+
+    replaced = nn.ReLU()
+    with HookManager(model, alerts=False) as hm:
+        for s in range(REHOOK_EVERY + 5):
+            if s == 2:
+                model[3] = replaced  # a new module object (same kind)
+            if s == 4:
+                model[1] = nn.Sigmoid()  # another kind under the same name
+            model(torch.randn(2, 4))
+            hm.step()
+        assert replaced._forward_hooks  # hooked within REHOOK_EVERY recorded steps
+    df = hm.to_dataframe()
+    last = df[df["step"] == REHOOK_EVERY + 4]
+    assert last[["layer", "kind"]].values.tolist() == [["1", "sigmoid"], ["3", "relu"]]
+    assert hm.site("1").kind == "sigmoid"
+    one = df[df["layer"] == "1"]
+    assert (one[one["kind"] == "tanh"]["step"] < 4).all()  # the tanh's numbers never go under the sigmoid's
+    assert (one[one["kind"] == "sigmoid"]["step"] >= 4).all()
+
+
+def test_a_model_without_activation_sites_says_why() -> None:
+    import warnings
+
+    model = nn.LSTM(4, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with HookManager(model, alerts=False) as hm:
+            model(torch.randn(3, 2, 4))
+            hm.step()
+    assert any("no activation site found in LSTM" in str(w.message) for w in caught)
+    assert hm.layers == []
