@@ -20,7 +20,13 @@ __all__ = ["Sink", "SinkSource", "sinks_of"]
 
 
 class SinkSource(Protocol):
-    """What a sink may ask of the manager that feeds it."""
+    """What a sink may ask of the manager that feeds it.
+
+    A source may also record parameter statistics: then it has ``params`` set to ``True`` and a
+    ``param_frame()`` method (``HookManager(params=True)``). These are optional, so they are not members of the
+    protocol: a sink looks for them with ``getattr`` (see ``hookscope.integrations._logging.records_params``) and
+    asks for ``param_frame()`` only when ``params`` is ``True``.
+    """
 
     @property
     def columns(self) -> tuple[str, ...]:

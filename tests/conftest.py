@@ -5,10 +5,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hookscope import HookManager
 
 
 @pytest.fixture(autouse=True)
@@ -96,3 +100,27 @@ def train_steps(model: nn.Module, steps: int, manager=None, batch: int = 8, in_f
         opt.step()
         if manager is not None:
             manager.step()
+
+
+class ParamsManager(HookManager):
+    """A stand-in for ``HookManager(params=True)`` (the contract the integrations are written against): ``params``
+    is true and ``param_frame()`` has one row per (step, module), the open step included as reports do, with
+    ``weight_norm = step + 0.5``, ``grad_norm`` 1 for ``head`` and NaN for ``body``, ``update_ratio = step / 100``.
+    """
+
+    params = property(lambda self: True, lambda self, value: None)  # whether the real one sets it or not
+
+    def param_frame(self) -> pd.DataFrame:
+        steps = np.arange(self.current_step + 1)  # the open step too: it must never be logged
+        n = len(steps)
+        return pd.DataFrame(
+            {
+                "step": np.repeat(steps, 2),
+                "module": ["head", "body"] * n,
+                "kind": ["Linear"] * 2 * n,
+                "params": [2, 2] * n,
+                "weight_norm": np.repeat(steps + 0.5, 2),
+                "grad_norm": np.tile([1.0, np.nan], n),
+                "update_ratio": np.repeat(steps / 100.0, 2),
+            }
+        )

@@ -1,4 +1,5 @@
-"""Pause / resume, Lightning, AMP loss scaling and torch.compile (the sinks are in test_sinks.py)."""
+"""Pause / resume, Lightning (automatic and manual optimisation), AMP loss scaling and torch.compile (the sinks
+are in test_sinks.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import FunctionalReLU, SharedReLU, hook_count
+from conftest import FunctionalReLU, ParamsManager, SharedReLU, hook_count
 from test_real_conditions import CountSyncs
 
 from hookscope import GradientNorm, HookManager
@@ -80,6 +81,131 @@ def test_lightning_callback(tmp_path: Path) -> None:
     metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
     assert "hookscope/net.act/inactive_fraction" in metrics.columns
     assert metrics["hookscope/net.act/inactive_fraction"].notna().any()
+
+
+class GAN(nn.Module):
+    """A generator and a discriminator with one activation each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.G = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
+        self.D = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _gan_module(L, raise_at_batch: int | None = None):  # type: ignore[no-untyped-def]
+    class GANModule(L.LightningModule):
+        """Manual optimisation, two optimizers, two opt.step() per batch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.gan = GAN()
+            self.batches = 0
+
+        def training_step(self, batch, batch_idx):
+            if batch_idx == raise_at_batch:
+                raise RuntimeError("boom")
+            self.batches += 1
+            opt_g, opt_d = self.optimizers()
+            (real,) = batch
+            fake = self.gan.G(torch.randn(real.shape[0], 2))  # G: 1 forward per batch
+            # D: 3 forwards per batch (real, detached fake, fake)
+            d_loss = F.softplus(-self.gan.D(real)).mean() + F.softplus(self.gan.D(fake.detach())).mean()
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            opt_d.step()
+            g_loss = F.softplus(-self.gan.D(fake)).mean()  # reaches G's ReLU through D
+            opt_g.zero_grad()
+            self.manual_backward(g_loss)
+            opt_g.step()
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.SGD(self.gan.G.parameters(), lr=0.05),
+                torch.optim.SGD(self.gan.D.parameters(), lr=0.05),
+            ]
+
+    return GANModule()
+
+
+def _lightning_trainer(L, tmp_path: Path, callback, **kwargs):  # type: ignore[no-untyped-def]
+    from lightning.pytorch.loggers import CSVLogger
+
+    return L.Trainer(
+        logger=CSVLogger(tmp_path), callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", **kwargs,
+    )  # fmt: skip
+
+
+def test_lightning_manual_optimisation_is_one_step_per_batch(tmp_path: Path) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from hookscope.integrations.lightning import HookscopeCallback
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(20, 2)), batch_size=4)
+    callback = HookscopeCallback(log_every_n_steps=2, alerts=False)
+    trainer = _lightning_trainer(L, tmp_path, callback, max_epochs=1)
+    module = _gan_module(L)
+    trainer.fit(module, loader)
+    hm = callback.manager
+    assert hm is not None and not hm.attached and module.batches == 5
+    df = hm.to_dataframe()
+    assert sorted(df["step"].unique()) == list(range(module.batches))  # not two steps per batch
+    calls = df.pivot(index="step", columns="layer", values="calls")
+    assert calls["gan.G.1"].tolist() == [1] * 5 and calls["gan.D.1"].tolist() == [3] * 5
+    assert df["grad_norm"].notna().all()  # each site's forward and backward are in the same step
+    metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    logged = metrics.dropna(subset=["hookscope/gan.G.1/grad_norm"])
+    assert len(logged) == 2  # after hookscope steps 1 and 3
+    want = df[(df["layer"] == "gan.G.1") & (df["step"] == 3)]["grad_norm"].iloc[0]
+    assert logged["hookscope/gan.G.1/grad_norm"].iloc[-1] == pytest.approx(want, rel=1e-6)
+
+
+def test_lightning_detaches_when_fit_raises(tmp_path: Path) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from hookscope.integrations.lightning import HookscopeCallback
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(20, 2)), batch_size=4)
+    callback = HookscopeCallback(alerts=False)
+    module = _gan_module(L, raise_at_batch=2)
+    hooks_before = hook_count(module)
+    with pytest.raises(RuntimeError, match="boom"):
+        _lightning_trainer(L, tmp_path, callback, max_epochs=1).fit(module, loader)
+    assert callback.manager is not None and not callback.manager.attached  # on_exception, not teardown
+    assert hook_count(module) == hooks_before
+
+
+def test_lightning_logs_parameter_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    import hookscope.integrations.lightning as lightning_integration
+    from hookscope.integrations.lightning import HookscopeCallback
+
+    monkeypatch.setattr(lightning_integration, "HookManager", ParamsManager)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(20, 2)), batch_size=4)
+    callback = HookscopeCallback(log_every_n_steps=2, alerts=False)
+    trainer = _lightning_trainer(L, tmp_path, callback, max_epochs=1)
+    trainer.fit(_gan_module(L), loader)
+    metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    logged = metrics.dropna(subset=["hookscope/params/head/weight_norm"])
+    assert logged["hookscope/params/head/weight_norm"].tolist() == [1.5, 3.5]  # the last closed steps: 1 and 3
+    assert "hookscope/params/body/grad_norm" not in metrics.columns  # NaN: never logged
+    assert logged["hookscope/gan.G.1/grad_norm"].notna().all()
+
+
+def test_lightning_checks_stats_against_the_manager_at_fit_start(tmp_path: Path) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from hookscope.errors import ConfigError
+    from hookscope.integrations.lightning import HookscopeCallback
+
+    with pytest.raises(ConfigError, match="`log_every_n_steps`"):
+        HookscopeCallback(log_every_n_steps=0)
+    with pytest.raises(ConfigError, match="`stats` must name statistic columns, got 'layer'"):
+        HookscopeCallback(stats=("layer",))
+    callback = HookscopeCallback(stats=("dead_ration",), alerts=False)  # a custom collector's column, perhaps
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+    module = _gan_module(L)
+    with pytest.raises(ConfigError, match="this manager's statistic columns"):
+        _lightning_trainer(L, tmp_path, callback, max_epochs=1).fit(module, loader)
+    assert module.batches == 0 and hook_count(module) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SharedReLU, train_steps
+from conftest import ParamsManager, SharedReLU, train_steps
 
 import hookscope as hs
 from hookscope import DeadReLU, HookManager, HookscopeWarning, Saturation
@@ -435,6 +435,35 @@ def test_tensorboard_stats_may_be_one_name() -> None:
         train_steps(model, 3, hm)
     expected = hm.to_dataframe()["dead_ratio"].tolist()
     assert writer.scalars == [("hookscope/1/dead_ratio", v, s) for s, v in enumerate(expected)]
+
+
+def test_tensorboard_writes_parameter_statistics_of_each_closed_step_once() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    writer = RecordingWriter()
+    with ParamsManager(model, sinks=[hs.TensorBoardSink(writer, every=2, stats="dead_ratio")], alerts=False) as hm:
+        train_steps(model, 5, hm)  # writes after steps 1 and 3, and the last one at detach
+    params = [(tag, value, step) for tag, value, step in writer.scalars if tag.startswith("hookscope/params/")]
+    weight_norms = [(step, value) for tag, value, step in params if tag == "hookscope/params/head/weight_norm"]
+    assert weight_norms == [(s, s + 0.5) for s in range(5)]  # every closed step once; the open one never
+    assert {tag for tag, _, _ in params} == {
+        "hookscope/params/head/weight_norm", "hookscope/params/head/grad_norm", "hookscope/params/head/update_ratio",
+        "hookscope/params/body/weight_norm", "hookscope/params/body/update_ratio",
+    }  # fmt: skip
+    assert [step for tag, _, step in writer.scalars if tag == "hookscope/1/dead_ratio"] == list(range(5))
+
+
+def test_tensorboard_without_parameter_statistics_never_asks_for_them() -> None:
+    class NoParams(ParamsManager):
+        params = property(lambda self: False, lambda self, value: None)
+
+        def param_frame(self) -> pd.DataFrame:
+            raise AssertionError("param_frame() called on a manager without params")
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    writer = RecordingWriter()
+    with NoParams(model, sinks=[hs.TensorBoardSink(writer, every=2)], alerts=False) as hm:
+        train_steps(model, 3, hm)
+    assert writer.scalars and not any(tag.startswith("hookscope/params/") for tag, _, _ in writer.scalars)
 
 
 def test_tensorboard_arguments_are_checked_up_front(monkeypatch: pytest.MonkeyPatch) -> None:

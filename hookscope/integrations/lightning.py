@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from hookscope.checks import check_int
+from hookscope.integrations._logging import last_step_scalars
 from hookscope.manager import HookManager
-from hookscope.report import STAT_COLUMNS, check_stat_names, scalars, stat_names
+from hookscope.report import ROW_COLUMNS, STAT_COLUMNS, check_stat_names, stat_names
+from hookscope.warn import warn_once
 
 __all__ = ["HookscopeCallback"]
 
@@ -23,14 +25,18 @@ except ModuleNotFoundError:  # pragma: no cover - exercised only without lightni
 
 class HookscopeCallback(Callback):  # type: ignore[misc]
     """Attach a :class:`~hookscope.HookManager` to the LightningModule on fit start, close one hookscope step per
-    optimizer step, log scalars, and detach on teardown.
+    training step, log scalars, and detach on teardown (or when fit raises).
 
-    - ``step()`` runs just before each optimizer step, so the gradient-accumulation micro-batches of one optimizer
-      step are one hookscope step.
+    - Automatic optimisation: ``step()`` runs just before each optimizer step, so the gradient-accumulation
+      micro-batches of one optimizer step are one hookscope step.
+    - Manual optimisation (``automatic_optimization = False``, e.g. a GAN with two optimizers): ``step()`` runs at
+      the end of each training batch, so the forwards and backwards of all the optimizers of a batch are one
+      hookscope step (stepping on each ``optimizer.step()`` would split a generator's forward from its backward).
     - Validation (and the sanity check) runs while the manager is paused: its forwards are not training steps.
-    - Every ``log_every_n_steps`` optimizer steps the last step's statistics are logged through the trainer's
-      loggers as ``hookscope/{layer}/{stat}`` (loggers write on rank zero); under DDP every rank takes part in
-      ``step()``'s reductions.
+    - Every ``log_every_n_steps`` hookscope steps the last step's statistics are logged through the trainer's
+      loggers as ``hookscope/{layer}/{stat}`` (loggers write on rank zero), and with ``params=True`` the parameter
+      statistics as ``hookscope/params/{module}/{stat}``; under DDP every rank takes part in ``step()``'s
+      reductions.
 
     Args:
         log_every_n_steps: Steps between logged values (each reads one step's values to the host).
@@ -50,10 +56,13 @@ class HookscopeCallback(Callback):  # type: ignore[misc]
         check_stat_names(self.stats, STAT_COLUMNS, final=False)
         self.manager_kwargs = manager_kwargs
         self.manager: HookManager | None = None
+        self._logged_step: int | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.manager is None:
-            self.manager = HookManager(pl_module, **self.manager_kwargs)
+            manager = HookManager(pl_module, **self.manager_kwargs)
+            check_stat_names(self.stats, tuple(c for c in manager.columns if c not in ROW_COLUMNS), final=True)
+            self.manager = manager
         if not self.manager.attached:
             self.manager.attach()
 
@@ -66,14 +75,33 @@ class HookscopeCallback(Callback):  # type: ignore[misc]
             self.manager.resume()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self.manager is None or not self.manager.attached:
+        if pl_module.automatic_optimization:
+            self._close_step(trainer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not pl_module.automatic_optimization:
+            self._close_step(trainer)
+
+    def _close_step(self, trainer: Any) -> None:
+        manager = self.manager
+        if manager is None or not manager.attached:
             return
-        self.manager.step()
-        if self.manager.current_step % self.log_every_n_steps == 0:
-            frame = self.manager.last_step_frame()
-            metrics = {tag: value for tag, _, value in scalars(frame, self.stats)}
+        manager.step()
+        if manager.current_step % self.log_every_n_steps == 0:
+            step, metrics = last_step_scalars(manager, self.stats)
+            if step is None or step == self._logged_step:  # nothing new was recorded (`every` > 1)
+                return
+            self._logged_step = step
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Lightning calls on_exception, not teardown, when fit raises: take the hooks off the model here
+        if self.manager is not None and self.manager.attached:
+            try:
+                self.manager.detach()
+            except Exception as e:  # the training error is the one to raise
+                warn_once(f"hookscope: detaching after the training error failed: {e!r}")
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.manager is not None and self.manager.attached:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from hookscope.checks import check_bool, describe
 from hookscope.errors import ConfigError, ConfigPathError, ConfigTypeError, StateError
+from hookscope.integrations._logging import param_scalars, records_params
 from hookscope.report import ROW_COLUMNS, STAT_COLUMNS, check_stat_names, scalars, stat_names
 from hookscope.sinks import Sink, SinkSource
 from hookscope.warn import warn_once
@@ -32,6 +33,11 @@ def _summary_writer() -> Any:
 
 class TensorBoardSink(Sink):
     """Writes ``hookscope/{layer}/{stat}`` scalars for every recorded step, every ``every`` steps.
+
+    When the manager records parameter statistics (``HookManager(params=True)``), their
+    ``hookscope/params/{module}/{stat}`` scalars (``weight_norm``, ``grad_norm``, ``update_ratio``) are written
+    too, at the same writes, for the closed steps up to the last one in the frame (read from the manager's
+    ``param_frame()``: the frames a sink receives hold activation rows only).
 
     Failures of the environment (a full disk, a removed log directory) never stop training: the sink warns once
     (naming the log directory and the error), releases the writer it created and writes no more; the statistics
@@ -79,6 +85,7 @@ class TensorBoardSink(Sink):
                 )
         self.writer = self._create(writer) if self._owns else writer
         self._stopped = False
+        self._params_written = -1  # the last step whose parameter statistics were written
 
     @staticmethod
     def _create(log_dir: str | os.PathLike[str]) -> Any:
@@ -118,6 +125,8 @@ class TensorBoardSink(Sink):
             for tag, step, value in scalars(frame, self.stats):
                 self.writer.add_scalar(tag, value, global_step=step)
             source = self.source
+            if source is not None and records_params(source) and len(frame):
+                self._write_params(source, int(frame["step"].to_numpy().max()))
             if self.histograms and source is not None and len(frame):
                 step = int(frame["step"].to_numpy().max())
                 timeline = source.unit_timeline()
@@ -128,6 +137,16 @@ class TensorBoardSink(Sink):
             self._flush()
         except OSError as e:
             self._stop(e)
+
+    def _write_params(self, source: SinkSource, last: int) -> None:
+        """Write the parameter statistics of the steps after those written already, up to ``last``."""
+        params = source.param_frame()  # type: ignore[attr-defined]
+        steps = params["step"]
+        new = params[(steps > self._params_written) & (steps <= last)]
+        for tag, step, value in param_scalars(new):
+            self.writer.add_scalar(tag, value, global_step=step)
+        if len(new):
+            self._params_written = int(new["step"].max())
 
     def _flush(self) -> None:
         flush = getattr(self.writer, "flush", None)
