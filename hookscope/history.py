@@ -219,7 +219,12 @@ class Rows:
 
     @staticmethod
     def concat(parts: Sequence[Rows]) -> Rows:
-        """Rows of several parts, in order."""
+        """Rows of several parts, in order (no part: no row)."""
+        if not parts:
+            empty = np.zeros(0)
+            return Rows(
+                empty.astype(np.int64), empty.astype(np.int64), empty, empty, empty, empty, [], np.zeros((0, 0))
+            )
         f = max((p.values.shape[1] for p in parts if p.values.ndim == 2 and len(p.values)), default=0)
         return Rows(
             step=np.concatenate([p.step for p in parts]),

@@ -286,7 +286,7 @@ class HookManager:
                 delivered and every other sink is fed; the first such error is raised at the end.
         """
         recorder = self._recorder
-        if self._params is not None and self._tracer.recording and self._tracer.attached:
+        if self._params is not None and self._tracer.attached and recorder.step % self.every == 0:
             self._params.record(recorder.step)  # the parameters as they are now, before the optimizer's step
         # the step is closed and numbered here, exactly once; distributed, the previous step is combined
         records = recorder.close_step(passes=self._tracer.passes)

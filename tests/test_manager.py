@@ -412,3 +412,10 @@ def test_state_keeps_the_open_step_across_reports_and_growth() -> None:
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_reports_before_any_step_closed() -> None:
+    model = SharedReLU()
+    hm = HookManager(model, alerts=False)
+    frame = hm.last_step_frame()
+    assert len(frame) == 0 and list(frame.columns) == list(hm.columns)

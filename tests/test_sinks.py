@@ -668,3 +668,25 @@ def test_a_manager_that_fails_to_build_leaves_its_sinks_free(tmp_path) -> None: 
         model(torch.randn(2, 4))
         hm.step()
     assert pd.read_csv(tmp_path / "good.csv")["step"].tolist() == [0, 0]
+
+
+def test_tensorboard_writes_real_parameter_statistics() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    writer = RecordingWriter()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with HookManager(model, params=True, alerts=False, sinks=[hs.TensorBoardSink(writer, every=2)]) as hm:
+        for _ in range(5):
+            model(torch.randn(3, 4)).sum().backward()
+            hm.step()
+            opt.step()
+            opt.zero_grad()
+    params = hm.param_frame()
+    written = {(tag, step): value for tag, value, step in writer.scalars if tag.startswith("hookscope/params/")}
+    want = {
+        (f"hookscope/params/{r.module}/{stat}", r.step): getattr(r, stat)
+        for r in params.itertuples()
+        for stat in ("weight_norm", "grad_norm", "update_ratio")
+        if getattr(r, stat) == getattr(r, stat)  # NaN is not written
+    }
+    assert written.keys() == want.keys() and len(want) == 2 * 5 * 3 - 2  # update_ratio is NaN at step 0
+    assert all(written[k] == pytest.approx(v) for k, v in want.items())

@@ -365,3 +365,24 @@ def test_without_transformers_installed(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delitem(sys.modules, "hookscope.integrations.transformers")
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'hookscope\[transformers\]'"):
         importlib.import_module("hookscope.integrations.transformers")
+
+
+def test_real_parameter_statistics_reach_the_log_history(tmp_path: Path, quiet_kernels: None) -> None:
+    callback = HookscopeTrainerCallback(log_every_n_steps=2, alerts=False, params=True)
+    trainer = make_trainer(tmp_path, tiny_bert(), [callback], eval_strategy="no", eval_on_start=False)
+    trainer.train()
+    params = callback.manager.param_frame()  # type: ignore[union-attr]
+    logged = hookscope_logs(trainer.state.log_history)
+    assert sorted(logged) == [2, 4]
+    for global_step, entry in logged.items():
+        rows = params[params["step"] == global_step - 1]
+        assert len(rows) > 10
+        for row in rows.itertuples():
+            for stat in ("weight_norm", "grad_norm", "update_ratio"):
+                value = getattr(row, stat)
+                tag = f"hookscope/params/{row.module}/{stat}"
+                assert (tag in entry) == (value == value), tag  # NaN is not logged
+                if tag in entry:
+                    assert entry[tag] == pytest.approx(value)
+        # closed before the optimizer step: the gradients are there
+        assert rows["grad_norm"].notna().sum() >= len(rows) - 1

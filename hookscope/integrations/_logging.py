@@ -68,7 +68,7 @@ def last_step_scalars(manager: HookManager, stats: Sequence[str] = STAT_COLUMNS)
         The step the values belong to (``None`` when no step was recorded yet; a caller may skip a step it
         already logged, as happens when the manager records one step in ``every``) and the scalars.
     """
-    if manager.recorder.last_closed is None:  # no step recorded yet: last_step_frame() would raise
+    if manager.recorder.last_closed is None:  # no step closed yet: nothing to log
         return None, {}
     frame = manager.last_step_frame()
     step = int(frame["step"].iloc[0]) if len(frame) else None
