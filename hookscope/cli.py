@@ -320,14 +320,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
         raise InputError(f"MODEL {args.model!r} has no trainable parameters; scan trains the model with SGD")
     opt = torch.optim.SGD(params, lr=args.lr)
     x = _random_input(args.input_shape)
-    with hs.HookManager(model, alerts=False) as hm:
+    with hs.HookManager(model, alerts=False, params=args.params) as hm:
         for _ in range(args.steps):
             loss = _loss(_prediction(_forward(model, x, hm, args.model), args.model), args.model)
             opt.zero_grad()
             loss.backward()
+            hm.step()  # before the optimizer's step: the parameter statistics see the gradients it uses
             opt.step()
-            hm.step()
-    _console(args.ascii).print(hm.table(ascii=args.ascii))
+    console = _console(args.ascii)
+    console.print(hm.table(ascii=args.ascii))
+    if args.params:
+        console.print(hm.param_table(ascii=args.ascii))
     if csv_path is not None:
         hm.to_csv(csv_path)
         print(f"wrote {len(hm.to_dataframe())} rows to {args.csv}")
@@ -418,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--lr", type=_learning_rate, default=0.01, help="SGD learning rate, > 0 (0.01)")
     scan.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**64-1 (0)")
     scan.add_argument("--ascii", action="store_true", help="ASCII table without colour")
+    scan.add_argument(
+        "--params", action="store_true", help="also show per-module parameter statistics (weight and gradient norms)"
+    )
     scan.set_defaults(func=cmd_scan, parser=scan)
 
     show = sub.add_parser("show", help="render a CSV written by hookscope as the table")

@@ -161,6 +161,12 @@ def test_scan_torchvision_model_prints_table_and_writes_csv(tmp_path: Path, caps
     assert len(frame) == 34 and set(frame["step"]) == {0, 1}
 
 
+def test_scan_params_shows_the_parameter_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["scan", "test_cli:tiny_model", "--input-shape", "2,3,8,8", "--ascii", "--params"]) == 0
+    out = capsys.readouterr().out
+    assert "hookscope parameters - step 2" in out and "weight norm" in out and "update ratio" in out
+
+
 def test_scan_factory(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["scan", "test_cli:tiny_model", "--input-shape", "2,3,8,8", "--ascii"]) == 0
     out = capsys.readouterr().out
