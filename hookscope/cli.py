@@ -378,6 +378,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import hookscope
+    from hookscope import kernels
+
+    k = kernels.info()
+    path = "native kernels" if k["backend"] == "native" else f"ATen operations ({k['reason']})"
+    lines = [
+        f"hookscope {hookscope.__version__}, torch {torch.__version__}, Python {sys.version.split()[0]}",
+        f"statistics of CPU tensors: {path}",
+    ]
+    if k["library"] is not None:
+        lines.append(f"kernels library: {k['library']} ({k['isa']}, {k['threads']} threads)")
+    lines.append("statistics of CUDA tensors: ATen operations")
+    print("\n".join(lines))
+    return 0
+
+
 def cmd_activations(args: argparse.Namespace) -> int:
     from rich import box
 
@@ -451,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive, default=400, help="training steps per run (400)")
     demo.add_argument("--no-live", action="store_true", help="no live view while training")
     demo.set_defaults(func=cmd_demo, parser=demo)
+
+    info = sub.add_parser("info", help="versions, and whether the native kernels or ATen compute the statistics")
+    info.set_defaults(func=cmd_info, parser=info)
 
     acts = sub.add_parser("activations", help="list the activation registry")
     acts.add_argument("--ascii", action="store_true")

@@ -574,3 +574,19 @@ def test_the_readme_shows_what_the_demo_prints(demo_run: DemoRun) -> None:
             f" (after character {at}); update the block from this output:\n{demo_run.text}"
         )
         at = found + len(fragment)
+
+
+def test_info_says_which_path_computes_the_statistics() -> None:
+    import subprocess
+    import sys
+
+    from hookscope import kernels
+
+    out = subprocess.run([sys.executable, "-m", "hookscope", "info"], capture_output=True, text=True, check=True)
+    expected = "native kernels" if kernels.available() else "ATen operations"
+    assert f"statistics of CPU tensors: {expected}" in out.stdout
+    env = {**__import__("os").environ, "HOOKSCOPE_KERNELS": "aten"}
+    forced = subprocess.run(
+        [sys.executable, "-m", "hookscope", "info"], capture_output=True, text=True, check=True, env=env
+    )
+    assert "statistics of CPU tensors: ATen operations (HOOKSCOPE_KERNELS=aten)" in forced.stdout
