@@ -23,6 +23,8 @@ def test_quickstart_runs_as_a_script() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "layer1.0.relu#1" in proc.stdout
     assert "wrote 85 rows" in proc.stdout  # 5 steps x 17 call sites
+    assert "<rich.table.Table object" not in proc.stdout  # print(hm.table()) shows the table, as the README says
+    assert "hookscope parameters" in proc.stdout and "layer4.1.conv2" in proc.stdout
 
 
 def test_quickstart_main_returns_the_manager() -> None:
