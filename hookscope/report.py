@@ -48,17 +48,20 @@ def report_columns(collectors: Sequence[Collector]) -> tuple[str, ...]:
     return (*ROW_COLUMNS, *builtin, *extra)
 
 
-def scalars(frame: pd.DataFrame, stats: Sequence[str] = STAT_COLUMNS) -> list[tuple[str, int, float]]:
-    """``(tag, step, value)`` for each finite statistic of each row, tagged ``hookscope/{layer}/{stat}`` (the
-    names that the logging integrations use)."""
+def scalars(
+    frame: pd.DataFrame, stats: Sequence[str] = STAT_COLUMNS, *, key: str = "layer", prefix: str = "hookscope"
+) -> list[tuple[str, int, float]]:
+    """``(tag, step, value)`` for each finite statistic of each row, tagged ``{prefix}/{row[key]}/{stat}``: the
+    names that the logging integrations use (``hookscope/{layer}/{stat}``; for ``param_frame()`` rows,
+    ``key="module", prefix="hookscope/params"``)."""
     out = []
     for stat in stats:
         if stat not in frame.columns:
             continue
         values = frame[stat].to_numpy(dtype=np.float64)
-        for layer, step, value in zip(frame["layer"], frame["step"], values):
+        for name, step, value in zip(frame[key], frame["step"], values):
             if not np.isnan(value):
-                out.append((f"hookscope/{layer}/{stat}", int(step), float(value)))
+                out.append((f"{prefix}/{name}/{stat}", int(step), float(value)))
     return out
 
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from hookscope.report import STAT_COLUMNS, scalars
+from hookscope.checks import check_int
+from hookscope.report import STAT_COLUMNS, check_stat_names, scalars, stat_names
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,15 +41,7 @@ def records_params(source: object) -> bool:
 def param_scalars(frame: pd.DataFrame, stats: Sequence[str] = PARAM_STATS) -> list[tuple[str, int, float]]:
     """``(tag, step, value)`` for each finite statistic of each row of a ``param_frame()``, tagged
     ``hookscope/params/{module}/{stat}``."""
-    out = []
-    for stat in stats:
-        if stat not in frame.columns:
-            continue
-        values = frame[stat].to_numpy(dtype=np.float64)
-        for module, step, value in zip(frame["module"], frame["step"], values):
-            if not np.isnan(value):
-                out.append((f"hookscope/params/{module}/{stat}", int(step), float(value)))
-    return out
+    return scalars(frame, stats, key="module", prefix="hookscope/params")
 
 
 def last_step_scalars(manager: HookManager, stats: Sequence[str] = STAT_COLUMNS) -> tuple[int | None, dict[str, float]]:
@@ -81,3 +72,11 @@ def last_step_scalars(manager: HookManager, stats: Sequence[str] = STAT_COLUMNS)
             out.update((tag, value) for tag, _, value in param_scalars(closed[closed["step"] == last]))
             step = last if step is None else max(step, last)
     return step, out
+
+
+def logging_arguments(log_every_n_steps: object, stats: object) -> tuple[int, tuple[str, ...]]:
+    """Check the ``log_every_n_steps`` and ``stats`` of a trainer callback (house messages)."""
+    every = check_int("log_every_n_steps", log_every_n_steps, meaning="steps between logs")
+    names = stat_names(stats)
+    check_stat_names(names, STAT_COLUMNS, final=False)
+    return every, names

@@ -40,10 +40,9 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hookscope.checks import check_int
-from hookscope.integrations._logging import last_step_scalars
+from hookscope.integrations._logging import last_step_scalars, logging_arguments
 from hookscope.manager import HookManager
-from hookscope.report import ROW_COLUMNS, STAT_COLUMNS, check_stat_names, stat_names
+from hookscope.report import ROW_COLUMNS, STAT_COLUMNS, check_stat_names
 from hookscope.warn import warn_once
 
 if TYPE_CHECKING:
@@ -108,9 +107,7 @@ class HookscopeTrainerCallback(TrainerCallback):  # type: ignore[misc]
         self, log_every_n_steps: int = 50, stats: str | tuple[str, ...] = STAT_COLUMNS, **manager_kwargs: Any
     ) -> None:
         super().__init__()
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, meaning="steps between logs")
-        self.stats = stat_names(stats)
-        check_stat_names(self.stats, STAT_COLUMNS, final=False)
+        self.log_every_n_steps, self.stats = logging_arguments(log_every_n_steps, stats)
         self.manager_kwargs = manager_kwargs
         self.manager: HookManager | None = None
         self._trainer: Callable[[], Any] = lambda: None  # the Trainer that runs train(), by weak reference
