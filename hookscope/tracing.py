@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hookscope.activations import ActivationSpec, Bounds, activation_for_function, activation_for_module
 from hookscope.recording import MISSING, Recorder
-from hookscope.sites import ROOT_NAME, Producer, iter_named_modules, producer_of
+from hookscope.sites import ROOT_NAME, Producer, clean_name, producer_of, unwrap_model
 from hookscope.warn import warn_once
 
 __all__ = ["REDISCOVER_EVERY", "Tracer"]
@@ -172,7 +172,8 @@ class Tracer:
         # every handle registered (the finalizer holds this very list); per module, the ones in place
         self._handles: list[RemovableHandle] = []
         self._module_handles: dict[str, list[RemovableHandle]] = {}
-        self._module_ids: dict[str, int] = {}  # id() of the module each name's hooks are on
+        self._module_ids: dict[str, int] = {}  # id() of the module each raw name's hooks are on
+        self._clean: dict[str, str] = {}  # raw qualified name -> name without wrapper components
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._activation_modules: set[str] = set()
         # Discovery: during the first recorded step (and one step in REDISCOVER_EVERY after it) every module is
@@ -236,8 +237,8 @@ class Tracer:
         self.recover()  # detached from inside (or after an interrupted) forward pass
 
     def hooked_modules(self) -> list[str]:
-        """Names of the modules that have hooks of this tracer now."""
-        return list(self._module_handles)
+        """Names (wrapper components removed) of the modules that have hooks of this tracer now."""
+        return list(dict.fromkeys(self._clean[raw] for raw in self._module_handles))
 
     def _hook_modules(self) -> None:
         """Hook every module of the model that has no hooks of ours yet."""
@@ -248,16 +249,19 @@ class Tracer:
         self._hook(lambda name, module: name in self._module_ids)
 
     def _hook(self, wanted: Callable[[str, nn.Module], bool]) -> None:
-        for name, module in iter_named_modules(self.model):
-            if not wanted(name, module):
+        # Keyed by the raw qualified name: a wrapper and the module it wraps (checkpoint_wrapper(nn.ReLU())) have
+        # the same cleaned name, and both need their hooks.
+        for raw, module in unwrap_model(self.model).named_modules():
+            if not wanted(raw, module):
                 continue
-            if name in self._module_handles:
-                if self._module_ids.get(name) == id(module):
+            if raw in self._module_handles:
+                if self._module_ids.get(raw) == id(module):
                     continue
-                for h in self._module_handles.pop(name):  # replaced while attached: hook the new module
+                for h in self._module_handles.pop(raw):  # replaced while attached: hook the new module
                     h.remove()
-                self._activation_modules.discard(name)
-            self._module_ids[name] = id(module)
+            name = clean_name(raw)
+            self._module_ids[raw] = id(module)
+            self._clean[raw] = name
             spec = activation_for_module(module)
             self.names[id(module)] = (name, spec)
             producer = producer_of(module) if spec is None else None
@@ -267,7 +271,7 @@ class Tracer:
                 module.register_forward_pre_hook(self._hooks[0], prepend=True),
                 module.register_forward_hook(self._hooks[1], always_call=True),
             ]
-            self._module_handles[name] = pair
+            self._module_handles[raw] = pair
             self._handles.extend(pair)
             if spec is not None:
                 self._activation_modules.add(name)
@@ -282,13 +286,14 @@ class Tracer:
         """
         parents = self._fn_parents if self.functional else set()
         keep = self._entries | parents | self._activation_modules | {""}
-        for name, pair in list(self._module_handles.items()):
+        for raw, pair in list(self._module_handles.items()):
+            name = self._clean[raw]
             parent = name.rpartition(".")[0] if name else None
             if name in keep or parent in parents:
                 continue
             for h in pair:
                 h.remove()
-            del self._module_handles[name]
+            del self._module_handles[raw]
         self._handles[:] = [h for pair in self._module_handles.values() for h in pair]
         for name in list(self._module_ids):
             if name not in self._module_handles:

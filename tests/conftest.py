@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from hookscope import HookManager
 
@@ -124,3 +126,102 @@ class ParamsManager(HookManager):
                 "update_ratio": np.repeat(steps / 100.0, 2),
             }
         )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# An independent reference for the statistics: what every activation call produced, by the definitions
+
+
+#: Activation functions as the functional API and the activation modules call them, with their kinds.
+_ACTIVATION_KINDS = {
+    F.relu: "relu",
+    F.relu_: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    torch.Tensor.relu: "relu",
+    torch.Tensor.relu_: "relu",
+    F.relu6: "relu6",
+    F.gelu: "gelu",
+    F.silu: "silu",
+    F.leaky_relu: "leaky_relu",
+    torch.sigmoid: "sigmoid",
+    torch.Tensor.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    torch.Tensor.tanh: "tanh",
+    F.hardtanh: "hardtanh",  # nn.ReLU6 calls F.hardtanh(x, 0, 6)
+}
+REFERENCE_RECTIFIERS = frozenset({"relu", "relu6", "gelu", "silu", "leaky_relu"})
+REFERENCE_BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "relu6": (0.0, 6.0)}
+
+
+class ActivationCalls(TorchFunctionMode):
+    """Records the output of every activation function called while active (``nn.ReLU`` and the other activation
+    modules call these functions too), in execution order, keeping its gradient (``retain_grad``). Use it on an
+    uninstrumented copy of a model: it shares no code with hookscope.
+
+    Attributes:
+        calls: ``(kind, output)`` pairs in execution order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, torch.Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        kind = _ACTIVATION_KINDS.get(func)
+        if kind is not None and isinstance(out, torch.Tensor):
+            if kind == "hardtanh":
+                bounds = {"min_val": -1.0, "max_val": 1.0, **dict(zip(("min_val", "max_val"), args[1:3])), **kwargs}
+                kind = "relu6" if (float(bounds["min_val"]), float(bounds["max_val"])) == (0.0, 6.0) else kind
+            if out.requires_grad:
+                out.retain_grad()
+            self.calls.append((kind, out))
+        return out
+
+
+def _unit_dim(ndim: int) -> int | None:
+    return None if ndim == 0 else 0 if ndim == 1 else ndim - 1 if ndim == 3 else 1
+
+
+def definition_stats(kind: str, outputs: list[torch.Tensor], eps: float = 0.01) -> dict[str, float]:
+    """``dead_ratio``, ``inactive_fraction``, ``saturation_rate``, ``grad_norm``, ``nonfinite`` and
+    ``grad_nonfinite`` of one site in one step, from the outputs of its calls in the step (their ``.grad`` kept)
+    by the README's definitions, in float64. NaN where a statistic does not apply."""
+    nan = math.nan
+    ys = [y.detach().double() for y in outputs]
+    row = dict.fromkeys(("dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm"), nan)
+    elements = sum(y.numel() for y in ys)
+    row["nonfinite"] = float(sum(int((~torch.isfinite(y)).sum()) for y in ys))
+    if kind in REFERENCE_RECTIFIERS:
+        row["inactive_fraction"] = sum(int((~(y > 0)).sum()) for y in ys) / elements
+        d = _unit_dim(ys[0].dim())
+        fired = [(y > 0).reshape(1, -1) if d is None else (y > 0).movedim(d, -1).reshape(-1, y.shape[d]) for y in ys]
+        row["dead_ratio"] = float((~torch.cat(fired).any(dim=0)).double().mean())
+    if kind in REFERENCE_BOUNDS:
+        lo, hi = REFERENCE_BOUNDS[kind]
+        band = eps * (hi - lo)
+        saturated = [y >= hi - band if kind == "relu6" else (y >= hi - band) | (y <= lo + band) for y in ys]
+        row["saturation_rate"] = sum(int(s.sum()) for s in saturated) / elements
+    grads = [y.grad.double() for y in outputs if y.grad is not None]
+    row["grad_norm"] = math.sqrt(sum(float(g.pow(2).sum()) for g in grads)) if grads else nan
+    row["grad_nonfinite"] = float(sum(int((~torch.isfinite(g)).sum()) for g in grads)) if grads else nan
+    return row
+
+
+def definition_rows(calls: list[tuple[str, torch.Tensor]], per_forward: int, forwards: int = 1) -> list[dict]:
+    """One row per site per step (in execution order) from :attr:`ActivationCalls.calls` of a run in which each
+    step ran ``forwards`` forward passes of ``per_forward`` activation calls each, every pass calling the same
+    sites in the same order. Each row holds ``kind``, ``calls`` and :func:`definition_stats`."""
+    per_step = per_forward * forwards
+    assert len(calls) % per_step == 0, (len(calls), per_step)
+    rows = []
+    for start in range(0, len(calls), per_step):
+        step = calls[start : start + per_step]
+        for j in range(per_forward):
+            site = [step[f * per_forward + j] for f in range(forwards)]
+            kind = site[0][0]
+            assert all(k == kind for k, _ in site)
+            rows.append({"kind": kind, "calls": forwards, **definition_stats(kind, [y for _, y in site])})
+    return rows

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import ActivationCalls, definition_rows
 
 from hookscope import HookManager, NonFinite, kernels
 from hookscope.collectors import DeadReLU, GradientNorm, Saturation
@@ -52,6 +53,21 @@ def _agree(native: list[list[float]], aten: list[list[float]]) -> None:
         assert n[3] == pytest.approx(a[3], rel=1e-5, nan_ok=True)
 
 
+def _reference(model: nn.Module, xs: list[torch.Tensor]) -> list[list[float]]:
+    """The statistics by their definitions, from the activations of an uninstrumented run of ``_run``'s loop."""
+    with ActivationCalls() as seen:
+        for x in xs:
+            model(x).float().pow(2).mean().backward()
+    return [[row[k] for k in STATS] for row in definition_rows(seen.calls, per_forward=4)]
+
+
+def _follow_definitions(got: list[list[float]], want: list[list[float]]) -> None:
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        assert g[:3] + g[4:] == pytest.approx(w[:3] + w[4:], abs=1e-12, nan_ok=True)
+        assert g[3] == pytest.approx(w[3], rel=1e-5, nan_ok=True)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_both_paths_agree(layout: str, dtype: torch.dtype) -> None:
@@ -61,7 +77,9 @@ def test_both_paths_agree(layout: str, dtype: torch.dtype) -> None:
     if layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         xs = [x.to(memory_format=torch.channels_last) for x in xs]
-    _agree(_run(copy.deepcopy(model), xs, "native"), _run(copy.deepcopy(model), xs, "aten"))
+    native, aten = _run(copy.deepcopy(model), xs, "native"), _run(copy.deepcopy(model), xs, "aten")
+    _agree(native, aten)
+    _follow_definitions(native, _reference(copy.deepcopy(model), xs))
 
 
 def test_both_paths_agree_under_bfloat16_autocast() -> None:
@@ -74,7 +92,11 @@ def test_both_paths_agree_under_bfloat16_autocast() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return _run(m, xs, backend)
 
-    _agree(run("native"), run("aten"))
+    native = run("native")
+    _agree(native, run("aten"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _reference(copy.deepcopy(model), xs)
+    _follow_definitions(native, want)
 
 
 @pytest.mark.parametrize("backend", ["native", "aten"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import FunctionalReLU, ParamsManager, SharedReLU, hook_count
+from conftest import ActivationCalls, FunctionalReLU, ParamsManager, SharedReLU, definition_rows, hook_count
 from test_real_conditions import CountSyncs
 
 from hookscope import GradientNorm, HookManager
@@ -216,6 +216,7 @@ def test_grad_scaler_gives_unscaled_norms_without_sync() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1))
     reference = copy.deepcopy(model)
+    plain = copy.deepcopy(model)  # uninstrumented: autograd's gradients of its ReLU output are the reference
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)  # the scale doubles every step
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.01)
@@ -237,6 +238,13 @@ def test_grad_scaler_gives_unscaled_norms_without_sync() -> None:
     assert scaler.get_scale() == 8192.0
     got = scaled_hm.to_dataframe()["grad_norm"].tolist()
     assert got == pytest.approx(ref_hm.to_dataframe()["grad_norm"].tolist(), rel=1e-5)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01)
+    with ActivationCalls() as seen:
+        for _ in range(3):
+            plain(x).pow(2).sum().backward()
+            plain_opt.step()
+            plain_opt.zero_grad()
+    assert got == pytest.approx([float(y.grad.double().norm()) for _, y in seen.calls], rel=1e-5)
     # the scaler itself syncs in step()/update() (it checks for inf); hookscope adds none
     plain_counter = CountSyncs()
     with plain_counter:
@@ -266,7 +274,7 @@ def test_constant_scale_and_validation() -> None:
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_attach_before_compile(backend: str) -> None:
     model = FunctionalReLU() if backend == "inductor" else SharedReLU()
-    plain = copy.deepcopy(model)
+    plain, reference = copy.deepcopy(model), copy.deepcopy(model)
     with HookManager(model, alerts=False) as hm, HookManager(plain, alerts=False) as ref:
         compiled = torch.compile(model, backend=backend)
         x = torch.randn(3, 4)
@@ -279,6 +287,14 @@ def test_attach_before_compile(backend: str) -> None:
     assert list(got["layer"]) == list(want["layer"]) and len(got) > 0
     pd.testing.assert_frame_equal(got.drop(columns="grad_norm"), want.drop(columns="grad_norm"))
     assert got["grad_norm"].tolist() == pytest.approx(want["grad_norm"].tolist(), rel=1e-5)
+    # both hold the definitions' values, from the activations of an uninstrumented copy (no weight changes: the
+    # two steps are alike)
+    with ActivationCalls() as seen:
+        reference(x).sum().backward()
+    rows = definition_rows(seen.calls, per_forward=len(seen.calls)) * 2
+    assert list(got["kind"]) == [r["kind"] for r in rows]
+    for stat in ("dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm"):
+        assert got[stat].tolist() == pytest.approx([r[stat] for r in rows], rel=1e-5, abs=1e-12, nan_ok=True), stat
 
 
 def test_hooks_of_a_compiled_model_never_change_so_it_does_not_recompile(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,7 +321,10 @@ def test_hooks_of_a_compiled_model_never_change_so_it_does_not_recompile(monkeyp
     assert len(hm.to_dataframe()) == 2 * 6
 
 
-def test_attaching_to_a_compiled_model_warns() -> None:
+def test_attaching_to_a_compiled_model_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hookscope.warn
+
+    monkeypatch.setattr(hookscope.warn, "_seen", set())  # warned once per process: maybe by an earlier test
     compiled = torch.compile(SharedReLU(), backend="eager")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

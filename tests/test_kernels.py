@@ -253,6 +253,10 @@ def test_results_do_not_depend_on_the_number_of_threads(shape: Any, unit_dim: in
         results.append((pos, scal))
     for pos, scal in results[1:]:
         assert torch.equal(pos, results[0][0]) and torch.equal(scal, results[0][1])  # bit for bit
+    pos, scal = results[0]  # and right: against torch references
+    assert torch.equal(pos, ref_positive(x, unit_dim).reshape(pos.shape))
+    assert float(scal[0]) == ref_saturated(x, -0.5, 0.5) and float(scal[1]) == ref_nonfinite(x)
+    assert float(scal[2]) == pytest.approx(float(g.double().pow(2).sum()), rel=1e-6) and float(scal[3]) == 0.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -157,6 +157,19 @@ def test_lines_rank_gradient_norms_by_distance_from_the_median_on_the_log_scale(
     assert "last value farthest\nfrom the median's" in fig.axes[0].get_legend().get_title().get_text()
 
 
+def test_each_line_draws_its_own_layers_values_over_the_steps() -> None:
+    # the data of every line, not only its label: fc2.relu has no row at step 4, so its line has a gap there
+    for metric, want in {
+        "dead_ratio": {"fc1.relu": [0.0, 0.25, 0.5], "fc2.relu": [0.75, NAN, 1.0]},
+        "grad_norm": {"fc1.relu": [0.0, 0.1, 1.0], "gate": [0.5, 0.5, 0.5], "fc2.relu": [2.0, NAN, 4.0]},
+    }.items():
+        lines = plot_lines(SPARSE, metric).axes[0].get_lines()
+        assert [line.get_label() for line in lines] == list(want), metric  # the sigmoid has no dead ratio
+        for line, values in zip(lines, want.values()):
+            assert np.asarray(line.get_xdata(), dtype=float).tolist() == [0.0, 4.0, 8.0]
+            np.testing.assert_array_equal(np.asarray(line.get_ydata(), dtype=float), values)
+
+
 def test_few_layers_are_all_named_without_a_legend_title() -> None:
     fig = plot_lines(many_layers([0.1, 0.2, 0.3]).query("kind == 'relu'"), "dead_ratio")
     legend = fig.axes[0].get_legend()

@@ -13,7 +13,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from conftest import FunctionalReLU, InplaceReLU, SaturatingNet, SharedReLU, mlp, train_steps
+from conftest import (
+    ActivationCalls,
+    FunctionalReLU,
+    InplaceReLU,
+    SaturatingNet,
+    SharedReLU,
+    definition_rows,
+    mlp,
+    train_steps,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
@@ -80,7 +89,7 @@ class CheckpointedNet(nn.Module):
 def test_checkpointing_gives_the_statistics_of_the_plain_model(mode: str) -> None:
     torch.manual_seed(5)
     plain = CheckpointedNet("none")
-    ckpt = copy.deepcopy(plain)
+    ckpt, reference = copy.deepcopy(plain), copy.deepcopy(plain)
     ckpt.mode = mode
     frames = []
     for model in (plain, ckpt):
@@ -92,6 +101,14 @@ def test_checkpointing_gives_the_statistics_of_the_plain_model(mode: str) -> Non
     assert list(a["calls"]) == list(b["calls"])  # the recomputed forward is not counted again
     assert b["grad_norm"].notna().all()
     pd.testing.assert_frame_equal(a[STATS], b[STATS], rtol=1e-6)
+    # both equal the definitions, applied to the activations of an uninstrumented copy trained the same way
+    with ActivationCalls() as seen:
+        train_steps(reference, 3)
+    want = definition_rows(seen.calls, per_forward=7)
+    assert list(b["layer"]) == ["blocks.0.1", "blocks.0.3", "act", "blocks.1.1", "blocks.1.3", "act#1", "gelu()"] * 3
+    assert list(b["kind"]) == [r["kind"] for r in want] and list(b["calls"]) == [r["calls"] for r in want]
+    for stat in STATS:
+        assert b[stat].tolist() == pytest.approx([r[stat] for r in want], rel=1e-6, abs=1e-12, nan_ok=True), stat
 
 
 def test_no_grad_and_inference_mode_steps() -> None:

@@ -5,6 +5,7 @@ never sees a torn line. CSV, TensorBoard, CallbackSink and the top-level exports
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import gc
 import os
@@ -22,7 +23,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ParamsManager, SharedReLU, train_steps
+from conftest import ActivationCalls, ParamsManager, SharedReLU, definition_rows, train_steps
 
 import hookscope as hs
 from hookscope import DeadReLU, HookManager, HookscopeWarning, Saturation
@@ -99,9 +100,18 @@ def test_csv_sink_streams_flushes_every_n_steps_and_resumes(tmp_path: Path) -> N
 def test_csv_holds_exactly_the_managers_rows(tmp_path: Path) -> None:
     path = tmp_path / "stats.csv"
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.Tanh())
+    reference = copy.deepcopy(model)
     with HookManager(model, sinks=[hs.CSVSink(path, every=2)], alerts=False) as hm:
         train_steps(model, 5, hm)
-    pd.testing.assert_frame_equal(read(path), hm.to_dataframe())
+    written = read(path)
+    pd.testing.assert_frame_equal(written, hm.to_dataframe())
+    # and they are the definitions' values, from the activations of an uninstrumented copy trained the same way
+    with ActivationCalls() as seen:
+        train_steps(reference, 5)
+    want = definition_rows(seen.calls, per_forward=2)
+    assert list(written["layer"]) == ["1", "3"] * 5 and list(written["kind"]) == [r["kind"] for r in want]
+    for stat in ("dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm"):
+        assert written[stat].tolist() == pytest.approx([r[stat] for r in want], rel=1e-6, abs=1e-12, nan_ok=True)
 
 
 def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from conftest import FunctionalReLU, SharedReLU, hook_count
+from conftest import ActivationCalls, FunctionalReLU, SharedReLU, definition_rows, hook_count
 
 from hookscope import DeadReLU, HookManager
 
@@ -225,7 +227,8 @@ def _step_rows(model: nn.Module, steps: int, forwards_per_step: int = 1, **kwarg
 
 @pytest.mark.parametrize("forwards_per_step", [1, 2])
 def test_every_step_after_discovery_finds_the_same_sites_and_values(forwards_per_step: int) -> None:
-    per_step = _step_rows(_Zoo(), 4, forwards_per_step)
+    model = _Zoo()
+    per_step = _step_rows(model, 4, forwards_per_step)
     layers = [r[0] for r in per_step[0]]
     assert layers == [
         "inner.gelu()", "inner.act.relu()", "inner.act.relu()#1", "inner.act.relu_()", "inner.act.sigmoid()",
@@ -233,6 +236,20 @@ def test_every_step_after_discovery_finds_the_same_sites_and_values(forwards_per
     ]  # fmt: skip
     for rows in per_step[1:]:
         assert rows == per_step[0]
+    # and step 0 holds the definitions' values, from the activations of an uninstrumented copy
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    reference = _Zoo()
+    reference.load_state_dict(model.state_dict())
+    with ActivationCalls() as seen:
+        for _ in range(forwards_per_step):
+            reference(x).sum().backward()
+    want = definition_rows(seen.calls, per_forward=9, forwards=forwards_per_step)
+    stats = ["dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm"]
+    assert len(per_step[0]) == len(want)
+    for got, expected in zip(per_step[0], want):
+        assert got[1:3] == (expected["kind"], expected["calls"]), got
+        values = [math.nan if v is None else v for v in got[4:]]
+        assert values == pytest.approx([expected[k] for k in stats], rel=1e-6, abs=1e-12, nan_ok=True), got
 
 
 def test_hooks_stay_only_where_sites_are_named_after_the_first_step() -> None:

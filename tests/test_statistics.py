@@ -311,6 +311,30 @@ def test_half_precision_gradients_do_not_overflow() -> None:
     assert hm.to_dataframe()["grad_norm"].iloc[0] == pytest.approx(19200.0, rel=1e-6)
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_half_precision_gradient_norms_above_the_fp16_range(strided: bool) -> None:
+    # 4096 fp16 gradients of 2000: the squares (4e6 each) and the norm itself (128,000) exceed fp16's 65,504.
+    # Strided: the output is summed over the batch, so its gradient is an expanded (stride 0) tensor.
+    x = torch.ones(64, 64, dtype=torch.float16, requires_grad=True)
+    seen: list[torch.Tensor] = []
+
+    def spy(module: nn.Module, args: object, out: torch.Tensor) -> None:
+        out.register_hook(seen.append)
+
+    model = nn.Sequential(nn.ReLU())
+    model[0].register_forward_hook(spy)
+    weight = torch.tensor(2000.0, dtype=torch.float16)
+    with HookManager(model, [GradientNorm()]) as hm:
+        y = model(x)
+        ((y.sum(dim=0) if strided else y) * weight).sum().backward()
+        hm.step()
+    (g,) = seen
+    assert g.dtype == torch.float16 and g.is_contiguous() == (not strided)
+    expected = float(g.double().norm())  # float64, from the very gradient the hooks saw
+    assert expected == 2000.0 * 64 > 65504
+    assert hm.to_dataframe()["grad_norm"].iloc[0] == pytest.approx(expected, rel=1e-6)
+
+
 def test_grad_norm_is_nan_without_backward() -> None:
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
     with HookManager(model) as hm:
