@@ -264,7 +264,8 @@ class Recorder:
         for c, bank, applies in zip(self.collectors, self._banks, slot.applies):
             if applies:
                 state = bank.add_site(site.index, site.units)
-                slot.fwd.append((c, state))
+                if type(c).update is not Collector.update:  # a collector of gradients only is not fed outputs
+                    slot.fwd.append((c, state))
                 if c.wants_grad:
                     slot.grad.append((c, state))
         slot.plan()
