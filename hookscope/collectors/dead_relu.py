@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from hookscope.checks import check_int
-from hookscope.collectors.base import Collector, SiteState, host_to_device
+from hookscope.collectors.base import Collector, SiteState, StateBank, host_to_device
 from hookscope.numerics import count_dtype
 from hookscope.sites import Site
 
@@ -83,6 +83,7 @@ class DeadReLU(Collector):
         )
         self.evidence = check_int("evidence", evidence, minimum=1, meaning="consecutive silent output elements")
         self._closed = 0  # recorded steps closed so far: the ordinal of the next one
+        self._inverse: tuple[tuple[int, int], torch.Tensor] | None = None
         # Positive elements of each unit in the open step.
         self.add_state("positive", per_unit=True)
         # The last step in which each unit fired (> 0), as a step number (reports) and as the ordinal of the
@@ -128,8 +129,7 @@ class DeadReLU(Collector):
         alive = after > o - self.window
         # silent: output elements since each unit last fired, as of each step; confirmed dead past `evidence`
         owners = bank.owners()
-        units = torch.bincount(owners, minlength=bank.n_sites).clamp_min_(1).to(torch.float64)
-        per_unit = (block["elements"] / units)[:, owners]  # (T, units): output elements of each unit per step
+        per_unit = (block["elements"] * self._inverse_units(bank))[:, owners]  # (T, units): elements per unit
         # (without a loop: elements summed up to each step, minus the sum up to the step the unit last fired
         # in this block, or plus the persistent count when it did not fire in the block)
         total = per_unit.cumsum(dim=0)
@@ -153,6 +153,14 @@ class DeadReLU(Collector):
             bank.unit("silent").copy_(silent[-1])
             self._closed += len(steps)
         return {"positive": sums[..., 0], "alive_units": sums[..., 1], "confirmed_units": sums[..., 2]}
+
+    def _inverse_units(self, bank: StateBank) -> torch.Tensor:
+        """1 / units of each site (a site without units of this bank: 1), made once per layout."""
+        key = (bank.n_sites, bank.n_units)
+        if self._inverse is None or self._inverse[0] != key:
+            units = torch.bincount(bank.owners(), minlength=bank.n_sites).clamp_min_(1).to(torch.float64)
+            self._inverse = (key, units.reciprocal_())
+        return self._inverse[1]
 
     def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
