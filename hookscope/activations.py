@@ -426,10 +426,14 @@ def _register_builtins() -> None:
     reg(
         "mish",
         modules=[nn.Mish],
-        class_names=["Mish", "MishActivation", "MishMe"],
+        class_names=["Mish", "MishActivation", "MishMe", "HardMish", "HardMishMe"],
         functions=_variants("mish", "mish_"),
         rectifier=True,
     )
+    # Hugging Face classes whose bodies call other activations (the calls inside a module site are not sites)
+    reg("relu_squared", class_names=["ReLUSquaredActivation", "SquaredReLU"], rectifier=True, nonnegative=True)
+    reg("xielu", class_names=["XIELUActivation"], rectifier=True)
+    reg("laplace", class_names=["LaplaceActivation"], bounds=(0.0, 1.0))
     reg(
         "hardswish",
         modules=[nn.Hardswish],

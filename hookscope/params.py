@@ -49,6 +49,7 @@ class _DeviceGroup:
         self.owner: list[int] = []  # module index of each parameter
         self._owner_tensor: torch.Tensor | None = None
         self.previous: list[torch.Tensor] | None = None  # copies at the last recorded step
+        self.previous_weight: torch.Tensor | None = None  # their ‖θ‖², per parameter
 
     def owners(self) -> torch.Tensor:
         if self._owner_tensor is None:
@@ -72,15 +73,24 @@ class ParamStats:
         self.sizes: list[int] = []
         seen: set[int] = set()
         groups: dict[torch.device, _DeviceGroup] = {}
+        # (a parametrized layer's class is ParametrizedConv1d...: its kind is that of the layer)
+        kinds = {name: type(m).__name__.lower().removeprefix("parametrized") for name, m in iter_named_modules(model)}
+        index_of: dict[str, int] = {}
         for name, module in iter_named_modules(model):
             own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
             seen.update(id(p) for p in module.parameters(recurse=False))
             if not own:
                 continue
-            index = len(self.modules)
-            self.modules.append(name or ROOT_NAME)
-            self.kinds.append(type(module).__name__.lower())
-            self.sizes.append(sum(p.numel() for p in own))
+            # torch.nn.utils.parametrize keeps the original tensors in `layer.parametrizations.weight`: they are
+            # the layer's parameters, reported under its name and kind
+            name = name.split(".parametrizations.")[0] if ".parametrizations." in name else name
+            index = index_of.get(name)
+            if index is None:
+                index = index_of[name] = len(self.modules)
+                self.modules.append(name or ROOT_NAME)
+                self.kinds.append(kinds[name])
+                self.sizes.append(0)
+            self.sizes[index] += sum(p.numel() for p in own)
             for p in own:
                 group = groups.setdefault(p.device, _DeviceGroup(p.device))
                 group.params.append(p)
@@ -130,15 +140,16 @@ class ParamStats:
             columns[:, 1].index_copy_(0, rows, norms)
             columns[:, 2].index_fill_(0, rows, 1.0)
         if self.updates:
-            if group.previous is not None:
-                delta = torch._foreach_sub(params, group.previous)
-                columns[:, 3] = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32)).double().square()
-                columns[:, 4] = (
-                    torch.stack(torch._foreach_norm(group.previous, 2, dtype=torch.float32)).double().square()
-                )
+            if group.previous is not None and group.previous_weight is not None:
+                # in place on the copy (no model-sized temporary): previous - θ, its norm, then θ itself; ‖θ_p‖² is
+                # the previous recorded step's weight column
+                torch._foreach_sub_(group.previous, params)
+                columns[:, 3] = _squared_norms(group.previous)
+                columns[:, 4] = group.previous_weight
                 torch._foreach_copy_(group.previous, params)
             else:
                 group.previous = [p.detach().clone() for p in params]
+            group.previous_weight = columns[:, 0].clone()
         out = torch.zeros(n, 5, dtype=torch.float64, device=group.device)
         return out.index_add_(0, owners, columns)
 

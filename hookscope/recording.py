@@ -78,7 +78,7 @@ class _Slot:
 
     __slots__ = (
         "applies", "backward", "calls", "elements", "fwd", "fwd_rest", "grad", "grad_hook", "grad_pass",
-        "grad_rest", "out_pass", "site", "touched",
+        "grad_rest", "out_pass", "per_unit", "site", "touched",
     )  # fmt: skip
 
     def __init__(self, site: Site, applies: tuple[bool, ...], grad_hook: Callable[[torch.Tensor], None]) -> None:
@@ -91,6 +91,7 @@ class _Slot:
         self.grad_pass: _Pass | None = None
         self.grad_rest: list[tuple[Collector, SiteState]] = []
         self.grad_hook = grad_hook
+        self.per_unit = False  # some collector keeps per-unit state here (its number of units is fixed)
         self.touched = False  # ran (forward or backward) in the open step
         self.calls = 0
         self.elements = 0
@@ -98,6 +99,8 @@ class _Slot:
 
     def plan(self) -> None:
         """Split the states into those the fused passes feed and the rest (a statistic feeds one state)."""
+        states = [spec for c, _ in (*self.fwd, *self.grad) for spec in c.state_specs.values()]
+        self.per_unit = any(spec.per_unit for spec in states)
         self.out_pass, self.fwd_rest = _plan(self.fwd, self.site, gradient=False)
         self.grad_pass, self.grad_rest = _plan(self.grad, self.site, gradient=True)
 
@@ -288,13 +291,16 @@ class Recorder:
             return
         shape = output.shape
         if shape != site.shape:
-            if site.units_of(shape) != site.units:
-                _problem(
-                    f"hookscope: site {site.layer!r} produced an output of shape {list(shape)} with "
-                    f"{site.units_of(shape)} units after {site.units} units; such calls are skipped "
-                    f"(use `unit_dim` if units sit in another dimension)"
-                )
-                return
+            units = site.units_of(shape)
+            if units != site.units:
+                if units < 0 or slot.per_unit:  # per-unit state cannot follow another number of units
+                    _problem(
+                        f"hookscope: site {site.layer!r}: its outputs changed their number of units (first "
+                        f"{site.units}, along dim {site.unit_dim}); calls with another number are skipped for "
+                        "its per-unit statistics (use `unit_dim` if units sit in another dimension)"
+                    )
+                    return
+                site.units = units  # statistics without per-unit state follow the latest output
             site.shape = tuple(shape)
         if output.get_device() != self._device_index and output.device != self._device:
             _problem(

@@ -206,7 +206,7 @@ class Site:
 
 
 #: What produced an activation's input, as far as units go: (feature count, the dimension that holds them:
-#: ``-1`` for the last one, ``1`` for channels, and a short description for warnings).
+#: ``-1`` for the last one, ``1`` for channels, ``0`` when only the size tells, and a short description).
 Producer = tuple[int, int, str]
 
 
@@ -231,7 +231,10 @@ def producer_of(module: nn.Module) -> Producer | None:
         return module.embedding_dim, -1, f"{name}(embedding_dim={module.embedding_dim})"
     shape = getattr(module, "normalized_shape", None)
     if isinstance(shape, (tuple, list)) and shape and isinstance(shape[-1], int):
-        return int(shape[-1]), -1, f"{name}(normalized_shape={tuple(shape)})"
+        # nn.LayerNorm normalises the last dims; its subclasses may run channels-first (torchvision's and timm's
+        # LayerNorm2d): for them only the size tells, not the place
+        where = -1 if type(module) in (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)) else 0
+        return int(shape[-1]), where, f"{name}(normalized_shape={tuple(shape)})"
     for attr, dim in (("out_features", -1), ("nf", -1), ("out_channels", 1), ("num_features", 1)):
         value = getattr(module, attr, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -243,23 +246,24 @@ def infer_unit_dim(shape: tuple[int, ...], producer: Producer | None) -> tuple[i
     """The unit dimension of an output of ``shape`` whose input came from ``producer`` (the last layer with a
     feature count that ran before the activation), and a note when the evidence is ambiguous or does not fit.
 
-    The producer's own dimension wins when it has the producer's feature count: a ``Linear`` before a GELU on
-    ``(N, H, W, C)`` (ConvNeXt, Swin) puts units last, a ``Conv1d`` before a GELU on ``(N, C, L)`` (Whisper,
-    wav2vec2) puts them in dim 1. Else the one other dimension (not the batch) with that size, if exactly one
-    has it; else :func:`default_unit_dim`.
+    The producer's own dimension wins when it has the producer's feature count and the activation's input is the
+    producer's output itself (the tracer passes a producer with ``where=0`` otherwise): a ``Linear`` before a
+    GELU on ``(N, H, W, C)`` (ConvNeXt, Swin) puts units last, a ``Conv1d`` before a GELU on ``(N, C, L)``
+    (Whisper, wav2vec2) puts them in dim 1. Else the one dimension (not the batch) with that size, if exactly
+    one has it; else :func:`default_unit_dim`, with a note.
     """
     ndim = len(shape)
     rule = default_unit_dim(ndim)
     if producer is None or ndim < 2:
         return rule, None
     features, where, what = producer
-    natural = ndim - 1 if where == -1 else min(where, ndim - 1)
-    if shape[natural] == features:
-        return natural, None
+    if where != 0:
+        natural = ndim - 1 if where == -1 else min(where, ndim - 1)
+        if shape[natural] == features:
+            return natural, None
     candidates = [d for d in range(1, ndim) if shape[d] == features]
     if len(candidates) == 1:
-        d = candidates[0]
-        return d, f"the layer before it, {what}, puts its features in dim {natural}; took dim {d} (size {features})"
+        return candidates[0], None
     if candidates:
         return rule, (
             f"dims {candidates} all have the {features} features of the layer before it, {what}: ambiguous, took "

@@ -191,6 +191,7 @@ class Tracer:
         # dimension of an activation is that of the layer that produced its input (see sites.infer_unit_dim).
         self._producers: dict[int, Producer] = {}
         self._producer: Producer | None = None
+        self._produced: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # its output's signature
         self._pass_done = False  # a forward pass ran to its end since the last end_step()
         #: Forward passes followed to their end since the last end_step() (compared across ranks).
         self.passes = 0
@@ -198,7 +199,7 @@ class Tracer:
         # the forward pass in progress
         self.stack: list[str] = []
         self._pass_frame: FrameType | None = None  # the frame of the module call that began the pass
-        self._activation_stack: list[tuple[str, int, ActivationSpec, nn.Module] | None] = []
+        self._activation_stack: list[tuple[str, int, ActivationSpec, nn.Module, Producer | None] | None] = []
         self._counts: dict[str, int] = {}
         self._recompute = False
         self._recompute_task = -1
@@ -325,7 +326,7 @@ class Tracer:
     # ----------------------------------------------------------------------------------------------------------
     # the forward pass (hot path)
 
-    def pre_hook(self, module: nn.Module) -> None:
+    def pre_hook(self, module: nn.Module, args: Any = ()) -> None:
         """Called by every hooked module's forward pre-hook (directly: ``sys._getframe(2)`` is the frame of
         torch's module call that runs the hook)."""
         if not self.attached:
@@ -341,7 +342,7 @@ class Tracer:
         else:
             return
         # a forward that began while recording is followed to its end, so the module stack stays balanced
-        self.enter(name, spec, module)
+        self.enter(name, spec, module, args)
 
     def _interrupted(self) -> bool:
         """Whether the forward pass on the stack ended without our forward hooks (torch runs ``always_call``
@@ -370,10 +371,12 @@ class Tracer:
         if self.attached and self.stack:
             name, spec = self.names[id(module)]
             self.exit(name, spec, output)
-            if self.discovering and spec is None:  # the last layer with features: it tells where units sit
-                self._producer = self._producers.get(id(module), self._producer)
+            if self.discovering and spec is None and id(module) in self._producers:
+                # the last layer with features, and what it produced: it tells where units sit
+                self._producer = self._producers[id(module)]
+                self._produced = _signature(output)
 
-    def enter(self, name: str, spec: ActivationSpec | None, module: nn.Module) -> None:
+    def enter(self, name: str, spec: ActivationSpec | None, module: nn.Module, args: Any = ()) -> None:
         """A hooked module begins its forward."""
         if not self.stack:
             self._begin_forward()
@@ -389,7 +392,8 @@ class Tracer:
             else:
                 k = self._counts.get(name, 0)
                 self._counts[name] = k + 1
-                self._activation_stack.append((name, k, spec, module))
+                feed = self._producer_for(args[0] if args else None) if self.discovering else None
+                self._activation_stack.append((name, k, spec, module, feed))
 
     def exit(self, name: str, spec: ActivationSpec | None, output: Any) -> None:
         """A hooked module ends its forward (also when it raised: ``always_call``)."""
@@ -402,7 +406,7 @@ class Tracer:
         if spec is not None and self._activation_stack:
             entry = self._activation_stack.pop()
             if entry is not None and isinstance(output, torch.Tensor):
-                act_name, k, act_spec, module = entry
+                act_name, k, act_spec, module, feed = entry
                 recorder = self.recorder
                 site = recorder.site_by_key.get((act_name, k), MISSING)
                 if site is not MISSING and site is not None and site.spec is not act_spec:
@@ -413,15 +417,27 @@ class Tracer:
                     bounds = _site_bounds(act_spec, layer_k, module, (), {})
                     site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
                 if site is not None:
-                    recorder.observe(site, output, self._recompute, self._producer)
+                    recorder.observe(site, output, self._recompute, feed)
         if not self.stack:
             self._pass_frame = None
             self._pass_done = True
             self.passes += 1
             self._end_forward()
 
+    def _producer_for(self, x: Any) -> Producer | None:
+        """What tells the unit dim of an activation whose input is ``x``: the last layer with features, with its
+        place when ``x`` is that layer's output itself, or its size alone when something came in between."""
+        producer = self._producer
+        if producer is None or producer[1] == 0:
+            return producer
+        signature = _signature(x)
+        if signature is not None and signature == self._produced:
+            return producer
+        return (producer[0], 0, producer[2])
+
     def _begin_forward(self) -> None:
         self._producer = None
+        self._produced = None
         if _in_backward():  # activation checkpointing recomputes a forward inside backward
             task = _graph_task_id()
             if task != self._recompute_task:
@@ -465,7 +481,8 @@ class Tracer:
             bounds = _site_bounds(spec, layer, None, args, kwargs)
             site = recorder.new_site((base, k), layer, enclosing, k, spec, fname, bounds)
         if site is not None:
-            recorder.observe(site, out, self._recompute, self._producer)
+            feed = self._producer_for(args[0] if args else None) if self.discovering else None
+            recorder.observe(site, out, self._recompute, feed)
 
 
 class _Compiled:
@@ -475,6 +492,16 @@ class _Compiled:
 
     def __init__(self) -> None:
         self.seen = False
+
+
+def _signature(x: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
+    """Where a tensor's data is and how it is laid out (to tell a layer's output from a view of it)."""
+    if not isinstance(x, torch.Tensor) or x.is_nested or x.layout != torch.strided:
+        return None
+    try:
+        return x.data_ptr(), tuple(x.shape), tuple(x.stride())
+    except RuntimeError:  # tensors without storage (meta, fake)
+        return None
 
 
 def _site_bounds(
@@ -496,10 +523,10 @@ def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled) -> Callab
         if tracer is None:
             return
         if _compile_region() is None:
-            tracer.pre_hook(module)
+            tracer.pre_hook(module, args)
         else:
             compiled.seen = True
-            _outside_compile(tracer.pre_hook, module)
+            _outside_compile(tracer.pre_hook, module, args)
 
     return hook
 

@@ -171,3 +171,18 @@ def test_alerts_see_parameter_rows() -> None:
         model(torch.randn(8, 3)).sum().backward()
         hm.step()
     assert ("param_gradient", "0") in [(a.rule, a.layer) for a in seen]
+
+
+def test_parametrized_weights_belong_to_their_layer() -> None:
+    from torch.nn.utils.parametrizations import weight_norm
+
+    conv = weight_norm(nn.Conv1d(2, 3, 3))  # as wav2vec2's pos_conv_embed: original0/original1 hold the weight
+    model = nn.Sequential(conv, nn.ReLU())
+    with HookManager(model, params=True, alerts=False) as hm:
+        model(torch.randn(2, 2, 8)).sum().backward()
+        hm.step()
+    frame = hm.param_frame()
+    assert frame[["module", "kind", "params"]].values.tolist() == [["0", "conv1d", 3 + 3 + 18]]  # bias, g, v
+    assert frame["weight_norm"].iloc[0] == pytest.approx(
+        norm(conv.bias, conv.parametrizations.weight.original0, conv.parametrizations.weight.original1), rel=1e-6
+    )

@@ -90,8 +90,7 @@ def test_the_rule_and_its_warnings() -> None:
     conv = (16, 1, "Conv1d(out_channels=16)")
     assert infer_unit_dim((2, 8, 8, 64), linear) == (3, None)  # channels last
     assert infer_unit_dim((2, 16, 100), conv) == (1, None)  # (N, C, L)
-    assert infer_unit_dim((2, 100, 16), conv)[0] == 2  # transposed back: the one dim of that size, with a note
-    assert infer_unit_dim((2, 100, 16), conv)[1] is not None
+    assert infer_unit_dim((2, 100, 16), conv) == (2, None)  # transposed: the one dim of that size, silently
     dim, note = infer_unit_dim((2, 16, 16, 5), (16, -1, "Linear(out_features=16)"))
     assert dim == 1 and note is not None and "ambiguous" in note
     dim, note = infer_unit_dim((2, 7, 9), linear)
