@@ -258,8 +258,9 @@ class Recorder:
         self._device = device
         self._device_index = device.index if device.type != "cpu" and device.index is not None else -1
         self._banks = [c.bind_device(device) for c in self.collectors]
-        for bank in self._banks:  # steps closed before any state existed (distributed): rows of defaults
-            for _ in self._in_ring:
+        for bank in self._banks:
+            bank.kernels = self.kernels
+            for _ in self._in_ring:  # steps closed before any state existed (distributed): rows of defaults
                 bank.push()
 
     def _bind_state(self, site: Site) -> None:

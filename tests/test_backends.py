@@ -125,3 +125,101 @@ def test_nan_outputs_are_inactive_not_saturated_and_counted_as_nonfinite(backend
     assert sig["saturation_rate"] == 0.0
     assert sig["nonfinite"] == 3
     assert not math.isnan(relu["inactive_fraction"])
+
+
+class TwoPlantedSites(nn.Module):
+    """Two ReLU sites whose inputs are the data itself: unit u of a step fires exactly when some x[:, u] > 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ReLU()
+        self.b = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a(x[:, :5]), self.b(x[:, 5:])], dim=1)
+
+
+def _planted_steps(steps: int) -> list[torch.Tensor]:
+    """Inputs (batch 1 to 4) in which 12 units fire with probabilities from never to always, and some stop and
+    start again (dead spells and revivals of several lengths)."""
+    g = torch.Generator().manual_seed(7)
+    p = torch.tensor([0.0, 0.05, 0.2, 0.5, 1.0, 0.1, 0.3, 0.0, 0.7, 0.02, 0.4, 0.9])
+    xs = []
+    for k in range(steps):
+        n = int(torch.randint(1, 5, (1,), generator=g))
+        q = p.clone()
+        q[3] = 0.0 if 6 <= k < 14 or 20 <= k < 22 else 1.0  # two spells of silence, then it fires again
+        fire = torch.rand(n, 12, generator=g) < q
+        xs.append(torch.where(fire, 1.0, -1.0))
+    return xs
+
+
+def _dead_unit_reference(xs: list[torch.Tensor], window: int, evidence: int) -> tuple[list[list[float]], dict]:
+    """dead_ratio and confirmed_dead_ratio per step and site, and each unit's timeline, by their definitions."""
+    sites = [range(0, 5), range(5, 12)]
+    last: list[int | None] = [None] * 12  # last step a unit fired
+    silent = [0] * 12  # elements since it last fired
+    dead_prev = [True] * 12
+    revivals, last_revival, dead_since = [0] * 12, [math.nan] * 12, [0.0] * 12
+    rows = []
+    for k, x in enumerate(xs):
+        fired = (x > 0).any(dim=0).tolist()
+        dead = []
+        for u in range(12):
+            before = last[u]
+            if fired[u]:
+                last[u], silent[u] = k, 0
+            else:
+                silent[u] += x.shape[0]
+            now_dead = last[u] is None or last[u] <= k - window
+            if fired[u] and before is not None and before <= k - 1 - window:
+                revivals[u] += 1
+                last_revival[u] = k
+            if now_dead and not dead_prev[u] and last[u] is not None:
+                dead_since[u] = k
+            dead.append(now_dead)
+            dead_prev[u] = now_dead
+        for units in sites:
+            n = len(units)
+            rows.append([sum(dead[u] for u in units) / n, sum(silent[u] >= evidence for u in units) / n])
+    timeline = {
+        "last_fired": [math.nan if t is None else float(t) for t in last],
+        "dead": dead_prev,
+        "dead_since": [s if d else math.nan for s, d in zip(dead_since, dead_prev)],
+        "revivals": revivals,
+        "last_revival": last_revival,
+    }
+    return rows, timeline
+
+
+@pytest.mark.parametrize(("window", "evidence"), [(1, 128), (1, 3), (3, 5)])
+def test_dead_unit_bookkeeping_is_the_same_on_both_paths_and_follows_the_definitions(
+    window: int, evidence: int
+) -> None:
+    # the per-unit windows, evidence, deaths and revivals, processed a ring at a time (native: one kernel call),
+    # across full rings, a ring flushed early by a report, and the open step seen by the timeline
+    xs = _planted_steps(37)
+    got = {}
+    for backend in ("native", "aten"):
+        model = TwoPlantedSites()
+        with kernels.forced(backend), HookManager(model, [DeadReLU(window=window, evidence=evidence)]) as hm:
+            frames = []
+            for k, x in enumerate(xs):
+                model(x)
+                if k == len(xs) - 1:
+                    frames.append(hm.unit_timeline())  # the open step counts
+                hm.step()
+                if k == 20:
+                    frames.append(hm.to_dataframe())  # flushes a ring of 5 steps
+            frame = hm.to_dataframe()
+        got[backend] = (frame, frames)
+    native, aten = got["native"], got["aten"]
+    assert native[0].equals(aten[0]) and native[1][0].equals(aten[1][0]) and native[1][1].equals(aten[1][1])
+    rows, timeline = _dead_unit_reference(xs, window, evidence)
+    frame = native[0]
+    assert frame[["dead_ratio", "confirmed_dead_ratio"]].to_numpy().ravel().tolist() == pytest.approx(
+        [v for row in rows for v in row]
+    )
+    units = native[1][1]
+    for column, want in timeline.items():
+        assert units[column].tolist() == pytest.approx(want, nan_ok=True), column

@@ -278,10 +278,15 @@ def test_cost_is_a_few_ops_per_site_and_a_fixed_number_per_step(backend: str) ->
     assert step_small[RING_STEPS:] == step_res[RING_STEPS:]
     steady = [n for i, n in enumerate(step_small) if i >= RING_STEPS and (i + 1) % RING_STEPS]
     assert set(steady) == {0}
-    # processing a ring: ~90 ops (DeadReLU's windows, revivals, deaths and evidence, the other collectors' sums),
-    # plus one elementwise maximum per step of the ring for the units' running maximum of the step they last
-    # fired (on CPU 16 of them cost a tenth of one cummax)
-    assert step_small[2 * RING_STEPS - 1] <= 92 + RING_STEPS
+    if backend == "native":
+        # processing a ring: DeadReLU's per-unit bookkeeping is one kernel call; the rest is the other
+        # collectors' sums and the stacking of the block's values
+        assert step_small[2 * RING_STEPS - 1] <= 24
+    else:
+        # ~90 ops (DeadReLU's windows, revivals, deaths and evidence, the other collectors' sums), plus one
+        # elementwise maximum per step of the ring for the units' running maximum of the step they last fired
+        # (on CPU 16 of them cost a tenth of one cummax)
+        assert step_small[2 * RING_STEPS - 1] <= 92 + RING_STEPS
     if backend == "native":  # one kernel call per output and per gradient, straight into the state
         assert i_small == p_small and i_res == p_res
         return

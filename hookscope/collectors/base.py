@@ -24,6 +24,7 @@ import torch
 from hookscope.errors import ConfigError, ConfigTypeError, StateError
 
 if TYPE_CHECKING:
+    from hookscope.kernels import Backend
     from hookscope.sites import Site
 
 __all__ = [
@@ -125,6 +126,8 @@ class StateBank:
         # persistent states), and each site's views by (site, row).
         self._views: dict[tuple[str, int], torch.Tensor] = {}
         self._site_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        #: The statistics implementation of the manager that owns the bank (set by its recorder; ``None``: ATen).
+        self.kernels: Backend | None = None
         self._alloc(16, 1024)
 
     # -- allocation ---------------------------------------------------------------------------------------------

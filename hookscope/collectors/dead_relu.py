@@ -11,6 +11,7 @@ import torch
 
 from hookscope.checks import check_int
 from hookscope.collectors.base import Collector, SiteState, StateBank, host_to_device
+from hookscope.kernels import DEAD_UNIT_STATES
 from hookscope.numerics import count_dtype
 from hookscope.sites import Site
 
@@ -114,6 +115,14 @@ class DeadReLU(Collector):
     def close_steps(self, steps: list[int], block: Mapping[str, torch.Tensor], commit: bool) -> dict[str, torch.Tensor]:
         bank = self.bank
         positive = block["positive"]  # (T, units): positive elements of each unit in each step of the block
+        if bank.kernels is not None:  # the native kernels: the same arithmetic in one pass over the block
+            state = {name: bank.unit(name) for name in DEAD_UNIT_STATES}
+            args = (positive, block["elements"], bank.owners(), self._inverse_units(bank), steps, self._closed)
+            out = bank.kernels.dead_units(*args, self.window, self.evidence, state, commit)
+            if out is not None:
+                if commit:
+                    self._closed += len(steps)
+                return {"positive": out[0], "alive_units": out[1], "confirmed_units": out[2]}
         device = positive.device
         t = host_to_device(torch.tensor(steps, dtype=torch.float64), device)[:, None]
         o = torch.arange(self._closed, self._closed + len(steps), dtype=torch.float64, device=device)[:, None]

@@ -42,10 +42,12 @@ from hookscope.warn import warn_once
 
 __all__ = [
     "BACKENDS",
+    "DEAD_UNIT_STATES",
     "ENV_VAR",
     "Backend",
     "available",
     "backend",
+    "dead_units",
     "forced",
     "grad_stats",
     "info",
@@ -74,6 +76,7 @@ _lib: _native.Native | None = None
 _reason: str | None = None
 _out_fn: Any = None
 _grad_fn: Any = None
+_dead_fn: Any = None
 
 
 def _one_thread() -> int:
@@ -86,11 +89,11 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("hookscope_
 
 
 def _load() -> bool:
-    global _loaded, _lib, _reason, _out_fn, _grad_fn, _threads_fn
+    global _loaded, _lib, _reason, _out_fn, _grad_fn, _dead_fn, _threads_fn
     if not _loaded:
         _lib, _reason = _native.load()
         if _lib is not None:
-            _out_fn, _grad_fn = _lib.output_stats, _lib.grad_stats
+            _out_fn, _grad_fn, _dead_fn = _lib.output_stats, _lib.grad_stats, _lib.dead_units
             _threads_fn = _get_num_threads if _lib.openmp else _one_thread
         _loaded = True
     return _lib is not None
@@ -366,29 +369,102 @@ def grad_stats(
     return bool(rc == 0)
 
 
+#: The per-unit states :func:`dead_units` reads and (``commit``) writes.
+DEAD_UNIT_STATES = ("fired_at", "silent", "revivals", "last_revival", "died_at", "last_fired")
+
+
+def _f64_rows(x: torch.Tensor, rows: int, cols: int) -> int | None:
+    """The row stride of a ``(rows, cols)`` float64 CPU tensor with contiguous rows, or ``None``."""
+    if type(x) is not _TENSOR or x.dtype is not _F64 or not x.is_cpu or x.layout is not _STRIDED:
+        return None
+    if x.dim() != 2 or x.shape[0] != rows or x.shape[1] != cols or (cols > 1 and x.stride(1) != 1):
+        return None
+    return x.stride(0) if rows > 1 else cols
+
+
+def dead_units(
+    positive: torch.Tensor,
+    elements: torch.Tensor,
+    owners: torch.Tensor,
+    inverse: torch.Tensor,
+    steps: list[int],
+    first: int,
+    window: int,
+    evidence: int,
+    state: dict[str, torch.Tensor],
+    commit: bool,
+) -> torch.Tensor | None:
+    """DeadReLU's per-unit bookkeeping for a block of recorded steps, in one pass (see ``hs_dead_units`` in
+    ``src/hookscope_kernels.h``); ``None`` (nothing done) when the kernels cannot take these tensors.
+
+    Args:
+        positive: ``(T, U)`` positive elements of each unit in each step (float64, contiguous rows).
+        elements: ``(T, S)`` output elements of each site in each step.
+        owners: ``(U,)`` int64: the site of each unit.
+        inverse: ``(S,)`` float64: 1 / units of each site.
+        steps: The ``T`` step numbers; ``first`` the ordinal of the first among recorded steps.
+        window: DeadReLU's window; ``evidence`` its silent-element threshold.
+        state: The persistent per-unit states :data:`DEAD_UNIT_STATES` (``(U,)`` float64, contiguous); ``fired_at``
+            and ``silent`` are read, and all of them move to the end of the block when ``commit``.
+
+    Returns:
+        ``(3, T, S)`` float64: per step and site, the positive elements, the alive units and the confirmed-dead
+        units.
+    """
+    fn = _dead_fn
+    if fn is None:
+        if not _load():
+            return None
+        fn = _dead_fn
+    t, u = len(steps), owners.numel()
+    s = inverse.numel()
+    pos_stride, el_stride = _f64_rows(positive, t, u), _f64_rows(elements, t, s)
+    if pos_stride is None or el_stride is None or _is_compiling():
+        return None
+    if owners.dtype is not torch.int64 or not owners.is_cpu or not owners.is_contiguous():
+        return None
+    flat = [inverse, *(state[name] for name in DEAD_UNIT_STATES)]
+    sizes = [s] + [u] * len(DEAD_UNIT_STATES)
+    for x, n in zip(flat, sizes):
+        if x.dtype is not _F64 or not x.is_cpu or not x.is_contiguous() or x.numel() != n:
+            return None
+    out = torch.zeros(3, t, s, dtype=_F64)
+    host_steps = torch.tensor(steps, dtype=_F64)
+    ptr = [x.data_ptr() for x in flat]
+    rc = fn(
+        t, u, s, positive.data_ptr(), pos_stride, elements.data_ptr(), el_stride, owners.data_ptr(), ptr[0],
+        host_steps.data_ptr(), float(first), float(window), float(evidence), ptr[1], ptr[2], int(commit), *ptr[3:],
+        out.data_ptr(),
+    )  # fmt: skip
+    return out if rc == 0 else None
+
+
 class Backend:
     """The statistics implementation one manager uses, chosen when it is created (:func:`select`).
 
-    ``output_stats`` / ``grad_stats`` have the signatures of the module's functions. For ``"native"`` they are
-    those functions; for ``"aten"`` they always decline, and the first CPU tensor they see (one the kernels would
-    have handled) makes hookscope say once why it uses ATen, unless ATen was chosen with :func:`forced`.
+    ``output_stats`` / ``grad_stats`` / ``dead_units`` have the signatures of the module's functions. For
+    ``"native"`` they are those functions; for ``"aten"`` they always decline, and the first CPU tensor
+    ``output_stats`` or ``grad_stats`` sees (one the kernels would have handled) makes hookscope say once why it
+    uses ATen, unless ATen was chosen with :func:`forced`.
 
     Attributes:
         name: ``"native"`` or ``"aten"``.
         reason: Why ATen (``None`` for native, or when chosen with :func:`forced`).
     """
 
-    __slots__ = ("grad_stats", "name", "output_stats", "reason")
+    __slots__ = ("dead_units", "grad_stats", "name", "output_stats", "reason")
 
     def __init__(self, name: str, reason: str | None) -> None:
         self.name = name
         self.reason = reason
         self.output_stats: Callable[..., bool]
         self.grad_stats: Callable[..., bool]
+        self.dead_units: Callable[..., torch.Tensor | None]
         if name == "native":
-            self.output_stats, self.grad_stats = output_stats, grad_stats
+            self.output_stats, self.grad_stats, self.dead_units = output_stats, grad_stats, dead_units
         else:
             self.output_stats = self.grad_stats = _decline if reason is None else _declining(reason)
+            self.dead_units = _none
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})" if self.reason is None else f"Backend({self.name!r}, reason={self.reason!r})"
@@ -396,6 +472,10 @@ class Backend:
 
 def _decline(x: torch.Tensor, **kwargs: Any) -> bool:
     return False
+
+
+def _none(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _declining(reason: str) -> Callable[..., bool]:

@@ -30,6 +30,7 @@ class Native:
     path: Path
     output_stats: Any
     grad_stats: Any
+    dead_units: Any
     openmp: bool
     _lib: ctypes.CDLL
 
@@ -84,4 +85,9 @@ def load(path: Path = LIBRARY_PATH) -> tuple[Native | None, str | None]:
     grad.restype = _i32
     # g, dtype, n, sumsq, scale, scale_ptr, scale_dtype, nonfinite, threads
     grad.argtypes = [_p, _i32, _i64, _p, _f64, _p, _i32, _p, _i32]
-    return Native(path, out, grad, bool(lib.hs_openmp()), lib), None
+    dead = lib.hs_dead_units
+    dead.restype = _i32
+    # T, U, S, positive, pos_stride, elements, el_stride, owners, inverse, steps, first, window, evidence,
+    # fired_at, silent, commit, revivals, last_revival, died_at, last_fired, out
+    dead.argtypes = [_i64, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _p, _f64, _f64, _f64, _p, _p, _i32, *[_p] * 5]
+    return Native(path, out, grad, dead, bool(lib.hs_openmp()), lib), None

@@ -479,3 +479,61 @@ HS_EXPORT int32_t hs_grad_stats(const void *g, int32_t dtype, int64_t n, double 
     if (nonfinite) *nonfinite += (double)bad;
     return 0;
 }
+
+/* -- DeadReLU's per-unit bookkeeping (float64, scalar: one pass over a few thousand to a few hundred thousand
+ * values once per ring of steps; the arithmetic follows the ATen formulation in collectors/dead_relu.py step by
+ * step, so both give the same values) ------------------------------------------------------------------------- */
+
+HS_EXPORT int32_t hs_dead_units(int64_t T, int64_t U, int64_t S, const double *positive, int64_t pos_stride,
+                                const double *elements, int64_t el_stride, const int64_t *owners,
+                                const double *inverse, const double *steps, double first, double window,
+                                double evidence, double *fired_at, double *silent, int32_t commit, double *revivals,
+                                double *last_revival, double *died_at, double *last_fired, double *out) {
+    if (T < 0 || U < 0 || S < 0 || (T > 1 && (pos_stride < U || el_stride < S))) return HS_ESIZE;
+    if (T == 0 || U == 0) return 0;
+    if (!positive || !elements || !owners || !inverse || !steps || !fired_at || !silent || !out) return HS_ENULL;
+    if (commit && (!revivals || !last_revival || !died_at || !last_fired)) return HS_ENULL;
+    for (int64_t u = 0; u < U; u++)
+        if (owners[u] < 0 || owners[u] >= S) return HS_ESIZE;
+    double *alive_out = out + T * S, *confirmed_out = out + 2 * T * S;
+    for (int64_t u = 0; u < U; u++) {
+        const int64_t s = owners[u];
+        const double per_unit = inverse[s], kept = silent[u];
+        double after = fired_at[u], total = 0.0, at_fire = 0.0, quiet = kept;
+        double revived = 0.0, revived_at = -INFINITY, died = -INFINITY, fired_last = -INFINITY;
+        int fired_in_block = 0;
+        for (int64_t k = 0; k < T; k++) {
+            const double o = first + (double)k, p = positive[k * pos_stride + u], before = after;
+            const int fired = p > 0.0; /* NaN never fires */
+            total += elements[k * el_stride + s] * per_unit;
+            if (fired) {
+                if (o > after) after = o;
+                fired_in_block = 1;
+                at_fire = total;
+            }
+            const int alive = after > o - window;
+            quiet = fired_in_block ? total - at_fire : total + kept;
+            out[k * S + s] += p;
+            alive_out[k * S + s] += (double)alive;
+            confirmed_out[k * S + s] += (double)(quiet >= evidence);
+            if (commit) {
+                const double t = steps[k], edge = o - 1.0 - window;
+                if (fired && before > -INFINITY && before <= edge) {
+                    revived += 1.0;
+                    if (t > revived_at) revived_at = t;
+                }
+                if (before > edge && !alive && t > died) died = t;
+                if (fired && t > fired_last) fired_last = t;
+            }
+        }
+        if (commit) {
+            fired_at[u] = after;
+            silent[u] = quiet;
+            revivals[u] += revived;
+            if (revived_at > last_revival[u]) last_revival[u] = revived_at;
+            if (died > died_at[u]) died_at[u] = died;
+            if (fired_last > last_fired[u]) last_fired[u] = fired_last;
+        }
+    }
+    return 0;
+}

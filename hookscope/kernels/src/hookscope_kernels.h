@@ -14,7 +14,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a meaning changes; the loader refuses another version. */
-#define HS_ABI_VERSION 1
+#define HS_ABI_VERSION 2
 
 /* Element dtypes. */
 #define HS_F32 0
@@ -76,6 +76,28 @@ int32_t hs_output_stats(const void *x, int32_t dtype, int64_t outer, int64_t uni
  * NULL, else it is `scale`; a scale of 1 divides nothing. */
 int32_t hs_grad_stats(const void *g, int32_t dtype, int64_t n, double *sumsq, double scale, const void *scale_ptr,
                       int32_t scale_dtype, double *nonfinite, int32_t threads);
+
+/* DeadReLU's per-unit bookkeeping for a block of `T` recorded steps (float64 throughout, one thread).
+ *
+ * Step k of the block is the recorded step of ordinal `first + k` and number `steps[k]`; unit u belongs to site
+ * owners[u] (0 <= owners[u] < S). Inputs: positive[k * pos_stride + u], the positive elements of unit u in step k;
+ * elements[k * el_stride + s], the output elements of site s in step k, and inverse[s] (1 / its units); the
+ * persistent fired_at[u] (ordinal of the last step it fired in, -inf for never) and silent[u] (output elements
+ * since then). For each step, with after = ordinal of the last firing as of step k (fired: positive > 0, NaN never)
+ * and before the same as of step k - 1, these are added (+=) to out, a (3, T, S) block:
+ *   out[0][k][s] = the positive elements of site s's units;
+ *   out[1][k][s] = its units with after > ordinal - window (alive);
+ *   out[2][k][s] = its units whose silent count (elements since the last firing, summed per step in block order as
+ *                  a running total minus the total at that firing, or plus the persistent count) >= evidence.
+ * When `commit`, the persistent state moves to the end of the block: fired_at and silent; revivals += steps that
+ * revived (fired, with before > -inf and before <= ordinal - 1 - window), last_revival, died_at (alive at step k - 1,
+ * dead at k) and last_fired are raised to the latest such step number. Without `commit` nothing but `out` is
+ * written (the four commit-only pointers may be NULL). */
+int32_t hs_dead_units(int64_t T, int64_t U, int64_t S, const double *positive, int64_t pos_stride,
+                      const double *elements, int64_t el_stride, const int64_t *owners, const double *inverse,
+                      const double *steps, double first, double window, double evidence, double *fired_at,
+                      double *silent, int32_t commit, double *revivals, double *last_revival, double *died_at,
+                      double *last_fired, double *out);
 
 #ifdef __cplusplus
 }
