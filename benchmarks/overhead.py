@@ -23,8 +23,8 @@ Configurations:
 - ``hookscope (ATen)``: the same inside ``forced("aten")``;
 - ``every=K``: recording one step in K (default backend);
 - ``naive``: blog-style hooks, ``(out <= 0).float().mean().item()`` and ``grad.norm().item()`` per layer and step;
-- ``params`` (with ``--params``): ``HookManager(model, params=True)``, skipped with a message while the manager
-  does not accept ``params``.
+- ``params`` (with ``--params``): ``HookManager(model, params=True)``; ``params (no updates)`` the same with
+  ``param_updates=False`` (no copy of the parameters, no ``update_ratio``).
 
 Run on this machine kind (2 CPU threads):
 
@@ -203,7 +203,7 @@ def make_configs(name: str, device: torch.device, every: int, params: bool = Fal
     base, _ = build(name)
     base = base.to(device)
     labels = ["plain", "plain (A/A)", "empty hooks", "ATen floor", "hookscope", "hookscope (ATen)", f"every={every}"]
-    labels += ["naive", *(["params"] if params else [])]
+    labels += ["naive", *(["params", "params (no updates)"] if params else [])]
     configs = []
     for label in labels:
         model = copy.deepcopy(base)
@@ -216,11 +216,9 @@ def make_configs(name: str, device: torch.device, every: int, params: bool = Fal
         elif label.startswith("every="):
             cfg.manager, cfg.backend = _manager(model, None, every=every)
         elif label == "params":
-            try:
-                cfg.manager, cfg.backend = _manager(model, None, params=True)
-            except TypeError as e:
-                print(f"# skipping `params`: HookManager does not accept `params` yet ({e})")
-                continue
+            cfg.manager, cfg.backend = _manager(model, None, params=True)
+        elif label == "params (no updates)":
+            cfg.manager, cfg.backend = _manager(model, None, params=True, param_updates=False)
         elif label == "empty hooks":
             empty_hooks(model)
         elif label == "ATen floor":
@@ -477,14 +475,17 @@ def markdown(results: list[dict[str, Any]], every: int) -> str:
         f"| model | plain ms | hookscope ms | ratio | every={every} ratio | naive ratio | A/A ratio | "
         "ratio quartiles | A/A quartiles | ATen ops/step plain | + hookscope | "
         "empty hooks ratio | ATen floor ratio | hookscope (ATen) ratio | hookscope (ATen) quartiles | "
-        f"+ hookscope (ATen) | + ATen floor | {'params ratio | ' if params else ''}backend | rounds kept | discarded |",
-        "|---|" + "---:|" * (19 + params),
+        f"+ hookscope (ATen) | + ATen floor | {'params ratio | params (no updates) ratio | ' if params else ''}"
+        "backend | rounds kept | discarded |",
+        "|---|" + "---:|" * (19 + 2 * params),
     ]
     for r in results:
         c = r["configs"]
         plain_ops = c["plain"]["aten_ops_per_step"]
         hs, aten = c["hookscope"], c["hookscope (ATen)"]
-        extra = f"{c['params']['ratio']:.3f}× | " if "params" in c else ("— | " if params else "")
+        extra = "".join(
+            f"{c[k]['ratio']:.3f}× | " if k in c else "— | " for k in ("params", "params (no updates)") if params
+        )
         lines.append(
             f"| {r['model']} | {c['plain']['ms']:.2f} | {hs['ms']:.2f} | {hs['ratio']:.3f}× | "
             f"{c[f'every={every}']['ratio']:.3f}× | {c['naive']['ratio']:.3f}× | {c['plain (A/A)']['ratio']:.3f}× | "

@@ -50,7 +50,7 @@ def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pyte
     assert result["model"] == "mlp" and result["rounds"] == 3 and result["order"] == "rotating"
     assert result["discarded_rounds"] == 0 and not result["contended"]
     configs = result["configs"]
-    assert CONFIGS <= set(configs) <= CONFIGS | {"params"}  # params: once the manager accepts it
+    assert set(configs) == CONFIGS | {"params", "params (no updates)"}
     assert all(len(c["ratios"]) == 3 and c["ms"] > 0 for c in configs.values())
     assert configs["plain"]["ratio"] == configs["plain"]["median_ratio"] == 1.0
     ops = {name: c["aten_ops_per_step"] - configs["plain"]["aten_ops_per_step"] for name, c in configs.items()}
@@ -59,12 +59,12 @@ def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pyte
     assert ops["ATen floor"] == 3 * 3
     # ATen collectors: 7 ops per ReLU site in the forward and backward hooks (empty, gt, per-unit sum, accumulate;
     # flat view, dot, accumulate), plus one processing of the ring every 16 steps (~110 ops; closing a step
-    # dispatches none); the kernels dispatch none in the hooks
+    # dispatches none); the kernels dispatch none in the hooks, and process the ring in ~20 ops
     assert 3 * 7 < ops["hookscope (ATen)"] <= 3 * 7 + 128 / 16
     from hookscope import kernels
 
     if kernels.available():
-        assert 0 < ops["hookscope"] <= 128 / 16
+        assert 0 < ops["hookscope"] <= 24 / 16
     else:
         assert ops["hookscope"] == ops["hookscope (ATen)"]
     assert configs["hookscope (ATen)"]["backend"] == "aten"
