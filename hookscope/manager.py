@@ -144,7 +144,11 @@ class HookManager:
         self._tracer = Tracer(model, self._recorder, check_bool("functional", functional))
         self.params = check_bool("params", params)
         updates = check_bool("param_updates", param_updates)
-        self._params = ParamStats(model, updates=updates, max_history=self.max_history) if self.params else None
+        self._params = (
+            ParamStats(model, updates=updates, max_history=self.max_history, kernels=self._recorder.kernels)
+            if self.params
+            else None
+        )
         self._sink_buffers: list[list[StepRecord]] = [[] for _ in self.sinks]  # closed steps not yet written
         # the step at which each sink writes next: it counts training steps, recorded or not
         self._sink_due = [self._recorder.step + sink.every - 1 for sink in self.sinks]
@@ -351,6 +355,11 @@ class HookManager:
         """Bytes of the recorded history (device values and host counts)."""
         self._recorder.flush()
         return self._recorder.history.nbytes()
+
+    def param_bytes(self) -> int:
+        """Bytes of the parameter copies kept for ``update_ratio`` (0 without ``params=True`` or with
+        ``param_updates=False``; the model's parameter size once the first step is recorded)."""
+        return self._params.nbytes() if self._params is not None else 0
 
     # ----------------------------------------------------------------------------------------------------------
     # reports

@@ -32,6 +32,8 @@ from hookscope.sites import ROOT_NAME, iter_named_modules
 if TYPE_CHECKING:
     import pandas as pd
 
+    from hookscope.kernels import Backend
+
 __all__ = ["PARAM_COLUMNS", "PARAM_STATS", "ParamStats"]
 
 #: Columns of ``HookManager.param_frame()``, in order.
@@ -64,10 +66,15 @@ class ParamStats:
         model: The model (wrappers are unwrapped as for layer names).
         updates: Keep a copy of the parameters to report ``update_ratio``.
         max_history: Steps kept for reports (``None``: all).
+        kernels: The statistics implementation of the manager: with the native kernels, the parameters of a CPU
+            device group are read once per step (norms, update and copy in one pass); else ``torch._foreach_*``.
     """
 
-    def __init__(self, model: nn.Module, updates: bool = True, max_history: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, updates: bool = True, max_history: int | None = None, kernels: Backend | None = None
+    ) -> None:
         self.updates = updates
+        self.kernels = kernels
         self.modules: list[str] = []
         self.kinds: list[str] = []
         self.sizes: list[int] = []
@@ -131,6 +138,23 @@ class ParamStats:
         params = group.params
         owners = group.owners()
         columns = torch.zeros(len(params), 5, dtype=torch.float64, device=group.device)
+        grads = [p.grad for p in params]
+        native = None
+        if self.kernels is not None and group.device.type == "cpu":
+            previous = group.previous if self.updates else None
+            native = self.kernels.param_stats(params, previous, grads)
+        if native is not None:  # one pass over each parameter (and its copy, and its gradient)
+            columns[:, :2] = native[:, :2]
+            columns[:, 2] = torch.tensor([g is not None for g in grads], dtype=torch.float64)
+            if self.updates:
+                if group.previous is not None and group.previous_weight is not None:
+                    columns[:, 3] = native[:, 2]
+                    columns[:, 4] = group.previous_weight
+                else:
+                    group.previous = [p.detach().clone() for p in params]
+                group.previous_weight = columns[:, 0].clone()
+            out = torch.zeros(n, 5, dtype=torch.float64, device=group.device)
+            return out.index_add_(0, owners, columns)
         columns[:, 0] = _squared_norms(params)
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         if with_grad:
@@ -182,5 +206,15 @@ class ParamStats:
 
 
 def _squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """‖t‖² of each tensor, float64 (norms taken in float32 or wider: no fp16 overflow), in one fused op."""
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).double().square()
+    """‖t‖² of each tensor, float64 (norms taken in float32, or float64 for float64 tensors: no fp16 overflow, and
+    ``_foreach_norm`` refuses to narrow), in one fused op per precision."""
+    wide = [t.dtype == torch.float64 for t in tensors]
+    if not any(wide):
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).double().square()
+    norms: list[torch.Tensor] = list(tensors)
+    for is_wide, dtype in ((True, torch.float64), (False, torch.float32)):
+        index = [i for i, w in enumerate(wide) if w is is_wide]
+        if index:
+            for i, value in zip(index, torch._foreach_norm([tensors[i] for i in index], 2, dtype=dtype)):
+                norms[i] = value.double()
+    return torch.stack(norms).square()

@@ -223,3 +223,60 @@ def test_dead_unit_bookkeeping_is_the_same_on_both_paths_and_follows_the_definit
     units = native[1][1]
     for column, want in timeline.items():
         assert units[column].tolist() == pytest.approx(want, nan_ok=True), column
+
+
+def test_parameter_statistics_read_each_cpu_parameter_once_and_follow_the_definitions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # float32 and float64 modules, a channels_last convolution (dense, not contiguous), a frozen parameter and a
+    # bfloat16 one (declined by the kernel: its group falls back to torch._foreach_*)
+    calls = []
+    real = kernels.param_stats
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernels, "param_stats", spy)
+
+    def model(dtype: torch.dtype) -> nn.Sequential:
+        torch.manual_seed(3)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5), nn.Linear(5, 2))
+        m[0].to(memory_format=torch.channels_last)
+        m[:4].to(dtype)
+        m[4].double()
+        m[3].bias.requires_grad_(False)
+        return m
+
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model(dtype)
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
+        want, previous = [], {}
+        with kernels.forced("native"), HookManager(m, params=True, alerts=False) as hm:
+            for s in range(3):
+                x = torch.randn(4, 3, 6, 6, dtype=dtype).to(memory_format=torch.channels_last)
+                h = m[:4](x)
+                m[4](h.double()).pow(2).mean().backward()
+                hm.step()
+                for name in ("0", "3", "4"):
+                    own = list(m[int(name)].parameters())
+                    theta = [p.detach().double().clone() for p in own]
+                    grads = [p.grad.double() for p in own if p.grad is not None]
+                    ratio = math.nan
+                    if s:
+                        diff = sum(float((a - b).pow(2).sum()) for a, b in zip(theta, previous[name]))
+                        ratio = math.sqrt(diff) / math.sqrt(sum(float(b.pow(2).sum()) for b in previous[name]))
+                    norms = [math.sqrt(sum(float(t.pow(2).sum()) for t in ts)) for ts in (theta, grads)]
+                    want.append([*norms, ratio])
+                    previous[name] = theta
+                opt.step()
+                opt.zero_grad()
+        got = hm.param_frame()[["weight_norm", "grad_norm", "update_ratio"]].to_numpy().ravel().tolist()
+        rel = 1e-6 if dtype == torch.float32 else 1e-2
+        assert got == pytest.approx([v for row in want for v in row], rel=rel, nan_ok=True)
+        if dtype == torch.float32:
+            assert calls and all(calls)  # every step in one kernel call per device group
+        else:
+            assert calls and not any(calls)
+        calls.clear()

@@ -4,6 +4,7 @@ update, tied weights, frozen parameters, gradient accumulation and every=K."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pandas as pd
 import pytest
@@ -14,6 +15,17 @@ import torch.nn.functional as F
 import hookscope as hs
 from hookscope import HookManager
 from hookscope.params import PARAM_COLUMNS
+
+
+@pytest.fixture(autouse=True, params=["native", "aten"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs on both paths: the native kernel (CPU parameters read once per step) and torch._foreach_*."""
+    from hookscope import kernels
+
+    if request.param == "native" and not kernels.available():
+        pytest.skip(f"native kernels unavailable: {kernels.info()['reason']}")
+    with kernels.forced(request.param):
+        yield request.param
 
 
 def two_layer() -> nn.Sequential:
@@ -125,11 +137,11 @@ def test_without_updates_no_copy_is_kept_and_the_ratio_is_nan() -> None:
             model(torch.randn(2, 3)).sum().backward()
             hm.step()
     assert hm.param_frame()["update_ratio"].isna().all()
-    assert hm._param_stats().nbytes() == 0
+    assert hm.param_bytes() == 0
     with HookManager(two_layer(), params=True, alerts=False) as hm2:
         hm2.model(torch.randn(2, 3)).sum().backward()
         hm2.step()
-    assert hm2._param_stats().nbytes() == sum(p.numel() * 4 for p in hm2.model.parameters())
+    assert hm2.param_bytes() == sum(p.numel() * 4 for p in hm2.model.parameters())
 
 
 def test_reports_csv_table_and_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -186,3 +198,15 @@ def test_parametrized_weights_belong_to_their_layer() -> None:
     assert frame["weight_norm"].iloc[0] == pytest.approx(
         norm(conv.bias, conv.parametrizations.weight.original0, conv.parametrizations.weight.original1), rel=1e-6
     )
+
+
+def test_float64_parameters_are_recorded() -> None:
+    # torch._foreach_norm refuses to narrow float64 to float32: the ATen path takes float64 norms of them
+    model = two_layer().double()
+    with HookManager(model, params=True, alerts=False) as hm:
+        model(torch.randn(5, 3, dtype=torch.float64)).pow(2).mean().backward()
+        hm.step()
+    frame = hm.param_frame()
+    m = model[0]
+    assert frame["weight_norm"].iloc[0] == pytest.approx(norm(m.weight, m.bias), rel=1e-12)
+    assert frame["grad_norm"].iloc[0] == pytest.approx(norm(m.weight.grad, m.bias.grad), rel=1e-12)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import math
 import os
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ __all__ = [
     "grad_stats",
     "info",
     "output_stats",
+    "param_stats",
     "select",
 ]
 
@@ -77,6 +79,7 @@ _reason: str | None = None
 _out_fn: Any = None
 _grad_fn: Any = None
 _dead_fn: Any = None
+_param_fn: Any = None
 
 
 def _one_thread() -> int:
@@ -89,11 +92,12 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("hookscope_
 
 
 def _load() -> bool:
-    global _loaded, _lib, _reason, _out_fn, _grad_fn, _dead_fn, _threads_fn
+    global _loaded, _lib, _reason, _out_fn, _grad_fn, _dead_fn, _param_fn, _threads_fn
     if not _loaded:
         _lib, _reason = _native.load()
         if _lib is not None:
             _out_fn, _grad_fn, _dead_fn = _lib.output_stats, _lib.grad_stats, _lib.dead_units
+            _param_fn = _lib.param_stats
             _threads_fn = _get_num_threads if _lib.openmp else _one_thread
         _loaded = True
     return _lib is not None
@@ -439,12 +443,77 @@ def dead_units(
     return out if rc == 0 else None
 
 
+_PARAM_DTYPES = {torch.float32: 0, torch.float64: 1}
+_PARAM_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def param_stats(
+    params: list[torch.Tensor], previous: list[torch.Tensor] | None, grads: list[torch.Tensor | None]
+) -> torch.Tensor | None:
+    """Per parameter, in one pass over each tensor: ‖θ‖², ‖g‖² (0 where ``grads[i]`` is ``None``) and ‖θ − θ_prev‖²
+    (0 without ``previous``), after which ``previous`` holds a copy of ``params``; ``None`` (nothing done, nothing
+    copied) when the kernels cannot take these tensors.
+
+    Args:
+        params: Dense float32 or float64 CPU tensors.
+        previous: Copies of ``params`` from an earlier step (same dtypes and strides), updated in place; or ``None``.
+        grads: Each parameter's gradient (dense, same dtype) or ``None``.
+
+    Returns:
+        ``(len(params), 3)`` float64: squared norms of the parameters, gradients and updates.
+    """
+    fn = _param_fn
+    if fn is None:
+        if not _load():
+            return None
+        fn = _param_fn
+    n = len(params)
+    if _is_compiling() or len(grads) != n or (previous is not None and len(previous) != n):
+        return None
+    codes: list[int] = []
+    sizes: list[int] = []
+    theta: list[int] = []
+    prev: list[int | None] = []
+    grad: list[int | None] = []
+    for i, p in enumerate(params):
+        code = _PARAM_DTYPES.get(p.dtype)
+        if code is None or type(p) not in _PARAM_TYPES:
+            return None
+        if not p.is_cpu or p.layout is not _STRIDED or not (p.is_contiguous() or _dense(p)):
+            return None
+        g = grads[i]
+        if g is not None and (
+            g.dtype is not p.dtype or not g.is_cpu or g.layout is not _STRIDED or g.numel() != p.numel()
+        ):
+            return None
+        if g is not None and not (g.is_contiguous() or _dense(g)):
+            return None
+        if previous is not None:
+            q = previous[i]
+            if q.dtype is not p.dtype or not q.is_cpu or q.shape != p.shape or q.stride() != p.stride():
+                return None
+            prev.append(q.data_ptr())
+        else:
+            prev.append(None)
+        codes.append(code)
+        sizes.append(p.numel())
+        theta.append(p.data_ptr())
+        grad.append(None if g is None else g.data_ptr())
+    out = torch.zeros(n, 3, dtype=_F64)
+    pointers = ctypes.c_void_p * n
+    rc = fn(
+        n, pointers(*theta), pointers(*prev), pointers(*grad), (ctypes.c_int64 * n)(*sizes),
+        (ctypes.c_int32 * n)(*codes), out.data_ptr(), _threads_fn(),
+    )  # fmt: skip
+    return out if rc == 0 else None
+
+
 class Backend:
     """The statistics implementation one manager uses, chosen when it is created (:func:`select`).
 
-    ``output_stats`` / ``grad_stats`` / ``dead_units`` have the signatures of the module's functions. For
-    ``"native"`` they are those functions; for ``"aten"`` they always decline, and the first CPU tensor
-    ``output_stats`` or ``grad_stats`` sees (one the kernels would have handled) makes hookscope say once why it
+    ``output_stats`` / ``grad_stats`` / ``dead_units`` / ``param_stats`` have the signatures of the module's
+    functions. For ``"native"`` they are those functions; for ``"aten"`` they always decline, and the first CPU
+    tensor ``output_stats`` or ``grad_stats`` sees (one the kernels would have handled) makes hookscope say once why it
     uses ATen, unless ATen was chosen with :func:`forced`.
 
     Attributes:
@@ -452,7 +521,7 @@ class Backend:
         reason: Why ATen (``None`` for native, or when chosen with :func:`forced`).
     """
 
-    __slots__ = ("dead_units", "grad_stats", "name", "output_stats", "reason")
+    __slots__ = ("dead_units", "grad_stats", "name", "output_stats", "param_stats", "reason")
 
     def __init__(self, name: str, reason: str | None) -> None:
         self.name = name
@@ -460,11 +529,13 @@ class Backend:
         self.output_stats: Callable[..., bool]
         self.grad_stats: Callable[..., bool]
         self.dead_units: Callable[..., torch.Tensor | None]
+        self.param_stats: Callable[..., torch.Tensor | None]
         if name == "native":
-            self.output_stats, self.grad_stats, self.dead_units = output_stats, grad_stats, dead_units
+            self.output_stats, self.grad_stats = output_stats, grad_stats
+            self.dead_units, self.param_stats = dead_units, param_stats
         else:
             self.output_stats = self.grad_stats = _decline if reason is None else _declining(reason)
-            self.dead_units = _none
+            self.dead_units = self.param_stats = _none
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})" if self.reason is None else f"Backend({self.name!r}, reason={self.reason!r})"

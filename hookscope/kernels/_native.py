@@ -31,6 +31,7 @@ class Native:
     output_stats: Any
     grad_stats: Any
     dead_units: Any
+    param_stats: Any
     openmp: bool
     _lib: ctypes.CDLL
 
@@ -90,4 +91,8 @@ def load(path: Path = LIBRARY_PATH) -> tuple[Native | None, str | None]:
     # T, U, S, positive, pos_stride, elements, el_stride, owners, inverse, steps, first, window, evidence,
     # fired_at, silent, commit, revivals, last_revival, died_at, last_fired, out
     dead.argtypes = [_i64, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _p, _f64, _f64, _f64, _p, _p, _i32, *[_p] * 5]
-    return Native(path, out, grad, dead, bool(lib.hs_openmp()), lib), None
+    params = lib.hs_param_stats
+    params.restype = _i32
+    # n, theta[], prev[], grad[], sizes[], dtypes[], out, threads
+    params.argtypes = [_i64, _p, _p, _p, _p, _p, _p, _i32]
+    return Native(path, out, grad, dead, params, bool(lib.hs_openmp()), lib), None

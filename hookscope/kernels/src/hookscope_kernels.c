@@ -537,3 +537,128 @@ HS_EXPORT int32_t hs_dead_units(int64_t T, int64_t U, int64_t S, const double *p
     }
     return 0;
 }
+
+/* -- parameter statistics: norms of the weights and gradients and the size of the update, in one pass ---------- */
+
+/* Work items of hs_param_stats: a run of at most HS_PARAM_CHUNK elements of one tensor. */
+#define HS_PARAM_CHUNK ((int64_t)1 << 16)
+
+typedef struct {
+    int64_t n;
+    const void *const *theta;
+    void *const *prev;
+    const void *const *grad;
+    const int64_t *sizes;
+    const int32_t *dtypes;
+    const int64_t *first; /* first chunk of each tensor; first[n] chunks in all */
+    double *part;         /* 3 sums per chunk */
+} hs_param_ctx;
+
+#define HS_PARAM_BLOCK(T, L)                                                                                        \
+    static void hs_param_block_##T(const T *HS_RESTRICT t, T *HS_RESTRICT p, const T *HS_RESTRICT g, int64_t len,  \
+                                   double *out) {                                                                   \
+        for (int64_t b = 0; b < len; b += HS_BLOCK) {                                                              \
+            const int64_t m = len - b < HS_BLOCK ? len - b : HS_BLOCK;                                             \
+            L w[HS_LANES] = {0}, d[HS_LANES] = {0}, q[HS_LANES] = {0};                                             \
+            const T *tb = t + b;                                                                                   \
+            int64_t j = 0;                                                                                         \
+            for (; j + HS_LANES <= m; j += HS_LANES)                                                               \
+                for (int l = 0; l < HS_LANES; l++) w[l] += (L)tb[j + l] * (L)tb[j + l];                           \
+            for (; j < m; j++) w[0] += (L)tb[j] * (L)tb[j];                                                        \
+            if (p != NULL) {                                                                                       \
+                T *pb = p + b;                                                                                     \
+                for (j = 0; j + HS_LANES <= m; j += HS_LANES)                                                      \
+                    for (int l = 0; l < HS_LANES; l++) {                                                           \
+                        const L v = (L)tb[j + l] - (L)pb[j + l];                                                   \
+                        d[l] += v * v;                                                                             \
+                        pb[j + l] = tb[j + l];                                                                     \
+                    }                                                                                              \
+                for (; j < m; j++) {                                                                               \
+                    const L v = (L)tb[j] - (L)pb[j];                                                               \
+                    d[0] += v * v;                                                                                 \
+                    pb[j] = tb[j];                                                                                 \
+                }                                                                                                  \
+            }                                                                                                      \
+            if (g != NULL) {                                                                                       \
+                const T *gb = g + b;                                                                               \
+                for (j = 0; j + HS_LANES <= m; j += HS_LANES)                                                      \
+                    for (int l = 0; l < HS_LANES; l++) q[l] += (L)gb[j + l] * (L)gb[j + l];                       \
+                for (; j < m; j++) q[0] += (L)gb[j] * (L)gb[j];                                                    \
+            }                                                                                                      \
+            double sw = 0.0, sd = 0.0, sq = 0.0;                                                                   \
+            for (int l = 0; l < HS_LANES; l++) {                                                                   \
+                sw += (double)w[l];                                                                                \
+                sd += (double)d[l];                                                                                \
+                sq += (double)q[l];                                                                                \
+            }                                                                                                      \
+            out[0] += sw;                                                                                          \
+            out[1] += sq;                                                                                          \
+            out[2] += sd;                                                                                          \
+        }                                                                                                          \
+    }
+
+HS_PARAM_BLOCK(float, float)
+HS_PARAM_BLOCK(double, double)
+
+static void hs_param_task(void *ctx, int t, int nt) {
+    const hs_param_ctx *c = (const hs_param_ctx *)ctx;
+    int64_t lo, hi;
+    hs_range(c->first[c->n], t, nt, 1, &lo, &hi);
+    int64_t i = 0;
+    for (int64_t k = lo; k < hi; k++) {
+        while (c->first[i + 1] <= k) i++;
+        const int64_t start = (k - c->first[i]) * HS_PARAM_CHUNK;
+        const int64_t len = c->sizes[i] - start < HS_PARAM_CHUNK ? c->sizes[i] - start : HS_PARAM_CHUNK;
+        double *out = c->part + 3 * k;
+        if (c->dtypes[i] == HS_F32)
+            hs_param_block_float((const float *)c->theta[i] + start, c->prev[i] ? (float *)c->prev[i] + start : NULL,
+                                 c->grad[i] ? (const float *)c->grad[i] + start : NULL, len, out);
+        else
+            hs_param_block_double((const double *)c->theta[i] + start,
+                                  c->prev[i] ? (double *)c->prev[i] + start : NULL,
+                                  c->grad[i] ? (const double *)c->grad[i] + start : NULL, len, out);
+    }
+}
+
+HS_EXPORT int32_t hs_param_stats(int64_t n, const void *const *theta, void *const *prev, const void *const *grad,
+                                 const int64_t *sizes, const int32_t *dtypes, double *out, int32_t threads) {
+    if (n < 0) return HS_ESIZE;
+    if (n == 0) return 0;
+    if (!theta || !prev || !grad || !sizes || !dtypes || !out) return HS_ENULL;
+    int64_t *first = (int64_t *)malloc((size_t)(n + 1) * sizeof *first);
+    if (first == NULL) return HS_ENOMEM;
+    int64_t total = 0;
+    first[0] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (dtypes[i] != HS_F32 && dtypes[i] != HS_F64) {
+            free(first);
+            return HS_EDTYPE;
+        }
+        if (sizes[i] < 0) {
+            free(first);
+            return HS_ESIZE;
+        }
+        if (sizes[i] > 0 && theta[i] == NULL) {
+            free(first);
+            return HS_ENULL;
+        }
+        first[i + 1] = first[i] + (sizes[i] + HS_PARAM_CHUNK - 1) / HS_PARAM_CHUNK;
+        total += sizes[i];
+    }
+    double *part = (double *)calloc((size_t)(3 * first[n] + 1), sizeof *part);
+    if (part == NULL) {
+        free(first);
+        return HS_ENOMEM;
+    }
+    hs_param_ctx c = {n, theta, prev, grad, sizes, dtypes, first, part};
+    hs_run(hs_threads(threads, total), hs_param_task, &c);
+    for (int64_t i = 0; i < n; i++) { /* chunk order: the same sums whatever the number of threads */
+        double s[3] = {0.0, 0.0, 0.0};
+        for (int64_t k = first[i]; k < first[i + 1]; k++)
+            for (int j = 0; j < 3; j++) s[j] += part[3 * k + j];
+        for (int j = 0; j < 3; j++) out[3 * i + j] = s[j];
+    }
+    free(part);
+    free(first);
+    return 0;
+}

@@ -99,6 +99,15 @@ int32_t hs_dead_units(int64_t T, int64_t U, int64_t S, const double *positive, i
                       double *silent, int32_t commit, double *revivals, double *last_revival, double *died_at,
                       double *last_fired, double *out);
 
+/* Parameter statistics of `n` tensors in one call. Tensor i has sizes[i] dense elements of dtypes[i] (HS_F32 or
+ * HS_F64) at theta[i]; grad[i] (its gradient, same dtype and size) and prev[i] (a copy of it from an earlier step)
+ * may be NULL. Writes (=, not +=) out[3i] = sum of theta^2, out[3i + 1] = sum of grad^2 (0 without a gradient) and
+ * out[3i + 2] = sum of (theta - prev)^2 (0 without a copy), then copies theta into prev: each tensor is read once.
+ * Squares are summed in lanes of the dtype within blocks of 4096 elements and in float64 across blocks; the work
+ * is split into runs of 65536 elements over up to `threads` threads and merged in a fixed order. */
+int32_t hs_param_stats(int64_t n, const void *const *theta, void *const *prev, const void *const *grad,
+                       const int64_t *sizes, const int32_t *dtypes, double *out, int32_t threads);
+
 #ifdef __cplusplus
 }
 #endif
