@@ -26,6 +26,18 @@ def _seed_and_threads() -> Iterator[None]:
     torch.set_num_threads(threads)  # a test (the benchmark) that changes it does not change the others
 
 
+@pytest.fixture(params=["native", "aten"])
+def each_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test on both statistics paths, the native kernels and the ATen formulation (test files opt in with
+    ``pytestmark = pytest.mark.usefixtures("each_path")``); native is skipped where the library is not built."""
+    from hookscope import kernels
+
+    if request.param == "native" and not kernels.available():
+        pytest.skip(f"native kernels unavailable: {kernels.info()['reason']}")
+    with kernels.forced(request.param):
+        yield request.param
+
+
 def hook_count(model: nn.Module) -> int:
     """Forward hooks and pre-hooks on all modules of a model."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -4,7 +4,6 @@ update, tied weights, frozen parameters, gradient accumulation and every=K."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pandas as pd
 import pytest
@@ -16,16 +15,8 @@ import hookscope as hs
 from hookscope import HookManager
 from hookscope.params import PARAM_COLUMNS
 
-
-@pytest.fixture(autouse=True, params=["native", "aten"])
-def backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test runs on both paths: the native kernel (CPU parameters read once per step) and torch._foreach_*."""
-    from hookscope import kernels
-
-    if request.param == "native" and not kernels.available():
-        pytest.skip(f"native kernels unavailable: {kernels.info()['reason']}")
-    with kernels.forced(request.param):
-        yield request.param
+# every test runs on both paths: the native kernels and the ATen formulation
+pytestmark = pytest.mark.usefixtures("each_path")
 
 
 def two_layer() -> nn.Sequential:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,16 +15,8 @@ import torch.nn as nn
 import hookscope as hs
 from hookscope import DeadReLU, GradientNorm, HookManager, Saturation
 
-
-@pytest.fixture(autouse=True, params=["native", "aten"])
-def backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every statistics test runs on both paths: the native kernels and the ATen formulation."""
-    from hookscope import kernels
-
-    if request.param == "native" and not kernels.available():
-        pytest.skip(f"native kernels unavailable: {kernels.info()['reason']}")
-    with kernels.forced(request.param):
-        yield request.param
+# every test runs on both paths: the native kernels and the ATen formulation
+pytestmark = pytest.mark.usefixtures("each_path")
 
 
 def three_unit_relu() -> nn.Sequential:
