@@ -207,7 +207,10 @@ class ParamStats:
 
 def _squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """‖t‖² of each tensor, float64 (norms taken in float32, or float64 for float64 tensors: no fp16 overflow, and
-    ``_foreach_norm`` refuses to narrow), in one fused op per precision."""
+    ``_foreach_norm`` refuses to narrow), in one fused op per precision. Sparse tensors (the gradients of
+    ``Embedding(sparse=True)``) count by their stored values, coalesced first (a COO tensor may hold an index
+    twice)."""
+    tensors = [_stored_values(t) if t.layout != torch.strided else t for t in tensors]
     wide = [t.dtype == torch.float64 for t in tensors]
     if not any(wide):
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).double().square()
@@ -218,3 +221,8 @@ def _squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
             for i, value in zip(index, torch._foreach_norm([tensors[i] for i in index], 2, dtype=dtype)):
                 norms[i] = value.double()
     return torch.stack(norms).square()
+
+
+def _stored_values(t: torch.Tensor) -> torch.Tensor:
+    """The values of a sparse tensor, each element once."""
+    return t.coalesce().values() if t.layout == torch.sparse_coo else t.values()

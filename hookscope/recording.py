@@ -347,10 +347,6 @@ class Recorder:
         else:
             _feed(slot.grad, grad, site, grad=True)
 
-    def applies(self) -> list[tuple[bool, ...]]:
-        """Per site, per collector: whether the collector records the site."""
-        return [slot.applies for slot in self._slots]
-
     def check_include(self) -> None:
         """Warn once when ``include`` matched none of the activation calls seen so far."""
         if self._include_checked or self.include is None or not self.site_by_key:
@@ -420,6 +416,9 @@ class Recorder:
         except StateError as e:
             self._give_up_global(e)
             raise
+        finally:
+            if self._cross is not None:
+                self._cross.release()
         for r in final:
             self.last_closed = r
         return final
@@ -579,7 +578,8 @@ class Recorder:
 
     def frame_of_rows(self, rows: Rows) -> pd.DataFrame:
         """The report frame of some rows."""
-        return build_frame(rows, self.sites, self.collectors, self.layout or FieldLayout(), self.applies())
+        applies = [slot.applies for slot in self._slots]  # per site, per collector: whether it records the site
+        return build_frame(rows, self.sites, self.collectors, self.layout or FieldLayout(), applies)
 
     def rows(self) -> Rows:
         """Recorded (step, site) rows with their raw counts, the open step included when it has data."""
@@ -656,6 +656,17 @@ class _Combiner:
     def unfinished(self) -> int:
         """Closed rows at the end of the ring that are not combined yet."""
         return (self.waiting is not None) + (self.combining is not None)
+
+    def release(self) -> None:
+        """Drop the process groups and any pending work (at ``detach()``; a later ``step()`` makes new groups).
+
+        Now, not whenever the garbage collector frees the manager: a gloo group that
+        ``torch.distributed.destroy_process_group()`` already dropped, freed while the interpreter shuts down,
+        aborts the process ("terminate called without an active exception").
+        """
+        self.cross = None
+        self.waiting = None
+        self.combining = None
 
     def post(self, record: StepRecord, passes: int) -> None:
         rec = self.recorder

@@ -201,3 +201,17 @@ def test_float64_parameters_are_recorded() -> None:
     m = model[0]
     assert frame["weight_norm"].iloc[0] == pytest.approx(norm(m.weight, m.bias), rel=1e-12)
     assert frame["grad_norm"].iloc[0] == pytest.approx(norm(m.weight.grad, m.bias.grad), rel=1e-12)
+
+
+def test_sparse_embedding_gradients_count_each_row_once() -> None:
+    # Embedding(sparse=True) has a sparse COO gradient in which a row looked up twice appears twice
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.ReLU())
+    with HookManager(model, params=True, alerts=False) as hm:
+        model(torch.tensor([1, 2, 1])).sum().backward()
+        hm.step()
+    # d(sum of relu(W[i]))/dW[i] = 1 where W[i] > 0, per lookup: row 1 gets 2 where positive, row 2 gets 1
+    w = model[0].weight.detach()
+    want = math.sqrt(float(4 * (w[1] > 0).sum() + (w[2] > 0).sum()))
+    assert hm.param_frame()["grad_norm"].iloc[0] == pytest.approx(want, rel=1e-6)
+    assert hm.param_frame()["weight_norm"].iloc[0] == pytest.approx(norm(w), rel=1e-6)
