@@ -97,12 +97,12 @@ class ParamStats:
                 self.modules.append(name or ROOT_NAME)
                 self.kinds.append(kinds[name])
                 self.sizes.append(0)
-            self.sizes[index] += sum(p.numel() for p in own)
             for p in own:
                 group = groups.setdefault(p.device, _DeviceGroup(p.device))
                 group.params.append(p)
                 group.owner.append(index)
         self._groups = list(groups.values())
+        self._sized = False  # the sizes are counted at the first record: lazy modules' parameters have none before
         self.history = History(max_steps=max_history)
         self.last: StepRecord | None = None  # the latest recorded step
         self._first = True
@@ -115,6 +115,13 @@ class ParamStats:
         if not self.modules:
             return
         n = len(self.modules)
+        if not self._sized:
+            params = [(i, p) for g in self._groups for i, p in zip(g.owner, g.params)]
+            if any(isinstance(p, nn.parameter.UninitializedParameter) for _, p in params):
+                return  # a lazy module that has not run yet: nothing to measure
+            for i, p in params:
+                self.sizes[i] += p.numel()
+            self._sized = True
         with torch.no_grad(), torch._C.DisableTorchFunction():
             parts = [self._group_sums(group, n) for group in self._groups]
             home = parts[0].device

@@ -215,3 +215,17 @@ def test_sparse_embedding_gradients_count_each_row_once() -> None:
     want = math.sqrt(float(4 * (w[1] > 0).sum() + (w[2] > 0).sum()))
     assert hm.param_frame()["grad_norm"].iloc[0] == pytest.approx(want, rel=1e-6)
     assert hm.param_frame()["weight_norm"].iloc[0] == pytest.approx(norm(w), rel=1e-6)
+
+
+def test_lazy_modules_are_recorded_once_they_have_run() -> None:
+    # LazyLinear's parameters have no shape until the first forward: the manager can be built before it
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU())
+    with HookManager(model, params=True, alerts=False) as hm:
+        hm.step()  # nothing ran: nothing to measure
+        model(torch.randn(2, 3)).sum().backward()
+        hm.step()
+    frame = hm.param_frame()
+    m = model[0]
+    assert frame["step"].tolist() == [1] and frame["params"].tolist() == [3 * 4 + 4]
+    assert frame["weight_norm"].iloc[0] == pytest.approx(norm(m.weight, m.bias), rel=1e-6)
+    assert frame["grad_norm"].iloc[0] == pytest.approx(norm(m.weight.grad, m.bias.grad), rel=1e-6)
