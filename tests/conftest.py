@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from hookscope import HookManager
+from hookscope import Collector, HookManager
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +36,24 @@ def each_path(request: pytest.FixtureRequest) -> Iterator[str]:
         pytest.skip(f"native kernels unavailable: {kernels.info()['reason']}")
     with kernels.forced(request.param):
         yield request.param
+
+
+class Extremes(Collector):
+    """A custom collector with max and min states: the largest and smallest output of each site and step."""
+
+    columns = ("largest", "smallest")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("hi", -math.inf, reduce="max")
+        self.add_state("lo", math.inf, reduce="min")
+
+    def update(self, state, output, site) -> None:  # type: ignore[no-untyped-def]
+        state["hi"].clamp_(min=output.max().double())
+        state["lo"].clamp_(max=output.min().double())
+
+    def compute(self, record):  # type: ignore[no-untyped-def]
+        return {"largest": record["hi"], "smallest": record["lo"]}
 
 
 def hook_count(model: nn.Module) -> int:

@@ -120,22 +120,9 @@ def _frame_rows(frame: pd.DataFrame) -> list[tuple]:  # type: ignore[type-arg]
 
 def scenario_routing(rank: int, out: Path) -> None:
     """MoE routing: rank 0 meets a then b, rank 1 b then a; expert c runs on rank 1 only, at step 1."""
-    from hookscope import Collector, DeadReLU, HookManager
+    from conftest import Extremes  # max and min states combine with max and min across ranks
 
-    class Extremes(Collector):  # max and min states combine with max and min across ranks
-        columns = ("largest", "smallest")
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.add_state("hi", -math.inf, reduce="max")
-            self.add_state("lo", math.inf, reduce="min")
-
-        def update(self, state, output, site) -> None:  # type: ignore[no-untyped-def]
-            state["hi"].clamp_(min=output.max().double())
-            state["lo"].clamp_(max=output.min().double())
-
-        def compute(self, record):  # type: ignore[no-untyped-def]
-            return {"largest": record["hi"], "smallest": record["lo"]}
+    from hookscope import DeadReLU, HookManager
 
     model = Experts()
     x = torch.full((2, 2), float(rank + 1))  # rank 0: outputs 2.0, rank 1: 4.0 (experts b, c)

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ActivationCalls, definition_stats
+from conftest import ActivationCalls, Extremes, definition_stats
 from rich.console import Console
 
 import hookscope as hs
@@ -328,22 +328,6 @@ def test_dead_unit_history_across_state_growth_matches_a_step_by_step_reference(
 
 # ---------------------------------------------------------------------------------------------------------------
 # custom max / min states: each step starts from the declared default (also after the ring is recycled)
-
-
-class Extremes(hs.Collector):
-    columns = ("largest", "smallest")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("hi", -math.inf, reduce="max")
-        self.add_state("lo", math.inf, reduce="min")
-
-    def update(self, state, output, site) -> None:  # type: ignore[no-untyped-def]
-        state["hi"].clamp_(min=output.max().double())
-        state["lo"].clamp_(max=output.min().double())
-
-    def compute(self, record):  # type: ignore[no-untyped-def]
-        return {"largest": record["hi"], "smallest": record["lo"]}
 
 
 def test_max_and_min_states_restart_from_their_defaults_every_step() -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -572,36 +572,36 @@ def test_callback_sink_hands_each_closed_step_once() -> None:
     pd.testing.assert_frame_equal(pd.concat(frames, ignore_index=True), hm.to_dataframe())
 
 
+def _flaky_logger() -> tuple[list[list[int]], Callable[[pd.DataFrame], None]]:
+    """A tracker's log function that fails on its first call; ``seen`` gets the steps of every call."""
+    seen: list[list[int]] = []
+
+    def flaky(frame: pd.DataFrame) -> None:
+        seen.append(sorted(frame["step"].unique()))
+        if len(seen) == 1:
+            raise ConnectionError("logger unreachable")
+
+    return seen, flaky
+
+
 def test_callback_sink_checks_fn_and_lets_its_errors_through() -> None:
     with pytest.raises(ConfigTypeError, match=r"`fn` must be a callable taking one DataFrame .*got 'log'"):
         hs.CallbackSink("log")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`every`"):
         hs.CallbackSink(print, every=0)
-    seen: list[list[int]] = []
-
-    def flaky(frame: pd.DataFrame) -> None:
-        seen.append(sorted(frame["step"].unique()))
-        if len(seen) == 1:
-            raise ConnectionError("logger unreachable")
-
+    seen, flaky = _flaky_logger()
     model = SharedReLU()
     with HookManager(model, sinks=[hs.CallbackSink(flaky, every=2)], alerts=False) as hm:
         steps(model, 1, hm)
         with pytest.raises(ConnectionError):
             steps(model, 1, hm)
-        steps(model, 2, hm)  # the sink holds nothing from the failed call: the next one works
+        steps(model, 2, hm)  # the next write works (its rows: test_rows_handed_to_a_callback_that_raised_come_again)
     assert seen[0] == [0, 1] and seen[-1][-1] == 3
     assert repr(hs.CallbackSink(flaky)).endswith("<locals>.flaky, every=100)")
 
 
 def test_rows_handed_to_a_callback_that_raised_come_again() -> None:
-    seen: list[list[int]] = []
-
-    def flaky(frame: pd.DataFrame) -> None:
-        seen.append(sorted(frame["step"].unique()))
-        if len(seen) == 1:
-            raise ConnectionError("logger unreachable")
-
+    seen, flaky = _flaky_logger()
     model = SharedReLU()
     with HookManager(model, sinks=[hs.CallbackSink(flaky, every=2)], alerts=False) as hm:
         with contextlib.suppress(ConnectionError):
