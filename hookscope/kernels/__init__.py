@@ -311,7 +311,7 @@ def output_stats(
         0.0 if lower is None else lower,
         0.0 if upper is None else upper,
         f,
-        _threads_fn(),  # the library runs calls of fewer than 2**18 elements per thread on fewer threads
+        _threads_fn(),  # the library runs calls of fewer than 32768 elements per thread on fewer threads
     )
     return bool(rc == 0)
 

@@ -10,9 +10,12 @@
  * arithmetic only (16-bit floats compare as order-preserving integer keys, never converted), which the compiler
  * vectorises; the file is compiled once for the baseline instruction set and once more for AVX2 (gcc and clang on
  * x86 only), the AVX2 code being chosen at run time when the CPU has it.
- * Threading. Calls with at least HS_PAR_MIN elements per thread split the work into contiguous ranges over an
- * OpenMP team of the size the caller asks for; each thread counts into its own scratch and the results are merged
- * in a fixed order (sums of squares block by block), so results do not depend on the number of threads.
+ * Threading. Calls of at least HS_GRAIN elements split the work into contiguous ranges over an OpenMP team of
+ * ceil(elements / HS_GRAIN) threads at most (the caller says how many it may have), the rule torch's own
+ * parallel_for follows for elementwise operations: each thread then mostly reads the part of the tensor it has
+ * just written in its own cache (an activation's output, its gradient), instead of one thread reading it all from
+ * the other cores' caches. Each thread counts into its own scratch and the results are merged in a fixed order
+ * (sums of squares block by block), so results do not depend on the number of threads.
  * Accumulation. Counts are exact (integers, added to the float64 outputs once per call); sums of squares use
  * HS_LANES float partial sums per block of HS_BLOCK elements, float64 across blocks. */
 
@@ -59,9 +62,10 @@
 #define HS_ROW_MAX ((int64_t)1 << 16)
 /* Rows shorter than this are grouped. */
 #define HS_ROW_MIN 64
-/* Elements each thread must have at least, or fewer threads are used (down to one). */
-#ifndef HS_PAR_MIN
-#define HS_PAR_MIN ((int64_t)1 << 18)
+/* Elements per thread of a parallel call at least: torch's at::internal::GRAIN_SIZE, so that a call splits its
+ * tensor as torch split the operation that wrote it. */
+#ifndef HS_GRAIN
+#define HS_GRAIN ((int64_t)32768)
 #endif
 #define HS_MAX_THREADS 256
 
@@ -207,7 +211,7 @@ static void hs_run(int threads, hs_task task, void *ctx) {
 }
 
 static int hs_threads(int32_t threads, int64_t work) {
-    int64_t most = work / HS_PAR_MIN;
+    int64_t most = work < HS_GRAIN ? 1 : (work + HS_GRAIN - 1) / HS_GRAIN;
     if (threads > HS_MAX_THREADS) threads = HS_MAX_THREADS;
     if (most < threads) threads = (int32_t)most;
     return threads < 1 ? 1 : threads;
