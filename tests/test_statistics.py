@@ -293,6 +293,80 @@ def test_in_place_relu_gives_the_same_gradient_norms() -> None:
     assert hm.to_dataframe()["grad_norm"].iloc[0] == pytest.approx(expected[0], rel=1e-6)
 
 
+class ScaledInPlace(nn.Module):
+    """GELU (it saves its input, not its output), then the output multiplied by 3 in place: dL/d(GELU output) is
+    3 * dL/d(result)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x).mul_(3.0)
+
+
+@pytest.fixture(params=["private", "public"])
+def hook_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hookscope's gradient hooks through torch's private hook dict (the fast path) and through the public
+    ``register_hook`` (what a torch without that dict gets)."""
+    monkeypatch.setattr(hs.recording, "_private_hooks", request.param == "private")
+
+
+@pytest.mark.usefixtures("hook_path")
+def test_gradient_hooks_live_beside_the_users_own() -> None:
+    # hookscope's gradient hook shares the output's hook dict with the user's: one registered before it, one after,
+    # one removed at once. Each fires as torch says, and hookscope's norm is that of dL/dy with y the activation's
+    # output as it left the module (before the in-place multiplication): 3 * w element by element.
+    model = ScaledInPlace()
+    x = torch.tensor([[1.0, -2.0, 3.0, 4.0]], requires_grad=True)
+    w = torch.tensor([[1.0, 2.0, 2.0, 4.0]])
+    seen: dict[str, list[torch.Tensor]] = {"before": [], "after": [], "removed": []}
+
+    def user(label: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
+        def hook(module: nn.Module, args: object, out: torch.Tensor) -> None:
+            handle = out.register_hook(seen[label].append)
+            if label == "removed":
+                handle.remove()
+
+        return hook
+
+    model.act.register_forward_hook(user("before"))
+    with HookManager(model, [GradientNorm()], alerts=False) as hm:
+        model.act.register_forward_hook(user("after"))
+        model.act.register_forward_hook(user("removed"))
+        (model(x) * w).sum().backward()
+        hm.step()
+    assert [len(v) for v in seen.values()] == [1, 1, 0]
+    assert seen["before"][0].tolist() == seen["after"][0].tolist() == [[3.0, 6.0, 6.0, 12.0]]
+    reference = x.detach().clone().requires_grad_()
+    (torch.nn.functional.gelu(reference).mul_(3.0) * w).sum().backward()
+    assert x.grad is not None and reference.grad is not None and torch.equal(x.grad, reference.grad)
+    assert hm.to_dataframe()["grad_norm"].iloc[0] == pytest.approx(math.sqrt(9 + 36 + 36 + 144), rel=1e-12)
+
+
+@pytest.mark.usefixtures("hook_path")
+def test_gradient_hooks_on_an_in_place_activation_of_a_view() -> None:
+    # relu_ on a view of a tensor that requires grad: the output's history is rebased in place; the hook reports
+    # dL/dy = w for the activation's output and training sees the same gradients as without hookscope
+    def forward(t: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(t.clone()[:, :3])
+
+    class ViewRelu(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return forward(t)
+
+    x = torch.tensor([[1.0, -2.0, 3.0, 4.0], [-1.0, 2.0, 0.5, 1.0]], requires_grad=True)
+    w = torch.tensor([[2.0, 1.0, 2.0], [4.0, 2.0, 1.0]])
+    reference = x.detach().clone().requires_grad_()
+    (forward(reference) * w).sum().backward()
+    model = ViewRelu()
+    with HookManager(model, [GradientNorm()], alerts=False) as hm:
+        (model(x) * w).sum().backward()
+        hm.step()
+    assert x.grad is not None and reference.grad is not None and torch.equal(x.grad, reference.grad)
+    assert hm.to_dataframe()["grad_norm"].iloc[0] == pytest.approx(float(w.norm()), rel=1e-6)
+
+
 def test_half_precision_gradients_do_not_overflow() -> None:
     # 4096 gradients of 300 in fp16: the squared sum (3.7e8) overflows fp16 (max 65504); the norm is 19200
     x = torch.ones(1, 4096, dtype=torch.float16, requires_grad=True)
