@@ -34,6 +34,7 @@ from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBan
 from hookscope.distributed import CrossRank, PendingReduction, SiteDescription
 from hookscope.errors import ConfigError, StateError
 from hookscope.history import FieldLayout, History, Rows, StepRecord
+from hookscope.kernels import Backend, Prepared
 from hookscope.kernels import select as select_kernels
 from hookscope.report import build_frame
 from hookscope.sites import Producer, Site, UnitDim, matches, resolve_unit_dim
@@ -51,18 +52,26 @@ SiteKey = tuple[str, int]
 #: What :attr:`Recorder.site_by_key` answers for a key never seen (``None`` means "seen, not a site").
 MISSING: Any = object()
 
+_TENSOR = torch.Tensor
+_STRIDED = torch.strided
+
 
 class _Pass:
-    """One site's fused native pass over its outputs (or gradients): which states each statistic is added to."""
+    """One site's fused native pass over its outputs (or gradients): which states each statistic is added to, and
+    the kernel calls prepared for it."""
 
-    __slots__ = ("band_of", "scale_of", "targets")
+    __slots__ = ("band_of", "calls", "gradient", "scale_of", "targets")
 
-    def __init__(self) -> None:
+    def __init__(self, gradient: bool) -> None:
+        self.gradient = gradient  # a pass over gradients, else over outputs
         self.targets: list[tuple[str, SiteState, str]] = []  # (statistic, state, state name)
         self.band_of: Collector | None = None  # the collector whose band the "saturated" count uses
         self.scale_of: Collector | None = None  # the collector whose gradient scale "sumsq" divides by
+        # Per row of the state ring (the views of each row have their own addresses): (the recorder's generation,
+        # the tensors' key, the prepared call or None where the kernels take no prepared call for them).
+        self.calls: list[tuple[int, tuple[Any, ...], Prepared | None] | None] = [None] * (RING_STEPS + 1)
 
-    def arguments(self, tensor: torch.Tensor, site: Site) -> dict[str, Any] | None:
+    def arguments(self, tensor: torch.Tensor, site: Site, scale: torch.Tensor | float | None) -> dict[str, Any] | None:
         """The kernel's keyword arguments for one tensor (``None``: the pass cannot take this dtype)."""
         kwargs: dict[str, Any] = {statistic: state[name] for statistic, state, name in self.targets}
         if self.band_of is not None:
@@ -71,8 +80,43 @@ class _Pass:
                 return None
             kwargs["lower"], kwargs["upper"] = lower, upper
         if self.scale_of is not None:
-            kwargs["scale"] = self.scale_of.gradient_scale(tensor.device)
+            kwargs["scale"] = scale
         return kwargs
+
+    def run(self, tensor: torch.Tensor, site: Site, kernels: Backend, row: int, generation: int) -> bool:
+        """Add the pass's statistics of ``tensor`` (an output, or a gradient) to the states, in one native pass:
+        with the call prepared for this state row (``row``, valid while the recorder's ``generation`` stays) and
+        ``tensor``'s dtype, shape and strides, made at the first such tensor; else with the plain kernel call.
+        ``False``: the kernels declined the tensor (the caller feeds the collectors)."""
+        scale = None if self.scale_of is None else self.scale_of.gradient_scale(tensor.device)
+        if (
+            kernels.name == "native"
+            and type(tensor) is _TENSOR
+            and tensor.is_cpu
+            and tensor.layout is _STRIDED
+            and not isinstance(scale, _TENSOR)  # a scale tensor is read at each call: the plain call
+        ):
+            key = (tensor.dtype, tensor.shape, tensor.stride(), scale)
+            entry = self.calls[row]
+            if entry is None or entry[0] != generation or entry[1] != key:
+                kwargs = self.arguments(tensor, site, scale)
+                call = None
+                if kwargs is not None:
+                    call = (
+                        kernels.prepare_grad(tensor, **kwargs)
+                        if self.gradient
+                        else kernels.prepare_output(tensor, unit_dim=site.unit_dim, units=site.units, **kwargs)
+                    )
+                entry = self.calls[row] = (generation, key, call)
+            call = entry[2]
+            if call is not None:
+                return bool(call.fn(tensor.data_ptr(), call.address) == 0)
+        kwargs = self.arguments(tensor, site, scale)
+        if kwargs is None:
+            return False
+        if self.gradient:
+            return kernels.grad_stats(tensor, **kwargs)
+        return kernels.output_stats(tensor, unit_dim=site.unit_dim, units=site.units, **kwargs)
 
 
 class _Slot:
@@ -110,7 +154,7 @@ class _Slot:
 def _plan(
     pairs: list[tuple[Collector, SiteState]], site: Site, gradient: bool
 ) -> tuple[_Pass | None, list[tuple[Collector, SiteState]]]:
-    fused = _Pass()
+    fused = _Pass(gradient)
     rest = []
     taken: set[str] = set()
     for collector, state in pairs:
@@ -213,6 +257,9 @@ class Recorder:
         self._banks: list[StateBank] = []  # one per collector, once the device is known
         self._device: torch.device | None = None
         self._device_index = -2  # get_device() of the device: a cheaper first test in the hot path
+        # Prepared kernel calls hold the addresses of the state views and a thread count: they are valid while
+        # _generation stays, which changes with the banks' generations and torch's thread count.
+        self._generation, self._generation_of = 0, (-1, -1)
         self._order: list[_Slot] = []  # slots that ran in the open step, in order of first appearance
         self.history = History(max_steps=max_history)
         self.layout: FieldLayout | None = None  # fixed at the first flush
@@ -302,6 +349,7 @@ class Recorder:
                 if c.wants_grad:
                     slot.grad.append((c, state))
         slot.plan()
+        self._generation += 1  # a bank may have grown: the views have new addresses
 
     def observe(self, site: Site, output: torch.Tensor, recompute: bool, producer: Producer | None = None) -> None:
         """Record one output of a site (``recompute``: a checkpointed forward recomputed in backward, already
@@ -346,11 +394,7 @@ class Recorder:
         slot.calls += 1
         slot.elements += output.numel()
         fused = slot.out_pass
-        if (
-            fused is not None
-            and (kwargs := fused.arguments(output, site)) is not None
-            and self.kernels.output_stats(output, unit_dim=site.unit_dim, units=site.units, **kwargs)
-        ):
+        if fused is not None and fused.run(output, site, self.kernels, self._banks[0].closed_rows, self._generation):
             if slot.fwd_rest:
                 _feed(slot.fwd_rest, output, site, grad=False)
         else:
@@ -366,11 +410,7 @@ class Recorder:
             self._order.append(slot)
         slot.backward += 1
         fused = slot.grad_pass
-        if (
-            fused is not None
-            and (kwargs := fused.arguments(grad, site)) is not None
-            and self.kernels.grad_stats(grad, **kwargs)
-        ):
+        if fused is not None and fused.run(grad, site, self.kernels, self._banks[0].closed_rows, self._generation):
             if slot.grad_rest:
                 _feed(slot.grad_rest, grad, site, grad=True)
         else:
@@ -479,6 +519,9 @@ class Recorder:
         with torch._C.DisableTorchFunction(), torch.no_grad():
             for bank in self._banks:
                 bank.resize(n)
+            now = (sum(bank.generation for bank in self._banks), torch.get_num_threads())
+            if now != self._generation_of:  # a bank grew, or the thread count changed: new prepared calls
+                self._generation_of, self._generation = now, self._generation + 1
             if commit:
                 for bank in self._banks:
                     bank.push()

@@ -385,6 +385,92 @@ def test_gradients_in_other_layouts(isa: str) -> None:
         assert float(sumsq) == pytest.approx(ref_sumsq(g), rel=1e-6)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# prepared calls: one argument record per state buffers and layout, run on new tensors of that layout
+
+
+def run(call: kernels.Prepared, t: torch.Tensor) -> bool:
+    """How the recorder runs a prepared call: after checking the tensor's key."""
+    assert call.key == (t.dtype, t.shape, t.stride())
+    return bool(call.fn(t.data_ptr(), call.address) == 0)
+
+
+# layouts whose tensors the kernels read in place (the others are copied first: no prepared call for them)
+IN_PLACE = {"transposed": False, "sliced": False}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("name", "shape", "unit_dim", "layout"), LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_a_prepared_output_call_counts_each_new_tensor(
+    isa: str, dtype: torch.dtype, name: str, shape: tuple[int, ...], unit_dim: int | None, layout: str
+) -> None:
+    first, second = make(shape, layout, dtype, seed=0), make(shape, layout, dtype, seed=5)
+    units = 1 if unit_dim is None else shape[unit_dim]
+    lower, upper = in_dtype(-0.9, dtype), in_dtype(0.9, dtype)
+    bank = torch.full((units + 7,), 0.5, dtype=torch.float64)
+    scalars = torch.full((4,), 0.25, dtype=torch.float64)
+    positive, saturated, nonfinite = bank[3 : 3 + units], scalars[1], scalars[2]
+    call = kernels.prepare_output(
+        first, unit_dim=unit_dim, units=units, positive=positive, lower=lower, upper=upper, saturated=saturated,
+        nonfinite=nonfinite,
+    )  # fmt: skip
+    if not IN_PLACE.get(layout, True):
+        assert call is None  # read through a copy: the plain call
+        return
+    assert call is not None
+    assert run(call, first) and run(call, second)
+    assert bank[:3].eq(0.5).all() and bank[3 + units :].eq(0.5).all(), "wrote outside the view"
+    assert scalars[0] == 0.25 and scalars[3] == 0.25, "wrote outside the view"
+    want = ref_positive(first, unit_dim) + ref_positive(second, unit_dim)
+    assert torch.equal(positive - 0.5, want.reshape(positive.shape)), name
+    assert float(saturated) - 0.25 == ref_saturated(first, lower, upper) + ref_saturated(second, lower, upper)
+    assert float(nonfinite) - 0.25 == ref_nonfinite(first) + ref_nonfinite(second)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [None, 3.0], ids=["unscaled", "scaled"])
+def test_a_prepared_gradient_call_sums_each_new_gradient(isa: str, dtype: torch.dtype, scale: float | None) -> None:
+    base = [planted((8, 6, 5, 5), dtype, seed).nan_to_num(0.0, 0.0, 0.0) for seed in (1, 2)]
+    layouts = {
+        "contiguous": [b for b in base],
+        "channels_last": [b.contiguous(memory_format=torch.channels_last) for b in base],
+        "transposed": [b.transpose(0, 1) for b in base],  # dense: read in place
+        "large": [planted(((1 << 17) + 3,), dtype, seed).nan_to_num(0.0, 0.0, 0.0) for seed in (3, 4)],
+    }
+    s = 1.0 if scale is None else scale
+    for name, (g1, g2) in layouts.items():
+        sumsq, nonfinite = zeros(), zeros()
+        call = kernels.prepare_grad(g1, sumsq=sumsq, scale=scale, nonfinite=nonfinite)
+        assert call is not None, name
+        assert run(call, g1) and run(call, g2)
+        want = (ref_sumsq(g1) + ref_sumsq(g2)) / (s * s)
+        assert float(sumsq) == pytest.approx(want, rel=1e-6), name
+        assert float(nonfinite) == 0.0
+    g = torch.randn(8, 6)
+    assert kernels.prepare_grad(g[:, ::2], sumsq=zeros()) is None  # a copy first: the plain call
+    assert kernels.prepare_grad(g, sumsq=zeros(), scale=torch.tensor(2.0)) is None  # a scale tensor: read each call
+
+
+@needs_native
+def test_prepared_calls_decline_what_the_plain_ones_decline_and_check_the_same() -> None:
+    positive, scalars = zeros(4), zeros(3)
+    for x in [
+        torch.ones(3, 4, dtype=torch.int32),
+        torch.ones(3, 4, device="meta"),
+        torch.ones(3, 4).to_sparse(),
+        torch.nn.Parameter(torch.ones(3, 4)),
+    ]:
+        assert kernels.prepare_output(x, unit_dim=1, units=4, positive=positive) is None
+        assert kernels.prepare_grad(x, sumsq=scalars[0]) is None
+    x = torch.randn(3, 4)
+    with pytest.raises(ConfigError, match=r"`positive`.*float64.*4 element"):
+        kernels.prepare_output(x, unit_dim=1, units=4, positive=torch.zeros(4))
+    with pytest.raises(ConfigError, match=r"`sumsq`"):
+        kernels.prepare_grad(x, sumsq=torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ConfigError, match=r"`unit_dim` 1 and `units` 5"):
+        kernels.prepare_output(x, unit_dim=1, units=5, positive=zeros(5))
+
+
 @needs_native
 def test_sum_of_squares_is_more_accurate_than_torch_dot() -> None:
     """8M float32 values: blocked float lanes + float64 across blocks vs one BLAS dot in float32."""
@@ -428,6 +514,10 @@ def test_a_call_dispatches_no_aten_operation() -> None:
             assert kernels.grad_stats(t, sumsq=sumsq, scale=scale, nonfinite=nf)
         assert kernels.output_stats(permuted, unit_dim=None, units=1, nonfinite=nf)  # dense: read in place
         assert kernels.grad_stats(transposed, sumsq=sumsq)
+        out_call = kernels.prepare_output(x, unit_dim=1, units=8, positive=positive, saturated=sat, upper=0.9)
+        grad_call = kernels.prepare_grad(cl, sumsq=sumsq, nonfinite=nf)
+        assert out_call is not None and grad_call is not None
+        assert run(out_call, x) and run(grad_call, cl)
     assert counter.ops == []
 
 
@@ -460,6 +550,8 @@ def test_without_the_library_every_call_declines(monkeypatch: pytest.MonkeyPatch
     assert not kernels.available()
     assert not kernels.output_stats(torch.ones(3, 4), unit_dim=1, units=4, positive=positive)
     assert not kernels.grad_stats(torch.ones(3, 4), sumsq=zeros())
+    assert kernels.prepare_output(torch.ones(3, 4), unit_dim=1, units=4, positive=positive) is None
+    assert kernels.prepare_grad(torch.ones(3, 4), sumsq=zeros()) is None
     assert positive.eq(0).all()
     assert kernels.backend() == "aten"
     info = kernels.info()

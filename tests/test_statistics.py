@@ -367,6 +367,99 @@ def test_gradient_hooks_on_an_in_place_activation_of_a_view() -> None:
     assert hm.to_dataframe()["grad_norm"].iloc[0] == pytest.approx(float(w.norm()), rel=1e-6)
 
 
+class LateSites(nn.Module):
+    """Site ``a`` (relu, 4 units) from the first step; from ``late`` on, a relu of 3000 units and 17 tanh sites as
+    well: the state tensors of every collector grow (past 1024 units when the wide relu is bound, in the middle of a
+    forward pass; past 16 sites when the step closes, for the collectors the tanh sites do not concern) and move in
+    memory, after ``a``'s prepared kernel calls were made for their old addresses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ReLU()
+        self.wide = nn.ReLU()
+        self.t = nn.ModuleList(nn.Tanh() for _ in range(17))
+        self.late = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.a(x).sum()
+        if self.late:
+            out = out + self.wide(-torch.ones(2, 3000)).sum() + sum(t(torch.full((2, 3), 10.0)).sum() for t in self.t)
+        return out
+
+
+def test_statistics_stay_exact_when_the_state_grows_under_prepared_calls() -> None:
+    # a: rows [1, -1, 2, -3] and [2, -1, 0, 5]: 4 of 8 elements inactive, unit 1 never fires
+    x = torch.tensor([[1.0, -1.0, 2.0, -3.0], [2.0, -1.0, 0.0, 5.0]], requires_grad=True)
+    model = LateSites()
+    with HookManager(model, [DeadReLU(), Saturation(), GradientNorm()], alerts=False) as hm:
+        for step in range(40):  # the ring of 16 rows turns over twice after the growth
+            model.late = step >= 3
+            for _ in range(2):  # two passes: the second runs `a` after the first bound the new sites
+                model(x).backward()  # dL/da = 1 everywhere: ||.||^2 = 8 per pass
+            hm.step()
+    df = hm.to_dataframe()
+    a = df[df["layer"] == "a"]
+    assert len(a) == 40
+    assert (a["inactive_fraction"] == 4 / 8).all()
+    assert (a["dead_ratio"] == 1 / 4).all()  # unit 1
+    assert np.allclose(a["grad_norm"], 4.0, rtol=1e-6, atol=0)
+    late = df[df["step"] >= 3]
+    assert len(late) == 37 * 19
+    assert (late[late["layer"].str.startswith("t.")]["saturation_rate"] == 1.0).all()  # tanh(10) = 1 > 0.98
+    assert (late[late["layer"] == "wide"]["dead_ratio"] == 1.0).all()
+
+
+def test_outputs_that_change_batch_size_and_layout_are_each_counted() -> None:
+    # one site sees a batch of 4, a batch of 3 and a channels_last batch in one step: each with its own
+    # prepared call; counts from boolean masks of the very inputs
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(4, 5, 3, 3, generator=gen)]
+    xs.append(torch.randn(4, 5, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last))
+    xs.append(torch.randn(3, 5, 3, 3, generator=gen))
+    for x in xs:
+        x[:, 2] = -x[:, 2].abs()  # channel 2 dead: read in the wrong layout, it would fire
+    model = nn.Sequential(nn.ReLU())
+    with HookManager(model, [DeadReLU()], alerts=False) as hm:
+        for _ in range(3):
+            for x in xs:
+                model(x)
+            hm.step()
+    rows = hm.to_dataframe()
+    inactive = sum(int((x <= 0).sum()) for x in xs)
+    elements = sum(x.numel() for x in xs)
+    assert list(rows["inactive_fraction"]) == [inactive / elements] * 3
+    fired = torch.stack([(x > 0).any(dim=(0, 2, 3)) for x in xs]).any(dim=0)
+    assert fired.tolist() == [True, True, False, True, True]
+    assert list(rows["dead_ratio"]) == [1 / 5] * 3
+
+
+def test_prepared_calls_follow_the_thread_count() -> None:
+    # the prepared calls hold torch's thread count when made: a new count makes new calls at the next step, also
+    # for the rows of the state ring that already had one (the ring has 16 rows: 16 steps at each count)
+    model = nn.Sequential(nn.Linear(4, 300), nn.ReLU())
+    x = torch.randn(256, 4)  # 76,800 elements: a call that may use several threads
+    threads = torch.get_num_threads()
+    seen = []
+    try:
+        with HookManager(model, [DeadReLU()], alerts=False) as hm:
+            recorder = hm._recorder
+            if recorder.kernels.name != "native":
+                pytest.skip("the ATen path prepares nothing")
+            for n in (threads, 1, threads):
+                torch.set_num_threads(n)
+                hm.step()  # the count is read when a step closes
+                for _ in range(16):
+                    model(x)
+                    entry = recorder._slots[0].out_pass.calls[recorder._banks[0].closed_rows]
+                    seen.append(entry[2]._args.threads)
+                    hm.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [threads] * 16 + [1] * 16 + [threads] * 16
+    y = torch.relu(model[0](x))
+    assert set(hm.to_dataframe()["inactive_fraction"]) == {float((y <= 0).sum()) / y.numel()}
+
+
 def test_half_precision_gradients_do_not_overflow() -> None:
     # 4096 gradients of 300 in fp16: the squared sum (3.7e8) overflows fp16 (max 65504); the norm is 19200
     x = torch.ones(1, 4096, dtype=torch.float16, requires_grad=True)

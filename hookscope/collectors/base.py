@@ -128,6 +128,8 @@ class StateBank:
         self._site_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         #: The statistics implementation of the manager that owns the bank (set by its recorder; ``None``: ATen).
         self.kernels: Backend | None = None
+        #: Bumped whenever the state tensors are replaced (grown): the sites' views then have other addresses.
+        self.generation = 0
         self._alloc(16, 1024)
 
     # -- allocation ---------------------------------------------------------------------------------------------
@@ -155,6 +157,7 @@ class StateBank:
         owner[: self.n_units].copy_(self.unit_owner[: self.n_units])
         self.unit_owner = owner
         self._site_cap, self._unit_cap = site_cap, unit_cap
+        self.generation += 1
         self._views.clear()
         self._site_views.clear()
         self._bind_all()
@@ -470,7 +473,8 @@ class Collector:
 
     def band(self, site: Site, dtype: torch.dtype) -> tuple[float | None, float | None]:
         """With ``"saturated"``: ``(lower, upper)`` of ``dtype``; an output counts when ``y < lower`` or
-        ``y > upper`` (``None``: no such band)."""
+        ``y > upper`` (``None``: no such band). Asked when the site's pass is prepared (per dtype and layout of its
+        outputs): it must be the same at every call."""
         return None, None
 
     def fused_gradient(self, site: Site) -> Mapping[str, str] | None:
@@ -479,7 +483,8 @@ class Collector:
         return None
 
     def gradient_scale(self, device: torch.device) -> torch.Tensor | float | None:
-        """With ``"sumsq"``: the scale the gradients carry (a ``GradScaler``'s), or ``None``."""
+        """With ``"sumsq"``: the scale the gradients carry (a ``GradScaler``'s), or ``None``. Asked at each gradient
+        (a number is part of the prepared call's key; a tensor is read by a plain call)."""
         return None
 
     def close_steps(self, steps: list[int], block: Mapping[str, torch.Tensor], commit: bool) -> dict[str, torch.Tensor]:

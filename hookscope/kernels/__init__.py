@@ -46,6 +46,7 @@ __all__ = [
     "DEAD_UNIT_STATES",
     "ENV_VAR",
     "Backend",
+    "Prepared",
     "available",
     "backend",
     "dead_units",
@@ -54,6 +55,8 @@ __all__ = [
     "info",
     "output_stats",
     "param_stats",
+    "prepare_grad",
+    "prepare_output",
     "select",
 ]
 
@@ -78,6 +81,8 @@ _lib: _native.Native | None = None
 _reason: str | None = None
 _out_fn: Any = None
 _grad_fn: Any = None
+_out_prepared: Any = None
+_grad_prepared: Any = None
 _dead_fn: Any = None
 _param_fn: Any = None
 
@@ -92,11 +97,12 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("hookscope_
 
 
 def _load() -> bool:
-    global _loaded, _lib, _reason, _out_fn, _grad_fn, _dead_fn, _param_fn, _threads_fn
+    global _loaded, _lib, _reason, _out_fn, _grad_fn, _out_prepared, _grad_prepared, _dead_fn, _param_fn, _threads_fn
     if not _loaded:
         _lib, _reason = _native.load()
         if _lib is not None:
             _out_fn, _grad_fn, _dead_fn = _lib.output_stats, _lib.grad_stats, _lib.dead_units
+            _out_prepared, _grad_prepared = _lib.output_prepared, _lib.grad_prepared
             _param_fn = _lib.param_stats
             _threads_fn = _get_num_threads if _lib.openmp else _one_thread
         _loaded = True
@@ -248,37 +254,68 @@ def output_stats(
     code = _DTYPES.get(x.dtype)
     if code is None or type(x) is not _TENSOR or not x.is_cpu or x.layout is not _STRIDED or _is_compiling():
         return False
+    x, outer, inner = _output_layout(x, unit_dim, units)
+    p, s, bounds, f = _output_buffers(units, positive, lower, upper, saturated, nonfinite)
+    rc = fn(
+        x.data_ptr(),
+        code,
+        outer,
+        units,
+        inner,
+        p,
+        s,
+        bounds,
+        0.0 if lower is None else lower,
+        0.0 if upper is None else upper,
+        f,
+        _threads_fn(),  # the library runs calls of fewer than 32768 elements per thread on fewer threads
+    )
+    return bool(rc == 0)
+
+
+def _output_layout(x: torch.Tensor, unit_dim: int | None, units: int) -> tuple[torch.Tensor, int, int]:
+    """``(x, outer, inner)``: ``x`` as a dense block ``(outer, units, inner)`` (itself, or a contiguous copy when its
+    layout cannot be read in place)."""
     if unit_dim is None:
         if units != 1:
             raise ConfigError(f"`units` must be 1 when `unit_dim` is None, got {units!r}")
         if not x.is_contiguous() and not _dense(x):
             x = x.contiguous()
-        outer, inner = 1, x.numel()
+        return x, 1, x.numel()
+    shape = x.shape
+    nd = len(shape)
+    d = unit_dim + nd if unit_dim < 0 else unit_dim
+    if not 0 <= d < nd or shape[d] != units:
+        raise ConfigError(
+            f"`unit_dim` {unit_dim!r} and `units` {units!r} do not match an output of shape {list(shape)}"
+        )
+    if x.is_contiguous():
+        outer = 1 if d == 0 else shape[0] if d == 1 else math.prod(shape[:d])
+    elif d == 1 and (
+        (nd == 4 and x.is_contiguous(memory_format=_CHANNELS_LAST))
+        or (nd == 5 and x.is_contiguous(memory_format=_CHANNELS_LAST_3D))
+    ):
+        outer = 0  # memory order N, spatial, C: the units are last
     else:
-        shape = x.shape
-        nd = len(shape)
-        d = unit_dim + nd if unit_dim < 0 else unit_dim
-        if not 0 <= d < nd or shape[d] != units:
-            raise ConfigError(
-                f"`unit_dim` {unit_dim!r} and `units` {units!r} do not match an output of shape {list(shape)}"
-            )
-        if x.is_contiguous():
-            outer = 1 if d == 0 else shape[0] if d == 1 else math.prod(shape[:d])
-        elif d == 1 and (
-            (nd == 4 and x.is_contiguous(memory_format=_CHANNELS_LAST))
-            or (nd == 5 and x.is_contiguous(memory_format=_CHANNELS_LAST_3D))
-        ):
-            outer = 0  # memory order N, spatial, C: the units are last
-        else:
-            x = x.contiguous()
-            outer = math.prod(shape[:d])
-        block = outer * units
-        if block:
-            inner = x.numel() // block
-        elif outer == 0 and units:  # channels_last: (N * spatial, C, 1)
-            outer, inner = x.numel() // units, 1
-        else:
-            outer = inner = 0  # no element
+        x = x.contiguous()
+        outer = math.prod(shape[:d])
+    block = outer * units
+    if block:
+        return x, outer, x.numel() // block
+    if outer == 0 and units:  # channels_last: (N * spatial, C, 1)
+        return x, x.numel() // units, 1
+    return x, 0, 0  # no element
+
+
+def _output_buffers(
+    units: int,
+    positive: torch.Tensor | None,
+    lower: float | None,
+    upper: float | None,
+    saturated: torch.Tensor | None,
+    nonfinite: torch.Tensor | None,
+) -> tuple[int | None, int | None, int, int | None]:
+    """The state pointers of an output pass and its bounds flags, after checking the state tensors."""
     p = s = f = None
     if positive is not None:
         if (
@@ -299,21 +336,58 @@ def output_stats(
         if nonfinite.dtype is not _F64 or nonfinite.numel() != 1 or not nonfinite.is_cpu:
             _bad_buffer("nonfinite", nonfinite, 1)
         f = nonfinite.data_ptr()
-    rc = fn(
-        x.data_ptr(),
-        code,
-        outer,
-        units,
-        inner,
-        p,
-        s,
-        bounds,
-        0.0 if lower is None else lower,
-        0.0 if upper is None else upper,
-        f,
-        _threads_fn(),  # the library runs calls of fewer than 32768 elements per thread on fewer threads
-    )
-    return bool(rc == 0)
+    return p, s, bounds, f
+
+
+class Prepared:
+    """A kernel call prepared for tensors of one dtype, shape and strides, into fixed state buffers (see
+    :func:`prepare_output`, :func:`prepare_grad`): ``fn(t.data_ptr(), address) == 0`` runs it on ``t`` (the caller
+    checks ``key == (t.dtype, t.shape, t.stride())`` first, and keeps the state buffers alive and in place).
+
+    Attributes:
+        key: ``(dtype, shape, strides)`` of the tensors it takes.
+        fn: The library's prepared entry point.
+        address: Address of the argument record.
+    """
+
+    __slots__ = ("_args", "address", "fn", "key")
+
+    def __init__(self, key: tuple[Any, ...], fn: Any, args: ctypes.Structure) -> None:
+        self.key = key
+        self.fn = fn
+        self._args = args  # keeps the record alive
+        self.address = ctypes.addressof(args)
+
+
+def prepare_output(
+    x: torch.Tensor,
+    *,
+    unit_dim: int | None,
+    units: int,
+    positive: torch.Tensor | None = None,
+    lower: float | None = None,
+    upper: float | None = None,
+    saturated: torch.Tensor | None = None,
+    nonfinite: torch.Tensor | None = None,
+) -> Prepared | None:
+    """:func:`output_stats` for ``x`` and every later tensor of its dtype, shape and strides, as a :class:`Prepared`
+    call (two arguments to pass instead of twelve, no checks repeated); ``None`` when the kernels would decline
+    ``x`` or would read a copy of it. The thread count is that of now."""
+    if not _load() or _out_prepared is None:
+        return None
+    code = _DTYPES.get(x.dtype)
+    if code is None or type(x) is not _TENSOR or not x.is_cpu or x.layout is not _STRIDED or _is_compiling():
+        return None
+    y, outer, inner = _output_layout(x, unit_dim, units)
+    if y is not x:
+        return None
+    p, s, bounds, f = _output_buffers(units, positive, lower, upper, saturated, nonfinite)
+    args = _native.OutputArgs(
+        outer, units, inner, p, s, f,
+        0.0 if lower is None else lower, 0.0 if upper is None else upper,
+        code, bounds, _threads_fn(), 0,
+    )  # fmt: skip
+    return Prepared((x.dtype, x.shape, x.stride()), _out_prepared, args)
 
 
 def grad_stats(
@@ -350,7 +424,7 @@ def grad_stats(
         return False
     if not g.is_contiguous() and not _dense(g):
         g = g.contiguous()
-    s = f = sp = None
+    sp = None
     sd = 0
     value = 1.0
     if scale is not None:
@@ -361,6 +435,13 @@ def grad_stats(
             sd, sp = sd_or_none, scale.data_ptr()
         else:
             value = float(scale)
+    s, f = _grad_buffers(sumsq, nonfinite)
+    rc = fn(g.data_ptr(), code, g.numel(), s, value, sp, sd, f, _threads_fn())
+    return bool(rc == 0)
+
+
+def _grad_buffers(sumsq: torch.Tensor | None, nonfinite: torch.Tensor | None) -> tuple[int | None, int | None]:
+    s = f = None
     if sumsq is not None:
         if sumsq.dtype is not _F64 or sumsq.numel() != 1 or not sumsq.is_cpu:
             _bad_buffer("sumsq", sumsq, 1)
@@ -369,8 +450,29 @@ def grad_stats(
         if nonfinite.dtype is not _F64 or nonfinite.numel() != 1 or not nonfinite.is_cpu:
             _bad_buffer("nonfinite", nonfinite, 1)
         f = nonfinite.data_ptr()
-    rc = fn(g.data_ptr(), code, g.numel(), s, value, sp, sd, f, _threads_fn())
-    return bool(rc == 0)
+    return s, f
+
+
+def prepare_grad(
+    g: torch.Tensor,
+    *,
+    sumsq: torch.Tensor | None = None,
+    scale: float | torch.Tensor | None = None,
+    nonfinite: torch.Tensor | None = None,
+) -> Prepared | None:
+    """:func:`grad_stats` for ``g`` and every later gradient of its dtype, shape and strides, as a :class:`Prepared`
+    call; ``None`` when the kernels would decline ``g``, would read a copy of it, or ``scale`` is a tensor (read
+    at each call: use :func:`grad_stats`). The thread count is that of now."""
+    if not _load() or _grad_prepared is None or isinstance(scale, _TENSOR):
+        return None
+    code = _DTYPES.get(g.dtype)
+    if code is None or type(g) is not _TENSOR or not g.is_cpu or g.layout is not _STRIDED or _is_compiling():
+        return None
+    if not g.is_contiguous() and not _dense(g):
+        return None
+    s, f = _grad_buffers(sumsq, nonfinite)
+    args = _native.GradArgs(g.numel(), s, f, 1.0 if scale is None else float(scale), code, _threads_fn())
+    return Prepared((g.dtype, g.shape, g.stride()), _grad_prepared, args)
 
 
 #: The per-unit states :func:`dead_units` reads and (``commit``) writes.
@@ -511,8 +613,9 @@ def param_stats(
 class Backend:
     """The statistics implementation one manager uses, chosen when it is created (:func:`select`).
 
-    ``output_stats`` / ``grad_stats`` / ``dead_units`` / ``param_stats`` have the signatures of the module's
-    functions. For ``"native"`` they are those functions; for ``"aten"`` they always decline, and the first CPU
+    ``output_stats`` / ``grad_stats`` / ``prepare_output`` / ``prepare_grad`` / ``dead_units`` / ``param_stats`` have
+    the signatures of the module's functions. For ``"native"`` they are those functions; for ``"aten"`` they always
+    decline (``None`` from the last four), and the first CPU
     tensor ``output_stats`` or ``grad_stats`` sees (one the kernels would have handled) makes hookscope say once why it
     uses ATen, unless ATen was chosen with :func:`forced`.
 
@@ -521,7 +624,9 @@ class Backend:
         reason: Why ATen (``None`` for native, or when chosen with :func:`forced`).
     """
 
-    __slots__ = ("dead_units", "grad_stats", "name", "output_stats", "param_stats", "reason")
+    __slots__ = (
+        "dead_units", "grad_stats", "name", "output_stats", "param_stats", "prepare_grad", "prepare_output", "reason",
+    )  # fmt: skip
 
     def __init__(self, name: str, reason: str | None) -> None:
         self.name = name
@@ -530,12 +635,15 @@ class Backend:
         self.grad_stats: Callable[..., bool]
         self.dead_units: Callable[..., torch.Tensor | None]
         self.param_stats: Callable[..., torch.Tensor | None]
+        self.prepare_output: Callable[..., Prepared | None]
+        self.prepare_grad: Callable[..., Prepared | None]
         if name == "native":
             self.output_stats, self.grad_stats = output_stats, grad_stats
             self.dead_units, self.param_stats = dead_units, param_stats
+            self.prepare_output, self.prepare_grad = prepare_output, prepare_grad
         else:
             self.output_stats = self.grad_stats = _decline if reason is None else _declining(reason)
-            self.dead_units = self.param_stats = _none
+            self.dead_units = self.param_stats = self.prepare_output = self.prepare_grad = _none
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})" if self.reason is None else f"Backend({self.name!r}, reason={self.reason!r})"

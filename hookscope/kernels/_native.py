@@ -9,7 +9,7 @@ from typing import Any
 
 from hookscope.kernels.build import ABI_VERSION, LIBRARY_NAME, SOURCE_DIR, source_hash
 
-__all__ = ["ISA_NAMES", "LIBRARY_PATH", "Native", "load"]
+__all__ = ["ISA_NAMES", "LIBRARY_PATH", "GradArgs", "Native", "OutputArgs", "load"]
 
 #: Where the build puts the library: inside the package, next to this file (editable and wheel installs alike).
 LIBRARY_PATH = Path(__file__).resolve().parent / LIBRARY_NAME
@@ -23,6 +23,24 @@ _i64 = ctypes.c_int64
 _f64 = ctypes.c_double
 
 
+class OutputArgs(ctypes.Structure):
+    """``hs_output_args``: the arguments of ``hs_output_stats`` but ``x``, for ``hs_output_stats_prepared``."""
+
+    _fields_ = [
+        ("outer", _i64), ("units", _i64), ("inner", _i64),
+        ("positive", _p), ("saturated", _p), ("nonfinite", _p),
+        ("lower", _f64), ("upper", _f64),
+        ("dtype", _i32), ("bounds", _i32), ("threads", _i32), ("reserved", _i32),
+    ]  # fmt: skip
+
+
+class GradArgs(ctypes.Structure):
+    """``hs_grad_args``: the arguments of ``hs_grad_stats`` but ``g`` (and no scale pointer), for
+    ``hs_grad_stats_prepared``."""
+
+    _fields_ = [("n", _i64), ("sumsq", _p), ("nonfinite", _p), ("scale", _f64), ("dtype", _i32), ("threads", _i32)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Native:
     """The loaded library and its entry points (ctypes function objects with their argument types set)."""
@@ -30,6 +48,8 @@ class Native:
     path: Path
     output_stats: Any
     grad_stats: Any
+    output_prepared: Any
+    grad_prepared: Any
     dead_units: Any
     param_stats: Any
     openmp: bool
@@ -86,6 +106,12 @@ def load(path: Path = LIBRARY_PATH) -> tuple[Native | None, str | None]:
     grad.restype = _i32
     # g, dtype, n, sumsq, scale, scale_ptr, scale_dtype, nonfinite, threads
     grad.argtypes = [_p, _i32, _i64, _p, _f64, _p, _i32, _p, _i32]
+    out_prepared = lib.hs_output_stats_prepared
+    out_prepared.restype = _i32
+    out_prepared.argtypes = [_p, _p]  # x, &hs_output_args
+    grad_prepared = lib.hs_grad_stats_prepared
+    grad_prepared.restype = _i32
+    grad_prepared.argtypes = [_p, _p]  # g, &hs_grad_args
     dead = lib.hs_dead_units
     dead.restype = _i32
     # T, U, S, positive, pos_stride, elements, el_stride, owners, inverse, steps, first, window, evidence,
@@ -95,4 +121,5 @@ def load(path: Path = LIBRARY_PATH) -> tuple[Native | None, str | None]:
     params.restype = _i32
     # n, theta[], prev[], grad[], sizes[], dtypes[], out, threads
     params.argtypes = [_i64, _p, _p, _p, _p, _p, _p, _i32]
-    return Native(path, out, grad, dead, params, bool(lib.hs_openmp()), lib), None
+    openmp = bool(lib.hs_openmp())
+    return Native(path, out, grad, out_prepared, grad_prepared, dead, params, openmp, lib), None

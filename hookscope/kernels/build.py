@@ -32,7 +32,7 @@ from pathlib import Path
 __all__ = ["ABI_VERSION", "LIBRARY_NAME", "SOURCE_DIR", "BuildWarning", "build", "main", "source_hash"]
 
 #: Must match HS_ABI_VERSION in src/hookscope_kernels.h.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 #: The library's file name: a plain shared library, not a CPython extension module.
 LIBRARY_NAME = {"darwin": "libhookscope_kernels.dylib", "win32": "hookscope_kernels.dll"}.get(

@@ -424,6 +424,11 @@ HS_EXPORT int32_t hs_output_stats(const void *x, int32_t dtype, int64_t outer, i
     return 0;
 }
 
+HS_EXPORT int32_t hs_output_stats_prepared(const void *x, const hs_output_args *a) {
+    return hs_output_stats(x, a->dtype, a->outer, a->units, a->inner, a->positive, a->saturated, a->bounds, a->lower,
+                           a->upper, a->nonfinite, a->threads);
+}
+
 /* -- gradient statistics -------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -482,6 +487,10 @@ HS_EXPORT int32_t hs_grad_stats(const void *g, int32_t dtype, int64_t n, double 
     if (sumsq) *sumsq += scale == 1.0 ? total : total / (scale * scale);
     if (nonfinite) *nonfinite += (double)bad;
     return 0;
+}
+
+HS_EXPORT int32_t hs_grad_stats_prepared(const void *g, const hs_grad_args *a) {
+    return hs_grad_stats(g, a->dtype, a->n, a->sumsq, a->scale, NULL, HS_F32, a->nonfinite, a->threads);
 }
 
 /* -- DeadReLU's per-unit bookkeeping (float64, scalar: one pass over a few thousand to a few hundred thousand

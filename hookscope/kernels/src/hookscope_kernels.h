@@ -14,7 +14,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a meaning changes; the loader refuses another version. */
-#define HS_ABI_VERSION 2
+#define HS_ABI_VERSION 3
 
 /* Element dtypes. */
 #define HS_F32 0
@@ -76,6 +76,27 @@ int32_t hs_output_stats(const void *x, int32_t dtype, int64_t outer, int64_t uni
  * NULL, else it is `scale`; a scale of 1 divides nothing. */
 int32_t hs_grad_stats(const void *g, int32_t dtype, int64_t n, double *sumsq, double scale, const void *scale_ptr,
                       int32_t scale_dtype, double *nonfinite, int32_t threads);
+
+/* Prepared calls: the arguments of hs_output_stats / hs_grad_stats but the data pointer, in one record that the
+ * caller fills once per site and state row and passes again with each new tensor of the same dtype and layout (two
+ * arguments to convert per call instead of twelve or nine). The meanings are those of the plain calls. */
+typedef struct {
+    int64_t outer, units, inner;
+    double *positive, *saturated, *nonfinite;
+    double lower, upper;
+    int32_t dtype, bounds, threads, reserved;
+} hs_output_args;
+
+int32_t hs_output_stats_prepared(const void *x, const hs_output_args *a);
+
+typedef struct {
+    int64_t n;
+    double *sumsq, *nonfinite;
+    double scale;
+    int32_t dtype, threads;
+} hs_grad_args;
+
+int32_t hs_grad_stats_prepared(const void *g, const hs_grad_args *a);
 
 /* DeadReLU's per-unit bookkeeping for a block of `T` recorded steps (float64 throughout, one thread).
  *
