@@ -118,9 +118,11 @@ class History:
     def _consolidate(self) -> None:
         if not self._loose:
             return
-        n = max(v.shape[0] for v in self._loose)
-        blocks = [v if v.shape[0] == n else torch.nn.functional.pad(v, (0, 0, 0, n - v.shape[0])) for v in self._loose]
-        self._blocks.append(torch.stack(blocks))
+        with torch._C.DisableTorchFunction():  # a user's torch function mode does not see hookscope's operations
+            n = max(v.shape[0] for v in self._loose)
+            pad = torch.nn.functional.pad
+            blocks = [v if v.shape[0] == n else pad(v, (0, 0, 0, n - v.shape[0])) for v in self._loose]
+            self._blocks.append(torch.stack(blocks))
         self._loose = []
         if self.max_steps is not None:
             self._trim()
@@ -149,7 +151,8 @@ class History:
         self._consolidate()
         for i, b in enumerate(self._blocks):
             if isinstance(b, torch.Tensor):
-                self._blocks[i] = b.cpu().numpy()
+                with torch._C.DisableTorchFunction():
+                    self._blocks[i] = b.cpu().numpy()
         if not self._blocks:
             return np.zeros((0, 0, 0))
         n = max(b.shape[1] for b in self._blocks)
@@ -196,7 +199,10 @@ class Rows:
     def of(record: StepRecord) -> Rows:
         """The rows of one (open) step."""
         assert record.values is not None, "a closed step's values are set when its ring is flushed"
-        values = record.values.cpu().numpy() if isinstance(record.values, torch.Tensor) else record.values
+        values = record.values
+        if isinstance(values, torch.Tensor):
+            with torch._C.DisableTorchFunction():
+                values = values.cpu().numpy()
         n = len(record.sites)
         return Rows(
             step=np.full(n, record.step, dtype=np.int64),

@@ -516,20 +516,20 @@ class Recorder:
             shapes=[slot.site.shape for slot in order],
             values=None,
         )
-        with torch._C.DisableTorchFunction(), torch.no_grad():
+        for bank in self._banks:  # no tensor operation but when a bank grows (it guards its own)
+            bank.resize(n)
+        now = (sum(bank.generation for bank in self._banks), torch.get_num_threads())
+        if now != self._generation_of:  # a bank grew, or the thread count changed: new prepared calls
+            self._generation_of, self._generation = now, self._generation + 1
+        if commit:
             for bank in self._banks:
-                bank.resize(n)
-            now = (sum(bank.generation for bank in self._banks), torch.get_num_threads())
-            if now != self._generation_of:  # a bank grew, or the thread count changed: new prepared calls
-                self._generation_of, self._generation = now, self._generation + 1
-            if commit:
-                for bank in self._banks:
-                    bank.push()
-            else:
+                bank.push()
+        else:
+            with torch._C.DisableTorchFunction(), torch.no_grad():
                 block, failure = self._values([record], commit=False)
-                if failure is not None:
-                    raise failure
-                record.values = block[0]
+            if failure is not None:
+                raise failure
+            record.values = block[0]
         if commit:
             for slot in order:
                 slot.touched = False
@@ -634,7 +634,8 @@ class Recorder:
         self._in_ring = self._in_ring[len(records) :]
         with torch._C.DisableTorchFunction(), torch.no_grad():
             values, failure = self._values(records, commit=True)
-        for record, row in zip(records, values.unbind(0)):  # one operation for all the rows
+            rows = values.unbind(0)  # one operation for all the rows
+        for record, row in zip(records, rows):
             record.values = row
             if record.sites or self._cross is None:
                 self.history.append(record)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-from hookscope import HookManager
+from hookscope import Alerts, HookManager
 
 # ---------------------------------------------------------------------------------------------------------------
 # interrupts inside a forward pass
@@ -479,3 +479,37 @@ def test_a_model_without_activation_sites_says_why() -> None:
             hm.step()
     assert any("no activation site found in LSTM" in str(w.message) for w in caught)
     assert hm.layers == []
+
+
+class Recording(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.seen.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+class ManySites(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ReLU()
+        self.t = nn.ModuleList(nn.Tanh() for _ in range(17))  # past 16 sites: DeadReLU's state grows at step()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x).sum() + sum(t(x).sum() for t in self.t)
+
+
+def test_a_users_torch_function_mode_around_step_sees_no_hookscope_operation() -> None:
+    # 250 steps: state growth when steps close, ring flushes every 16 steps, history blocks, two alert checks
+    model = ManySites()
+    x = torch.randn(3, 4, requires_grad=True)
+    mode = Recording()
+    with HookManager(model, alerts=Alerts(every=100, warn=False)) as hm:
+        for _ in range(250):
+            model(x).backward()
+            with mode:
+                hm.step()
+    assert len(hm.to_dataframe()) == 250 * 18
+    assert mode.seen == []

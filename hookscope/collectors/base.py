@@ -139,23 +139,25 @@ class StateBank:
 
     def _alloc(self, site_cap: int, unit_cap: int) -> None:
         # closed rows are copied with the rest: a site added now holds the defaults in them (it had not run)
-        for name, spec in self.specs.items():
-            cap, used = (unit_cap, self.n_units) if spec.per_unit else (site_cap, self.n_sites)
-            if spec.persistent:
-                table = self.units if spec.per_unit else self.scalars
-                new = self._new(spec, cap)
-                if name in table:
-                    new[:used].copy_(table[name][:used])
-                table[name] = new
-            else:
-                new = self._new(spec, RING_STEPS, cap)
-                if name in self.ring:  # row 0 holds the open step
-                    new[:, :used].copy_(self.ring[name][:, :used])
-                self.ring[name] = new
-        with torch.inference_mode(False):
-            owner = torch.zeros(unit_cap, dtype=torch.long, device=self.device)
-        owner[: self.n_units].copy_(self.unit_owner[: self.n_units])
-        self.unit_owner = owner
+        # (called from hooks and step(), under any grad mode and torch function mode: neither sees these ops)
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            for name, spec in self.specs.items():
+                cap, used = (unit_cap, self.n_units) if spec.per_unit else (site_cap, self.n_sites)
+                if spec.persistent:
+                    table = self.units if spec.per_unit else self.scalars
+                    new = self._new(spec, cap)
+                    if name in table:
+                        new[:used].copy_(table[name][:used])
+                    table[name] = new
+                else:
+                    new = self._new(spec, RING_STEPS, cap)
+                    if name in self.ring:  # row 0 holds the open step
+                        new[:, :used].copy_(self.ring[name][:, :used])
+                    self.ring[name] = new
+            with torch.inference_mode(False):
+                owner = torch.zeros(unit_cap, dtype=torch.long, device=self.device)
+            owner[: self.n_units].copy_(self.unit_owner[: self.n_units])
+            self.unit_owner = owner
         self._site_cap, self._unit_cap = site_cap, unit_cap
         self.generation += 1
         self._views.clear()
@@ -177,7 +179,7 @@ class StateBank:
             i = state.site_index
             views = {}
             # Views made under inference_mode could not be updated in place outside it.
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), torch._C.DisableTorchFunction():
                 for name, spec in self.specs.items():
                     flat = self._flat(name, self.closed_rows)
                     if not spec.per_unit:
@@ -219,7 +221,8 @@ class StateBank:
             self._alloc(site_cap, unit_cap)
         if has_units:
             self._unit_offsets[site_index] = (self.n_units, units)
-            self.unit_owner[self.n_units : needed].fill_(site_index)
+            with torch._C.DisableTorchFunction(), torch.no_grad():
+                self.unit_owner[self.n_units : needed].fill_(site_index)
             self.n_units = needed
         self.n_sites = max(self.n_sites, site_index + 1)
         self._views.clear()
