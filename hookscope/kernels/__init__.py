@@ -198,6 +198,15 @@ def _bad_buffer(arg: str, buf: Any, numel: int) -> None:
     )
 
 
+def _code_of(x: torch.Tensor) -> int | None:
+    """The library's dtype code for a tensor the kernels take (a plain strided CPU tensor of one of their dtypes,
+    outside code traced by torch.compile), else ``None``."""
+    code = _DTYPES.get(x.dtype)
+    if code is None or type(x) is not _TENSOR or not x.is_cpu or x.layout is not _STRIDED or _is_compiling():
+        return None
+    return code
+
+
 def _dense(x: torch.Tensor) -> bool:
     """Whether ``x`` fills a block of memory without gaps or overlaps, in some order of its dimensions (its
     elements are then the ``numel()`` values from ``data_ptr()`` on)."""
@@ -251,8 +260,8 @@ def output_stats(
         if not _load():
             return False
         fn = _out_fn
-    code = _DTYPES.get(x.dtype)
-    if code is None or type(x) is not _TENSOR or not x.is_cpu or x.layout is not _STRIDED or _is_compiling():
+    code = _code_of(x)
+    if code is None:
         return False
     x, outer, inner = _output_layout(x, unit_dim, units)
     p, s, bounds, f = _output_buffers(units, positive, lower, upper, saturated, nonfinite)
@@ -375,8 +384,8 @@ def prepare_output(
     ``x`` or would read a copy of it. The thread count is that of now."""
     if not _load() or _out_prepared is None:
         return None
-    code = _DTYPES.get(x.dtype)
-    if code is None or type(x) is not _TENSOR or not x.is_cpu or x.layout is not _STRIDED or _is_compiling():
+    code = _code_of(x)
+    if code is None:
         return None
     y, outer, inner = _output_layout(x, unit_dim, units)
     if y is not x:
@@ -419,8 +428,8 @@ def grad_stats(
         if not _load():
             return False
         fn = _grad_fn
-    code = _DTYPES.get(g.dtype)
-    if code is None or type(g) is not _TENSOR or not g.is_cpu or g.layout is not _STRIDED or _is_compiling():
+    code = _code_of(g)
+    if code is None:
         return False
     if not g.is_contiguous() and not _dense(g):
         g = g.contiguous()
@@ -465,8 +474,8 @@ def prepare_grad(
     at each call: use :func:`grad_stats`). The thread count is that of now."""
     if not _load() or _grad_prepared is None or isinstance(scale, _TENSOR):
         return None
-    code = _DTYPES.get(g.dtype)
-    if code is None or type(g) is not _TENSOR or not g.is_cpu or g.layout is not _STRIDED or _is_compiling():
+    code = _code_of(g)
+    if code is None:
         return None
     if not g.is_contiguous() and not _dense(g):
         return None
