@@ -357,7 +357,13 @@ class Recorder:
         activation's input, which tells the unit dimension at the site's first output."""
         if site.problem is not None:
             return
-        if type(output) is not torch.Tensor or output.is_nested or output.is_meta or output.layout != torch.strided:
+        if (
+            type(output) is not torch.Tensor
+            or output.is_nested
+            or output.is_meta
+            or output.layout != torch.strided
+            or _in_transform(output)
+        ):
             _problem(f"hookscope: site {site.layer!r}: skipped {_odd(output)}: its statistics are not recorded")
             return
         if not site.units_fixed and not self._bind(site, output, producer):
@@ -679,8 +685,17 @@ class Recorder:
         return sum(bank.nbytes() for bank in self._banks)
 
 
+#: Whether a tensor is one of torch.func's wrappers (vmap's batched tensors, grad's tracked ones): it has no storage
+#: of its own and ATen's out= variants have no batching rules, so neither path can take it.
+_in_transform: Callable[[torch.Tensor], bool] = getattr(
+    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda tensor: False
+)
+
+
 def _odd(tensor: torch.Tensor) -> str:
     """What makes an output one that hookscope does not take (for the warning)."""
+    if _in_transform(tensor):
+        return "an output inside a torch.func transform (vmap, grad, jacrev...)"
     if tensor.is_nested:
         return "a nested tensor"
     if tensor.is_meta:

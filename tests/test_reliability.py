@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -443,6 +445,52 @@ def test_nested_tensors_are_skipped_and_the_next_dense_output_is_recorded(layout
     assert out.is_nested  # the forward pass was not changed
     df = hm.to_dataframe()
     assert df[["step", "units", "inactive_fraction"]].values.tolist() == [[1, 4, 0.5]]
+
+
+@pytest.mark.usefixtures("each_path")
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_outputs_inside_torch_func_transforms_are_skipped_and_training_is_unchanged(
+    transform: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vmap's batched tensors and grad's tracked ones have no storage and no batching rules for out= operations:
+    # both paths raised from inside the model's forward before. Now the call is skipped, with a warning.
+    import warnings
+
+    import hookscope.warn
+
+    monkeypatch.setattr(hookscope.warn, "_seen", set())  # the warning is given once per process
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    reference = copy.deepcopy(model)
+    xs = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0))
+    params = dict(model.named_parameters())
+
+    def loss(p: dict[str, torch.Tensor], m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(m, p, (x,)).pow(2).sum()
+
+    def run(m: nn.Module) -> object:
+        if transform == "vmap":
+            return torch.func.vmap(m)(xs)
+        return torch.func.grad(loss)({k: v.detach() for k, v in params.items()}, m, xs[0])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with HookManager(model, alerts=False) as hm:
+            got = run(model)
+            hm.step()
+            model(torch.tensor([[1.0, -1.0, 2.0, -2.0]]))  # outside the transform: recorded
+            hm.step()
+    want = run(reference)
+    if transform == "vmap":
+        assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and torch.equal(got, want)
+    else:
+        assert isinstance(got, dict) and isinstance(want, dict)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any("torch.func transform" in str(w.message) for w in caught)
+    y = torch.relu(model[0](torch.tensor([[1.0, -1.0, 2.0, -2.0]])))
+    df = hm.to_dataframe()
+    assert df[["step", "units"]].values.tolist() == [[1, 6]]
+    assert df["inactive_fraction"].iloc[0] == float((y <= 0).sum()) / 6
 
 
 def test_a_module_replaced_while_attached_is_recorded_under_its_name() -> None:
