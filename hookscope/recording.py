@@ -257,8 +257,7 @@ class Recorder:
         self._banks: list[StateBank] = []  # one per collector, once the device is known
         self._device: torch.device | None = None
         self._device_index = -2  # get_device() of the device: a cheaper first test in the hot path
-        # Prepared kernel calls hold the addresses of the state views and a thread count: they are valid while
-        # _generation stays, which changes with the banks' generations and torch's thread count.
+        # prepared kernel calls (state addresses, a thread count) are valid while _generation stays (see _close)
         self._generation, self._generation_of = 0, (-1, -1)
         self._order: list[_Slot] = []  # slots that ran in the open step, in order of first appearance
         self.history = History(max_steps=max_history)
@@ -357,13 +356,8 @@ class Recorder:
         activation's input, which tells the unit dimension at the site's first output."""
         if site.problem is not None:
             return
-        if (
-            type(output) is not torch.Tensor
-            or output.is_nested
-            or output.is_meta
-            or output.layout != torch.strided
-            or _in_transform(output)
-        ):
+        odd = type(output) is not torch.Tensor or output.is_nested or output.is_meta or output.layout != torch.strided
+        if odd or _in_transform(output):
             _problem(f"hookscope: site {site.layer!r}: skipped {_odd(output)}: its statistics are not recorded")
             return
         if not site.units_fixed and not self._bind(site, output, producer):
