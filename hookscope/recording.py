@@ -54,6 +54,7 @@ MISSING: Any = object()
 
 _TENSOR = torch.Tensor
 _STRIDED = torch.strided
+_no_torch_function = torch._C.DisableTorchFunction
 
 
 class _Pass:
@@ -294,9 +295,8 @@ class Recorder:
         ):
             self.site_by_key[key] = None
             return None
-        # Closed steps are turned into values with the layout they were recorded with: the state grows when the
-        # site is bound (right after this, in the same hook) or at the next step's close. (A step not yet
-        # combined across ranks stays in the ring; the new site holds the defaults there.)
+        # Closed steps get their values in the layout they were recorded with: the state grows when the site is
+        # bound (next, in this hook) or when the step closes (a step still being combined stays, with defaults).
         self._flush_ring(wait=False)  # inside a hook: a collector's error waits for the next step()
         site = Site(len(self.sites), layer, module, call, spec, function, bounds)
         ref = self._ref
@@ -304,7 +304,8 @@ class Recorder:
         def grad_hook(grad: torch.Tensor) -> None:
             recorder = ref()
             if recorder is not None and recorder.enabled:
-                recorder.observe_grad(site, grad)
+                with _no_torch_function():  # a mode active during backward does not see hookscope's calls
+                    recorder.observe_grad(site, grad)
 
         self.sites.append(site)
         self.site_by_key[key] = site
@@ -340,15 +341,17 @@ class Recorder:
 
     def _bind_state(self, site: Site) -> None:
         slot = self._slots[site.index]
-        for c, bank, applies in zip(self.collectors, self._banks, slot.applies):
-            if applies:
-                state = bank.add_site(site.index, site.units)
-                if type(c).update is not Collector.update:  # a collector of gradients only is not fed outputs
-                    slot.fwd.append((c, state))
-                if c.wants_grad:
-                    slot.grad.append((c, state))
-        slot.plan()
-        self._generation += 1  # a bank may have grown: the views have new addresses
+        try:
+            for c, bank, applies in zip(self.collectors, self._banks, slot.applies):
+                if applies:
+                    state = bank.add_site(site.index, site.units)
+                    if type(c).update is not Collector.update:  # a collector of gradients only is not fed outputs
+                        slot.fwd.append((c, state))
+                    if c.wants_grad:
+                        slot.grad.append((c, state))
+            slot.plan()
+        finally:  # a bank may have grown (also when a later one or a collector raised): views have new addresses
+            self._generation += 1
 
     def observe(self, site: Site, output: torch.Tensor, recompute: bool, producer: Producer | None = None) -> None:
         """Record one output of a site (``recompute``: a checkpointed forward recomputed in backward, already
@@ -471,8 +474,7 @@ class Recorder:
 
     def _give_up_global(self, error: StateError) -> None:
         """After the ranks disagreed, record rank-local statistics (no more collectives that could hang)."""
-        self._cross = None
-        self.global_stats = False
+        self._cross, self.global_stats = None, False
         warn_once(f"{error}. hookscope records rank-local statistics from now on", stacklevel=5)
 
     def finish(self, timeout: float) -> list[StepRecord]:
@@ -501,11 +503,15 @@ class Recorder:
         """Close the open step (``commit``), or take a snapshot of it. A closed step's per-step state goes to
         the collectors' rings and its record gets its values when the ring is flushed."""
         order = self._order
+        for bank in self._banks:  # no tensor operation but when a bank grows (it guards its own)
+            bank.resize(len(self.sites))
+        now = (sum(bank.generation for bank in self._banks), torch.get_num_threads())
+        if now != self._generation_of:  # a bank grew, or the thread count changed: new prepared calls
+            self._generation_of, self._generation = now, self._generation + 1
         if not order and not force:
             return None
         if not commit:
             self.flush()
-        n = len(self.sites)
         record = StepRecord(
             step=self.step,
             sites=[slot.site.index for slot in order],
@@ -516,11 +522,6 @@ class Recorder:
             shapes=[slot.site.shape for slot in order],
             values=None,
         )
-        for bank in self._banks:  # no tensor operation but when a bank grows (it guards its own)
-            bank.resize(n)
-        now = (sum(bank.generation for bank in self._banks), torch.get_num_threads())
-        if now != self._generation_of:  # a bank grew, or the thread count changed: new prepared calls
-            self._generation_of, self._generation = now, self._generation + 1
         if commit:
             for bank in self._banks:
                 bank.push()

@@ -75,6 +75,8 @@ def _remove_handles(handles: list[RemovableHandle]) -> None:
 # that the functions it calls are not compiled either, and notes that the model is compiled (its hooks must then
 # never change: each change would make it recompile).
 
+_no_torch_function = torch._C.DisableTorchFunction
+
 _dynamo_c: Any
 try:
     from torch._C._dynamo import eval_frame as _dynamo_c
@@ -417,7 +419,8 @@ class Tracer:
                     bounds = _site_bounds(act_spec, layer_k, module, (), {})
                     site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
                 if site is not None:
-                    recorder.observe(site, output, self._recompute, feed)
+                    with _no_torch_function():  # modes (the user's, ours) do not see hookscope's tensor calls
+                        recorder.observe(site, output, self._recompute, feed)
         if not self.stack:
             self._pass_frame = None
             self._pass_done = True
@@ -482,7 +485,8 @@ class Tracer:
             site = recorder.new_site((base, k), layer, enclosing, k, spec, fname, bounds)
         if site is not None:
             feed = self._producer_for(args[0] if args else None) if self.discovering else None
-            recorder.observe(site, out, self._recompute, feed)
+            with _no_torch_function():
+                recorder.observe(site, out, self._recompute, feed)
 
 
 class _Compiled:
@@ -496,12 +500,13 @@ class _Compiled:
 
 def _signature(x: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
     """Where a tensor's data is and how it is laid out (to tell a layer's output from a view of it)."""
-    if not isinstance(x, torch.Tensor) or x.is_nested or x.layout != torch.strided:
-        return None
-    try:
-        return x.data_ptr(), tuple(x.shape), tuple(x.stride())
-    except RuntimeError:  # tensors without storage (meta, fake)
-        return None
+    with _no_torch_function():
+        if not isinstance(x, torch.Tensor) or x.is_nested or x.layout != torch.strided:
+            return None
+        try:
+            return x.data_ptr(), tuple(x.shape), tuple(x.stride())
+        except RuntimeError:  # tensors without storage (meta, fake)
+            return None
 
 
 def _site_bounds(

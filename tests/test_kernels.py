@@ -172,7 +172,7 @@ LAYOUTS: list[tuple[str, tuple[int, ...], int | None, str]] = [
     ("permuted-whole", (4, 5, 6), None, "permuted"),
 ]
 
-# over the library's threading threshold (32768 elements or more: two threads or more)
+# over the library's threading threshold (more than 32768 elements: two threads or more)
 LARGE: list[tuple[str, tuple[int, ...], int | None, str]] = [
     ("large-nchw", (16, 96, 32, 32), 1, "contiguous"),
     ("large-rows", (4096, 160), 1, "contiguous"),

@@ -561,3 +561,36 @@ def test_a_users_torch_function_mode_around_step_sees_no_hookscope_operation() -
                 hm.step()
     assert len(hm.to_dataframe()) == 250 * 18
     assert mode.seen == []
+
+
+class FunctionalToo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(F.relu(self.lin(x)))  # a functional site and a module site
+
+
+@pytest.mark.usefixtures("each_path")
+def test_a_users_torch_function_mode_sees_the_models_calls_only() -> None:
+    # the mode is on for forward, backward and step(), discovery steps included: it sees what it sees on an
+    # uninstrumented copy, call for call
+    model = FunctionalToo()
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+
+    def steps(m: nn.Module, hm: HookManager | None) -> list[str]:
+        mode = Recording()
+        for _ in range(20):
+            with mode:
+                m(x).sum().backward()
+                if hm is not None:
+                    hm.step()
+        return mode.seen
+
+    with HookManager(model, alerts=False) as hm:
+        seen = steps(model, hm)
+    assert seen == steps(reference, None)
+    assert len(hm.to_dataframe()) == 40

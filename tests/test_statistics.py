@@ -434,11 +434,11 @@ def test_outputs_that_change_batch_size_and_layout_are_each_counted() -> None:
 
 
 def test_prepared_calls_follow_the_thread_count() -> None:
-    # the prepared calls hold torch's thread count when made: a new count makes new calls at the next step, also
-    # for the rows of the state ring that already had one (the ring has 16 rows: 16 steps at each count)
+    # the prepared calls hold torch's thread count when made: a new count makes new calls at the next step (an empty
+    # one too), also for the rows of the state ring that already had one (16 rows: 17 steps at each count)
     model = nn.Sequential(nn.Linear(4, 300), nn.ReLU())
     x = torch.randn(256, 4)  # 76,800 elements: a call that may use several threads
-    threads = torch.get_num_threads()
+    threads = max(torch.get_num_threads(), 2)
     seen = []
     try:
         with HookManager(model, [DeadReLU()], alerts=False) as hm:
@@ -447,17 +447,51 @@ def test_prepared_calls_follow_the_thread_count() -> None:
                 pytest.skip("the ATen path prepares nothing")
             for n in (threads, 1, threads):
                 torch.set_num_threads(n)
-                hm.step()  # the count is read when a step closes
-                for _ in range(16):
+                hm.step()  # an empty step: the count is read when a step closes
+                for _ in range(17):
                     model(x)
                     entry = recorder._slots[0].out_pass.calls[recorder._banks[0].closed_rows]
                     seen.append(entry[2]._args.threads)
                     hm.step()
     finally:
         torch.set_num_threads(threads)
-    assert seen == [threads] * 16 + [1] * 16 + [threads] * 16
+    assert seen == [threads] * 17 + [1] * 17 + [threads] * 17
     y = torch.relu(model[0](x))
     assert set(hm.to_dataframe()["inactive_fraction"]) == {float((y <= 0).sum()) / y.numel()}
+
+
+class RaisesAtWide(GradientNorm):
+    """A custom collector whose plan for the site `wide` raises once: after DeadReLU's state grew for it."""
+
+    armed = False
+
+    def fused_gradient(self, site):  # type: ignore[no-untyped-def]
+        if self.armed and site.layer == "wide":
+            self.armed = False
+            raise RuntimeError("planted")
+        return super().fused_gradient(site)
+
+
+def test_a_collector_that_raises_while_the_state_grows_leaves_no_stale_prepared_call() -> None:
+    # the ring turns over (every row of `a` has a prepared call), then binding `wide` grows DeadReLU's state and a
+    # collector raises: the forward raises, the user goes on, and `a`'s next output must land in the new state
+    x = torch.tensor([[1.0, -1.0, 2.0, -3.0], [2.0, -1.0, 0.0, 5.0]])
+    model = LateSites()
+    flaky = RaisesAtWide()
+    with HookManager(model, [DeadReLU(), flaky], alerts=False) as hm:
+        for _ in range(20):
+            model(x)
+            hm.step()
+        flaky.armed, model.late = True, True
+        with pytest.raises(RuntimeError, match="planted"):
+            model(x)
+        model.late = False
+        model(x)  # the same step: `a` again
+        hm.step()
+    a = hm.to_dataframe().query("layer == 'a'")
+    assert len(a) == 21 and a["calls"].iloc[-1] == 2
+    assert (a["inactive_fraction"] == 4 / 8).all()  # a count lost to a stale call would raise it to 12/16
+    assert (a["dead_ratio"] == 1 / 4).all()
 
 
 def test_half_precision_gradients_do_not_overflow() -> None:

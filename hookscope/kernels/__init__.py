@@ -359,12 +359,15 @@ class Prepared:
         address: Address of the argument record.
     """
 
-    __slots__ = ("_args", "address", "fn", "key")
+    __slots__ = ("_args", "_keep", "address", "fn", "key")
 
-    def __init__(self, key: tuple[Any, ...], fn: Any, args: ctypes.Structure) -> None:
+    def __init__(self, key: tuple[Any, ...], fn: Any, args: ctypes.Structure, keep: tuple[Any, ...]) -> None:
         self.key = key
         self.fn = fn
         self._args = args  # keeps the record alive
+        # and the state tensors it points into: a call that outlived its buffers' place in the bank (the bank grew
+        # while a hook raised) loses its counts instead of writing into freed memory
+        self._keep = keep
         self.address = ctypes.addressof(args)
 
 
@@ -396,7 +399,7 @@ def prepare_output(
         0.0 if lower is None else lower, 0.0 if upper is None else upper,
         code, bounds, _threads_fn(), 0,
     )  # fmt: skip
-    return Prepared((x.dtype, x.shape, x.stride()), _out_prepared, args)
+    return Prepared((x.dtype, x.shape, x.stride()), _out_prepared, args, (positive, saturated, nonfinite))
 
 
 def grad_stats(
@@ -481,7 +484,7 @@ def prepare_grad(
         return None
     s, f = _grad_buffers(sumsq, nonfinite)
     args = _native.GradArgs(g.numel(), s, f, 1.0 if scale is None else float(scale), code, _threads_fn())
-    return Prepared((g.dtype, g.shape, g.stride()), _grad_prepared, args)
+    return Prepared((g.dtype, g.shape, g.stride()), _grad_prepared, args, (sumsq, nonfinite))
 
 
 #: The per-unit states :func:`dead_units` reads and (``commit``) writes.

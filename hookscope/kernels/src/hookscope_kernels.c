@@ -10,7 +10,7 @@
  * arithmetic only (16-bit floats compare as order-preserving integer keys, never converted), which the compiler
  * vectorises; the file is compiled once for the baseline instruction set and once more for AVX2 (gcc and clang on
  * x86 only), the AVX2 code being chosen at run time when the CPU has it.
- * Threading. Calls of at least HS_GRAIN elements split the work into contiguous ranges over an OpenMP team of
+ * Threading. Calls of more than HS_GRAIN elements split the work into contiguous ranges over an OpenMP team of
  * ceil(elements / HS_GRAIN) threads at most (the caller says how many it may have), the rule torch's own
  * parallel_for follows for elementwise operations: each thread then mostly reads the part of the tensor it has
  * just written in its own cache (an activation's output, its gradient), instead of one thread reading it all from
