@@ -75,12 +75,10 @@ _CHANNELS_LAST_3D = torch.channels_last_3d
 _get_num_threads = torch.get_num_threads
 _is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 
-# Loaded on first use: the library (or why not) and its two entry points.
+# Loaded on first use: the library (or why not) and its entry points.
 _loaded = False
 _lib: _native.Native | None = None
 _reason: str | None = None
-_out_fn: Any = None
-_grad_fn: Any = None
 _out_prepared: Any = None
 _grad_prepared: Any = None
 _dead_fn: Any = None
@@ -97,13 +95,12 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("hookscope_
 
 
 def _load() -> bool:
-    global _loaded, _lib, _reason, _out_fn, _grad_fn, _out_prepared, _grad_prepared, _dead_fn, _param_fn, _threads_fn
+    global _loaded, _lib, _reason, _out_prepared, _grad_prepared, _dead_fn, _param_fn, _threads_fn
     if not _loaded:
         _lib, _reason = _native.load()
         if _lib is not None:
-            _out_fn, _grad_fn, _dead_fn = _lib.output_stats, _lib.grad_stats, _lib.dead_units
             _out_prepared, _grad_prepared = _lib.output_prepared, _lib.grad_prepared
-            _param_fn = _lib.param_stats
+            _dead_fn, _param_fn = _lib.dead_units, _lib.param_stats
             _threads_fn = _get_num_threads if _lib.openmp else _one_thread
         _loaded = True
     return _lib is not None
@@ -209,7 +206,10 @@ def _code_of(x: torch.Tensor) -> int | None:
 
 def _dense(x: torch.Tensor) -> bool:
     """Whether ``x`` fills a block of memory without gaps or overlaps, in some order of its dimensions (its
-    elements are then the ``numel()`` values from ``data_ptr()`` on)."""
+    elements are then the ``numel()`` values from ``data_ptr()`` on). Contiguous tensors are, at the cost of one
+    call."""
+    if x.is_contiguous():
+        return True
     expected = 1
     for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
         if stride != expected:
@@ -255,31 +255,38 @@ def output_stats(
         ValueError: A state tensor of the wrong dtype, size or device, or ``unit_dim`` / ``units`` that do not match
             ``x`` (mistakes of the caller, not of the data).
     """
-    fn = _out_fn
-    if fn is None:
-        if not _load():
-            return False
-        fn = _out_fn
+    if not _load():
+        return False
+    built = _output_args(x, unit_dim, units, positive, lower, upper, saturated, nonfinite)
+    if built is None:
+        return False
+    y, args = built
+    return bool(_out_prepared(y.data_ptr(), ctypes.addressof(args)) == 0)
+
+
+def _output_args(
+    x: torch.Tensor,
+    unit_dim: int | None,
+    units: int,
+    positive: torch.Tensor | None,
+    lower: float | None,
+    upper: float | None,
+    saturated: torch.Tensor | None,
+    nonfinite: torch.Tensor | None,
+) -> tuple[torch.Tensor, _native.OutputArgs] | None:
+    """``(x or the copy the kernel reads, its argument record)``, or ``None`` when the kernels decline ``x``. The
+    record holds the thread count of now (the library runs calls of up to 32768 elements per thread on fewer)."""
     code = _code_of(x)
     if code is None:
-        return False
-    x, outer, inner = _output_layout(x, unit_dim, units)
+        return None
+    y, outer, inner = _output_layout(x, unit_dim, units)
     p, s, bounds, f = _output_buffers(units, positive, lower, upper, saturated, nonfinite)
-    rc = fn(
-        x.data_ptr(),
-        code,
-        outer,
-        units,
-        inner,
-        p,
-        s,
-        bounds,
-        0.0 if lower is None else lower,
-        0.0 if upper is None else upper,
-        f,
-        _threads_fn(),  # the library runs calls of fewer than 32768 elements per thread on fewer threads
-    )
-    return bool(rc == 0)
+    args = _native.OutputArgs(
+        outer, units, inner, p, s, f,
+        0.0 if lower is None else lower, 0.0 if upper is None else upper,
+        code, bounds, _threads_fn(), 0,
+    )  # fmt: skip
+    return y, args
 
 
 def _output_layout(x: torch.Tensor, unit_dim: int | None, units: int) -> tuple[torch.Tensor, int, int]:
@@ -288,7 +295,7 @@ def _output_layout(x: torch.Tensor, unit_dim: int | None, units: int) -> tuple[t
     if unit_dim is None:
         if units != 1:
             raise ConfigError(f"`units` must be 1 when `unit_dim` is None, got {units!r}")
-        if not x.is_contiguous() and not _dense(x):
+        if not _dense(x):
             x = x.contiguous()
         return x, 1, x.numel()
     shape = x.shape
@@ -385,21 +392,12 @@ def prepare_output(
     """:func:`output_stats` for ``x`` and every later tensor of its dtype, shape and strides, as a :class:`Prepared`
     call (two arguments to pass instead of twelve, no checks repeated); ``None`` when the kernels would decline
     ``x`` or would read a copy of it. The thread count is that of now."""
-    if not _load() or _out_prepared is None:
+    if not _load():
         return None
-    code = _code_of(x)
-    if code is None:
+    built = _output_args(x, unit_dim, units, positive, lower, upper, saturated, nonfinite)
+    if built is None or built[0] is not x:
         return None
-    y, outer, inner = _output_layout(x, unit_dim, units)
-    if y is not x:
-        return None
-    p, s, bounds, f = _output_buffers(units, positive, lower, upper, saturated, nonfinite)
-    args = _native.OutputArgs(
-        outer, units, inner, p, s, f,
-        0.0 if lower is None else lower, 0.0 if upper is None else upper,
-        code, bounds, _threads_fn(), 0,
-    )  # fmt: skip
-    return Prepared((x.dtype, x.shape, x.stride()), _out_prepared, args, (positive, saturated, nonfinite))
+    return Prepared((x.dtype, x.shape, x.stride()), _out_prepared, built[1], (positive, saturated, nonfinite))
 
 
 def grad_stats(
@@ -426,15 +424,24 @@ def grad_stats(
     Raises:
         ValueError: A state tensor of the wrong dtype, size or device.
     """
-    fn = _grad_fn
-    if fn is None:
-        if not _load():
-            return False
-        fn = _grad_fn
+    if not _load():
+        return False
+    built = _grad_args(g, sumsq, scale, nonfinite)
+    if built is None:
+        return False
+    y, args = built
+    return bool(_grad_prepared(y.data_ptr(), ctypes.addressof(args)) == 0)
+
+
+def _grad_args(
+    g: torch.Tensor, sumsq: torch.Tensor | None, scale: float | torch.Tensor | None, nonfinite: torch.Tensor | None
+) -> tuple[torch.Tensor, _native.GradArgs] | None:
+    """``(g or the copy the kernel reads, its argument record)``, or ``None`` when the kernels decline ``g`` or
+    its scale tensor. The record holds the thread count of now."""
     code = _code_of(g)
     if code is None:
-        return False
-    if not g.is_contiguous() and not _dense(g):
+        return None
+    if not _dense(g):
         g = g.contiguous()
     sp = None
     sd = 0
@@ -443,16 +450,10 @@ def grad_stats(
         if isinstance(scale, _TENSOR):
             sd_or_none = _SCALE_DTYPES.get(scale.dtype)
             if sd_or_none is None or scale.numel() != 1 or not scale.is_cpu or scale.layout is not _STRIDED:
-                return False
+                return None
             sd, sp = sd_or_none, scale.data_ptr()
         else:
             value = float(scale)
-    s, f = _grad_buffers(sumsq, nonfinite)
-    rc = fn(g.data_ptr(), code, g.numel(), s, value, sp, sd, f, _threads_fn())
-    return bool(rc == 0)
-
-
-def _grad_buffers(sumsq: torch.Tensor | None, nonfinite: torch.Tensor | None) -> tuple[int | None, int | None]:
     s = f = None
     if sumsq is not None:
         if sumsq.dtype is not _F64 or sumsq.numel() != 1 or not sumsq.is_cpu:
@@ -462,7 +463,7 @@ def _grad_buffers(sumsq: torch.Tensor | None, nonfinite: torch.Tensor | None) ->
         if nonfinite.dtype is not _F64 or nonfinite.numel() != 1 or not nonfinite.is_cpu:
             _bad_buffer("nonfinite", nonfinite, 1)
         f = nonfinite.data_ptr()
-    return s, f
+    return g, _native.GradArgs(g.numel(), s, f, value, sp, code, sd, _threads_fn(), 0)
 
 
 def prepare_grad(
@@ -475,16 +476,12 @@ def prepare_grad(
     """:func:`grad_stats` for ``g`` and every later gradient of its dtype, shape and strides, as a :class:`Prepared`
     call; ``None`` when the kernels would decline ``g``, would read a copy of it, or ``scale`` is a tensor (read
     at each call: use :func:`grad_stats`). The thread count is that of now."""
-    if not _load() or _grad_prepared is None or isinstance(scale, _TENSOR):
+    if not _load() or isinstance(scale, _TENSOR):
         return None
-    code = _code_of(g)
-    if code is None:
+    built = _grad_args(g, sumsq, scale, nonfinite)
+    if built is None or built[0] is not g:
         return None
-    if not g.is_contiguous() and not _dense(g):
-        return None
-    s, f = _grad_buffers(sumsq, nonfinite)
-    args = _native.GradArgs(g.numel(), s, f, 1.0 if scale is None else float(scale), code, _threads_fn())
-    return Prepared((g.dtype, g.shape, g.stride()), _grad_prepared, args, (sumsq, nonfinite))
+    return Prepared((g.dtype, g.shape, g.stride()), _grad_prepared, built[1], (sumsq, nonfinite))
 
 
 #: The per-unit states :func:`dead_units` reads and (``commit``) writes.
@@ -593,14 +590,14 @@ def param_stats(
         code = _PARAM_DTYPES.get(p.dtype)
         if code is None or type(p) not in _PARAM_TYPES:
             return None
-        if not p.is_cpu or p.layout is not _STRIDED or not (p.is_contiguous() or _dense(p)):
+        if not p.is_cpu or p.layout is not _STRIDED or not _dense(p):
             return None
         g = grads[i]
         if g is not None and (
             g.dtype is not p.dtype or not g.is_cpu or g.layout is not _STRIDED or g.numel() != p.numel()
         ):
             return None
-        if g is not None and not (g.is_contiguous() or _dense(g)):
+        if g is not None and not _dense(g):
             return None
         if previous is not None:
             q = previous[i]

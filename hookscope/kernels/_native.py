@@ -35,10 +35,12 @@ class OutputArgs(ctypes.Structure):
 
 
 class GradArgs(ctypes.Structure):
-    """``hs_grad_args``: the arguments of ``hs_grad_stats`` but ``g`` (and no scale pointer), for
-    ``hs_grad_stats_prepared``."""
+    """``hs_grad_args``: the arguments of ``hs_grad_stats`` but ``g``, for ``hs_grad_stats_prepared``."""
 
-    _fields_ = [("n", _i64), ("sumsq", _p), ("nonfinite", _p), ("scale", _f64), ("dtype", _i32), ("threads", _i32)]
+    _fields_ = [
+        ("n", _i64), ("sumsq", _p), ("nonfinite", _p), ("scale", _f64), ("scale_ptr", _p),
+        ("dtype", _i32), ("scale_dtype", _i32), ("threads", _i32), ("reserved", _i32),
+    ]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

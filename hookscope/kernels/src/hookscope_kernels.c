@@ -490,7 +490,8 @@ HS_EXPORT int32_t hs_grad_stats(const void *g, int32_t dtype, int64_t n, double 
 }
 
 HS_EXPORT int32_t hs_grad_stats_prepared(const void *g, const hs_grad_args *a) {
-    return hs_grad_stats(g, a->dtype, a->n, a->sumsq, a->scale, NULL, HS_F32, a->nonfinite, a->threads);
+    return hs_grad_stats(g, a->dtype, a->n, a->sumsq, a->scale, a->scale_ptr, a->scale_dtype, a->nonfinite,
+                         a->threads);
 }
 
 /* -- DeadReLU's per-unit bookkeeping (float64, scalar: one pass over a few thousand to a few hundred thousand

@@ -77,9 +77,9 @@ int32_t hs_output_stats(const void *x, int32_t dtype, int64_t outer, int64_t uni
 int32_t hs_grad_stats(const void *g, int32_t dtype, int64_t n, double *sumsq, double scale, const void *scale_ptr,
                       int32_t scale_dtype, double *nonfinite, int32_t threads);
 
-/* Prepared calls: the arguments of hs_output_stats / hs_grad_stats but the data pointer, in one record that the
- * caller fills once per site and state row and passes again with each new tensor of the same dtype and layout (two
- * arguments to convert per call instead of twelve or nine). The meanings are those of the plain calls. */
+/* The same calls with their arguments but the data pointer in one record: the caller can fill it once per site and
+ * state row and pass it again with each new tensor of the same dtype and layout (two arguments to convert per call
+ * instead of twelve or nine). The meanings are those of the plain calls. */
 typedef struct {
     int64_t outer, units, inner;
     double *positive, *saturated, *nonfinite;
@@ -93,7 +93,8 @@ typedef struct {
     int64_t n;
     double *sumsq, *nonfinite;
     double scale;
-    int32_t dtype, threads;
+    const void *scale_ptr;
+    int32_t dtype, scale_dtype, threads, reserved;
 } hs_grad_args;
 
 int32_t hs_grad_stats_prepared(const void *g, const hs_grad_args *a);
