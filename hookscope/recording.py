@@ -75,6 +75,8 @@ class _Pass:
     def arguments(self, tensor: torch.Tensor, site: Site, scale: torch.Tensor | float | None) -> dict[str, Any] | None:
         """The kernel's keyword arguments for one tensor (``None``: the pass cannot take this dtype)."""
         kwargs: dict[str, Any] = {statistic: state[name] for statistic, state, name in self.targets}
+        if not self.gradient:
+            kwargs["unit_dim"], kwargs["units"] = site.unit_dim, site.units
         if self.band_of is not None:
             lower, upper = self.band_of.band(site, tensor.dtype)
             if lower is None and upper is None:
@@ -101,23 +103,15 @@ class _Pass:
             entry = self.calls[row]
             if entry is None or entry[0] != generation or entry[1] != key:
                 kwargs = self.arguments(tensor, site, scale)
-                call = None
-                if kwargs is not None:
-                    call = (
-                        kernels.prepare_grad(tensor, **kwargs)
-                        if self.gradient
-                        else kernels.prepare_output(tensor, unit_dim=site.unit_dim, units=site.units, **kwargs)
-                    )
-                entry = self.calls[row] = (generation, key, call)
+                prepare = kernels.prepare_grad if self.gradient else kernels.prepare_output
+                entry = self.calls[row] = (generation, key, None if kwargs is None else prepare(tensor, **kwargs))
             call = entry[2]
             if call is not None:
                 return bool(call.fn(tensor.data_ptr(), call.address) == 0)
         kwargs = self.arguments(tensor, site, scale)
         if kwargs is None:
             return False
-        if self.gradient:
-            return kernels.grad_stats(tensor, **kwargs)
-        return kernels.output_stats(tensor, unit_dim=site.unit_dim, units=site.units, **kwargs)
+        return (kernels.grad_stats if self.gradient else kernels.output_stats)(tensor, **kwargs)
 
 
 class _Slot:
@@ -173,7 +167,8 @@ def _plan(
 
 
 def _feed(pairs: list[tuple[Collector, SiteState]], tensor: torch.Tensor, site: Site, grad: bool) -> None:
-    """Give an output (or its gradient) to collectors with autograd and the function mode off.
+    """Give an output (or its gradient) to collectors with autograd off (the hooks that call the recorder have
+    already switched torch function modes off).
 
     No graph is recorded, so no ``detach()`` is needed; switching the grad mode directly costs a third of
     ``torch.no_grad()`` as a context manager, and this runs twice per site and step.
@@ -181,12 +176,11 @@ def _feed(pairs: list[tuple[Collector, SiteState]], tensor: torch.Tensor, site: 
     grad_mode = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
     try:
-        with torch._C.DisableTorchFunction():
-            for collector, state in pairs:
-                if grad:
-                    collector.update_grad(state, tensor, site)
-                else:
-                    collector.update(state, tensor, site)
+        for collector, state in pairs:
+            if grad:
+                collector.update_grad(state, tensor, site)
+            else:
+                collector.update(state, tensor, site)
     finally:
         torch._C._set_grad_enabled(grad_mode)
 
@@ -526,7 +520,7 @@ class Recorder:
             for bank in self._banks:
                 bank.push()
         else:
-            with torch._C.DisableTorchFunction(), torch.no_grad():
+            with _no_torch_function(), torch.no_grad():
                 block, failure = self._values([record], commit=False)
             if failure is not None:
                 raise failure
@@ -633,7 +627,7 @@ class Recorder:
         if not records:
             return
         self._in_ring = self._in_ring[len(records) :]
-        with torch._C.DisableTorchFunction(), torch.no_grad():
+        with _no_torch_function(), torch.no_grad():
             values, failure = self._values(records, commit=True)
             rows = values.unbind(0)  # one operation for all the rows
         for record, row in zip(records, rows):
@@ -779,7 +773,7 @@ class _Combiner:
         record, pending, order = self.combining
         rec = self.recorder
         try:
-            with torch._C.DisableTorchFunction(), torch.no_grad():
+            with _no_torch_function(), torch.no_grad():
                 calls, elements, backward = pending.wait(timeout).tolist()
         finally:
             self.combining = None
@@ -814,7 +808,7 @@ class _Combiner:
             if i in position:
                 counts[:, position[i]] = torch.tensor([c, e, b], dtype=torch.float64)
         row = rec._banks[0].closed_rows - 1
-        with torch._C.DisableTorchFunction(), torch.no_grad():
+        with _no_torch_function(), torch.no_grad():
             pending = self.cross.post_reduce(rec._banks, row, site_order, unit_orders, counts)
         self.combining = (record, pending, order)
 
