@@ -153,31 +153,24 @@ class ParamStats:
         if native is not None:  # one pass over each parameter (and its copy, and its gradient)
             columns[:, :2] = native[:, :2]
             columns[:, 2] = torch.tensor([g is not None for g in grads], dtype=torch.float64)
-            if self.updates:
-                if group.previous is not None and group.previous_weight is not None:
-                    columns[:, 3] = native[:, 2]
-                    columns[:, 4] = group.previous_weight
-                else:
-                    group.previous = [p.detach().clone() for p in params]
-                group.previous_weight = columns[:, 0].clone()
-            out = torch.zeros(n, 5, dtype=torch.float64, device=group.device)
-            return out.index_add_(0, owners, columns)
-        columns[:, 0] = _squared_norms(params)
-        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-        if with_grad:
-            grads = [params[i].grad for i in with_grad]
-            norms = _squared_norms(grads)  # type: ignore[arg-type]
-            rows = torch.tensor(with_grad, dtype=torch.long, device=group.device)
-            columns[:, 1].index_copy_(0, rows, norms)
-            columns[:, 2].index_fill_(0, rows, 1.0)
+        else:
+            columns[:, 0] = _squared_norms(params)
+            with_grad = [i for i, g in enumerate(grads) if g is not None]
+            if with_grad:
+                norms = _squared_norms([grads[i] for i in with_grad])  # type: ignore[misc]
+                rows = torch.tensor(with_grad, dtype=torch.long, device=group.device)
+                columns[:, 1].index_copy_(0, rows, norms)
+                columns[:, 2].index_fill_(0, rows, 1.0)
         if self.updates:
             if group.previous is not None and group.previous_weight is not None:
-                # in place on the copy (no model-sized temporary): previous - θ, its norm, then θ itself; ‖θ_p‖² is
-                # the previous recorded step's weight column
-                torch._foreach_sub_(group.previous, params)
-                columns[:, 3] = _squared_norms(group.previous)
-                columns[:, 4] = group.previous_weight
-                torch._foreach_copy_(group.previous, params)
+                if native is not None:
+                    columns[:, 3] = native[:, 2]  # the kernel also copied θ into previous
+                else:
+                    # in place on the copy (no model-sized temporary): previous - θ, its norm, then θ itself
+                    torch._foreach_sub_(group.previous, params)
+                    columns[:, 3] = _squared_norms(group.previous)
+                    torch._foreach_copy_(group.previous, params)
+                columns[:, 4] = group.previous_weight  # ‖θ_p‖²: the previous recorded step's weight column
             else:
                 group.previous = [p.detach().clone() for p in params]
             group.previous_weight = columns[:, 0].clone()
