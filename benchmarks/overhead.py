@@ -296,8 +296,11 @@ def bench_model(
     max_other_cores: float = 0.15,
     window_s: float = 1.0,
     guard: ContentionGuard | None = None,
+    configs: list[Config] | None = None,
 ) -> dict[str, Any]:
-    configs = make_configs(name, device, every, params)
+    """Time the configurations of one model side by side (``configs``: these instead of :func:`make_configs`'s;
+    the first one is the plain step the ratios divide by)."""
+    configs = configs if configs is not None else make_configs(name, device, every, params)
     _, shape = build(name)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=gen).to(device)
@@ -343,7 +346,7 @@ def bench_model(
     for times in used:
         for cfg in configs:
             cfg.times.append(times[cfg.name])
-            cfg.ratios.append(times[cfg.name] / times["plain"])
+            cfg.ratios.append(times[cfg.name] / times[configs[0].name])
     result: dict[str, Any] = {
         "model": name,
         "steps_per_round": steps_per_round,

@@ -110,3 +110,50 @@ def test_the_contention_guard_reads_this_machine() -> None:
     b = guard.sample()
     other = guard.other_cores(a, b)
     assert other is not None and 0.0 <= other <= torch.get_num_threads() + 64 and not math.isnan(other)
+
+
+def compare() -> ModuleType:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import compare as module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_compare_exports_a_revision_that_records_by_itself(tmp_path: Path) -> None:
+    """The revision compared with is its own package (its files, its kernels), and it records correctly: a unit
+    planted dead (zero weights, negative bias) is the one dead unit in three."""
+    import hookscope
+    from hookscope import kernels
+
+    try:
+        rev = compare().export("HEAD", tmp_path)
+        assert rev.__name__ == "hookscope_rev" and Path(rev.__file__).is_relative_to(tmp_path)
+        assert rev.kernels.available() == kernels.available()
+        assert rev.HookManager is not hookscope.HookManager
+        layer = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            layer.weight[2].zero_()
+            layer.bias.copy_(torch.tensor([5.0, 5.0, -1.0]))
+        model = torch.nn.Sequential(layer, torch.nn.ReLU())
+        with rev.HookManager(model) as hm:
+            model(torch.randn(8, 4)).sum().backward()
+            hm.step()
+            frame = hm.to_dataframe()
+        assert frame["dead_ratio"].tolist() == [1 / 3]
+    finally:
+        for name in [m for m in sys.modules if m == "hookscope_rev" or m.startswith("hookscope_rev.")]:
+            del sys.modules[name]
+        sys.path.remove(str(tmp_path))
+
+
+def test_compare_prints_each_run_and_the_median(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--against", "HEAD", "--models", "mlp", "--runs", "2", "--rounds", "3", "--threads", "1"]
+    assert compare().main([*args, "--no-malloc-env", "--max-other-cores", "inf"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| mlp |")]
+    assert [r[1].strip() for r in rows] == ["1", "2", "median"]
+    ratios = [float(r[5]) for r in rows]
+    assert all(0.2 < r < 5 for r in ratios) and ratios[2] == pytest.approx((ratios[0] + ratios[1]) / 2, abs=1e-4)
+    assert all(r[6].strip() == "3" for r in rows[:2])
+    assert not any(m == "hookscope_rev" or m.startswith("hookscope_rev.") for m in sys.modules)
