@@ -79,7 +79,9 @@ class ParamStats:
         self.kinds: list[str] = []
         self.sizes: list[int] = []
         seen: set[int] = set()
-        groups: dict[torch.device, _DeviceGroup] = {}
+        #: (module index, module) of each module that owns parameters, in ``named_modules()`` order: its
+        #: parameters are read from it at each record (see _grouped), so that they are followed where they go.
+        self._owners: list[tuple[int, nn.Module]] = []
         # (a parametrized layer's class is ParametrizedConv1d...: its kind is that of the layer)
         kinds = {name: type(m).__name__.lower().removeprefix("parametrized") for name, m in iter_named_modules(model)}
         index_of: dict[str, int] = {}
@@ -97,12 +99,9 @@ class ParamStats:
                 self.modules.append(name or ROOT_NAME)
                 self.kinds.append(kinds[name])
                 self.sizes.append(0)
-            for p in own:
-                group = groups.setdefault(p.device, _DeviceGroup(p.device))
-                group.params.append(p)
-                group.owner.append(index)
-        self._groups = list(groups.values())
-        self._sized = False  # the sizes are counted at the first record: lazy modules' parameters have none before
+            self._owners.append((index, module))
+        self._groups: list[_DeviceGroup] = []
+        self._grouped_as: list[tuple[int, torch.device]] = []  # (id, device) of each parameter in the groups
         self.history = History(max_steps=max_history)
         self.last: StepRecord | None = None  # the latest recorded step
         self._first = True
@@ -115,15 +114,11 @@ class ParamStats:
         if not self.modules:
             return
         n = len(self.modules)
-        if not self._sized:
-            params = [(i, p) for g in self._groups for i, p in zip(g.owner, g.params)]
-            if any(isinstance(p, nn.parameter.UninitializedParameter) for _, p in params):
-                return  # a lazy module that has not run yet: nothing to measure
-            for i, p in params:
-                self.sizes[i] += p.numel()
-            self._sized = True
+        groups = self._grouped()
+        if not groups:
+            return  # a lazy module that has not run yet: nothing to measure
         with torch.no_grad(), torch._C.DisableTorchFunction():
-            parts = [self._group_sums(group, n) for group in self._groups]
+            parts = [self._group_sums(group, n) for group in groups]
             home = parts[0].device
             sums = parts[0]
             for part in parts[1:]:
@@ -138,6 +133,37 @@ class ParamStats:
         zeros = [0] * n
         self.last = StepRecord(step, index, zeros, zeros, zeros, list(self.sizes), [()] * n, values)
         self.history.append(self.last)
+
+    def _grouped(self) -> list[_DeviceGroup]:
+        """The parameters as they are now, by device (none while a lazy module has not run).
+
+        They are read from their modules at each record and grouped again when one of them moved or was made anew
+        after the manager was built (``model.to(device)``; ``to_empty()`` after building on the meta device). A
+        group whose parameters stayed keeps its copies; the others start again (``update_ratio`` is NaN at their
+        first record).
+        """
+        seen: set[int] = set()
+        params: list[tuple[int, torch.Tensor]] = []
+        for index, module in self._owners:  # what `parameters(recurse=False)` yields, shared ones once
+            for param in module._parameters.values():
+                if param is not None and id(param) not in seen:
+                    seen.add(id(param))
+                    params.append((index, param))
+        now = [(id(p), p.device) for _, p in params]
+        if now != self._grouped_as:
+            if any(isinstance(p, nn.parameter.UninitializedParameter) for _, p in params):
+                return []
+            kept = {(g.device, tuple(map(id, g.params))): g for g in self._groups}
+            groups: dict[torch.device, _DeviceGroup] = {}
+            self.sizes = [0] * len(self.modules)
+            for index, p in params:
+                group = groups.setdefault(p.device, _DeviceGroup(p.device))
+                group.params.append(p)
+                group.owner.append(index)
+                self.sizes[index] += p.numel()
+            self._groups = [kept.get((g.device, tuple(map(id, g.params))), g) for g in groups.values()]
+            self._grouped_as = now
+        return self._groups
 
     def _group_sums(self, group: _DeviceGroup, n: int) -> torch.Tensor:
         """``(n, 5)`` float64 on the group's device: per module Σ‖θ‖², Σ‖g‖², parameters with a gradient,

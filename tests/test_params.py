@@ -229,3 +229,36 @@ def test_lazy_modules_are_recorded_once_they_have_run() -> None:
     assert frame["step"].tolist() == [1] and frame["params"].tolist() == [3 * 4 + 4]
     assert frame["weight_norm"].iloc[0] == pytest.approx(norm(m.weight, m.bias), rel=1e-6)
     assert frame["grad_norm"].iloc[0] == pytest.approx(norm(m.weight.grad, m.bias.grad), rel=1e-6)
+
+
+def test_parameters_moved_after_the_manager_was_built_are_recorded_where_they_are() -> None:
+    # deferred initialisation (torchtitan, FSDP2): the model is built on the meta device, the manager with it, and
+    # the parameters get their storage afterwards (`to_empty`, as `model.to(device)` moves them in place); the
+    # statistics follow the parameters to their new device (before: groups kept the construction-time device)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    hm = HookManager(model, params=True, alerts=False)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for m in (model[0], model[2]):
+        nn.init.normal_(m.weight)
+        nn.init.normal_(m.bias)
+    lr = 0.1
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with hm:
+        model(torch.randn(5, 3)).pow(2).mean().backward()
+        first = [norm(m.weight, m.bias) for m in (model[0], model[2])]
+        grads = [norm(m.weight.grad, m.bias.grad) for m in (model[0], model[2])]
+        hm.step()
+        opt.step()
+        opt.zero_grad()
+        model(torch.randn(5, 3)).pow(2).mean().backward()
+        hm.step()
+    frame = hm.param_frame()
+    assert frame["step"].tolist() == [0, 0, 1, 1]
+    assert frame["weight_norm"].iloc[:2].tolist() == pytest.approx(first, rel=1e-6)
+    assert frame["grad_norm"].iloc[:2].tolist() == pytest.approx(grads, rel=1e-6)
+    # one SGD step: ‖Δθ‖ = lr ‖g‖ (without momentum), relative to the weights before it
+    assert frame["update_ratio"].iloc[2:].tolist() == pytest.approx(
+        [lr * g / w for g, w in zip(grads, first)], rel=1e-5
+    )
