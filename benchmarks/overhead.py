@@ -18,6 +18,9 @@ Configurations:
   the cost of being hooked at all;
 - ``ATen floor``: the same hooks doing exactly one ``torch.sum(out=)`` per activation output into a preallocated
   buffer and one ``torch.dot(out=)`` per gradient: about the least any ATen-based statistic can cost;
+- ``kernel floor`` (when the native kernels are built; CPU): the same hooks calling hookscope's kernels directly,
+  one prepared pass per output and per gradient with exactly what the default collectors compute, no framework:
+  the gap between ``hookscope`` and this is what hookscope's own Python costs;
 - ``hookscope``: ``HookManager`` with the default collectors, every step, created inside
   ``hookscope.kernels.forced("native")`` (the native kernels; ATen when they are not built, as the JSON says);
 - ``hookscope (ATen)``: the same inside ``forced("aten")``;
@@ -173,6 +176,60 @@ def aten_floor_hooks(model: nn.Module) -> list[Any]:
     return handles
 
 
+def kernel_floor_hooks(model: nn.Module, states: list[dict[str, torch.Tensor]] | None = None) -> list[Any]:
+    """The same hooks calling hookscope's native kernels directly, as its default collectors use them, with no
+    framework around them: per output one prepared pass counting the positive elements of each unit (rectifiers)
+    and the saturation band (bounded activations; the thresholds of Saturation's default 1% band), per gradient one
+    prepared pass summing its squares, into buffers made at a site's first call. What the framework around the
+    kernels costs is the gap between ``hookscope`` and this. ``states`` receives each site's buffers (for tests)."""
+    from hookscope import kernels
+    from hookscope.activations import activation_for_module
+
+    handles = []
+    for _, module in activation_modules(model):
+        spec = activation_for_module(module)
+        assert spec is not None
+        calls: dict[tuple[Any, ...], Any] = {}
+        state: dict[str, torch.Tensor] = {}
+        if states is not None:
+            states.append(state)
+
+        def grad_hook(g: torch.Tensor, calls: dict[tuple[Any, ...], Any] = calls, state: Any = state) -> None:
+            key = ("grad", g.dtype, g.shape, g.stride())
+            if key not in calls:
+                state["sumsq"] = torch.zeros((), dtype=torch.float64)
+                calls[key] = kernels.prepare_grad(g, sumsq=state["sumsq"])
+            call = calls[key]
+            call.fn(g.data_ptr(), call.address)
+
+        def fwd(
+            m: nn.Module, inp: Any, out: torch.Tensor, spec: Any = spec, calls: Any = calls, state: Any = state
+        ) -> None:
+            key = (out.dtype, out.shape, out.stride())
+            if key not in calls:
+                dim = 1 if out.dim() == 4 else out.dim() - 1
+                kwargs: dict[str, Any] = {"unit_dim": dim, "units": out.shape[dim]}
+                if spec.rectifier:
+                    kwargs["positive"] = state["positive"] = torch.zeros(out.shape[dim], dtype=torch.float64)
+                bounds = spec.resolve_bounds(m)
+                if bounds is not None:
+                    lo, hi = bounds
+                    width = 0.01 * (hi - lo)
+                    kwargs["saturated"] = state["saturated"] = torch.zeros((), dtype=torch.float64)
+                    kwargs["upper"] = hi - width if spec.saturate != "lower" else None
+                    kwargs["lower"] = lo + width if spec.saturate != "upper" else None
+                wanted = "positive" in kwargs or "saturated" in kwargs  # (GELU: no output statistic by default)
+                calls[key] = kernels.prepare_output(out, **kwargs) if wanted else None
+            call = calls[key]
+            if call is not None:
+                call.fn(out.data_ptr(), call.address)
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+
+        handles.append(module.register_forward_hook(fwd))
+    return handles
+
+
 @dataclass
 class Config:
     name: str
@@ -202,7 +259,10 @@ def make_configs(name: str, device: torch.device, every: int, params: bool = Fal
     torch.manual_seed(0)
     base, _ = build(name)
     base = base.to(device)
+    from hookscope import kernels
+
     labels = ["plain", "plain (A/A)", "empty hooks", "ATen floor", "hookscope", "hookscope (ATen)", f"every={every}"]
+    labels += ["kernel floor"] if kernels.available() and device.type == "cpu" else []
     labels += ["naive", *(["params", "params (no updates)"] if params else [])]
     configs = []
     for label in labels:
@@ -223,6 +283,8 @@ def make_configs(name: str, device: torch.device, every: int, params: bool = Fal
             empty_hooks(model)
         elif label == "ATen floor":
             aten_floor_hooks(model)
+        elif label == "kernel floor":
+            kernel_floor_hooks(model)
         elif label == "naive":
             naive_hooks(model)
         if cfg.manager is not None:
@@ -477,15 +539,17 @@ def markdown(results: list[dict[str, Any]], every: int) -> str:
     lines = [
         f"| model | plain ms | hookscope ms | ratio | every={every} ratio | naive ratio | A/A ratio | "
         "ratio quartiles | A/A quartiles | ATen ops/step plain | + hookscope | "
-        "empty hooks ratio | ATen floor ratio | hookscope (ATen) ratio | hookscope (ATen) quartiles | "
+        "empty hooks ratio | ATen floor ratio | kernel floor ratio | "
+        "hookscope (ATen) ratio | hookscope (ATen) quartiles | "
         f"+ hookscope (ATen) | + ATen floor | {'params ratio | params (no updates) ratio | ' if params else ''}"
         "backend | rounds kept | discarded |",
-        "|---|" + "---:|" * (19 + 2 * params),
+        "|---|" + "---:|" * (20 + 2 * params),
     ]
     for r in results:
         c = r["configs"]
         plain_ops = c["plain"]["aten_ops_per_step"]
         hs, aten = c["hookscope"], c["hookscope (ATen)"]
+        kernel_floor = f"{c['kernel floor']['ratio']:.3f}×" if "kernel floor" in c else "—"
         extra = "".join(
             f"{c[k]['ratio']:.3f}× | " if k in c else "— | " for k in ("params", "params (no updates)") if params
         )
@@ -494,7 +558,8 @@ def markdown(results: list[dict[str, Any]], every: int) -> str:
             f"{c[f'every={every}']['ratio']:.3f}× | {c['naive']['ratio']:.3f}× | {c['plain (A/A)']['ratio']:.3f}× | "
             f"{quartile_text(hs)} | {quartile_text(c['plain (A/A)'])} | {plain_ops:.0f} | "
             f"{hs['aten_ops_per_step'] - plain_ops:.1f} | "
-            f"{c['empty hooks']['ratio']:.3f}× | {c['ATen floor']['ratio']:.3f}× | {aten['ratio']:.3f}× | "
+            f"{c['empty hooks']['ratio']:.3f}× | {c['ATen floor']['ratio']:.3f}× | {kernel_floor} | "
+            f"{aten['ratio']:.3f}× | "
             f"{quartile_text(aten)} | {aten['aten_ops_per_step'] - plain_ops:.1f} | "
             f"{c['ATen floor']['aten_ops_per_step'] - plain_ops:.1f} | {extra}{hs.get('backend')} | "
             f"{r['rounds']}{' (contended)' if r['contended'] else ''} | {r['discarded_rounds']} |"

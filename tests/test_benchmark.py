@@ -50,19 +50,22 @@ def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pyte
     assert result["model"] == "mlp" and result["rounds"] == 3 and result["order"] == "rotating"
     assert result["discarded_rounds"] == 0 and not result["contended"]
     configs = result["configs"]
-    assert set(configs) == CONFIGS | {"params", "params (no updates)"}
+    from hookscope import kernels
+
+    floor = {"kernel floor"} if kernels.available() else set()
+    assert set(configs) == CONFIGS | floor | {"params", "params (no updates)"}
     assert all(len(c["ratios"]) == 3 and c["ms"] > 0 for c in configs.values())
     assert configs["plain"]["ratio"] == configs["plain"]["median_ratio"] == 1.0
     ops = {name: c["aten_ops_per_step"] - configs["plain"]["aten_ops_per_step"] for name, c in configs.items()}
     assert ops["plain (A/A)"] == 0 and ops["empty hooks"] == 0
     # 3 ReLU sites: one sum per output; a flat view and one dot per gradient
     assert ops["ATen floor"] == 3 * 3
+    if kernels.available():  # the kernels dispatch no ATen operation
+        assert ops["kernel floor"] == 0
     # ATen collectors: 7 ops per ReLU site in the forward and backward hooks (empty, gt, per-unit sum, accumulate;
     # flat view, dot, accumulate), plus one processing of the ring every 16 steps (~110 ops; closing a step
     # dispatches none); the kernels dispatch none in the hooks, and process the ring in ~20 ops
     assert 3 * 7 < ops["hookscope (ATen)"] <= 3 * 7 + 128 / 16
-    from hookscope import kernels
-
     if kernels.available():
         assert 0 < ops["hookscope"] <= 24 / 16
     else:
@@ -70,6 +73,31 @@ def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pyte
     assert configs["hookscope (ATen)"]["backend"] == "aten"
     assert configs["hookscope"]["backend"] == ("native" if kernels.available() else "aten")
     assert configs["hookscope"]["state_bytes"] > 0
+
+
+def test_the_kernel_floor_computes_what_the_default_collectors_need() -> None:
+    """The floor is not a no-op: its passes count each unit's positive elements, a ReLU6's upper band and each
+    gradient's sum of squares (against torch on the same tensors)."""
+    from hookscope import kernels
+
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4), torch.nn.ReLU6())
+    with torch.no_grad():  # a unit mostly off, one always at the upper bound
+        model[2].bias.copy_(torch.tensor([-10.0, 0.0, 5.9, 20.0]))
+    seen: list[torch.Tensor] = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    model[3].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    states: list[dict[str, torch.Tensor]] = []
+    overhead().kernel_floor_hooks(model, states)
+    y = model(torch.randn(7, 6))
+    (grad,) = torch.autograd.grad(y.pow(2).sum(), [y])
+    relu, relu6 = seen
+    assert states[0]["positive"].tolist() == (relu > 0).sum(dim=0).double().tolist()
+    assert states[1]["positive"].tolist() == (relu6 > 0).sum(dim=0).double().tolist()
+    assert float(states[1]["saturated"]) == float((relu6 > 6 - 0.06).sum()) > 0
+    assert float(states[1]["sumsq"]) == pytest.approx(float(grad.double().pow(2).sum()), rel=1e-6)
 
 
 class FakeGuard:
