@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -26,13 +27,21 @@ CONFIGS = {
 }
 
 
-def overhead() -> ModuleType:
+def script(name: str) -> ModuleType:
+    """A benchmark script, imported as a module."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import overhead as module
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return module
+
+
+def overhead() -> ModuleType:
+    return script("overhead")
+
+
+def compare() -> ModuleType:
+    return script("compare")
 
 
 def test_overhead_benchmark_writes_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,15 +147,6 @@ def test_the_contention_guard_reads_this_machine() -> None:
     b = guard.sample()
     other = guard.other_cores(a, b)
     assert other is not None and 0.0 <= other <= torch.get_num_threads() + 64 and not math.isnan(other)
-
-
-def compare() -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import compare as module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
 
 
 def test_compare_exports_a_revision_that_records_by_itself(tmp_path: Path) -> None:
