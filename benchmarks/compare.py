@@ -31,11 +31,13 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import overhead
-
 ROOT = Path(__file__).resolve().parent.parent
+# this checkout's package (not another one that happens to be installed) and overhead.py beside this script
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+import overhead  # noqa: E402
+
 _IMPORTS = re.compile(r"\bhookscope\b(?=[.\s]|$)", re.MULTILINE)
+_LEFT = re.compile(r"^\s*(?:from|import)\s[^#\n]*\bhookscope\b(?!_rev)", re.MULTILINE)  # an import not renamed
 
 
 def export(rev: str, into: Path) -> ModuleType:
@@ -46,7 +48,11 @@ def export(rev: str, into: Path) -> ModuleType:
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     (into / "hookscope").rename(package)
     for path in package.rglob("*.py"):  # its own imports and names: `hookscope.x` -> `hookscope_rev.x`
-        path.write_text(_IMPORTS.sub("hookscope_rev", path.read_text()))
+        text = _IMPORTS.sub("hookscope_rev", path.read_text())
+        left = _LEFT.search(text)
+        if left is not None:  # it would import this checkout's modules into the revision's: two versions mixed
+            raise SystemExit(f"compare.py: cannot rename {left.group().strip()!r} in {path.name} of {rev}")
+        path.write_text(text)
     sys.path.insert(0, str(into))
     build = importlib.import_module("hookscope_rev.kernels.build")
     build.build(package / "kernels")
@@ -55,6 +61,14 @@ def export(rev: str, into: Path) -> ModuleType:
     if not kernels.available():
         print(f"# hookscope @{rev}: native kernels not available ({kernels.info()['reason']})")
     return module
+
+
+def unload(into: Path) -> None:
+    """Forget the exported package (its folder goes away)."""
+    for module in [m for m in sys.modules if m == "hookscope_rev" or m.startswith("hookscope_rev.")]:
+        del sys.modules[module]
+    if str(into) in sys.path:
+        sys.path.remove(str(into))
 
 
 def configs(name: str, device: torch.device, rev: ModuleType, label: str) -> list[overhead.Config]:
@@ -94,16 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     label = f"hookscope @{args.against}"
+    import hookscope
+
+    if not Path(hookscope.__file__).resolve().is_relative_to(ROOT):
+        raise SystemExit(f"compare.py: `import hookscope` found {hookscope.__file__}, not this checkout ({ROOT})")
     print(f"# cpu ({overhead.cpu_model()}), {args.threads} threads; A = {label}, B = this checkout", flush=True)
     with tempfile.TemporaryDirectory(prefix="hookscope-compare-") as tmp:
         try:
             rev = export(args.against, Path(tmp))
             compare(args, device, rev, label)
-        finally:  # the exported package goes with its folder
-            for module in [m for m in sys.modules if m == "hookscope_rev" or m.startswith("hookscope_rev.")]:
-                del sys.modules[module]
-            if tmp in sys.path:
-                sys.path.remove(tmp)
+        finally:
+            unload(Path(tmp))
     return 0
 
 

@@ -171,9 +171,7 @@ def test_compare_exports_a_revision_that_records_by_itself(tmp_path: Path) -> No
             frame = hm.to_dataframe()
         assert frame["dead_ratio"].tolist() == [1 / 3]
     finally:
-        for name in [m for m in sys.modules if m == "hookscope_rev" or m.startswith("hookscope_rev.")]:
-            del sys.modules[name]
-        sys.path.remove(str(tmp_path))
+        compare().unload(tmp_path)
 
 
 def test_compare_prints_each_run_and_the_median(capsys: pytest.CaptureFixture[str]) -> None:
