@@ -184,6 +184,7 @@ def kernel_floor_hooks(model: nn.Module, states: list[dict[str, torch.Tensor]] |
     kernels costs is the gap between ``hookscope`` and this. ``states`` receives each site's buffers (for tests)."""
     from hookscope import kernels
     from hookscope.activations import activation_for_module
+    from hookscope.sites import default_unit_dim
 
     handles = []
     for _, module in activation_modules(model):
@@ -207,10 +208,11 @@ def kernel_floor_hooks(model: nn.Module, states: list[dict[str, torch.Tensor]] |
         ) -> None:
             key = (out.dtype, out.shape, out.stride())
             if key not in calls:
-                dim = 1 if out.dim() == 4 else out.dim() - 1
-                kwargs: dict[str, Any] = {"unit_dim": dim, "units": out.shape[dim]}
+                dim = default_unit_dim(out.dim())  # what hookscope infers for these models' activations
+                units = 1 if dim is None else out.shape[dim]
+                kwargs: dict[str, Any] = {"unit_dim": dim, "units": units}
                 if spec.rectifier:
-                    kwargs["positive"] = state["positive"] = torch.zeros(out.shape[dim], dtype=torch.float64)
+                    kwargs["positive"] = state["positive"] = torch.zeros(units, dtype=torch.float64)
                 bounds = spec.resolve_bounds(m)
                 if bounds is not None:
                     lo, hi = bounds
