@@ -78,28 +78,25 @@ class ParamStats:
         self.modules: list[str] = []
         self.kinds: list[str] = []
         self.sizes: list[int] = []
+        #: (name, kind, module) of each module with parameters, in ``named_modules()`` order: its parameters are read
+        #: from it at each record (see _grouped), so that they are followed where they go.
+        self._owners: list[tuple[str, str, nn.Module]] = []
+        self._index_of: dict[str, int] = {}  # row of each module name that owns a parameter
         seen: set[int] = set()
-        #: (module index, module) of each module that owns parameters, in ``named_modules()`` order: its
-        #: parameters are read from it at each record (see _grouped), so that they are followed where they go.
-        self._owners: list[tuple[int, nn.Module]] = []
         # (a parametrized layer's class is ParametrizedConv1d...: its kind is that of the layer)
         kinds = {name: type(m).__name__.lower().removeprefix("parametrized") for name, m in iter_named_modules(model)}
-        index_of: dict[str, int] = {}
         for name, module in iter_named_modules(model):
-            own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-            seen.update(id(p) for p in module.parameters(recurse=False))
-            if not own:
+            params = list(module.parameters(recurse=False))
+            if not params:
                 continue
             # torch.nn.utils.parametrize keeps the original tensors in `layer.parametrizations.weight`: they are
             # the layer's parameters, reported under its name and kind
             name = name.split(".parametrizations.")[0] if ".parametrizations." in name else name
-            index = index_of.get(name)
-            if index is None:
-                index = index_of[name] = len(self.modules)
-                self.modules.append(name or ROOT_NAME)
-                self.kinds.append(kinds[name])
-                self.sizes.append(0)
-            self._owners.append((index, module))
+            kind = kinds[name]
+            self._owners.append((name, kind, module))
+            if any(id(p) not in seen for p in params):  # a module whose parameters are all shared has no row yet
+                self._row(name, kind)
+            seen.update(id(p) for p in params)
         self._groups: list[_DeviceGroup] = []
         self._grouped_as: list[tuple[int, torch.device]] = []  # (id, device) of each parameter in the groups
         self.history = History(max_steps=max_history)
@@ -109,15 +106,25 @@ class ParamStats:
     def __len__(self) -> int:
         return len(self.modules)
 
+    def _row(self, name: str, kind: str) -> int:
+        """The row of module ``name``, added at the first parameter it owns alone."""
+        index = self._index_of.get(name)
+        if index is None:
+            index = self._index_of[name] = len(self.modules)
+            self.modules.append(name or ROOT_NAME)
+            self.kinds.append(kind)
+            self.sizes.append(0)
+        return index
+
     def record(self, step: int) -> None:
         """Record the statistics of this step (tensor work only)."""
-        if not self.modules:
+        if not self._owners:
             return
-        n = len(self.modules)
-        groups = self._grouped()
-        if not groups:
-            return  # a lazy module that has not run yet: nothing to measure
         with torch.no_grad(), torch._C.DisableTorchFunction():
+            groups = self._grouped()
+            if not groups:
+                return  # a lazy module that has not run yet: nothing to measure
+            n = len(self.modules)
             parts = [self._group_sums(group, n) for group in groups]
             home = parts[0].device
             sums = parts[0]
@@ -144,18 +151,18 @@ class ParamStats:
         """
         seen: set[int] = set()
         params: list[tuple[int, torch.Tensor]] = []
-        for index, module in self._owners:  # what `parameters(recurse=False)` yields, shared ones once
+        for name, kind, module in self._owners:  # what `parameters(recurse=False)` yields, shared ones once
             for param in module._parameters.values():
                 if param is not None and id(param) not in seen:
                     seen.add(id(param))
-                    params.append((index, param))
+                    params.append((self._row(name, kind), param))
         now = [(id(p), p.device) for _, p in params]
         if now != self._grouped_as:
             if any(isinstance(p, nn.parameter.UninitializedParameter) for _, p in params):
                 return []
             kept = {(g.device, tuple(map(id, g.params))): g for g in self._groups}
             groups: dict[torch.device, _DeviceGroup] = {}
-            self.sizes = [0] * len(self.modules)
+            self.sizes = [0] * len(self.modules)  # (a module no longer owning anything alone: 0, NaN norms)
             for index, p in params:
                 group = groups.setdefault(p.device, _DeviceGroup(p.device))
                 group.params.append(p)

@@ -262,3 +262,57 @@ def test_parameters_moved_after_the_manager_was_built_are_recorded_where_they_ar
     assert frame["update_ratio"].iloc[2:].tolist() == pytest.approx(
         [lr * g / w for g, w in zip(grads, first)], rel=1e-5
     )
+
+
+def test_weights_untied_by_to_empty_are_each_recorded() -> None:
+    # to_empty() gives every module a new parameter: a head tied to the embedding on the meta device owns its own
+    # weight afterwards, and gets its row then (before: only the modules owning parameters alone when the manager
+    # was built were read)
+    with torch.device("meta"):
+        emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        head.weight = emb.weight
+        model = nn.Sequential(emb, nn.ReLU(), head)
+    hm = HookManager(model, params=True, alerts=False)
+    model.to_empty(device="cpu")
+    assert model[2].weight is not model[0].weight  # torch's behaviour this test is about
+    torch.manual_seed(0)
+    nn.init.normal_(model[0].weight)
+    nn.init.normal_(model[2].weight)
+    with hm:
+        model(torch.tensor([[1, 2, 3]])).sum().backward()
+        hm.step()
+    frame = hm.param_frame()
+    assert frame["module"].tolist() == ["0", "2"] and frame["params"].tolist() == [40, 40]
+    assert frame["weight_norm"].tolist() == pytest.approx([norm(model[0].weight), norm(model[2].weight)], rel=1e-6)
+    assert frame["grad_norm"].tolist() == pytest.approx(
+        [norm(model[0].weight.grad), norm(model[2].weight.grad)], rel=1e-6
+    )
+
+
+def test_a_parameter_replaced_between_records_is_followed() -> None:
+    model = two_layer()
+    lr = 0.1
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    want_norm: list[float] = []
+    ratio_base: list[float] = []
+    with HookManager(model, params=True, alerts=False) as hm:
+        for step in range(3):
+            if step == 1:  # a new parameter object (the optimizer is told too)
+                model[2].bias = nn.Parameter(torch.full((1,), 3.0))
+                opt = torch.optim.SGD(model.parameters(), lr=lr)
+            model(torch.randn(5, 3)).pow(2).mean().backward()
+            want_norm.append(norm(model[2].weight, model[2].bias))
+            grads = [norm(m.weight.grad, m.bias.grad) for m in (model[0], model[2])]
+            weights = [norm(m.weight, m.bias) for m in (model[0], model[2])]
+            hm.step()
+            if step == 1:
+                ratio_base = [lr * g / w for g, w in zip(grads, weights)]
+            opt.step()
+            opt.zero_grad()
+    frame = hm.param_frame()
+    second = frame[frame["module"] == "2"]
+    assert second["weight_norm"].tolist() == pytest.approx(want_norm, rel=1e-6)
+    ratio = frame.pivot(index="step", columns="module", values="update_ratio")
+    assert ratio.loc[0].isna().all()
+    assert ratio.loc[1].isna().all()  # the parameters were grouped anew: the ratio starts again
+    assert ratio.loc[2].tolist() == pytest.approx(ratio_base, rel=1e-5)
