@@ -81,22 +81,17 @@ class ParamStats:
         #: (name, kind, module) of each module with parameters, in ``named_modules()`` order: its parameters are read
         #: from it at each record (see _grouped), so that they are followed where they go.
         self._owners: list[tuple[str, str, nn.Module]] = []
-        self._index_of: dict[str, int] = {}  # row of each module name that owns a parameter
-        seen: set[int] = set()
+        self._index_of: dict[str, int] = {}  # row of each module name that owns a parameter (made in _grouped)
         # (a parametrized layer's class is ParametrizedConv1d...: its kind is that of the layer)
         kinds = {name: type(m).__name__.lower().removeprefix("parametrized") for name, m in iter_named_modules(model)}
         for name, module in iter_named_modules(model):
-            params = list(module.parameters(recurse=False))
-            if not params:
+            if next(module.parameters(recurse=False), None) is None:
                 continue
             # torch.nn.utils.parametrize keeps the original tensors in `layer.parametrizations.weight`: they are
             # the layer's parameters, reported under its name and kind
             name = name.split(".parametrizations.")[0] if ".parametrizations." in name else name
             kind = kinds[name]
             self._owners.append((name, kind, module))
-            if any(id(p) not in seen for p in params):  # a module whose parameters are all shared has no row yet
-                self._row(name, kind)
-            seen.update(id(p) for p in params)
         self._groups: list[_DeviceGroup] = []
         self._grouped_as: list[tuple[int, torch.device]] = []  # (id, device) of each parameter in the groups
         self.history = History(max_steps=max_history)
