@@ -129,8 +129,8 @@ def train_run(
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             opt.zero_grad()
             loss.backward()
+            hm.step()  # closes the step (before the optimizer's step, as in the Quickstart)
             opt.step()
-            hm.step()
             progress.advance(task)
             now = time.monotonic()
             if live and now - last_refresh >= 0.25:  # 4 times a second: values reach the host then, not per step
@@ -183,12 +183,27 @@ def _layer_lines(run: DemoRun) -> list[str]:
     return lines
 
 
+def _alert_line(run: DemoRun) -> str:
+    """The alerts a run raised: each rule with its layers and the step of its first alert."""
+    by_rule: dict[str, list[Alert]] = {}
+    for alert in run.alerts:
+        by_rule.setdefault(alert.rule, []).append(alert)
+    if not by_rule:
+        return "  alerts: none"
+    parts = [
+        f"{rule} on {', '.join(dict.fromkeys(a.layer for a in alerts))} (first at step {min(a.step for a in alerts)})"
+        for rule, alerts in by_rule.items()
+    ]
+    return f"  alerts: {'; '.join(parts)}"
+
+
 def diagnose(dying: DemoRun, remedy: DemoRun) -> str:
     """The text diagnosis comparing the two runs."""
     out = ["", "[bold]Diagnosis[/]"]
     for run in (dying, remedy):
         out.append(f"[bold]{run.name}[/] ({run.recipe}): test accuracy {run.accuracy:.1%}")
         out.extend(_layer_lines(run))
+        out.append(_alert_line(run))
     bad = {layer: len(v) for layer, v in dying.audit.attrs["dead_units"].items()}
     good = {layer: len(v) for layer, v in remedy.audit.attrs["dead_units"].items()}
     units = int(dying.frame["units"].iloc[0])

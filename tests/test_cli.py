@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -562,18 +563,58 @@ def readme_demo_fragments() -> list[str]:
     return [f[:-3].rstrip() if f.endswith("...") else f for f in fragments if f]
 
 
+def shape_of(text: str) -> str:
+    """``text`` with what depends on the CPU's floating-point paths masked: every number becomes ``#``, with the
+    wording that depends on a count (plurals, the "never fired" clause, which is there only when some unit never
+    fired). Adam at a too-high learning rate is chaotic: another CPU prints other numbers, the same story."""
+    text = " ".join(text.split())  # rich wraps at the console's width, the README at its own
+    text = re.sub(r", \d+ of them never fired", "", text)
+    text = re.sub(r"\d+(\.\d+)?", "#", text)
+    return re.sub(r"\bunits\b", "unit", text)
+
+
+def test_shape_of_masks_numbers_and_the_wording_that_follows_them() -> None:
+    a = "act1: 118 of 128 units never fire (92%): between steps 0 and 171 (median 2), 2 of them never fired; 1 unit"
+    b = "act1: 117 of 128 units never fire (91.4%): between steps 0 and 86 (median 2); 0 units"
+    assert shape_of(a) == shape_of(b) == "act#: # of # unit never fire (#%): between steps # and # (median #); # unit"
+    assert shape_of("act1 dead") != shape_of("act1 alive")  # words are compared
+
+
 def test_the_readme_shows_what_the_demo_prints(demo_run: DemoRun) -> None:
-    printed = " ".join(demo_run.text.split())  # rich wraps at the console's width, the README at its own
+    """The README's block has the demo's structure, line for line where it is not cut; its numbers are those of
+    the machine named beside it, so only their places are compared (the story is checked below)."""
+    printed = shape_of(demo_run.text)
     fragments = readme_demo_fragments()
-    assert len(fragments) >= 4 and sum(map(len, fragments)) > 1500
+    assert len(fragments) >= 4 and sum(map(len, fragments)) > 1200
     at = 0
     for fragment in fragments:
-        found = printed.find(fragment, at)
+        found = printed.find(shape_of(fragment), at)
         assert found >= 0, (
             f"README.md's demo block is not what `hookscope demo --no-live` prints: {fragment!r} is not printed"
-            f" (after character {at}); update the block from this output:\n{demo_run.text}"
+            f" (numbers aside, after character {at}); update the block from this output:\n{demo_run.text}"
         )
-        at = found + len(fragment)
+        at = found + len(shape_of(fragment))
+
+
+def test_the_demo_tells_its_story(demo_run: DemoRun) -> None:
+    """What holds on any CPU: the dying run loses most of act1 and raises dead-unit alerts there; the remedy
+    keeps act1 and raises none there, and alerts on fewer layers."""
+    dying = read_stats(str(demo_run.out / "stats_dying.csv"))
+    remedy = read_stats(str(demo_run.out / "stats_remedy.csv"))
+
+    def act1_last(frame: pd.DataFrame) -> float:
+        rows = frame[(frame["step"] == frame["step"].max()) & (frame["layer"] == "act1")]
+        return float(rows["dead_ratio"].iloc[0])
+
+    assert act1_last(dying) > 0.5 > 0.1 > act1_last(remedy)
+    text = " ".join(demo_run.text.split())
+    alerts = re.findall(r"alerts: (.*?)(?: (?:remedy \(|What the evidence says))", text)
+    assert len(alerts) == 2, text
+    dying_alerts, remedy_alerts = alerts
+    assert re.match(r"dead_relu on act1\b", dying_alerts), dying_alerts
+    assert "act1" not in remedy_alerts
+    assert remedy_alerts.count("act") < dying_alerts.count("act")
+    assert "(first alert at step" in text
 
 
 def test_info_says_which_path_computes_the_statistics() -> None:
