@@ -337,7 +337,10 @@ class Tracer:
             name, spec = self.names[id(module)]
             if name in self._entries and self._interrupted():
                 self.recover()
-        elif self.recording:
+        elif self.recording and (
+            _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
+            or self.recorder.admit_pass(torch.is_grad_enabled() and module.training)
+        ):
             # the frame of the module call that begins this forward pass lives exactly as long as the pass
             self._pass_frame = None if self._compiled.seen else sys._getframe(2)
             name, spec = self.names[id(module)]

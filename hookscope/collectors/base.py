@@ -315,6 +315,14 @@ class StateBank:
             ring[moved : rows + moved].fill_(spec.default)  # the rows after them held defaults already
         self._bind_all()
 
+    def clear_open(self) -> None:
+        """Restore the open step's per-step states to their defaults (what it recorded is dropped)."""
+        if self.closed_rows >= RING_STEPS:
+            return  # no open row: the ring waits for a flush, and no update ran since
+        for name, spec in self.specs.items():
+            if not spec.persistent:
+                self.ring[name][self.closed_rows].fill_(spec.default)
+
     def current(self) -> dict[str, torch.Tensor]:
         """The per-step states of the open step, as a block of one row."""
         return self._rows(self.closed_rows, self.closed_rows + 1)
