@@ -57,8 +57,8 @@ def main() -> hs.HookManager:
             loss = (model(x).squeeze(1) - x.sum(1)).pow(2).mean()
             opt.zero_grad()
             loss.backward()
+            hm.step()  # closes the step, before the optimizer's step
             opt.step()
-            hm.step()
     make_console().print(hm.table())  # the terminal's width, or 140 columns in a pipe
     print(hm.to_dataframe()[["step", "layer", "kind", "dead_ratio", "mean_activation"]].tail(4).to_string(index=False))
     return hm

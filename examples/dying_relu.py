@@ -11,10 +11,14 @@ import torch.nn.functional as F
 import hookscope as hs
 from hookscope.demo import load_digits_data, make_mlp
 
+#: (learning rate, initial bias): far too high for Adam, then the remedy (a lower rate, biases started slightly
+#: positive so that units begin in the active region of the ReLU)
+RECIPES = ((0.05, None), (0.001, 0.1))
 
-def train(lr: float, steps: int = 300) -> tuple[hs.HookManager, list[hs.Alert]]:
+
+def train(lr: float, steps: int = 300, bias: float | None = None) -> tuple[hs.HookManager, list[hs.Alert]]:
     x_train, y_train, _, _ = load_digits_data()
-    model = make_mlp(seed=0)  # 64-128-128-128-10, ReLU layers act1..act3
+    model = make_mlp(seed=0, bias=bias)  # 64-128-128-128-10, ReLU layers act1..act3
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
     alerts: list[hs.Alert] = []
@@ -28,18 +32,19 @@ def train(lr: float, steps: int = 300) -> tuple[hs.HookManager, list[hs.Alert]]:
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             opt.zero_grad()
             loss.backward()
+            hm.step()  # closes the step, before the optimizer's step
             opt.step()
-            hm.step()
     return hm, alerts
 
 
 def main(steps: int = 300) -> dict[float, hs.HookManager]:
     managers = {}
-    for lr in (0.05, 0.001):  # far too high for Adam, then the remedy
-        hm, alerts = train(lr, steps)
+    for lr, bias in RECIPES:
+        hm, alerts = train(lr, steps, bias)
         managers[lr] = hm
         last = hm.to_dataframe().groupby("layer", sort=False).last()
-        print(f"\nAdam lr={lr:g}: dead ratio at the last step")
+        start = f", biases initialised to {bias:g}" if bias is not None else ""
+        print(f"\nAdam lr={lr:g}{start}: dead ratio at the last step")
         for layer, row in last.iterrows():
             dead = hm.unit_timeline(layer).query("dead")
             # a unit stops firing the step after it last fired (step 0 if it never did); its death is confirmed
@@ -54,6 +59,8 @@ def main(steps: int = 300) -> dict[float, hs.HookManager]:
             print(f"  {layer}: {row['dead_ratio']:.0%} of {row['units']} units dead{since}")
         for alert in alerts:
             print(f"  alert: {alert.message[:110]}...")
+        if not alerts:
+            print("  no alert")
     return managers
 
 

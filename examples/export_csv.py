@@ -27,8 +27,8 @@ def main(path: str | Path | None = None) -> pd.DataFrame:
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
+            hm.step()  # closes the step, before the optimizer's step (as in the Quickstart)
             opt.step()
-            hm.step()
 
     path = Path(path) if path is not None else Path(tempfile.gettempdir()) / "hookscope-stats.csv"
     hm.to_csv(path)  # atomic: a reader never sees half a file

@@ -37,13 +37,18 @@ def test_quickstart_main_returns_the_manager() -> None:
 def test_dying_relu_example_shows_the_remedy(capsys) -> None:
     managers = load("dying_relu")["main"](steps=120)
     high, low = managers[0.05], managers[0.001]
+    out = capsys.readouterr().out
+    dying, remedy = out.split("Adam lr=0.001, biases initialised to 0.1:")
+    # the remedy is a remedy: the dying run alerts on act1, the remedy on no layer
+    assert "layer 'act1'" in dying and "(dead_r" in dying
+    assert "alert:" not in remedy and "no alert" in remedy
     # when units stopped firing (the step after they last fired) and when the window rule (20) confirmed it
     dead = high.unit_timeline("act1").query("dead")
     stopped, confirmed = (dead["last_fired"] + 1).fillna(0), dead["dead_since"]
     assert ((confirmed - stopped)[dead["last_fired"].notna()] == 19).all()
     assert (
         f"half of them had stopped firing by step {stopped.median():.0f} (dead by the window rule by step "
-        f"{confirmed.median():.0f})" in capsys.readouterr().out
+        f"{confirmed.median():.0f})" in dying
     )
 
     def last_dead(hm) -> float:
