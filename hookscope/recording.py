@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from hookscope.activations import ActivationSpec, Bounds
 
-__all__ = ["MISSING", "Recorder", "SiteKey"]
+__all__ = ["MISSING", "Recorder", "SiteKey", "discard_open_step"]
 
 #: A site's key in the table: (base name, call index within one forward pass).
 SiteKey = tuple[str, int]
@@ -137,6 +137,11 @@ class _Slot:
         self.calls = 0
         self.elements = 0
         self.backward = 0
+
+    def clear(self) -> None:
+        """Forget the open step's counts (it closed, or was dropped)."""
+        self.touched = False
+        self.calls = self.elements = self.backward = 0
 
     def plan(self) -> None:
         """Split the states into those the fused passes feed and the rest (a statistic feeds one state)."""
@@ -265,11 +270,6 @@ class Recorder:
         #: The statistics implementation (native kernels or ATen), chosen once for this manager.
         self.kernels = select_kernels()
         self._include_checked = False
-        #: A training forward pass (with gradients, the model in train mode) was recorded: from then on, passes
-        #: without gradients or in eval mode (evaluation inside the training loop) are not recorded.
-        self.trained = False
-        self._evaluation_open = False  # the open step holds evaluation passes, recorded before any training
-        self._evaluation_said = False
         self._ref = weakref.ref(self)
         for c in self.collectors:
             c.bind_owner(self)
@@ -431,43 +431,6 @@ class Recorder:
                 stacklevel=4,
             )
 
-    def admit_pass(self, training: bool) -> bool:
-        """Whether a forward pass that begins now is recorded: evaluation never mixes into training statistics.
-
-        ``training``: the pass runs with gradients enabled and the module that begins it in train mode. Passes
-        without them (``torch.no_grad()``, ``inference_mode()``, ``model.eval()``) are recorded as long as no
-        training pass was, so that a model that never trains is observed as before; once one was, they are not
-        recorded (one message says so), and evaluation passes that the open step recorded before its first
-        training pass (evaluation at the top of a training loop's first iteration) are dropped."""
-        if training:
-            if self._evaluation_open:
-                self._discard_open()
-            self.trained = True
-            return True
-        if self.trained:
-            if self._evaluation_said:
-                return False
-            self._evaluation_said = True
-            warn_once(
-                f"hookscope: a forward pass without gradients or in eval mode ran while the model trains (step "
-                f"{self.step}): evaluation passes are not recorded into training statistics; use "
-                "`hs.audit(model, batches)` for the statistics of evaluation data",
-                stacklevel=7,  # the user's call of the model (through torch's Module.__call__)
-            )
-            return False
-        self._evaluation_open = True
-        return True
-
-    def _discard_open(self) -> None:
-        """Drop what the open step recorded (its per-step states and counts)."""
-        self._evaluation_open = False
-        for bank in self._banks:
-            bank.clear_open()
-        for slot in self._order:
-            slot.touched = False
-            slot.calls = slot.elements = slot.backward = 0
-        self._order = []
-
     # ----------------------------------------------------------------------------------------------------------
     # closing steps
 
@@ -494,7 +457,6 @@ class Recorder:
                 self._give_up_global(e)
         record = self._close(commit=True, force=self._cross is not None)
         self.step += 1
-        self._evaluation_open = False
         if self._cross is not None and record is not None:
             self._cross.post(record, passes)
         elif record is not None:
@@ -570,8 +532,7 @@ class Recorder:
             record.values = block[0]
         if commit:
             for slot in order:
-                slot.touched = False
-                slot.calls = slot.elements = slot.backward = 0
+                slot.clear()
             self._order = []
         return record
 
@@ -722,6 +683,16 @@ class Recorder:
 _in_transform: Callable[[torch.Tensor], bool] = getattr(
     getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda tensor: False
 )
+
+
+def discard_open_step(recorder: Recorder) -> None:
+    """Drop what the open step recorded so far (its per-step states and counts): evaluation passes that ran
+    before the step's first training pass (see :class:`hookscope.tracing.Evaluation`)."""
+    for bank in recorder._banks:
+        bank.clear_open()
+    for slot in recorder._order:
+        slot.clear()
+    recorder._order = []
 
 
 def _odd(tensor: torch.Tensor) -> str:

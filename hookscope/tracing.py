@@ -37,11 +37,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from hookscope.activations import ActivationSpec, Bounds, activation_for_function, activation_for_module
-from hookscope.recording import MISSING, Recorder
+from hookscope.recording import MISSING, Recorder, discard_open_step
 from hookscope.sites import ROOT_NAME, Producer, clean_name, producer_of, unwrap_model
 from hookscope.warn import warn_once
 
-__all__ = ["REDISCOVER_EVERY", "Tracer"]
+__all__ = ["REDISCOVER_EVERY", "Evaluation", "Tracer"]
 
 _graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
@@ -195,6 +195,7 @@ class Tracer:
         self._producer: Producer | None = None
         self._produced: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # its output's signature
         self._pass_done = False  # a forward pass ran to its end since the last end_step()
+        self.evaluation = Evaluation()
         #: Forward passes followed to their end since the last end_step() (compared across ranks).
         self.passes = 0
         self._recorded_steps = 0
@@ -308,6 +309,7 @@ class Tracer:
         then; nothing under ``torch.compile`` (changing hooks would make it recompile, and give up after a few
         times)."""
         self.passes = 0
+        self.evaluation.open = False
         if self.stack and self._interrupted():  # no forward runs between steps
             self.recover()
         # discovery ends after a step in which a pass ran to its end (an interrupted one saw only part of it)
@@ -339,7 +341,7 @@ class Tracer:
                 self.recover()
         elif self.recording and (
             _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
-            or self.recorder.admit_pass(torch.is_grad_enabled() and module.training)
+            or self.evaluation.admit(torch.is_grad_enabled() and module.training, self.recorder)
         ):
             # the frame of the module call that begins this forward pass lives exactly as long as the pass
             self._pass_frame = None if self._compiled.seen else sys._getframe(2)
@@ -490,6 +492,47 @@ class Tracer:
             feed = self._producer_for(args[0] if args else None) if self.discovering else None
             with _no_torch_function():
                 recorder.observe(site, out, self._recompute, feed)
+
+
+class Evaluation:
+    """Keeps evaluation passes out of training statistics.
+
+    A forward pass is a *training* pass when gradients are enabled and the module that begins it is in train
+    mode; else (``torch.no_grad()``, ``inference_mode()``, ``model.eval()``) an *evaluation* pass. Evaluation
+    passes are recorded as long as no training pass was, so that a model that never trains is observed as before;
+    once one was, they are not recorded (one message says so), and evaluation passes that the open step recorded
+    before its first training pass (an evaluation at the top of a training loop's first iteration) are dropped.
+
+    Attributes:
+        trained: A training pass was recorded.
+        open: The open step holds evaluation passes, recorded before any training pass.
+    """
+
+    __slots__ = ("open", "said", "trained")
+
+    def __init__(self) -> None:
+        self.trained = self.open = self.said = False
+
+    def admit(self, training: bool, recorder: Recorder) -> bool:
+        """Whether a forward pass that begins now is recorded."""
+        if training:
+            if self.open:
+                self.open = False
+                discard_open_step(recorder)
+            self.trained = True
+            return True
+        if not self.trained:
+            self.open = True
+            return True
+        if not self.said:
+            self.said = True
+            warn_once(
+                f"hookscope: a forward pass without gradients or in eval mode ran while the model trains (step "
+                f"{recorder.step}): evaluation passes are not recorded into training statistics; use "
+                "`hs.audit(model, batches)` for the statistics of evaluation data",
+                stacklevel=7,  # the user's call of the model (through torch's Module.__call__)
+            )
+        return False
 
 
 class _Compiled:
