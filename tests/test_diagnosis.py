@@ -233,8 +233,7 @@ def test_nonfinite_counts_gradients() -> None:
     with HookManager(model, [NonFinite()], alerts=False) as hm:
         (model(x) * torch.tensor([1.0, float("inf"), 2.0])).sum().backward()
         hm.step()
-        with torch.no_grad():
-            model(x)
+        model(x)  # a training forward whose backward never runs (an evaluation would not be recorded)
         hm.step()
     df = hm.to_dataframe()
     assert df["grad_nonfinite"].tolist()[0] == 2 and math.isnan(df["grad_nonfinite"].tolist()[1])
