@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hookscope.errors import HookscopeError, InputError
+from hookscope.files import creation_problem
 from hookscope.stats_file import read_stats
 
 if TYPE_CHECKING:
@@ -112,7 +113,8 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _output_file(arg: str, path: str) -> Path:
-    """``path`` as a file that can be written: not empty, not a directory, in a writable directory that exists."""
+    """``path`` as a file that can be written: not empty, not a directory, in a writable directory that exists,
+    and writing it works (tried; see :func:`hookscope.files.creation_problem`)."""
     if not path:
         raise InputError(f"`{arg}` is empty: give the path of the file to write")
     target = Path(path)
@@ -124,6 +126,9 @@ def _output_file(arg: str, path: str) -> Path:
         raise InputError(f"`{arg}` {path!r}: directory {str(parent)!r} {problem}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"`{arg}` {path!r}: directory {str(parent)!r} is not writable")
+    problem = creation_problem(target)  # what os.access misses: /proc, a read-only mount, root's bypass
+    if problem is not None:
+        raise InputError(f"`{arg}` {path!r}: {problem}")
     return target
 
 

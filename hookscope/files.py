@@ -21,6 +21,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "check_output_file",
+    "creation_problem",
     "file_mode",
     "require_directory",
 ]
@@ -74,14 +75,37 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def creation_problem(target: Path) -> str | None:
+    """Why ``target`` cannot be written, found by trying, or ``None``: an existing file is opened for appending
+    (nothing is written), a missing one is created (exclusively, so nothing is clobbered) and removed again.
+
+    Permission bits alone do not tell: root passes ``os.access`` everywhere, and ``/proc``, ``/sys`` or a
+    read-only mount refuse the file only when it is opened.
+    """
+    existed = target.exists()
+    flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | (os.O_APPEND if existed else os.O_CREAT | os.O_EXCL)
+    try:
+        fd = os.open(target, flags, 0o666)
+    except FileExistsError:  # created by someone else in between: it exists, which is all a writer needs
+        return None
+    except OSError as e:
+        return f"{'opening' if existed else 'creating'} it fails: {e.strerror or e}"
+    os.close(fd)
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+    return None
+
+
 def check_output_file(arg: str, value: object) -> Path:
     """``value`` as the path of a file that can be created or appended to: a str or ``os.PathLike`` naming a
-    regular file (existing and writable, or not yet there) in an existing, writable directory.
+    regular file (existing and writable, or not yet there) in an existing, writable directory. Writing is tried
+    (:func:`creation_problem`): a file that would be created is created and removed again.
 
     Raises:
         ConfigTypeError: Not a str or ``os.PathLike`` of a str.
         ConfigPathError: The directory is missing or not writable, or the target is a directory, another kind of
-            file (a device, a pipe), or a file that cannot be written.
+            file (a device, a pipe), or a file that cannot be written or created (``/proc``, a read-only mount).
     """
     raw = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(raw, str):
@@ -107,6 +131,9 @@ def check_output_file(arg: str, value: object) -> Path:
             raise fail("it is not a regular file (a device, a pipe or a socket)", "name a regular file")
         if not os.access(target, os.W_OK):
             raise fail("the file is not writable", "fix its permissions or choose another file")
+    problem = creation_problem(target)
+    if problem is not None:
+        raise fail(problem, "choose a file on a writable file system")
     return target
 
 

@@ -207,6 +207,33 @@ def test_csv_sink_checks_its_path_at_construction(tmp_path: Path, monkeypatch: p
         HookManager(SharedReLU(), sinks=["stats.csv"])  # type: ignore[list-item]
 
 
+UNCREATABLE = [p for p in ("/proc/stats.csv", "/sys/stats.csv") if os.path.isdir(os.path.dirname(p))]
+
+
+@pytest.mark.skipif(not UNCREATABLE, reason="no /proc or /sys")
+@pytest.mark.parametrize("path", UNCREATABLE)
+def test_a_file_that_cannot_be_created_is_refused_when_the_sink_is_built(path: str) -> None:
+    # os.access says yes to root everywhere and to /proc's owner; only trying to create the file tells
+    assert not os.path.exists(path)
+    with pytest.raises(ConfigPathError, match=rf"got '{path}': creating it fails: .*writable file system"):
+        hs.CSVSink(path)
+    assert not os.path.exists(path)
+
+
+def test_the_creation_probe_leaves_no_file_and_touches_no_existing_one(tmp_path: Path) -> None:
+    new, old = tmp_path / "new.csv", tmp_path / "old.csv"
+    old.write_bytes(b"step,layer\n0,a\n")
+    before = old.stat()
+    hs.CSVSink(new)
+    hs.CSVSink(old)
+    assert not new.exists() and sorted(os.listdir(tmp_path)) == ["old.csv"]  # the probe is removed
+    after = old.stat()
+    assert old.read_bytes() == b"step,layer\n0,a\n" and (after.st_size, after.st_mtime_ns) == (
+        before.st_size,
+        before.st_mtime_ns,
+    )
+
+
 def test_two_sinks_on_one_file_are_an_error(tmp_path: Path) -> None:
     path = tmp_path / "s.csv"
     first = hs.CSVSink(path)
