@@ -126,9 +126,9 @@ def _output_file(arg: str, path: str) -> Path:
         raise InputError(f"`{arg}` {path!r}: directory {str(parent)!r} {problem}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"`{arg}` {path!r}: directory {str(parent)!r} is not writable")
-    problem = creation_problem(target)  # what os.access misses: /proc, a read-only mount, root's bypass
-    if problem is not None:
-        raise InputError(f"`{arg}` {path!r}: {problem}")
+    unwritable = creation_problem(target)  # what os.access misses: /proc, a read-only mount, root's bypass
+    if unwritable is not None:
+        raise InputError(f"`{arg}` {path!r}: {unwritable}")
     return target
 
 
