@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hookscope.csv_cells import restore
 from hookscope.errors import InputError
 from hookscope.report import ROW_COLUMNS, STAT_COLUMNS
 
@@ -113,7 +114,7 @@ def _sniff(path: str, head: bytes, whole: bool) -> tuple[list[str], int]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         for before, raw in enumerate(reader):
-            names = [f.strip() for f in raw]
+            names = [restore(f) for f in raw]
             if any(names):
                 _check_header(path, names)
                 return names, before + 1
@@ -183,11 +184,6 @@ def _chunks(
         yield list(zip(*rows)), lines
 
 
-def _clean_text(raw: str) -> str:
-    """A text field as the report holds it: spaces around it dropped."""
-    return raw.strip()
-
-
 class _Problem:
     """The first offending row of a column (its index among the data rows, the field) and how many there are."""
 
@@ -221,7 +217,7 @@ class _Column:
             known = np.array([self.distinct.setdefault(u, len(self.distinct)) for u in uniques], dtype=np.int64)
             self.blocks.append(known[codes] if len(codes) else np.zeros(0, np.int64))
             if self.name in _NAMES:
-                empty = np.array([_clean_text(u) == "" for u in uniques], dtype=bool)
+                empty = np.array([restore(u) == "" for u in uniques], dtype=bool)
                 self.problem.add(empty[codes], raw, offset)
             return
         values, invalid = _numbers(raw)
@@ -252,7 +248,7 @@ class _Column:
     def _names(self) -> tuple[np.ndarray, np.ndarray]:
         """A text column's distinct values (cleaned) and each row's index into them."""
         names = np.empty(len(self.distinct), dtype=object)
-        names[:] = [_clean_text(raw) for raw in self.distinct]
+        names[:] = [restore(raw) for raw in self.distinct]
         return names, np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.int64)
 
     def codes(self) -> np.ndarray:
@@ -287,7 +283,10 @@ def read_stats(path: str) -> pd.DataFrame:
     (:data:`REQUIRED_COLUMNS`), then one line per (step, layer) with as many fields as the header: ``step``,
     ``units`` and ``calls`` integers >= 0; ``layer`` and ``kind`` not empty; ratios empty (NaN) or in [0, 1];
     ``grad_norm`` empty or >= 0; no (step, layer) twice. Blank lines are skipped; spaces around fields and a
-    byte-order mark are accepted. The file is read a chunk of rows at a time (see the module's docstring).
+    byte-order mark are accepted. A text field that starts with ``'`` loses that one quote and keeps its spaces
+    (:func:`hookscope.csv_cells.restore`: hookscope writes names that a spreadsheet would run as formulas that
+    way), so names read back exactly as they were written. The file is read a chunk of rows at a time (see the
+    module's docstring).
 
     Args:
         path: The CSV file.

@@ -140,3 +140,90 @@ def test_a_header_after_blank_lines_and_a_byte_order_mark(tmp_path: Path) -> Non
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     assert buffer.getvalue().startswith(HEADER)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# names that a spreadsheet would run as formulas (CSV injection), and that must read back exactly
+
+HOSTILE = [
+    '=HYPERLINK("http://x","y")',
+    "+1",
+    "-2+3",
+    "@SUM(A1)",
+    "\tcmd",
+    "'quoted",  # a legitimate name that starts with the prefix itself
+    "'=both",
+    "''",
+    "'",
+    " lead",
+    "trail ",
+    "plain",
+    "mid=dle",
+]
+
+
+def test_neutralised_cells_never_start_a_formula_and_restore_exactly() -> None:
+    import csv as csv_module
+    import itertools
+
+    from hookscope.csv_cells import FORMULA_STARTS, QUOTE, neutralise, restore
+
+    alphabet = ["=", "+", "-", "@", "\t", "\r", "\n", QUOTE, " ", "a", '"', ","]
+    cells = ["".join(p) for n in range(4) for p in itertools.product(alphabet, repeat=n)] + HOSTILE
+    buffer = io.StringIO()
+    csv_module.writer(buffer).writerows([[neutralise(c)] for c in cells])  # through a real CSV file
+    read_back = [row[0] if row else "" for row in csv_module.reader(io.StringIO(buffer.getvalue(), newline=""))]
+    assert len(read_back) == len(cells)
+    for cell, field in zip(cells, read_back):
+        assert restore(field) == cell, (cell, field)
+        assert not field.startswith(FORMULA_STARTS), (cell, field)
+    assert neutralise("plain") == "plain" and neutralise("-1") == "'-1" and neutralise("'q") == "''q"
+
+
+def hostile_model() -> object:
+    import torch.nn as nn
+
+    model = nn.Sequential()
+    model.add_module("linear", nn.Linear(4, 4))
+    for name in HOSTILE:
+        model.add_module(name, nn.ReLU())
+    return model
+
+
+def test_hostile_layer_names_are_inert_in_every_csv_and_read_back_exactly(tmp_path: Path) -> None:
+    import csv as csv_module
+
+    import torch
+
+    import hookscope as hs
+    from hookscope.cli import main
+
+    model = hostile_model()
+    sink_path, whole_path = tmp_path / "sink.csv", tmp_path / "whole.csv"
+    with hs.HookManager(model, sinks=[hs.CSVSink(sink_path, every=2)], alerts=False) as hm:  # type: ignore[arg-type]
+        for _ in range(3):
+            model(torch.randn(2, 4)).sum().backward()  # type: ignore[operator]
+            hm.step()
+    hm.to_csv(whole_path)
+    expected = hm.to_dataframe()
+    assert set(expected["layer"]) == set(HOSTILE)  # the names really are the sites' names
+    for path in (sink_path, whole_path):
+        with open(path, newline="") as f:
+            rows = list(csv_module.reader(f))
+        layer_at = rows[0].index("layer")
+        cells = [row[layer_at] for row in rows[1:]]
+        assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
+        assert '\'=HYPERLINK("http://x","y")' in cells and "''quoted" in cells and "' lead" in cells
+        assert "plain" in cells and "mid=dle" in cells  # other names are written as they are
+        frame = read_stats(str(path))
+        assert frame["layer"].tolist() == expected["layer"].tolist()  # exactly, spaces and quotes included
+        pd.testing.assert_frame_equal(frame, expected, check_dtype=False)
+        assert main(["show", str(path), "--ascii"]) == 0
+
+
+def test_numbers_are_not_prefixed_and_text_columns_of_any_frame_are(tmp_path: Path) -> None:
+    from hookscope.reporters.csv import write_csv
+
+    frame = pd.DataFrame({"step": [0, 1], "module": ["-neg", "ok"], "delta": [-0.5, 2.0], "=col": ["a", "b"]})
+    write_csv(frame, tmp_path / "p.csv")
+    assert (tmp_path / "p.csv").read_text().splitlines() == ["step,module,delta,'=col", "0,'-neg,-0.5,a", "1,ok,2.0,b"]
