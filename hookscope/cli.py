@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from hookscope.errors import HookscopeError, InputError
 from hookscope.files import creation_problem
@@ -423,7 +424,7 @@ def cmd_activations(args: argparse.Namespace) -> int:
         if spec.saturate != "both" and spec.bounds:
             rng += f" ({spec.saturate} bound)"
         classes = ", ".join(sorted({*(m.__name__ for m in spec.modules), *spec.class_names}))
-        table.add_row(spec.name, stats, rng, classes, str(len(spec.functions)))
+        table.add_row(Text(spec.name), stats, rng, Text(classes), str(len(spec.functions)))  # names: no markup
     _console(args.ascii).print(table)
     return 0
 

@@ -90,9 +90,9 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
         # marked as the default alert judges: on the units confirmed dead when the column is there
         judged = _float(getattr(r, "confirmed_dead_ratio", dead))
         table.add_row(
-            str(r.layer),
-            str(r.kind),
-            str(r.shape),
+            Text(str(r.layer)),  # names are data, never rich markup: "[bold]x" or "[/]" shows as it is
+            Text(str(r.kind)),
+            Text(str(r.shape)),
             str(r.calls),
             _styled(_pct(dead, missing), not math.isnan(judged) and judged >= DEAD_RATIO_ALERT, ascii),
             _pct(_float(r.inactive_fraction), missing),
@@ -122,8 +122,8 @@ def build_param_table(frame: pd.DataFrame, *, ascii: bool = False) -> Table:
         ratio = _float(r.update_ratio)
         odd_ratio = not math.isnan(ratio) and _float(r.grad_norm) > 0 and not lo <= ratio <= hi
         table.add_row(
-            str(r.module),
-            str(r.kind),
+            Text(str(r.module)),
+            Text(str(r.kind)),
             f"{int(_float(r.params)):,}",
             _num(_float(r.weight_norm), missing),
             _styled(_num(_float(r.grad_norm), missing), bool(outlier), ascii),
