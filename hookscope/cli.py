@@ -361,7 +361,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         steps = sorted(set(frame["step"]))
         held = f"it has {len(steps)} steps, from {steps[0]} to {steps[-1]}" if steps else "it has no rows"
         raise InputError(f"`--step` {args.step} is not in {args.csv} ({held})")
-    _console(args.ascii).print(build_table(frame, step=args.step, ascii=args.ascii))
+    rows = args.max_rows or None  # 0: every layer
+    _console(args.ascii).print(build_table(frame, step=args.step, ascii=args.ascii, max_rows=rows))
     return 0
 
 
@@ -455,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("csv", metavar="STATS.csv")
     show.add_argument("--step", type=_non_negative, default=None, help="the step to show (default: the latest)")
     show.add_argument("--ascii", action="store_true")
+    show.add_argument(
+        "--max-rows",
+        type=_non_negative,
+        default=50,
+        metavar="N",
+        help="with more layers, show the N worst, worst first (50; 0 shows every layer)",
+    )
     show.set_defaults(func=cmd_show, parser=show)
 
     plot = sub.add_parser("plot", help="plot a CSV written by hookscope to PNG")

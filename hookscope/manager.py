@@ -411,12 +411,14 @@ class HookManager:
             raise ConfigTypeError(f"`path` must be a str or os.PathLike, got {describe(path)}")
         write_csv(self.param_frame(), path)
 
-    def param_table(self, *, ascii: bool = False) -> Table:
-        """A rich table of the parameter statistics of the last recorded step, one row per module."""
+    def param_table(self, *, ascii: bool = False, max_rows: int | None = 50) -> Table:
+        """A rich table of the parameter statistics of the last recorded step, one row per module (with more than
+        ``max_rows`` modules, the worst, worst first, and how many more; ``None`` shows all)."""
         from hookscope.reporters.table import build_param_table
 
         check_bool("ascii", ascii)
-        return build_param_table(self.last_param_frame(), ascii=ascii)
+        check_int("max_rows", max_rows, minimum=1, optional=True, meaning="None shows every module")
+        return build_param_table(self.last_param_frame(), ascii=ascii, max_rows=max_rows)
 
     def _param_stats(self) -> ParamStats:
         if self._params is None:
@@ -485,15 +487,18 @@ class HookManager:
             raise ConfigTypeError(f"`path` must be a str or os.PathLike, got {describe(path)}")
         write_csv(self.to_dataframe(), path)
 
-    def table(self, step: int | None = None, *, ascii: bool = False) -> Table:
+    def table(self, step: int | None = None, *, ascii: bool = False, max_rows: int | None = 50) -> Table:
         """A rich table with one row per layer for the latest step (or ``step``).
 
         The latest step is built from that step's record alone, so a live view stays cheap however long the run.
+        A step with more than ``max_rows`` layers shows the ``max_rows`` worst, worst first, and says how many
+        more there are (see ``hookscope.reporters.table.build_table``); ``None`` shows every layer.
         """
         from hookscope.reporters.table import build_table
 
         check_int("step", step, minimum=0, optional=True, meaning="None shows the latest")
         check_bool("ascii", ascii)
+        check_int("max_rows", max_rows, minimum=1, optional=True, meaning="None shows every layer")
         recorder = self._recorder
         recorder.flush()
         if step is None:
@@ -501,8 +506,8 @@ class HookManager:
             if latest is None:
                 latest = recorder.last_closed
             if latest is not None:
-                return build_table(recorder.frame([latest]), ascii=ascii)
-        return build_table(self.to_dataframe(), step=step, ascii=ascii)
+                return build_table(recorder.frame([latest]), ascii=ascii, max_rows=max_rows)
+        return build_table(self.to_dataframe(), step=step, ascii=ascii, max_rows=max_rows)
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
