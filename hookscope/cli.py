@@ -334,9 +334,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
             hm.step()  # before the optimizer's step: the parameter statistics see the gradients it uses
             opt.step()
     console = _console(args.ascii)
-    console.print(hm.table(ascii=args.ascii))
+    rows = args.max_rows or None  # 0: every row
+    console.print(hm.table(ascii=args.ascii, max_rows=rows))
     if args.params:
-        console.print(hm.param_table(ascii=args.ascii))
+        console.print(hm.param_table(ascii=args.ascii, max_rows=rows))
     if csv_path is not None:
         hm.to_csv(csv_path)
         print(f"wrote {len(hm.to_dataframe())} rows to {args.csv}")
@@ -430,6 +431,16 @@ def cmd_activations(args: argparse.Namespace) -> int:
     return 0
 
 
+def _max_rows_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-rows",
+        type=_non_negative,
+        default=50,
+        metavar="N",
+        help="with more layers (or modules), show the N worst, worst first (50; 0 shows all)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hookscope.reporters.plots import METRICS
 
@@ -450,19 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--params", action="store_true", help="also show per-module parameter statistics (weight and gradient norms)"
     )
+    _max_rows_option(scan)
     scan.set_defaults(func=cmd_scan, parser=scan)
 
     show = sub.add_parser("show", help="render a CSV written by hookscope as the table")
     show.add_argument("csv", metavar="STATS.csv")
     show.add_argument("--step", type=_non_negative, default=None, help="the step to show (default: the latest)")
     show.add_argument("--ascii", action="store_true")
-    show.add_argument(
-        "--max-rows",
-        type=_non_negative,
-        default=50,
-        metavar="N",
-        help="with more layers, show the N worst, worst first (50; 0 shows every layer)",
-    )
+    _max_rows_option(show)
     show.set_defaults(func=cmd_show, parser=show)
 
     plot = sub.add_parser("plot", help="plot a CSV written by hookscope to PNG")

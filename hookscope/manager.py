@@ -412,12 +412,11 @@ class HookManager:
         write_csv(self.param_frame(), path)
 
     def param_table(self, *, ascii: bool = False, max_rows: int | None = 50) -> Table:
-        """A rich table of the parameter statistics of the last recorded step, one row per module (with more than
-        ``max_rows`` modules, the worst, worst first, and how many more; ``None`` shows all)."""
+        """A rich table of the parameter statistics of the last recorded step, one row per module (at most
+        ``max_rows``: see ``table``)."""
         from hookscope.reporters.table import build_param_table
 
         check_bool("ascii", ascii)
-        check_int("max_rows", max_rows, minimum=1, optional=True, meaning="None shows every module")
         return build_param_table(self.last_param_frame(), ascii=ascii, max_rows=max_rows)
 
     def _param_stats(self) -> ParamStats:
@@ -491,14 +490,12 @@ class HookManager:
         """A rich table with one row per layer for the latest step (or ``step``).
 
         The latest step is built from that step's record alone, so a live view stays cheap however long the run.
-        A step with more than ``max_rows`` layers shows the ``max_rows`` worst, worst first, and says how many
-        more there are (see ``hookscope.reporters.table.build_table``); ``None`` shows every layer.
+        More than ``max_rows`` layers: the worst, worst first, and how many more (``None``: all; see ``build_table``).
         """
         from hookscope.reporters.table import build_table
 
         check_int("step", step, minimum=0, optional=True, meaning="None shows the latest")
         check_bool("ascii", ascii)
-        check_int("max_rows", max_rows, minimum=1, optional=True, meaning="None shows every layer")
         recorder = self._recorder
         recorder.flush()
         if step is None:

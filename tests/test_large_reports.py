@@ -128,3 +128,16 @@ def test_the_timeline_of_all_sites_is_each_sites_timeline_back_to_back() -> None
     assert whole["layer"].tolist() == ["1"] * 6 + ["1#1"] * 5 and whole["unit"].tolist() == [*range(6), *range(5)]
     for layer, units in dead.items():
         assert whole[(whole["layer"] == layer) & whole["dead"]]["unit"].tolist() == units
+
+
+def deep() -> nn.Module:  # a factory for `hookscope scan test_large_reports:deep`
+    return nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(4, 4), nn.ReLU())])
+
+
+def test_scan_takes_max_rows() -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        argv = ["scan", "test_large_reports:deep", "--input-shape", "4,4", "--steps", "1", "--ascii", "--params"]
+        assert main([*argv, "--max-rows", "2"]) == 0
+    assert "... 4 more layers (the 2 worst of 6" in out.getvalue()
+    assert "... 4 more modules (the 2 worst of 6" in out.getvalue()

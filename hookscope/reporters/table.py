@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hookscope.alerts import DEAD_RATIO_ALERT, SATURATION_ALERT, gradient_median, gradient_outliers
+from hookscope.checks import check_int
 
 __all__ = ["MAX_ROWS", "PrintableTable", "build_param_table", "build_table", "make_console"]
 
@@ -78,6 +79,7 @@ def _gradient_distance(grads: np.ndarray) -> np.ndarray:
 def _shown(flagged: np.ndarray, keys: list[np.ndarray], max_rows: int | None) -> np.ndarray:
     """Positions of the rows to show: all in order when they fit in ``max_rows``, else the ``max_rows`` worst,
     worst first (marked rows, then ``keys`` descending, in order; ties keep the forward order)."""
+    check_int("max_rows", max_rows, minimum=1, optional=True, meaning="None shows every row")
     n = len(flagged)
     if max_rows is None or n <= max_rows:
         return np.arange(n)
