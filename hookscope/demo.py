@@ -192,7 +192,8 @@ def _alert_line(run: DemoRun) -> str:
     if not by_rule:
         return "  alerts: none"
     parts = [
-        f"{rule} on {', '.join(dict.fromkeys(a.layer for a in alerts))} (first at step {min(a.step for a in alerts)})"
+        f"{rule} on {escape(', '.join(dict.fromkeys(a.layer for a in alerts)))}"  # names: never markup
+        f" (first at step {min(a.step for a in alerts)})"
         for rule, alerts in by_rule.items()
     ]
     return f"  alerts: {'; '.join(parts)}"

@@ -110,3 +110,15 @@ def test_alert_messages_carry_names_as_plain_text() -> None:
     seen: list[hs.Alert] = []
     hs.Alerts(callback=seen.append, warn=False, log=False).check(frame, 0)
     assert seen and "layer '[/]'" in seen[0].message  # warnings and logging get the name as it is
+
+
+def test_the_demo_prints_alerted_layer_names_verbatim() -> None:
+    from rich.console import Console
+
+    from hookscope.demo import DemoRun, _alert_line
+
+    alerts = [hs.Alert("dead_relu", name, 3, 0.5, 0.1, "message") for name in ("[/]", "[bold]x")]
+    run = DemoRun("dying", 0.05, "Adam", pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), 0.5, alerts)
+    out = io.StringIO()
+    Console(file=out, width=200).print(_alert_line(run))  # "[/]" raised MarkupError, "[bold]x" lost its tag
+    assert "dead_relu on [/], [bold]x (first at step 3)" in out.getvalue()
