@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from hookscope.errors import HookscopeError, InputError
+from hookscope.files import creation_problem
 from hookscope.stats_file import read_stats
 
 if TYPE_CHECKING:
@@ -112,7 +114,8 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _output_file(arg: str, path: str) -> Path:
-    """``path`` as a file that can be written: not empty, not a directory, in a writable directory that exists."""
+    """``path`` as a file that can be written: not empty, not a directory, in a writable directory that exists,
+    and writing it works (tried; see :func:`hookscope.files.creation_problem`)."""
     if not path:
         raise InputError(f"`{arg}` is empty: give the path of the file to write")
     target = Path(path)
@@ -124,6 +127,9 @@ def _output_file(arg: str, path: str) -> Path:
         raise InputError(f"`{arg}` {path!r}: directory {str(parent)!r} {problem}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"`{arg}` {path!r}: directory {str(parent)!r} is not writable")
+    unwritable = creation_problem(target)  # what os.access misses: /proc, a read-only mount, root's bypass
+    if unwritable is not None:
+        raise InputError(f"`{arg}` {path!r}: {unwritable}")
     return target
 
 
@@ -328,9 +334,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
             hm.step()  # before the optimizer's step: the parameter statistics see the gradients it uses
             opt.step()
     console = _console(args.ascii)
-    console.print(hm.table(ascii=args.ascii))
+    rows = args.max_rows or None  # 0: every row
+    console.print(hm.table(ascii=args.ascii, max_rows=rows))
     if args.params:
-        console.print(hm.param_table(ascii=args.ascii))
+        console.print(hm.param_table(ascii=args.ascii, max_rows=rows))
     if csv_path is not None:
         hm.to_csv(csv_path)
         print(f"wrote {len(hm.to_dataframe())} rows to {args.csv}")
@@ -355,7 +362,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         steps = sorted(set(frame["step"]))
         held = f"it has {len(steps)} steps, from {steps[0]} to {steps[-1]}" if steps else "it has no rows"
         raise InputError(f"`--step` {args.step} is not in {args.csv} ({held})")
-    _console(args.ascii).print(build_table(frame, step=args.step, ascii=args.ascii))
+    rows = args.max_rows or None  # 0: every layer
+    _console(args.ascii).print(build_table(frame, step=args.step, ascii=args.ascii, max_rows=rows))
     return 0
 
 
@@ -418,9 +426,19 @@ def cmd_activations(args: argparse.Namespace) -> int:
         if spec.saturate != "both" and spec.bounds:
             rng += f" ({spec.saturate} bound)"
         classes = ", ".join(sorted({*(m.__name__ for m in spec.modules), *spec.class_names}))
-        table.add_row(spec.name, stats, rng, classes, str(len(spec.functions)))
+        table.add_row(Text(spec.name), stats, rng, Text(classes), str(len(spec.functions)))  # names: no markup
     _console(args.ascii).print(table)
     return 0
+
+
+def _max_rows_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-rows",
+        type=_non_negative,
+        default=50,
+        metavar="N",
+        help="with more layers (or modules), show the N worst, worst first (50; 0 shows all)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,12 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--params", action="store_true", help="also show per-module parameter statistics (weight and gradient norms)"
     )
+    _max_rows_option(scan)
     scan.set_defaults(func=cmd_scan, parser=scan)
 
     show = sub.add_parser("show", help="render a CSV written by hookscope as the table")
     show.add_argument("csv", metavar="STATS.csv")
     show.add_argument("--step", type=_non_negative, default=None, help="the step to show (default: the latest)")
     show.add_argument("--ascii", action="store_true")
+    _max_rows_option(show)
     show.set_defaults(func=cmd_show, parser=show)
 
     plot = sub.add_parser("plot", help="plot a CSV written by hookscope to PNG")

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hookscope.alerts import DEAD_RATIO_ALERT, HINTS, Alert, Alerts
@@ -176,7 +177,7 @@ def _layer_lines(run: DemoRun) -> list[str]:
             else "none died during training"
         )
         lines.append(
-            f"  {layer}: {len(dead_units)} of {units} units never fire on the training set "
+            f"  {escape(layer)}: {len(dead_units)} of {units} units never fire on the training set "
             f"({len(dead_units) / units:.0%}); {len(stopped)} dead at the last step (silent {WINDOW} steps): "
             f"{when}; {revived} unit{'s' if revived != 1 else ''} revived after dying"
         )
@@ -191,7 +192,8 @@ def _alert_line(run: DemoRun) -> str:
     if not by_rule:
         return "  alerts: none"
     parts = [
-        f"{rule} on {', '.join(dict.fromkeys(a.layer for a in alerts))} (first at step {min(a.step for a in alerts)})"
+        f"{rule} on {escape(', '.join(dict.fromkeys(a.layer for a in alerts)))}"  # names: never markup
+        f" (first at step {min(a.step for a in alerts)})"
         for rule, alerts in by_rule.items()
     ]
     return f"  alerts: {'; '.join(parts)}"
@@ -217,14 +219,14 @@ def diagnose(dying: DemoRun, remedy: DemoRun) -> str:
         revived = int((tl[tl["dead"]]["revivals"] > 0).sum())
         alert = f" (first alert at step {first_alert})" if first_alert is not None else ""
         timing = (
-            f" Half of the dead units of {worst} had stopped firing by step {statistics.median(stopped):.0f} (their"
-            f" death confirmed by step {statistics.median(confirmed):.0f}), and {revived} of those dead now had come"
-            " back before dying again:"
+            f" Half of the dead units of {escape(worst)} had stopped firing by step"
+            f" {statistics.median(stopped):.0f} (their death confirmed by step {statistics.median(confirmed):.0f}),"
+            f" and {revived} of those dead now had come back before dying again:"
             if len(stopped)
             else " The likely cause:"
         )
         out.append(
-            f"- With {dying.recipe}, {worst} lost {bad[worst]} of {units} units{alert}; with {remedy.recipe} it"
+            f"- With {dying.recipe}, {escape(worst)} lost {bad[worst]} of {units} units{alert}; with {remedy.recipe} it"
             f" loses {good[worst]}, and no layer loses more than {max(good.values())}.{timing} large Adam updates"
             " pushed biases and weights to where the pre-activation is negative for every input, where a ReLU gets"
             " no gradient to recover."
@@ -280,5 +282,5 @@ def run_demo(
     }
     for name, fig in plots.items():
         files.append(save_figure(fig, out / name))
-    console.print(f"\nwrote {', '.join(str(f) for f in files)}")
+    console.print(f"\nwrote {escape(', '.join(str(f) for f in files))}")  # a directory may be named "[x]"
     return {"dying": dying, "remedy": remedy, "files": files, "accuracy": np.array([dying.accuracy, remedy.accuracy])}

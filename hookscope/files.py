@@ -1,5 +1,5 @@
-"""Files that a reader never sees half-written: whole files replaced atomically, and files that grow by whole
-lines (a failed append is truncated back, a torn tail left by a crash is dropped before appending again)."""
+"""Files that a reader never sees half-written: whole files replaced atomically, and CSV files that grow by whole
+records (a failed append is truncated back, a torn tail left by a crash is dropped before appending again)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "check_output_file",
+    "creation_problem",
     "file_mode",
+    "last_record_end",
     "require_directory",
 ]
 
@@ -74,14 +76,37 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def creation_problem(target: Path) -> str | None:
+    """Why ``target`` cannot be written, found by trying, or ``None``: an existing file is opened for appending
+    (nothing is written), a missing one is created (exclusively, so nothing is clobbered) and removed again.
+
+    Permission bits alone do not tell: root passes ``os.access`` everywhere, and ``/proc``, ``/sys`` or a
+    read-only mount refuse the file only when it is opened.
+    """
+    existed = target.exists()
+    flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | (os.O_APPEND if existed else os.O_CREAT | os.O_EXCL)
+    try:
+        fd = os.open(target, flags, 0o666)
+    except FileExistsError:  # created by someone else in between: it exists, which is all a writer needs
+        return None
+    except OSError as e:
+        return f"{'opening' if existed else 'creating'} it fails: {e.strerror or e}"
+    os.close(fd)
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+    return None
+
+
 def check_output_file(arg: str, value: object) -> Path:
     """``value`` as the path of a file that can be created or appended to: a str or ``os.PathLike`` naming a
-    regular file (existing and writable, or not yet there) in an existing, writable directory.
+    regular file (existing and writable, or not yet there) in an existing, writable directory. Writing is tried
+    (:func:`creation_problem`): a file that would be created is created and removed again.
 
     Raises:
         ConfigTypeError: Not a str or ``os.PathLike`` of a str.
         ConfigPathError: The directory is missing or not writable, or the target is a directory, another kind of
-            file (a device, a pipe), or a file that cannot be written.
+            file (a device, a pipe), or a file that cannot be written or created (``/proc``, a read-only mount).
     """
     raw = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(raw, str):
@@ -107,15 +132,51 @@ def check_output_file(arg: str, value: object) -> Path:
             raise fail("it is not a regular file (a device, a pipe or a socket)", "name a regular file")
         if not os.access(target, os.W_OK):
             raise fail("the file is not writable", "fix its permissions or choose another file")
+    problem = creation_problem(target)
+    if problem is not None:
+        raise fail(problem, "choose a file on a writable file system")
     return target
 
 
+def last_record_end(fd: int, size: int, chunk: int = 1 << 20) -> int:
+    """The offset just after the last complete CSV record among the first ``size`` bytes of ``fd`` (0 if none).
+
+    A record ends at a newline outside quotes, as a CSV parser reads it (RFC 4180; what pandas and the ``csv``
+    module write): a field holding a newline, a comma or a quote is quoted, and its quotes are doubled, so a
+    newline is outside quotes exactly when an even number of ``"`` precede it. The last newline byte is not
+    enough: a record torn inside a quoted multi-line field (a layer name holding a newline) ends in a newline
+    too, and its open quote would swallow every row appended after it. The quotes are counted in one forward pass
+    (a ``bytes.count`` per megabyte), then newlines are tried from the end.
+    """
+    total = offset = 0
+    while offset < size:
+        data = os.pread(fd, min(chunk, size - offset), offset)
+        if not data:
+            break
+        total += data.count(b'"')
+        offset += len(data)
+    after = 0  # quotes from the newline being tried to the end
+    end = offset
+    while end > 0:
+        start = max(0, end - chunk)
+        data = os.pread(fd, end - start, start)
+        stop = len(data)
+        while (newline := data.rfind(b"\n", 0, stop)) >= 0:
+            after += data.count(b'"', newline, stop)
+            if (total - after) % 2 == 0:
+                return start + newline + 1
+            stop = newline
+        after += data.count(b'"', 0, stop)
+        end = start
+    return 0
+
+
 class AppendFile:
-    """A file that grows by whole batches of lines, so that a reader never sees a torn line.
+    """A CSV file that grows by whole batches of records, so that a reader never sees a torn one.
 
     :meth:`append` writes a batch with as few ``write`` calls as the system allows (one, for a regular file) and,
     when one of them fails (a full disk), truncates the file back to where the batch began. A process killed in
-    the middle of a batch can still leave a torn last line: :meth:`drop_torn_tail` removes it before appending
+    the middle of a batch can still leave a torn last record: :meth:`drop_torn_tail` removes it before appending
     again. The file is opened for reading and appending (created if missing); every method raises ``OSError`` as
     the system calls do, and the descriptor is closed when the object is garbage-collected without
     :meth:`close`.
@@ -151,20 +212,12 @@ class AppendFile:
         return data
 
     def drop_torn_tail(self) -> int:
-        """Truncate the file just after its last newline (to nothing if it holds none); returns the number of
-        bytes dropped."""
-        fd = self.fileno()
-        size = end = self.size()
-        keep = 0
-        while end > 0:
-            start = max(0, end - (1 << 16))
-            newline = os.pread(fd, end - start, start).rfind(b"\n")
-            if newline >= 0:
-                keep = start + newline + 1
-                break
-            end = start
+        """Truncate the file just after its last complete CSV record (to nothing if it holds none; see
+        :func:`last_record_end`); returns the number of bytes dropped."""
+        size = self.size()
+        keep = last_record_end(self.fileno(), size)
         if keep < size:
-            os.ftruncate(fd, keep)
+            os.ftruncate(self.fileno(), keep)
         return size - keep
 
     def check_in_place(self) -> None:

@@ -411,12 +411,13 @@ class HookManager:
             raise ConfigTypeError(f"`path` must be a str or os.PathLike, got {describe(path)}")
         write_csv(self.param_frame(), path)
 
-    def param_table(self, *, ascii: bool = False) -> Table:
-        """A rich table of the parameter statistics of the last recorded step, one row per module."""
+    def param_table(self, *, ascii: bool = False, max_rows: int | None = 50) -> Table:
+        """A rich table of the parameter statistics of the last recorded step, one row per module (at most
+        ``max_rows``: see ``table``)."""
         from hookscope.reporters.table import build_param_table
 
         check_bool("ascii", ascii)
-        return build_param_table(self.last_param_frame(), ascii=ascii)
+        return build_param_table(self.last_param_frame(), ascii=ascii, max_rows=max_rows)
 
     def _param_stats(self) -> ParamStats:
         if self._params is None:
@@ -485,10 +486,11 @@ class HookManager:
             raise ConfigTypeError(f"`path` must be a str or os.PathLike, got {describe(path)}")
         write_csv(self.to_dataframe(), path)
 
-    def table(self, step: int | None = None, *, ascii: bool = False) -> Table:
+    def table(self, step: int | None = None, *, ascii: bool = False, max_rows: int | None = 50) -> Table:
         """A rich table with one row per layer for the latest step (or ``step``).
 
         The latest step is built from that step's record alone, so a live view stays cheap however long the run.
+        More than ``max_rows`` layers: the worst, worst first, and how many more (``None``: all; see ``build_table``).
         """
         from hookscope.reporters.table import build_table
 
@@ -501,8 +503,8 @@ class HookManager:
             if latest is None:
                 latest = recorder.last_closed
             if latest is not None:
-                return build_table(recorder.frame([latest]), ascii=ascii)
-        return build_table(self.to_dataframe(), step=step, ascii=ascii)
+                return build_table(recorder.frame([latest]), ascii=ascii, max_rows=max_rows)
+        return build_table(self.to_dataframe(), step=step, ascii=ascii, max_rows=max_rows)
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"

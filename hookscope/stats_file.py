@@ -3,17 +3,30 @@
 ``HookManager.to_csv``, ``CSVSink`` and ``hookscope scan --csv`` write the report frame: one header line, then one
 line per (step, layer). Files that were edited, joined, cut short by a full disk or are not hookscope's at all are
 refused here, before anything is drawn or printed, with an :class:`~hookscope.errors.InputError`.
+
+The file is never held in memory whole. Its first :data:`HEAD_BYTES` are sniffed: binary data, UTF-16, bytes that
+are not UTF-8 or a first line without hookscope's columns are refused without reading further, whatever the size
+of the file. The rows are then parsed :data:`CHUNK_ROWS` at a time by the ``csv`` module (whose records and line
+numbers the messages use), numbers going straight into float64 arrays and names into codes of their distinct
+values, so that the peak memory stays close to the frame's own size (within ~1.3x of ``pandas.read_csv`` on the
+same file; ``benchmarks/read_memory.py`` measures it).
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import io
+from array import array
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from hookscope.csv_cells import restore
 from hookscope.errors import InputError
 from hookscope.report import ROW_COLUMNS, STAT_COLUMNS
 
@@ -27,20 +40,40 @@ _RATIOS = ("dead_ratio", "inactive_fraction", "saturation_rate")  # empty (NaN) 
 _MISSING_VALUES = ("", "nan")  # how NaN may be written (pandas writes an empty field)
 
 
+#: Bytes read from the start of a file to find its header; a file that is not text or has no hookscope header
+#: there is refused without reading further.
+HEAD_BYTES = 1 << 16
+#: Rows parsed at a time: memory holds the columns read so far (as numbers, or codes of distinct names) and the
+#: text of one chunk.
+CHUNK_ROWS = 8192
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _line_error(path: str, line: int, problem: str) -> InputError:
     return InputError(f"{path} line {line}: {problem}")
 
 
-def _decode(path: str, p: Path) -> str:
-    data = p.read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise InputError(f"{path} is not a hookscope CSV: it is UTF-16 text (hookscope writes UTF-8)")
-    if b"\0" in data:
-        raise InputError(f"{path} is not a hookscope CSV: it holds binary data (NUL bytes)")
-    try:
-        return data.decode("utf-8-sig")  # a byte-order mark (a spreadsheet's export) is accepted
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not a hookscope CSV: byte {e.start} is not UTF-8 text") from None
+def _not_utf8(path: str, offset: int) -> InputError:
+    return InputError(f"{path} is not a hookscope CSV: byte {offset} is not UTF-8 text")
+
+
+def _first_bad_utf8(f: io.BufferedIOBase) -> int:
+    """Offset of the first byte of ``f`` that is not UTF-8, read a block at a time (called only when decoding
+    failed)."""
+    f.seek(0)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    while True:
+        block = f.read(1 << 20)
+        pending = len(decoder.getstate()[0])  # the start of a character cut by the previous block
+        try:
+            decoder.decode(block, final=not block)
+        except UnicodeDecodeError as e:
+            return offset - pending + e.start
+        if not block:
+            return offset
+        offset += len(block)
 
 
 def _check_header(path: str, names: list[str]) -> None:
@@ -56,80 +89,191 @@ def _check_header(path: str, names: list[str]) -> None:
         raise InputError(f"{path} is not a hookscope CSV: missing columns {', '.join(missing)}{hint}")
 
 
-def _rows(path: str, text: str) -> tuple[list[str], list[list[str]], list[int]]:
-    """Header, rows and each row's line number; blank lines are skipped, fields are stripped."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] | None = None
-    rows: list[list[str]] = []
-    lines: list[int] = []
+def _sniff(path: str, head: bytes, whole: bool) -> tuple[list[str], int]:
+    """The header, checked, and how many records precede the first data record, from the first bytes alone.
+
+    Binary data, UTF-16, bytes that are not UTF-8 and a first line without hookscope's columns are refused here,
+    whatever the size of the file. ``whole`` tells that ``head`` is the whole file.
+    """
+    if head.startswith(_UTF16_BOMS):
+        raise InputError(f"{path} is not a hookscope CSV: it is UTF-16 text (hookscope writes UTF-8)")
+    if b"\0" in head:
+        raise InputError(f"{path} is not a hookscope CSV: it holds binary data (NUL bytes)")
+    bom = len(_UTF8_BOM) if head.startswith(_UTF8_BOM) else 0
     try:
-        for raw in reader:
-            fields = [f.strip() for f in raw]
-            if not any(fields):
-                continue
-            if header is None:
-                header = fields
-                _check_header(path, header)
-                step_at = header.index("step")
-                continue
-            if len(fields) != len(header):
-                raise _line_error(
-                    path,
-                    reader.line_num,
-                    f"{len(fields)} fields where the header has {len(header)} (a line cut short or edited by hand?)",
-                )
-            if fields[step_at] == "step":
-                raise _line_error(path, reader.line_num, "the header line again (were two CSV files joined?)")
-            rows.append(fields)
-            lines.append(reader.line_num)
+        text = codecs.getincrementaldecoder("utf-8")().decode(head[bom:], final=whole)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, bom + e.start) from None
+    if not whole:  # the part of a line that the head cuts is read with the rest
+        text = text[: text.rfind("\n") + 1]
+        if not text.strip():
+            raise InputError(
+                f"{path} is not a hookscope CSV: its first {HEAD_BYTES} bytes hold no complete header line "
+                f"(expected {','.join(REQUIRED_COLUMNS)})"
+            )
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for before, raw in enumerate(reader):
+            names = [restore(f) for f in raw]
+            if any(names):
+                _check_header(path, names)
+                return names, before + 1
     except csv.Error as e:
         raise InputError(f"{path} is not a hookscope CSV: line {reader.line_num}: {e}") from None
-    if header is None:
-        raise InputError(f"{path} is empty: a hookscope CSV starts with the header {','.join(REQUIRED_COLUMNS)}")
-    return header, rows, lines
+    raise InputError(f"{path} is empty: a hookscope CSV starts with the header {','.join(REQUIRED_COLUMNS)}")
 
 
-def _refuse(path: str, column: str, raw: pd.Series, bad: np.ndarray, lines: np.ndarray, allowed: str) -> None:
-    """Raise naming the first line where ``bad`` holds, if any."""
-    where = np.flatnonzero(bad)
-    if not len(where):
-        return
-    i = int(where[0])
-    value = "empty" if raw.iloc[i] == "" else f"{raw.iloc[i]!r}"
-    more = f" ({len(where) - 1} more lines like it)" if len(where) > 1 else ""
-    raise _line_error(path, int(lines[i]), f"`{column}` is {value}; expected {allowed}{more}")
+class _NoNul(io.RawIOBase):
+    """A binary file read through, refusing NUL bytes (binary data after a text head) as they are read."""
+
+    def __init__(self, path: str, f: io.BufferedIOBase) -> None:
+        super().__init__()
+        self._path, self._f = path, f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._f.readinto(buffer)
+        if n and memoryview(buffer)[:n].tobytes().find(b"\0") >= 0:
+            raise InputError(f"{self._path} is not a hookscope CSV: it holds binary data (NUL bytes)")
+        return n or 0
 
 
-def _numbers(raw: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Values as float64 (NaN for missing ones) and where a field is neither a number nor missing."""
-    missing = raw.str.lower().isin(_MISSING_VALUES).to_numpy()
-    values = pd.to_numeric(raw.where(~missing, "nan"), errors="coerce").to_numpy(dtype=np.float64)
-    return values, np.isnan(values) & ~missing
+def _chunks(
+    path: str, f: io.BufferedIOBase, header: list[str], skip: int
+) -> Iterator[tuple[list[tuple[str, ...]], array[int]]]:
+    """The data records of the file in chunks of :data:`CHUNK_ROWS`, as columns of raw fields, with the line on
+    which each record ends; blank records are skipped, a record with another number of fields or a repeated
+    header is refused (the message names its line)."""
+    f.seek(0)
+    text = io.TextIOWrapper(io.BufferedReader(_NoNul(path, f)), encoding="utf-8-sig", newline="")
+    reader = csv.reader(text)
+    n, step_at = len(header), header.index("step")
+    rows: list[list[str]] = []
+    lines = array("q")
+    try:
+        for raw in reader:
+            if skip:
+                skip -= 1
+                continue
+            if len(raw) != n or raw[step_at].strip() in ("", "step"):  # rare: look closer
+                if not any(field.strip() for field in raw):
+                    continue
+                if len(raw) != n:
+                    raise _line_error(
+                        path,
+                        reader.line_num,
+                        f"{len(raw)} fields where the header has {n} (a line cut short or edited by hand?)",
+                    )
+                if raw[step_at].strip() == "step":
+                    raise _line_error(path, reader.line_num, "the header line again (were two CSV files joined?)")
+            rows.append(raw)
+            lines.append(reader.line_num)
+            if len(rows) == CHUNK_ROWS:
+                yield list(zip(*rows)), lines
+                rows, lines = [], array("q")
+    except csv.Error as e:
+        raise InputError(f"{path} is not a hookscope CSV: line {reader.line_num}: {e}") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path, _first_bad_utf8(f)) from None
+    finally:
+        with contextlib.suppress(ValueError):
+            text.detach().detach()  # the file stays open for the caller (a second pass reads it again)
+    if rows:
+        yield list(zip(*rows)), lines
 
 
-def _column(path: str, name: str, raw: pd.Series, lines: np.ndarray) -> object:
-    if name in _NAMES:
-        _refuse(path, name, raw, (raw == "").to_numpy(), lines, f"the {name} name")
-        return raw
-    if name == "shape":
-        return raw
-    values, invalid = _numbers(raw)
-    if name in _COUNTS:
-        with np.errstate(invalid="ignore"):
-            bad = ~(np.isfinite(values) & (values >= 0) & (values <= 2**53) & (values == np.floor(values)))
-        _refuse(path, name, raw, bad, lines, "an integer >= 0")
-        return values.astype(np.int64)
-    if name in _RATIOS:
-        with np.errstate(invalid="ignore"):
-            bad = invalid | (values < 0) | (values > 1)
-        _refuse(path, name, raw, bad, lines, "a number from 0 to 1, or empty where it does not apply")
-        return values
-    if name == "grad_norm":
-        with np.errstate(invalid="ignore"):
-            bad = invalid | (values < 0)
-        _refuse(path, name, raw, bad, lines, "a number >= 0 (inf allowed), or empty where it does not apply")
-        return values
-    return raw if invalid.any() else values  # a custom collector's column: numbers if it holds only numbers
+class _Problem:
+    """The first offending row of a column (its index among the data rows, the field) and how many there are."""
+
+    def __init__(self) -> None:
+        self.first: tuple[int, str] | None = None
+        self.count = 0
+
+    def add(self, bad: np.ndarray, raw: tuple[str, ...], offset: int) -> None:
+        where = np.flatnonzero(bad)
+        if len(where):
+            if self.first is None:
+                self.first = (offset + int(where[0]), raw[int(where[0])].strip())
+            self.count += len(where)
+
+
+class _Column:
+    """One column read a chunk at a time: numbers as float64 blocks, names as codes of distinct values."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.text = name in _NAMES or name == "shape"
+        self.blocks: list[np.ndarray] = []
+        self.distinct: dict[str, int] = {}  # raw field -> code (text columns)
+        self.problem = _Problem()  # fields refused by the column's rule
+        self.not_numbers = False  # a custom column with a field that is neither a number nor missing
+
+    def add(self, raw: tuple[str, ...], offset: int) -> None:
+        if self.text:
+            fields = np.asarray(raw, dtype=object)
+            codes, uniques = pd.factorize(fields)
+            known = np.array([self.distinct.setdefault(u, len(self.distinct)) for u in uniques], dtype=np.int64)
+            self.blocks.append(known[codes] if len(codes) else np.zeros(0, np.int64))
+            if self.name in _NAMES:
+                empty = np.array([restore(u) == "" for u in uniques], dtype=bool)
+                self.problem.add(empty[codes], raw, offset)
+            return
+        values, invalid = _numbers(raw)
+        self.blocks.append(values)
+        if self.name in _COUNTS:
+            with np.errstate(invalid="ignore"):
+                bad = ~(np.isfinite(values) & (values >= 0) & (values <= 2**53) & (values == np.floor(values)))
+        elif self.name in _RATIOS:
+            with np.errstate(invalid="ignore"):
+                bad = invalid | (values < 0) | (values > 1)
+        elif self.name == "grad_norm":
+            with np.errstate(invalid="ignore"):
+                bad = invalid | (values < 0)
+        else:
+            self.not_numbers |= bool(invalid.any())
+            return
+        self.problem.add(bad, raw, offset)
+
+    def allowed(self) -> str:
+        if self.name in _NAMES:
+            return f"the {self.name} name"
+        if self.name in _COUNTS:
+            return "an integer >= 0"
+        if self.name in _RATIOS:
+            return "a number from 0 to 1, or empty where it does not apply"
+        return "a number >= 0 (inf allowed), or empty where it does not apply"
+
+    def _names(self) -> tuple[np.ndarray, np.ndarray]:
+        """A text column's distinct values (cleaned) and each row's index into them."""
+        names = np.empty(len(self.distinct), dtype=object)
+        names[:] = [restore(raw) for raw in self.distinct]
+        return names, np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.int64)
+
+    def codes(self) -> np.ndarray:
+        """A text column as codes: rows with equal values (once cleaned) have equal codes."""
+        names, rows = self._names()
+        return pd.factorize(names)[0][rows] if len(names) else rows
+
+    def values(self) -> object:
+        if self.text:
+            names, rows = self._names()
+            return pd.array(names[rows], dtype="str")
+        joined = np.concatenate(self.blocks) if self.blocks else np.zeros(0)
+        return joined.astype(np.int64) if self.name in _COUNTS else joined
+
+
+def _numbers(raw: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Values as float64 (NaN for missing ones) and where a field is neither a number nor missing ("", "nan")."""
+    fields = np.asarray(raw, dtype=object)
+    values = np.asarray(pd.to_numeric(fields, errors="coerce"), dtype=np.float64)
+    invalid = np.isnan(values)
+    invalid[invalid] = fields[invalid] != ""  # most missing values are written as empty fields
+    if invalid.any():
+        odd = np.flatnonzero(invalid)
+        invalid[odd] = [f.strip().lower() not in _MISSING_VALUES for f in fields[odd]]
+    return values, invalid
 
 
 def read_stats(path: str) -> pd.DataFrame:
@@ -139,7 +283,10 @@ def read_stats(path: str) -> pd.DataFrame:
     (:data:`REQUIRED_COLUMNS`), then one line per (step, layer) with as many fields as the header: ``step``,
     ``units`` and ``calls`` integers >= 0; ``layer`` and ``kind`` not empty; ratios empty (NaN) or in [0, 1];
     ``grad_norm`` empty or >= 0; no (step, layer) twice. Blank lines are skipped; spaces around fields and a
-    byte-order mark are accepted.
+    byte-order mark are accepted. A text field that starts with ``'`` loses that one quote and keeps its spaces
+    (:func:`hookscope.csv_cells.restore`: hookscope writes names that a spreadsheet would run as formulas that
+    way), so names read back exactly as they were written. The file is read a chunk of rows at a time (see the
+    module's docstring).
 
     Args:
         path: The CSV file.
@@ -171,19 +318,52 @@ def read_stats(path: str) -> pd.DataFrame:
         raise InputError(f"no such file: {path}")
     if not p.is_file():
         raise InputError(f"{path} is not a regular file")
-    header, rows, line_list = _rows(path, _decode(path, p))
-    raw = pd.DataFrame(rows, columns=header, dtype=object) if rows else pd.DataFrame({c: [] for c in header})
-    lines = np.asarray(line_list, dtype=np.int64)
-    frame = pd.DataFrame({name: _column(path, name, raw[name].astype(str), lines) for name in header})
-    repeated = np.flatnonzero(frame.duplicated(["step", "layer"]).to_numpy())
+    with open(p, "rb") as f:
+        head = f.read(HEAD_BYTES)
+        header, skip = _sniff(path, head, whole=len(head) < HEAD_BYTES or not f.read(1))
+        columns = [_Column(name) for name in header]
+        lines = array("q")
+        for raw, chunk_lines in _chunks(path, f, header, skip):
+            for column, fields in zip(columns, raw):
+                column.add(fields, len(lines))
+            lines.extend(chunk_lines)
+        line_of = np.frombuffer(lines, dtype=np.int64) if len(lines) else np.zeros(0, np.int64)
+        for column in columns:
+            if column.problem.first is not None:
+                i, raw_value = column.problem.first
+                value = "empty" if raw_value == "" else repr(raw_value)
+                more = column.problem.count - 1
+                raise _line_error(
+                    path,
+                    int(line_of[i]),
+                    f"`{column.name}` is {value}; expected {column.allowed()}"
+                    + (f" ({more} more lines like it)" if more else ""),
+                )
+        text_columns = [k for k, c in enumerate(columns) if c.not_numbers]
+        if text_columns:  # custom columns that are not numbers: their text, read again (a rare second pass)
+            for k in text_columns:
+                columns[k].text, columns[k].blocks = True, []
+            offset = 0
+            for raw, chunk_lines in _chunks(path, f, header, skip):
+                for k in text_columns:
+                    columns[k].add(raw[k], offset)
+                offset += len(chunk_lines)
+    frame = pd.DataFrame({c.name: c.values() for c in columns}, columns=header)
+    _refuse_repeats(path, frame, columns[header.index("layer")], line_of)
+    return frame
+
+
+def _refuse_repeats(path: str, frame: pd.DataFrame, layer: _Column, line_of: np.ndarray) -> None:
+    """Raise for a (step, layer) that appears twice, naming both lines."""
+    keys = pd.DataFrame({"step": frame["step"].to_numpy(), "layer": layer.codes()})
+    repeated = np.flatnonzero(keys.duplicated().to_numpy())
     if len(repeated):
         i = int(repeated[0])
-        step, layer = int(frame["step"].iloc[i]), frame["layer"].iloc[i]
-        first = int(np.flatnonzero(((frame["step"] == step) & (frame["layer"] == layer)).to_numpy())[0])
+        same = (keys["step"] == keys["step"].iloc[i]) & (keys["layer"] == keys["layer"].iloc[i])
+        first = int(np.flatnonzero(same.to_numpy())[0])
         raise _line_error(
             path,
-            int(lines[i]),
-            f"step {step}, layer {layer!r} is also on line {lines[first]} (two runs in one file? a resumed "
-            f"CSVSink continues the numbering with HookManager(start_step=...))",
+            int(line_of[i]),
+            f"step {int(frame['step'].iloc[i])}, layer {frame['layer'].iloc[i]!r} is also on line {line_of[first]} "
+            "(two runs in one file? a resumed CSVSink continues the numbering with HookManager(start_step=...))",
         )
-    return frame

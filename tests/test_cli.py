@@ -383,8 +383,13 @@ def test_scan_a_module_that_fails_on_import(tmp_path: Path, monkeypatch, capsys)
         (lambda d: str(d / "missing" / "s.csv"), "directory '{d}/missing' does not exist"),
         (lambda d: str(d), "`--csv` '{d}' is a directory: give a file path"),
         (lambda d: "", "`--csv` is empty"),
+        pytest.param(
+            lambda d: "/proc/stats.csv",
+            "`--csv` '/proc/stats.csv': creating it fails",
+            marks=pytest.mark.skipif(not os.path.isdir("/proc"), reason="no /proc"),
+        ),
     ],
-    ids=["missing directory", "directory", "empty"],
+    ids=["missing directory", "directory", "empty", "cannot be created"],
 )
 def test_scan_checks_csv_before_training(make, fragment: str, tmp_path: Path, capsys, monkeypatch) -> None:
     def no_training(*args: Any, **kwargs: Any) -> None:

@@ -28,6 +28,7 @@ from conftest import ActivationCalls, ParamsManager, SharedReLU, definition_rows
 import hookscope as hs
 from hookscope import DeadReLU, HookManager, HookscopeWarning, Saturation
 from hookscope.errors import ConfigError, ConfigPathError, ConfigTypeError, StateError
+from hookscope.files import last_record_end
 from hookscope.report import scalars
 from hookscope.sinks import Sink
 
@@ -205,6 +206,33 @@ def test_csv_sink_checks_its_path_at_construction(tmp_path: Path, monkeypatch: p
         hs.CSVSink(tmp_path / "locked.csv")
     with pytest.raises(TypeError, match="`sinks`"):
         HookManager(SharedReLU(), sinks=["stats.csv"])  # type: ignore[list-item]
+
+
+UNCREATABLE = [p for p in ("/proc/stats.csv", "/sys/stats.csv") if os.path.isdir(os.path.dirname(p))]
+
+
+@pytest.mark.skipif(not UNCREATABLE, reason="no /proc or /sys")
+@pytest.mark.parametrize("path", UNCREATABLE)
+def test_a_file_that_cannot_be_created_is_refused_when_the_sink_is_built(path: str) -> None:
+    # os.access says yes to root everywhere and to /proc's owner; only trying to create the file tells
+    assert not os.path.exists(path)
+    with pytest.raises(ConfigPathError, match=rf"got '{path}': creating it fails: .*writable file system"):
+        hs.CSVSink(path)
+    assert not os.path.exists(path)
+
+
+def test_the_creation_probe_leaves_no_file_and_touches_no_existing_one(tmp_path: Path) -> None:
+    new, old = tmp_path / "new.csv", tmp_path / "old.csv"
+    old.write_bytes(b"step,layer\n0,a\n")
+    before = old.stat()
+    hs.CSVSink(new)
+    hs.CSVSink(old)
+    assert not new.exists() and sorted(os.listdir(tmp_path)) == ["old.csv"]  # the probe is removed
+    after = old.stat()
+    assert old.read_bytes() == b"step,layer\n0,a\n" and (after.st_size, after.st_mtime_ns) == (
+        before.st_size,
+        before.st_mtime_ns,
+    )
 
 
 def test_two_sinks_on_one_file_are_an_error(tmp_path: Path) -> None:
@@ -387,6 +415,47 @@ def test_resuming_onto_a_torn_line_repairs_the_file(tmp_path: Path) -> None:
     assert len(messages) == 1 and "dropped its last 8 bytes" in messages[0] and str(path) in messages[0]
     expected = pd.concat([first, hm2.to_dataframe()], ignore_index=True)
     pd.testing.assert_frame_equal(read(path), expected)
+
+
+def test_the_last_complete_record_is_found_as_a_csv_parser_reads_it(tmp_path: Path) -> None:
+    # records written one at a time, so each record's end is known; names with newlines, quotes and commas
+    names = ["fc.relu", "multi\nline", 'say "hi"', "a,b", 'x"\n"y\n', "plain", "\n"]
+    frames = [pd.DataFrame({"step": [i], "layer": [name], "v": [0.5]}) for i, name in enumerate(names)]
+    text = frames[0].to_csv(index=False, lineterminator="\n")
+    ends = [len(text.encode())]  # the header and the first row
+    for frame in frames[1:]:
+        text += frame.to_csv(index=False, header=False, lineterminator="\n")
+        ends.append(len(text.encode()))
+    data = text.encode()
+    path = tmp_path / "records.csv"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for cut in range(len(data) + 1):
+            expected = max([0] + [e for e in ends if e <= cut]) if cut >= ends[0] else data.rfind(b"\n", 0, cut) + 1
+            for chunk in (3, 1 << 20):  # chunk boundaries anywhere
+                assert last_record_end(fd, cut, chunk) == expected, (cut, chunk)
+    finally:
+        os.close(fd)
+    assert list(pd.read_csv(path, dtype={"layer": str})["layer"]) == names  # the reference parser agrees
+
+
+def test_resuming_onto_a_record_torn_inside_a_quoted_multi_line_name(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    model = nn.Sequential()
+    model.add_module("two\nlines", nn.ReLU())  # a module name may hold a newline: the CSV quotes it
+    with HookManager(model, sinks=[hs.CSVSink(path, every=2)], alerts=False) as hm:
+        steps(model, 3, hm)
+    first = hm.to_dataframe()
+    assert path.read_bytes().count(b'"two\nlines"') == 3
+    with path.open("ab") as f:
+        f.write(b'3,"two\n')  # killed just after the newline inside the quoted name: the last byte is a newline
+    with hookscope_warnings() as messages, HookManager(model, sinks=[hs.CSVSink(path)], start_step=3) as hm2:
+        steps(model, 2, hm2)
+    assert len(messages) == 1 and "dropped its last 7 bytes" in messages[0]
+    expected = pd.concat([first, hm2.to_dataframe()], ignore_index=True)
+    pd.testing.assert_frame_equal(read(path), expected)
+    assert list(read(path)["step"]) == [0, 1, 2, 3, 4]
 
 
 def test_a_torn_header_is_rewritten(tmp_path: Path) -> None:

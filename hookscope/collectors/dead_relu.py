@@ -189,11 +189,24 @@ class DeadReLU(Collector):
         Returns ``last_fired`` (step number, ``-inf`` if never), ``dead`` (bool), ``died_at`` (the step at which
         the current dead spell began, ``-inf`` if the unit never fired), ``revivals`` and ``last_revival``. With
         ``include_open``, ``step`` is the open step and units firing in it count as having fired then.
+
+        Raises:
+            KeyError: The site has no units in this collector's state.
         """
-        views = self.bank.site_state(site.index)
+        where = self.bank.unit_range(site.index)
+        if where is None:
+            raise KeyError(site.index)
+        offset, units = where
+        return self._units_state(offset, offset + units, step, include_open)
+
+    def _units_state(self, start: int, stop: int, step: int, include_open: bool) -> dict[str, np.ndarray]:
+        """:meth:`unit_state` of the units ``start:stop`` of the bank (any number of sites): one host copy per
+        state, the same arithmetic for every unit."""
+        bank = self.bank
 
         def host(name: str) -> np.ndarray:
-            return views[name].cpu().numpy().copy()  # on CPU, .cpu().numpy() shares the live state's memory
+            with torch._C.DisableTorchFunction():  # on CPU, .cpu().numpy() shares the live state's memory: copy
+                return bank.unit(name)[start:stop].cpu().numpy().copy()
 
         last, fired_at, died_at = host("last_fired"), host("fired_at"), host("died_at")
         current = float(self._closed if include_open else self._closed - 1)  # ordinal of `step`
@@ -218,34 +231,42 @@ class DeadReLU(Collector):
 
         ``dead_since`` is the first step of the current dead spell: the first recorded step at which the unit
         counted as dead (``last_fired + window`` when every step is recorded), or the site's first step if the
-        unit never fired. Sites this collector
-        does not apply to, and sites without units, are left out.
+        unit never fired. Sites this collector does not apply to, and sites without units, are left out.
+
+        Built in one pass over all units (one host copy per state, array arithmetic, one frame), so its cost is
+        linear in the number of units, whatever the number of sites.
         """
         import pandas as pd
 
-        parts = []
-        for site in sites:
-            if site.units == 0 or not self.applies_to(site):
-                continue
-            st = self.unit_state(site, step, include_open)
-            last = st["last_fired"]
-            never = np.isinf(last)
-            first = float(site.first_step if site.first_step is not None else step)
-            since = np.where(never, first, st["died_at"])
-            parts.append(
-                pd.DataFrame(
-                    {
-                        "layer": site.layer,
-                        "unit": np.arange(site.units),
-                        "last_fired": np.where(never, np.nan, last),
-                        "dead": st["dead"],
-                        "dead_since": np.where(st["dead"], since, np.nan),
-                        "revivals": st["revivals"],
-                        "last_revival": np.where(np.isinf(st["last_revival"]), np.nan, st["last_revival"]),
-                    }
-                )
-            )
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(TIMELINE_COLUMNS))
+        chosen = [
+            (site, where)
+            for site in sites
+            if site.units and self.applies_to(site) and (where := self.bank.unit_range(site.index)) is not None
+        ]
+        if not chosen:
+            return pd.DataFrame(columns=list(TIMELINE_COLUMNS))
+        offsets = np.array([where[0] for _, where in chosen], dtype=np.int64)
+        counts = np.array([where[1] for _, where in chosen], dtype=np.int64)
+        unit = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        index = np.repeat(offsets, counts) + unit  # each chosen unit's place in the bank, in the order of `sites`
+        lo, hi = int(index.min()), int(index.max()) + 1
+        st = {name: values[index - lo] for name, values in self._units_state(lo, hi, step, include_open).items()}
+        first = [float(site.first_step if site.first_step is not None else step) for site, _ in chosen]
+        never = np.isinf(st["last_fired"])
+        since = np.where(never, np.repeat(np.array(first), counts), st["died_at"])
+        layers = np.empty(len(chosen), dtype=object)
+        layers[:] = [site.layer for site, _ in chosen]
+        return pd.DataFrame(
+            {
+                "layer": pd.array(np.repeat(layers, counts), dtype="str"),
+                "unit": unit,
+                "last_fired": np.where(never, np.nan, st["last_fired"]),
+                "dead": st["dead"],
+                "dead_since": np.where(st["dead"], since, np.nan),
+                "revivals": st["revivals"],
+                "last_revival": np.where(np.isinf(st["last_revival"]), np.nan, st["last_revival"]),
+            }
+        )
 
     def __repr__(self) -> str:
         return f"DeadReLU(window={self.window})"

@@ -10,20 +10,28 @@ from pathlib import Path
 
 import pandas as pd
 
+from hookscope.csv_cells import safe_for_spreadsheets
 from hookscope.errors import ConfigError, ConfigPathError, StateError
 from hookscope.files import AppendFile, PathLike, atomic_write_text, check_output_file
 from hookscope.sinks import Sink, SinkSource
 from hookscope.warn import warn_once
 
-__all__ = ["CSVSink", "write_csv"]
+__all__ = ["CSVSink", "csv_text", "write_csv"]
 
 #: The CSV sinks that hold a file now, by resolved path: two writers on one file would interleave their rows.
 _IN_USE: weakref.WeakValueDictionary[str, CSVSink] = weakref.WeakValueDictionary()
 
 
 def write_csv(frame: pd.DataFrame, path: PathLike) -> None:
-    """Write a report frame as CSV (no index column; NaN as an empty field), atomically."""
-    atomic_write_text(path, frame.to_csv(index=False))
+    """Write a report frame as CSV (no index column; NaN as an empty field), atomically; text cells that a
+    spreadsheet would run as formulas are prefixed with ``'`` (see :mod:`hookscope.csv_cells`)."""
+    atomic_write_text(path, csv_text(frame))
+
+
+def csv_text(frame: pd.DataFrame, *, header: bool = True, lineterminator: str | None = None) -> str:
+    """``frame`` as the text of a CSV file (or of rows appended to one): no index column, NaN as an empty field,
+    text cells and column names safe for spreadsheets (:func:`hookscope.csv_cells.safe_for_spreadsheets`)."""
+    return safe_for_spreadsheets(frame).to_csv(index=False, header=header, lineterminator=lineterminator)
 
 
 #: Bytes read from the start of an existing file to find its header.
@@ -41,7 +49,7 @@ def _head_of(path: Path) -> tuple[bytes, int]:
 
 def _header_line(columns: Sequence[str]) -> bytes:
     """The header line this sink writes for ``columns``, newline included."""
-    return pd.DataFrame(columns=list(columns)).to_csv(index=False, lineterminator="\n").encode("utf-8")
+    return csv_text(pd.DataFrame(columns=list(columns)), lineterminator="\n").encode("utf-8")
 
 
 def _header_problem(head: bytes, size: int, header: bytes) -> str | None:
@@ -156,7 +164,7 @@ class CSVSink(Sink):
             file = self._open(columns)
             file.check_in_place()
             header = file.size() == 0
-            text = frame.to_csv(index=False, header=header, lineterminator="\n")
+            text = csv_text(frame, header=header, lineterminator="\n")
             file.append(text.encode("utf-8"))
         except OSError as e:
             self._stop(str(e))

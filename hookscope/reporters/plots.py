@@ -3,6 +3,8 @@
 What each mark means, in both kinds of plot:
 
 - Steps are whole numbers: the step axis only has integer ticks.
+- Names are data: layer and metric names are shown as they are (a ``$`` never starts mathtext, a leading ``_``
+  never hides a legend entry).
 - Heat map: a layer with no value of the metric at any step (the statistic does not apply to its kind, such as
   the saturation of a relu, or its collector was not attached) is a grey hatched row whose label ends in
   ``(n/a)``; a step at which a layer has no row (it did not run, or the step was not recorded) is a white cell;
@@ -38,6 +40,7 @@ __all__ = [
     "NA_HATCH",
     "ZERO_COLOUR",
     "check_png_path",
+    "plain",
     "plot_heatmap",
     "plot_lines",
     "save_figure",
@@ -53,6 +56,17 @@ NA_COLOUR, NA_HATCH, MISSING_COLOUR = "0.82", "//", "white"
 #: A zero gradient norm on the log colour scale.
 ZERO_COLOUR = "tab:cyan"
 _GREY = "0.72"
+
+
+def plain(text: str) -> str:
+    """``text`` as matplotlib shows it verbatim: every ``$`` escaped, so that a name holding two of them is not
+    typeset as mathtext (or refused by its parser). Layer names and column names are data; only the caller's own
+    ``title`` is matplotlib text."""
+    return text.replace("$", r"\$")
+
+
+def _label(metric: str) -> str:
+    return plain(METRICS.get(metric, metric))
 
 
 def _matplotlib() -> Any:
@@ -133,7 +147,8 @@ def plot_heatmap(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | N
     Args:
         frame: A report frame (``HookManager.to_dataframe()``, or its CSV read back).
         metric: The column to draw, one of :data:`METRICS` or a custom collector's numeric column.
-        title: The axes' title; ``None`` uses the metric's name.
+        title: The axes' title, matplotlib text (``$...$`` is mathtext); ``None`` uses the metric's name. Layer
+            and metric names are always shown verbatim (:func:`plain`).
 
     Returns:
         A matplotlib ``Figure`` (save it with :func:`save_figure`).
@@ -177,16 +192,16 @@ def plot_heatmap(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | N
             )
         )  # fmt: skip
     ax.set_ylim(len(layers) - 0.5, -0.5)  # the first layer at the top
-    labels = [layer if ok else f"{layer} (n/a)" for layer, ok in zip(layers, has_values)]
+    labels = [plain(layer) if ok else f"{plain(layer)} (n/a)" for layer, ok in zip(layers, has_values)]
     ax.set_yticks(range(len(layers)), labels=labels, fontsize=8)
     _integer_steps(ax)
-    ax.set_title(title or METRICS.get(metric, metric))
+    ax.set_title(title or _label(metric))
     for row in np.flatnonzero(~has_values):
         ax.text(
-            float(x_edges[0] + x_edges[-1]) / 2, row, f"n/a: no {METRICS.get(metric, metric)} at any step",
+            float(x_edges[0] + x_edges[-1]) / 2, row, f"n/a: no {_label(metric)} at any step",
             ha="center", va="center", fontsize=7, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5},
         )  # fmt: skip
-    label = METRICS.get(metric, metric)
+    label = _label(metric)
     if zeros:
         label += f"; {ZERO_COLOUR.removeprefix('tab:')}: 0"
     fig.colorbar(mesh, ax=ax, label=label, extend="min" if zeros else "neither")
@@ -217,7 +232,8 @@ def plot_lines(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | Non
     Args:
         frame: A report frame (``HookManager.to_dataframe()``, or its CSV read back).
         metric: The column to draw, one of :data:`METRICS` or a custom collector's numeric column.
-        title: The axes' title; ``None`` uses the metric's name.
+        title: The axes' title, matplotlib text (``$...$`` is mathtext); ``None`` uses the metric's name. Layer
+            and metric names are always shown verbatim (:func:`plain`).
 
     Returns:
         A matplotlib ``Figure`` (save it with :func:`save_figure`).
@@ -238,16 +254,20 @@ def plot_lines(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | Non
     fig = figure_cls(figsize=(10, 4.5), layout="constrained")
     ax = fig.subplots()
     marker = "o" if len(steps) == 1 else None
+    handles, labels = [], []
     for i in drawn:  # forward order, so colours follow the layers
         if i in named:
-            ax.plot(steps, data[i], label=layers[i], color=next(colours), linewidth=1.4, marker=marker, zorder=3)
+            label = plain(layers[i])
+            (line,) = ax.plot(steps, data[i], label=label, color=next(colours), linewidth=1.4, marker=marker, zorder=3)
+            handles.append(line)
+            labels.append(label)  # given with its handle, so that a name starting with "_" is not left out
         else:
             ax.plot(steps, data[i], label="_nolegend_", color=_GREY, linewidth=0.8, marker=marker, zorder=2)
     if metric == "grad_norm" and (data[drawn] > 0).any():  # all zero: no log scale can show it
         ax.set_yscale("log")
     _integer_steps(ax)
-    ax.set_ylabel(METRICS.get(metric, metric))
-    ax.set_title(title or METRICS.get(metric, metric))
+    ax.set_ylabel(_label(metric))
+    ax.set_title(title or _label(metric))
     notes = []
     if len(drawn) > len(named):
         rule = "last value farthest\nfrom the median's" if metric == "grad_norm" else "highest maximum"
@@ -256,8 +276,8 @@ def plot_lines(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | Non
         blank = len(layers) - len(drawn)
         notes.append(f"{blank} layer{'s' if blank != 1 else ''} without values not drawn")
     ax.legend(
-        title="\n".join(notes) or None, fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-        borderaxespad=0.0,
+        handles, labels, title="\n".join(notes) or None, fontsize=7, title_fontsize=7, loc="upper left",
+        bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
     )  # fmt: skip
     return cast("Figure", fig)
 

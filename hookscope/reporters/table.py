@@ -12,9 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from hookscope.alerts import DEAD_RATIO_ALERT, SATURATION_ALERT, gradient_outliers
+from hookscope.alerts import DEAD_RATIO_ALERT, SATURATION_ALERT, gradient_median, gradient_outliers
+from hookscope.checks import check_int
 
-__all__ = ["PrintableTable", "build_param_table", "build_table", "make_console"]
+__all__ = ["MAX_ROWS", "PrintableTable", "build_param_table", "build_table", "make_console"]
 
 #: Width used when output does not go to a terminal (files, pipes, CI logs), so that rows are not cut.
 PIPE_WIDTH = 140
@@ -57,17 +58,61 @@ def _styled(text: str, alert: bool, ascii: bool) -> Text | str:
     return Text(text, style="bold red" if alert else "")
 
 
-def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = False) -> Table:
+#: Rows a table shows at most by default; beyond it, the worst layers, worst first (see :func:`build_table`).
+MAX_ROWS = 50
+
+
+def _column(rows: pd.DataFrame, name: str) -> np.ndarray:
+    return rows[name].to_numpy(dtype=np.float64) if name in rows.columns else np.full(len(rows), np.nan)
+
+
+def _gradient_distance(grads: np.ndarray) -> np.ndarray:
+    """Orders of magnitude between each gradient norm and the median layer's (inf for 0 or inf; 0 without one)."""
+    median = gradient_median(grads)
+    if math.isnan(median):
+        return np.zeros(len(grads))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distance = np.abs(np.log10(grads) - math.log10(median))
+    return np.where(np.isnan(grads), 0.0, np.where(np.isnan(distance), np.inf, distance))
+
+
+def _shown(flagged: np.ndarray, keys: list[np.ndarray], max_rows: int | None) -> np.ndarray:
+    """Positions of the rows to show: all in order when they fit in ``max_rows``, else the ``max_rows`` worst,
+    worst first (marked rows, then ``keys`` descending, in order; ties keep the forward order)."""
+    check_int("max_rows", max_rows, minimum=1, optional=True, meaning="None shows every row")
+    n = len(flagged)
+    if max_rows is None or n <= max_rows:
+        return np.arange(n)
+    order = np.lexsort([np.arange(n), *(-np.nan_to_num(k, nan=-np.inf) for k in reversed(keys)), ~flagged])
+    return order[:max_rows]
+
+
+def _caption(shown: int, total: int, what: str) -> str | None:
+    if shown == total:
+        return None
+    more = total - shown
+    return f"... {more:,} more {what}{'s' if more != 1 else ''} (the {shown} worst of {total:,} are shown, worst first)"
+
+
+def build_table(
+    frame: pd.DataFrame, step: int | None = None, *, ascii: bool = False, max_rows: int | None = MAX_ROWS
+) -> Table:
     """A table with one row per layer for one step of a report frame.
 
     Args:
         frame: A frame from ``HookManager.to_dataframe()`` (or read back from its CSV).
         step: The step to show; ``None`` shows the latest.
         ascii: Plain ASCII borders and no colour (alerts are marked with ``!``).
+        max_rows: At most this many layers (``None``: all). A step with more layers shows the ``max_rows``
+            worst, worst first, and a caption says how many more there are: first the layers that a mark below
+            highlights, then by the higher of the judged dead ratio and the saturation rate, then by how many
+            orders of magnitude the gradient norm is from the median layer's; ties keep the forward order. A
+            step that fits shows every layer in forward order.
 
     Highlighted (red, or ``!``): dead ratio >= 10% (judged on the units confirmed dead, as the alert does, when
     the frame has ``confirmed_dead_ratio``), saturation >= 50%, gradient norm more than three orders of
-    magnitude below or above the median layer's, as in the default alert rules.
+    magnitude below or above the median layer's, as in the default alert rules. Names are shown as they are,
+    never read as rich markup.
 
     Returns:
         A ``rich.table.Table``; print it with ``rich.print`` or ``Console.print``.
@@ -77,56 +122,72 @@ def build_table(frame: pd.DataFrame, step: int | None = None, *, ascii: bool = F
     rows = frame[frame["step"] == step] if len(frame) else frame
     missing, dot = ("-", "-") if ascii else ("–", "·")
     title = "hookscope: no data recorded yet" if step is None else f"hookscope {dot} step {step}"
-    table = PrintableTable(title=title, box=box.ASCII if ascii else box.SIMPLE_HEAVY, title_justify="left")
+    dead, sat, grads = _column(rows, "dead_ratio"), _column(rows, "saturation_rate"), _column(rows, "grad_norm")
+    # marked as the default alert judges: on the units confirmed dead when the column is there
+    judged = _column(rows, "confirmed_dead_ratio") if "confirmed_dead_ratio" in rows.columns else dead
+    vanishing, exploding = gradient_outliers(grads)
+    with np.errstate(invalid="ignore"):
+        dead_mark, sat_mark = judged >= DEAD_RATIO_ALERT, sat >= SATURATION_ALERT
+    grad_mark = vanishing | exploding | np.isinf(grads)
+    keys = [np.fmax(judged, sat), _gradient_distance(grads)]
+    shown = _shown(dead_mark | sat_mark | grad_mark, keys, max_rows)
+    table = PrintableTable(
+        title=title, caption=_caption(len(shown), len(rows), "layer"), box=box.ASCII if ascii else box.SIMPLE_HEAVY,
+        title_justify="left", caption_justify="left",
+    )  # fmt: skip
     table.add_column("layer", overflow="fold")
     table.add_column("kind", no_wrap=True)
     table.add_column("shape", justify="right", overflow="fold")
     for header in ("calls", "dead", "inactive", "saturated", "grad norm"):
         table.add_column(header, justify="right", no_wrap=True)
-    grads = rows["grad_norm"].to_numpy(dtype=float) if len(rows) else np.zeros(0)
-    vanishing, exploding = gradient_outliers(grads)
-    for r, grad_alert in zip(rows.itertuples(index=False), vanishing | exploding):
-        dead, sat, grad = _float(r.dead_ratio), _float(r.saturation_rate), _float(r.grad_norm)
-        # marked as the default alert judges: on the units confirmed dead when the column is there
-        judged = _float(getattr(r, "confirmed_dead_ratio", dead))
+    picked = rows.iloc[shown]
+    inactive = _column(picked, "inactive_fraction")
+    for k, (i, r) in enumerate(zip(shown, picked.itertuples(index=False))):
         table.add_row(
-            str(r.layer),
-            str(r.kind),
-            str(r.shape),
+            Text(str(r.layer)),  # names are data, never rich markup: "[bold]x" or "[/]" shows as it is
+            Text(str(r.kind)),
+            Text(str(r.shape)),
             str(r.calls),
-            _styled(_pct(dead, missing), not math.isnan(judged) and judged >= DEAD_RATIO_ALERT, ascii),
-            _pct(_float(r.inactive_fraction), missing),
-            _styled(_pct(sat, missing), not math.isnan(sat) and sat >= SATURATION_ALERT, ascii),
-            _styled(_num(grad, missing), bool(grad_alert) or math.isinf(grad), ascii),
+            _styled(_pct(float(dead[i]), missing), bool(dead_mark[i]), ascii),
+            _pct(float(inactive[k]), missing),
+            _styled(_pct(float(sat[i]), missing), bool(sat_mark[i]), ascii),
+            _styled(_num(float(grads[i]), missing), bool(grad_mark[i]), ascii),
         )
     return table
 
 
-def build_param_table(frame: pd.DataFrame, *, ascii: bool = False) -> Table:
+def build_param_table(frame: pd.DataFrame, *, ascii: bool = False, max_rows: int | None = MAX_ROWS) -> Table:
     """A table of one step of ``HookManager.param_frame()``: one row per module (weight norm, weight-gradient
-    norm, update ratio), gradient outliers and update ratios outside the alert range marked as the alerts do."""
+    norm, update ratio), gradient outliers and update ratios outside the alert range marked as the alerts do.
+    With more than ``max_rows`` modules (``None``: no limit), the ``max_rows`` worst are shown, worst first
+    (marked modules, then by how far the gradient norm is from the median module's) and a caption says how many
+    more there are."""
     from hookscope.alerts import PARAM_GRADIENT_ORDERS, UPDATE_RATIO_RANGE
 
     missing, dot = ("-", "-") if ascii else ("–", "·")
     step = int(_float(frame["step"].max())) if len(frame) else None
     title = "hookscope parameters: no data recorded yet" if step is None else f"hookscope parameters {dot} step {step}"
-    table = PrintableTable(title=title, box=box.ASCII if ascii else box.SIMPLE_HEAVY, title_justify="left")
+    grads, ratios = _column(frame, "grad_norm"), _column(frame, "update_ratio")
+    low, high = gradient_outliers(grads, PARAM_GRADIENT_ORDERS)
+    lo, hi = UPDATE_RATIO_RANGE
+    with np.errstate(invalid="ignore"):
+        odd_ratio = ~np.isnan(ratios) & (grads > 0) & ~((lo <= ratios) & (ratios <= hi))
+    shown = _shown(low | high | odd_ratio, [_gradient_distance(grads)], max_rows)
+    table = PrintableTable(
+        title=title, caption=_caption(len(shown), len(frame), "module"), box=box.ASCII if ascii else box.SIMPLE_HEAVY,
+        title_justify="left", caption_justify="left",
+    )  # fmt: skip
     table.add_column("module", overflow="fold")
     table.add_column("kind", no_wrap=True)
     for header in ("params", "weight norm", "grad norm", "update ratio"):
         table.add_column(header, justify="right", no_wrap=True)
-    grads = frame["grad_norm"].to_numpy(dtype=float) if len(frame) else np.zeros(0)
-    low, high = gradient_outliers(grads, PARAM_GRADIENT_ORDERS)
-    lo, hi = UPDATE_RATIO_RANGE
-    for r, outlier in zip(frame.itertuples(index=False), low | high):
-        ratio = _float(r.update_ratio)
-        odd_ratio = not math.isnan(ratio) and _float(r.grad_norm) > 0 and not lo <= ratio <= hi
+    for i, r in zip(shown, frame.iloc[shown].itertuples(index=False)):
         table.add_row(
-            str(r.module),
-            str(r.kind),
+            Text(str(r.module)),
+            Text(str(r.kind)),
             f"{int(_float(r.params)):,}",
             _num(_float(r.weight_norm), missing),
-            _styled(_num(_float(r.grad_norm), missing), bool(outlier), ascii),
-            _styled(_num(ratio, missing), odd_ratio, ascii),
+            _styled(_num(float(grads[i]), missing), bool(low[i] | high[i]), ascii),
+            _styled(_num(float(ratios[i]), missing), bool(odd_ratio[i]), ascii),
         )
     return table
