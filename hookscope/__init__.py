@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from hookscope.activations import ActivationSpec, get_activation, list_activations, register_activation
 from hookscope.alerts import Alert, AlertRule, Alerts, HookscopeAlert
 from hookscope.audit import audit
-from hookscope.collectors import Collector, DeadReLU, GradientNorm, NonFinite, Saturation
+from hookscope.collectors import Collector, DeadReLU, Entropy, GradientNorm, Magnitude, NonFinite, Saturation
 from hookscope.errors import ConfigError, HookscopeError
 from hookscope.manager import HookManager
 from hookscope.reporters.callback import CallbackSink
@@ -41,11 +41,13 @@ __all__ = [
     "Collector",
     "ConfigError",
     "DeadReLU",
+    "Entropy",
     "GradientNorm",
     "HookManager",
     "HookscopeAlert",
     "HookscopeError",
     "HookscopeWarning",
+    "Magnitude",
     "NonFinite",
     "Saturation",
     "Site",

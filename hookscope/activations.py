@@ -34,6 +34,8 @@ from hookscope.checks import check_bool
 from hookscope.errors import ConfigError, ConfigTypeError, UnknownActivationError
 
 __all__ = [
+    "DISTRIBUTION_KINDS",
+    "MODULE_OUTPUT",
     "ActivationSpec",
     "activation_for_function",
     "activation_for_module",
@@ -106,6 +108,15 @@ class ActivationSpec:
                 raise ConfigError(f"the bounds of {self.name!r} must be finite with lo < hi, got {tuple(got)!r}")
             return (lo, hi)
         return (float(self.bounds[0]), float(self.bounds[1]))
+
+
+#: The kind of module sites (``HookManager(modules=...)``): the output of a chosen module, not an activation. It is
+#: not in the registry (no module or function is matched by it), but :func:`get_activation` knows its name, which is
+#: reserved.
+MODULE_OUTPUT = ActivationSpec("output")
+
+#: Kinds whose outputs are probability distributions along a ``dim`` argument (log_softmax: their logarithms).
+DISTRIBUTION_KINDS = frozenset({"softmax", "softmin", "log_softmax"})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -201,6 +212,8 @@ def register_activation(
     name = _check_str("name", name)
     if name != name.lower():
         raise ConfigError(f"`name` must be lower case, got {name!r}; use {name.lower()!r}")
+    if name == MODULE_OUTPUT.name:
+        raise ConfigError(f"activation `name` {name!r} is reserved for module sites (HookManager(modules=...))")
     if saturate not in ("both", "upper", "lower"):
         raise ConfigError(f"`saturate` must be one of 'both', 'upper', 'lower'; got {saturate!r}")
     mods = _as_tuple("modules", modules)
@@ -213,6 +226,8 @@ def register_activation(
         if not callable(f):
             raise ConfigTypeError(f"`functions` must hold callables, got {f!r}")
     alias_t = tuple(_check_str("aliases", a).lower() for a in _as_tuple("aliases", aliases))
+    if MODULE_OUTPUT.name in alias_t:
+        raise ConfigError(f"`aliases` {alias_t!r}: {MODULE_OUTPUT.name!r} is reserved for module sites")
     spec = ActivationSpec(
         name=name,
         modules=mods,
@@ -287,6 +302,8 @@ def get_activation(key: str | nn.Module | type[nn.Module] | ActivationSpec) -> A
         name = _ALIASES.get(low, low)
         if name in _SPECS:
             return _SPECS[name]
+        if name == MODULE_OUTPUT.name:
+            return MODULE_OUTPUT
         raise UnknownActivationError(
             f"unknown activation {key!r}; known activations: {', '.join(sorted(_SPECS))} "
             f"(register new ones with hookscope.register_activation)"

@@ -89,6 +89,7 @@ class SiteDescription:
     unit_dim: int | None
     units: int
     shape: tuple[int, ...]
+    dim: int | None = None
 
 
 #: Header columns each rank writes into its row: step number, forward passes in the step, sites it holds.

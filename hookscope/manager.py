@@ -32,6 +32,7 @@ from hookscope.checks import check_bool, check_int, describe
 from hookscope.collectors.base import Collector, validate_collectors
 from hookscope.collectors.dead_relu import DeadReLU
 from hookscope.collectors.gradient_norm import GradientNorm
+from hookscope.collectors.magnitude import Magnitude
 from hookscope.collectors.saturation import Saturation
 from hookscope.errors import ConfigError, ConfigTypeError, StateError, UnknownLayerError
 from hookscope.history import Rows, StepRecord
@@ -39,7 +40,7 @@ from hookscope.params import ParamStats
 from hookscope.recording import Recorder
 from hookscope.report import ROW_COLUMNS, report_columns
 from hookscope.sinks import Sink, sinks_of
-from hookscope.sites import Site, validate_patterns, validate_unit_dim
+from hookscope.sites import ModuleSelection, Site, validate_patterns, validate_unit_dim
 from hookscope.tracing import Tracer
 from hookscope.warn import HookscopeWarning, warn_once
 
@@ -59,12 +60,17 @@ class HookManager:
     Args:
         model: The torch ``nn.Module`` to instrument (DDP / DataParallel / ``torch.compile`` wrappers are
             unwrapped for naming).
-        collectors: Collector instances; ``None`` means ``[DeadReLU(), Saturation(), GradientNorm()]``.
+        collectors: Collector instances; ``None`` means ``[DeadReLU(), Saturation(), GradientNorm()]``, and
+            ``Magnitude()`` too when ``modules`` is given.
         include: ``fnmatch`` pattern(s) of layer names to instrument (a pattern matching ``name`` also matches
             its further calls ``name#k``); ``None`` means every site.
         exclude: Pattern(s) of layer names to leave out.
         functional: Capture functional activations (``F.relu``, ``torch.tanh``, ``x.relu_()``...) with a
             ``TorchFunctionMode`` during forward passes.
+        modules: Modules whose outputs are *module sites* (kind ``"output"``), beside the activation sites:
+            ``fnmatch`` pattern(s) over qualified module names and/or module classes. The output of each call is
+            recorded: a tensor, or the first floating-point tensor of a tuple, list or ``ModelOutput`` (Hugging
+            Face decoder layers return tuples). A pattern or class that selects no module raises here.
         unit_dim: Override the dimension that holds units: one int for every site, or a mapping from layer-name
             patterns to ints (first match wins); ``None`` uses the default rule
             (see :func:`hookscope.sites.default_unit_dim`).
@@ -104,6 +110,7 @@ class HookManager:
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = None,
         functional: bool = True,
+        modules: str | type[nn.Module] | Iterable[str | type[nn.Module]] | None = None,
         unit_dim: int | Mapping[str, int] | None = None,
         every: int = 1,
         max_history: int | None = None,
@@ -120,8 +127,9 @@ class HookManager:
                 f"{type(model).__qualname__}: {describe(model)}"
             )
         self.model = model
+        selection = None if modules is None else ModuleSelection(modules)
         self.collectors: list[Collector] = (
-            [DeadReLU(), Saturation(), GradientNorm()]
+            [DeadReLU(), Saturation(), GradientNorm(), *([Magnitude()] if selection is not None else [])]
             if collectors is None
             else validate_collectors(collectors, reserved=ROW_COLUMNS)
         )
@@ -141,7 +149,7 @@ class HookManager:
             max_history=self.max_history,
             start_step=check_int("start_step", start_step, minimum=0, meaning="the number of the first step"),
         )
-        self._tracer = Tracer(model, self._recorder, check_bool("functional", functional))
+        self._tracer = Tracer(model, self._recorder, check_bool("functional", functional), selection)
         self.params = check_bool("params", params)
         updates = check_bool("param_updates", param_updates)
         self._params = (
@@ -460,6 +468,94 @@ class HookManager:
         step, is_open = self._recorder.latest()
         state = collector.unit_state(site, step, include_open=is_open)
         return [int(i) for i in np.flatnonzero(state["dead"])]
+
+    def _collector(self, kind: type[Collector], hint: str) -> Collector:
+        for c in self.collectors:
+            if isinstance(c, kind):
+                return c
+        raise StateError(hint)
+
+    def massive_units(self, layer: str, step: int | None = None) -> list[int]:
+        """Indices of the massive units of ``layer`` (see ``Magnitude``) at ``step`` (a recorded step kept in the
+        history, or the open one; ``None``: the latest step in which the layer ran), ascending.
+
+        At most the :data:`~hookscope.collectors.magnitude.MASSIVE_SLOTS` (8) largest are recorded per step;
+        when a step had more (its ``massive_units`` column says how many), this warns once and returns those.
+        Reads the history to the host (a synchronisation): call it for reports, not every step.
+
+        Raises:
+            UnknownLayerError: Unknown layer.
+            ConfigError: ``Magnitude`` does not record the layer, or ``step`` is not a recorded step of it.
+            StateError: No ``Magnitude`` collector is attached.
+        """
+        site = self.site(layer)
+        check_int("step", step, minimum=0, optional=True, meaning="None: the latest step")
+        collector = self._collector(Magnitude, "massive units need a Magnitude collector; add Magnitude()")
+        assert isinstance(collector, Magnitude)
+        ci = self.collectors.index(collector)
+        if not collector.applies_to(site):
+            raise ConfigError(
+                f"`layer` {layer!r} is a {site.kind} site, which {collector!r} does not record (activation sites "
+                "need Magnitude(activations=True))"
+            )
+        rows = self._recorder.rows()
+        mine = np.flatnonzero(rows.site == site.index)
+        steps = rows.step[mine]
+        if step is not None:
+            mine = mine[steps == step]
+            if not len(mine):
+                raise ConfigError(f"`step` {step} is not a recorded step of layer {layer!r} (it ran in "
+                                  f"{len(steps)} kept steps, the last {steps.max() if len(steps) else 'none'})")  # fmt: skip
+        if not len(mine):
+            return []
+        row = mine[np.argmax(rows.step[mine])]
+        layout = self._recorder.layout
+        fields = layout.collector_columns(ci) if layout is not None else {}
+        record = {name: rows.values[row, k] for name, k in fields.items()}
+        found = collector.massive_indices(record)
+        total = record.get("massive_units", 0.0)
+        if total > len(found):
+            warn_once(
+                f"hookscope: {layer!r} had {int(total)} massive units at step {int(rows.step[row])}; the "
+                f"{len(found)} largest are recorded",
+                stacklevel=2,
+            )
+        return found
+
+    def unit_frame(self, layer: str, stat: str) -> pd.DataFrame:
+        """One row per unit of ``layer`` with a per-unit statistic at the latest step in which the layer ran:
+        columns ``layer, unit, step, {stat}``. ``stat`` is ``"entropy"`` (``Entropy``: each unit's — each head's —
+        mean entropy), or ``"mean_abs"``, ``"abs_max"``, ``"rms"`` (``Magnitude``: m_u, a_u, r_u). The lowest-entropy
+        head: ``hm.unit_frame(layer, "entropy").nsmallest(1, "entropy")``.
+
+        Reads device state to the host (a synchronisation): call it for reports, not every step.
+
+        Raises:
+            UnknownLayerError: Unknown layer.
+            ConfigError: No attached collector reports ``stat`` per unit, or it does not record the layer.
+        """
+        import pandas as pd
+
+        site = self.site(layer)
+        for collector in self.collectors:
+            if stat in collector.unit_columns:
+                break
+        else:
+            known = sorted({c for col in self.collectors for c in col.unit_columns})
+            raise ConfigError(
+                f"`stat` {stat!r} is not a per-unit statistic of this manager's collectors; per-unit statistics: "
+                f"{', '.join(known) or 'none (attach Magnitude() or Entropy())'}"
+            )
+        if not collector.applies_to(site) or not collector.has_state or site.units == 0:
+            raise ConfigError(f"`layer` {layer!r} ({site.kind}) has no per-unit {stat!r}: {collector!r} does not "
+                              "record it")  # fmt: skip
+        step, is_open = self._recorder.latest()
+        found, values = collector.unit_values(site, step, include_open=is_open)
+        column = values[stat]
+        return pd.DataFrame({
+            "layer": site.layer, "unit": np.arange(len(column)),
+            "step": np.full(len(column), np.nan if found is None else float(found)), stat: column,
+        })  # fmt: skip
 
     def unit_timeline(self, layer: str | None = None) -> pd.DataFrame:
         """Per-unit history of rectifier layers: when each unit last fired, whether it is dead, since when, and

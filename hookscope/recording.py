@@ -841,6 +841,7 @@ class _Combiner:
                 s.unit_dim,
                 s.units,
                 s.shape,
+                s.dim,
             )
             for s in rec.sites
             if s.units_fixed and s.problem is None
@@ -858,6 +859,7 @@ class _Combiner:
                 "rank must use the same patterns"
             )
         site.unit_dim, site.units, site.shape, site.units_fixed = d.unit_dim, d.units, d.shape, True
+        site.dim = d.dim
         site.reduce_dims = tuple(i for i in range(len(d.shape)) if i != d.unit_dim)
         if rec._device is None:
             rec._bind_device(_default_device())

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Union
+from typing import Callable, Union
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ from hookscope.numerics import strict_threshold
 
 __all__ = [
     "ROOT_NAME",
+    "ModuleSelection",
     "Site",
     "UnitDim",
     "default_unit_dim",
@@ -150,6 +151,8 @@ class Site:
         shape: Shape of the latest output.
         first_step: The first step in which the site ran.
         units_fixed: Whether units were fixed from a first output (a site may have zero units).
+        dim: The ``dim`` argument of a softmax-like call (``None``: not given, or not such a site), read when the
+            site is created (the ``Entropy`` collector reduces along it).
     """
 
     index: int
@@ -166,6 +169,7 @@ class Site:
     problem: str | None = None
     first_step: int | None = None
     units_fixed: bool = False
+    dim: int | None = None
     _thresholds: dict[tuple[torch.dtype, float, bool], float | None] = dataclasses.field(
         default_factory=dict, repr=False
     )
@@ -287,3 +291,79 @@ def resolve_unit_dim(
             if fnmatch.fnmatchcase(layer, pattern) or fnmatch.fnmatchcase(base, pattern):
                 return dim, None
     return infer_unit_dim(shape, producer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Module sites
+
+
+class ModuleSelection:
+    """Which modules' outputs are *module sites* (``HookManager(modules=...)``): ``fnmatch`` patterns over the
+    qualified module names (wrapper components removed; the root module is ``""`` or ``(root)``) and module
+    classes (``isinstance``). Activation modules are activation sites already and are never module sites.
+
+    Args:
+        modules: One pattern or class, or an iterable of them.
+
+    Raises:
+        ConfigTypeError: Something else than patterns (str) and ``nn.Module`` subclasses.
+        ConfigError: No pattern or class at all.
+    """
+
+    def __init__(self, modules: object) -> None:
+        allowed = "a module-name pattern (str), an nn.Module subclass, or a list of them"
+        items: tuple[object, ...]
+        if isinstance(modules, (str, type)):
+            items = (modules,)
+        elif isinstance(modules, Iterable) and not isinstance(modules, (bytes, Mapping)):
+            items = tuple(modules)
+        else:
+            raise ConfigTypeError(f"`modules` must be None, {allowed}; got {modules!r}")
+        if not items:
+            raise ConfigError(f"`modules` must name at least one module ({allowed}); got {modules!r}")
+        for item in items:
+            if not isinstance(item, str) and not (isinstance(item, type) and issubclass(item, nn.Module)):
+                raise ConfigTypeError(f"`modules` must hold module-name patterns (str) or nn.Module subclasses; got "
+                                      f"{item!r} in {modules!r}")  # fmt: skip
+        self.items = items
+        self.patterns = tuple(i for i in items if isinstance(i, str))
+        self.classes: tuple[type[nn.Module], ...] = tuple(i for i in items if isinstance(i, type))
+
+    def _names(self, name: str) -> tuple[str, ...]:
+        return (name, ROOT_NAME) if name == "" else (name,)
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        """Whether the module called ``name`` (wrapper components removed) is selected (activations included)."""
+        if self.classes and isinstance(module, self.classes):
+            return True
+        return any(fnmatch.fnmatchcase(n, p) for n in self._names(name) for p in self.patterns)
+
+    def check(self, model: nn.Module, is_activation: Callable[[nn.Module], bool]) -> None:
+        """Raise when a pattern or class selects no module of ``model`` that can be a module site.
+
+        Raises:
+            ConfigError: Naming the pattern (or class), and what it matched instead (activation modules only) or
+                some module names.
+        """
+        named = list(iter_named_modules(model))
+        for item in self.items:
+            one = ModuleSelection(item)
+            hits = [(n, m) for n, m in named if one.selects(n, m)]
+            if any(not is_activation(m) for _, m in hits):
+                continue
+            what = f"pattern {item!r}" if isinstance(item, str) else f"class {getattr(item, '__name__', item)}"
+            if hits:
+                raise ConfigError(
+                    f"`modules` {what} matches only activation modules ({', '.join(n or ROOT_NAME for n, _ in hits[:5])}"
+                    f"), which are activation sites already: record their magnitudes with "
+                    "collectors=[..., Magnitude(activations=True)]"
+                )
+            names = [n for n, _ in named if n][:8]
+            raise ConfigError(
+                f"`modules` {what} matches no module of {type(model).__name__}; module names look like "
+                f"{', '.join(names) or '(the root only)'}{', ...' if len(named) > 9 else ''} (fnmatch's * also "
+                "matches dots: 'blocks.*' selects every submodule of the blocks too; a class selects the blocks alone)"
+            )
+
+    def __repr__(self) -> str:
+        return f"ModuleSelection({list(self.items)!r})"

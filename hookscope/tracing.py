@@ -36,9 +36,16 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from hookscope.activations import ActivationSpec, Bounds, activation_for_function, activation_for_module
+from hookscope.activations import (
+    DISTRIBUTION_KINDS,
+    MODULE_OUTPUT,
+    ActivationSpec,
+    Bounds,
+    activation_for_function,
+    activation_for_module,
+)
 from hookscope.recording import MISSING, Recorder, discard_open_step
-from hookscope.sites import ROOT_NAME, Producer, clean_name, producer_of, unwrap_model
+from hookscope.sites import ROOT_NAME, ModuleSelection, Producer, clean_name, producer_of, unwrap_model
 from hookscope.warn import warn_once
 
 __all__ = ["REDISCOVER_EVERY", "Evaluation", "Tracer"]
@@ -154,6 +161,7 @@ class Tracer:
         model: The model to follow.
         recorder: Where outputs go.
         functional: Capture functional activations with the function mode.
+        modules: The modules whose outputs are module sites (checked against the model here), or ``None``.
 
     Attributes:
         recording: Whether forward passes that begin now are followed (the manager sets it: paused, or a step
@@ -161,7 +169,16 @@ class Tracer:
         attached: Whether the hooks are in place.
     """
 
-    def __init__(self, model: nn.Module, recorder: Recorder, functional: bool) -> None:
+    def __init__(
+        self, model: nn.Module, recorder: Recorder, functional: bool, modules: ModuleSelection | None = None
+    ) -> None:
+        if modules is not None:
+            modules.check(model, lambda m: activation_for_module(m) is not None)
+        self.modules = modules
+        #: Module sites: the name of each module whose output is recorded, by ``id(module)``, and which raw module
+        #: holds each name (a wrapper and the module it wraps share a name: the outer one is the site).
+        self.outputs: dict[int, str] = {}
+        self._output_raw: dict[str, str] = {}
         self.model = model
         self.recorder = recorder
         self.functional = functional
@@ -279,6 +296,9 @@ class Tracer:
             self._handles.extend(pair)
             if spec is not None:
                 self._activation_modules.add(name)
+            elif self.modules is not None and self.modules.selects(name, module):
+                if self._output_raw.setdefault(name, raw) == raw:
+                    self.outputs[id(module)] = name
 
     def slim(self) -> None:
         """End discovery: keep hooks only where they are needed to name and observe every site found.
@@ -289,7 +309,7 @@ class Tracer:
         discovery). Every other module loses its hooks.
         """
         parents = self._fn_parents if self.functional else set()
-        keep = self._entries | parents | self._activation_modules | {""}
+        keep = self._entries | parents | self._activation_modules | set(self._output_raw) | {""}
         for raw, pair in list(self._module_handles.items()):
             name = self._clean[raw]
             parent = name.rpartition(".")[0] if name else None
@@ -377,7 +397,7 @@ class Tracer:
         """Called by every hooked module's forward hook (``always_call``: also when the forward raised)."""
         if self.attached and self.stack:
             name, spec = self.names[id(module)]
-            self.exit(name, spec, output)
+            self.exit(name, spec, output, id(module))
             if self.discovering and spec is None and id(module) in self._producers:
                 # the last layer with features, and what it produced: it tells where units sit
                 self._producer = self._producers[id(module)]
@@ -402,7 +422,7 @@ class Tracer:
                 feed = self._producer_for(args[0] if args else None) if self.discovering else None
                 self._activation_stack.append((name, k, spec, module, feed))
 
-    def exit(self, name: str, spec: ActivationSpec | None, output: Any) -> None:
+    def exit(self, name: str, spec: ActivationSpec | None, output: Any, module_id: int = 0) -> None:
         """A hooked module ends its forward (also when it raised: ``always_call``)."""
         if not self.stack or self.stack[-1] != name:
             return  # our pre-hook did not run for this call (an earlier pre-hook raised)
@@ -410,6 +430,8 @@ class Tracer:
         if self._mode_active and len(self.stack) < self._mode_depth:
             self._mode_active = False
             self._mode.__exit__(None, None, None)
+        if module_id in self.outputs:
+            self._module_output(name, module_id, output)
         if spec is not None and self._activation_stack:
             entry = self._activation_stack.pop()
             if entry is not None and isinstance(output, torch.Tensor):
@@ -423,6 +445,8 @@ class Tracer:
                     layer_k = layer if k == 0 else f"{layer}#{k}"
                     bounds = _site_bounds(act_spec, layer_k, module, (), {})
                     site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
+                    if site is not None:
+                        site.dim = _site_dim(act_spec, module, (), {})
                 if site is not None:
                     with _no_torch_function():  # modes (the user's, ours) do not see hookscope's tensor calls
                         recorder.observe(site, output, self._recompute, feed)
@@ -431,6 +455,26 @@ class Tracer:
             self._pass_done = True
             self.passes += 1
             self._end_forward()
+
+    def _module_output(self, name: str, module_id: int, output: Any) -> None:
+        """A module site's module returned ``output``: record its tensor (see :func:`output_tensor`)."""
+        tensor = output_tensor(output)
+        if tensor is None or name in self._activation_modules:  # a wrapper of an activation: that site it is
+            return
+        k = self._counts.get(name, 0)
+        self._counts[name] = k + 1
+        recorder = self.recorder
+        site = recorder.site_by_key.get((name, k), MISSING)
+        if site is MISSING:
+            layer = name or ROOT_NAME
+            site = recorder.new_site((name, k), layer if k == 0 else f"{layer}#{k}", name, k, MODULE_OUTPUT, None, None)
+        if site is not None:
+            feed = None
+            if self.discovering:  # the layer itself when it has features (a Linear), else the last one inside it
+                own = self._producers.get(module_id)
+                feed = own if own is not None else self._producer_for(tensor)
+            with _no_torch_function():
+                recorder.observe(site, tensor, self._recompute, feed)
 
     def _producer_for(self, x: Any) -> Producer | None:
         """What tells the unit dim of an activation whose input is ``x``: the last layer with features, with its
@@ -488,6 +532,8 @@ class Tracer:
             layer = base if k == 0 else f"{base}#{k}"
             bounds = _site_bounds(spec, layer, None, args, kwargs)
             site = recorder.new_site((base, k), layer, enclosing, k, spec, fname, bounds)
+            if site is not None:
+                site.dim = _site_dim(spec, None, args, kwargs)
         if site is not None:
             feed = self._producer_for(args[0] if args else None) if self.discovering else None
             with _no_torch_function():
@@ -535,6 +581,21 @@ class Evaluation:
         return False
 
 
+def output_tensor(output: Any) -> torch.Tensor | None:
+    """The tensor a module site records: the output itself when it is a tensor; for a tuple, a list or a mapping (a
+    Hugging Face ``ModelOutput``), its first floating-point tensor (decoder layers return ``(hidden_states, ...)``);
+    ``None`` when there is none (only the top level is searched)."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, torch.Tensor) and item.is_floating_point():
+                return item
+    return None
+
+
 class _Compiled:
     """Whether a hook ran inside a torch.compile region."""
 
@@ -553,6 +614,15 @@ def _signature(x: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
             return x.data_ptr(), tuple(x.shape), tuple(x.stride())
         except RuntimeError:  # tensors without storage (meta, fake)
             return None
+
+
+def _site_dim(spec: ActivationSpec, module: nn.Module | None, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
+    """The ``dim`` of a softmax-like site: the module's attribute, or the call's ``dim`` argument (the second
+    positional one); ``None`` for other kinds or when not given (torch's legacy rule then applies)."""
+    if spec.name not in DISTRIBUTION_KINDS:
+        return None
+    dim = getattr(module, "dim", None) if module is not None else kwargs.get("dim", args[1] if len(args) > 1 else None)
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
 
 
 def _site_bounds(

@@ -371,6 +371,8 @@ class Collector:
     columns: ClassVar[tuple[str, ...]] = ()
     #: Whether :meth:`update_grad` must be called (a tensor hook is registered on outputs that require grad).
     wants_grad: ClassVar[bool] = False
+    #: Per-unit statistics the collector reports through :meth:`unit_values` (``HookManager.unit_frame``).
+    unit_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self._state_specs: dict[str, StateSpec] = {}
@@ -517,6 +519,12 @@ class Collector:
         ``elements`` (output elements in the step), ``units`` and ``backward`` (backward passes in the step).
         """
         raise NotImplementedError(f"{self.name} must implement compute()")
+
+    def unit_values(self, site: Site, step: int, include_open: bool) -> tuple[int | None, dict[str, np.ndarray]]:
+        """Host copies of one site's :attr:`unit_columns` at the latest step in which it ran (report time: this
+        synchronises): ``(that step or None, {column: one value per unit})``. ``include_open``: the open step,
+        numbered ``step``, counts."""
+        raise NotImplementedError(f"{self.name} reports no per-unit statistics")
 
     def reset(self) -> None:
         """Restore every state (persistent ones included) to its default."""
