@@ -1,0 +1,429 @@
+"""Module sites (``HookManager(modules=...)``), the ``Magnitude`` and ``Entropy`` collectors, ``massive_units`` and
+``unit_frame``: expected values from first principles, in float64, from this file's own plain hooks and numpy."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hookscope as hs
+from hookscope import HookManager
+from hookscope.errors import ConfigError, ConfigTypeError
+
+pytestmark = pytest.mark.usefixtures("each_path")
+
+D = 16
+MASSIVE = 3  # the planted massive unit
+DORMANT = (5, 6)  # the planted dormant units
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reference: numpy over the outputs a plain forward hook saw
+
+
+def reference(outputs: list[np.ndarray], unit_axis: int = -1, abs_=100.0, ratio=1000.0, tau=0.025) -> dict[str, Any]:
+    """Every Magnitude column, by its definition, over all elements of ``outputs`` (one step's calls)."""
+    x = np.concatenate([o.reshape(-1) for o in outputs]).astype(np.float64)
+    x = x[np.isfinite(x)]
+    n = len(x)
+    mean = x.sum() / n
+    m2 = (x * x).sum() / n
+    units = [np.moveaxis(o, unit_axis, -1).reshape(-1, o.shape[unit_axis]) for o in outputs]
+    per_unit = np.concatenate(units, axis=0).astype(np.float64)  # (elements per unit, units)
+    m, a, r = [], [], []
+    for u in range(per_unit.shape[1]):
+        v = per_unit[:, u]
+        v = v[np.isfinite(v)]
+        if len(v) == 0:
+            continue
+        m.append(np.abs(v).mean())
+        a.append(np.abs(v).max())
+        r.append(np.sqrt((v * v).mean()))
+    m_, a_, r_ = np.array(m), np.array(a), np.array(r)
+    median = np.median(m_)
+    massive = [u for u in range(len(a_)) if a_[u] >= abs_ and a_[u] >= ratio * median]
+    return {
+        "rms": math.sqrt(m2),
+        "mean": mean,
+        "std": math.sqrt(max(m2 - mean * mean, 0.0)),
+        "abs_max": np.abs(x).max(),
+        "kurtosis": ((x**4).sum() / n) / m2**2,
+        "zero_fraction": (x == 0).sum() / n,
+        "massive_units": float(len(massive)),
+        "dormant_ratio": float((m_ <= tau * m_.mean()).sum()) / len(m_),
+        "neuron_kurtosis": (r_**4).mean() / (r_**2).mean() ** 2,
+        "massive": massive,
+        "unit_rms": r_,
+        "unit_mean_abs": m_,
+        "unit_abs_max": a_,
+    }
+
+
+COLUMNS = hs.Magnitude.columns
+
+
+class Emit(nn.Module):
+    """Returns its input times a weight of ones: the output is exactly what the test builds, and has a gradient."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(D, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+class Net(nn.Module):
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.emit = Emit(dtype)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.emit(x))
+
+
+def planted(seed: int, dtype: torch.dtype = torch.float64, batch: int = 4) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 5, D, generator=gen, dtype=torch.float64)
+    x[1, 2, MASSIVE] = 5000.0  # one huge element in one unit: a_u >= 100 and >= 1000 x the median m_u
+    for u in DORMANT:
+        x[..., u] *= 1e-3  # m_u / mean(m) ~ 1e-3 <= 0.025
+    x[0, 0, 0] = 0.0
+    x[2, 1, 1] = 0.0
+    return x.to(dtype)
+
+
+class Capture:
+    """A plain forward hook that keeps a float64 copy of every output of a module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.outputs: list[np.ndarray] = []
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: Any, out: Any) -> None:
+        t = out[0] if isinstance(out, (tuple, list)) else out
+        self.outputs.append(t.detach().double().numpy().copy())
+
+    def take(self) -> list[np.ndarray]:
+        out, self.outputs = self.outputs, []
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_magnitude_columns_match_their_definitions_over_micro_batches(dtype: torch.dtype) -> None:
+    model = Net(dtype)
+    capture = Capture(model.emit)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    expected = []
+    with HookManager(model, modules="emit", alerts=False) as hm:
+        for step in range(2):
+            for micro in range(2):  # gradient accumulation: two forwards, one step
+                model(planted(10 * step + micro, dtype)).sum().backward()
+            expected.append(reference(capture.take()))
+            hm.step()
+    frame = hm.to_dataframe()
+    rows = frame[frame["layer"] == "emit"]
+    assert list(rows["kind"]) == ["output", "output"]
+    assert list(rows["calls"]) == [2, 2] and list(rows["units"]) == [D, D]
+    for col in COLUMNS:
+        got = rows[col].to_numpy()
+        want = np.array([e[col] for e in expected])
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=0, err_msg=col)
+    assert list(rows["massive_units"]) == [1.0, 1.0]
+    assert list(rows["dormant_ratio"]) == [2 / D, 2 / D]
+    # the activation site beside it is not a Magnitude site (activations=False) and keeps its own statistics
+    relu = frame[frame["layer"] == "act"]
+    assert relu[list(COLUMNS)].isna().all().all() and relu["dead_ratio"].notna().all()
+    assert hm.massive_units("emit") == [MASSIVE] == expected[-1]["massive"]
+    assert hm.massive_units("emit", step=0) == [MASSIVE]
+    units = hm.unit_frame("emit", "rms")
+    assert list(units.columns) == ["layer", "unit", "step", "rms"] and list(units["step"]) == [1.0] * D
+    np.testing.assert_allclose(units["rms"], expected[-1]["unit_rms"], rtol=rtol)
+    np.testing.assert_allclose(hm.unit_frame("emit", "mean_abs")["mean_abs"], expected[-1]["unit_mean_abs"], rtol=rtol)
+    np.testing.assert_allclose(hm.unit_frame("emit", "abs_max")["abs_max"], expected[-1]["unit_abs_max"], rtol=rtol)
+
+
+def test_nonfinite_elements_are_left_out_and_counted_by_nonfinite() -> None:
+    model = Net()
+    capture = Capture(model.emit)
+    x = planted(0)
+    x[0, 1, 2] = math.nan
+    x[3, 4, 7] = math.inf
+    x[:, :, 9] = math.nan  # a unit without one finite element is left out of the per-unit statistics
+    with HookManager(model, [hs.Magnitude(), hs.NonFinite()], modules="emit", alerts=False) as hm:
+        with torch.no_grad():
+            model(x)
+        want = reference(capture.take())
+        hm.step()
+    row = hm.to_dataframe().set_index("layer").loc["emit"]
+    for col in COLUMNS:
+        assert row[col] == pytest.approx(want[col], rel=1e-12), col
+    assert row["nonfinite"] == 4 * 5 + 2  # unit 9's 20 NaN, one more NaN, one inf
+    assert math.isnan(hm.unit_frame("emit", "rms")["rms"][9])
+
+
+def test_dormant_and_massive_thresholds_are_the_arguments() -> None:
+    model = Net()
+    capture = Capture(model.emit)
+    collector = hs.Magnitude(massive_abs=6000.0, massive_ratio=10.0, dormant_tau=0.5)
+    with HookManager(model, [collector], modules="emit", alerts=False) as hm:
+        with torch.no_grad():
+            model(planted(1))
+        want = reference(capture.take(), abs_=6000.0, ratio=10.0, tau=0.5)
+    row = hm.to_dataframe().set_index("layer").loc["emit"]
+    assert row["massive_units"] == want["massive_units"] == 0.0  # 5000 < 6000
+    assert row["dormant_ratio"] == want["dormant_ratio"]
+    assert hm.massive_units("emit") == []
+
+
+def test_all_zero_outputs_have_every_unit_dormant_and_nan_moments() -> None:
+    model = Net()
+    with HookManager(model, modules="emit", alerts=False) as hm:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, D, dtype=torch.float64))
+    row = hm.to_dataframe().set_index("layer").loc["emit"]
+    assert row["dormant_ratio"] == 1.0 and row["zero_fraction"] == 1.0 and row["rms"] == 0.0
+    assert math.isnan(row["kurtosis"]) and math.isnan(row["neuron_kurtosis"])  # 0 / 0
+    assert row["massive_units"] == 0.0
+
+
+def test_magnitude_on_activation_sites_with_activations_true() -> None:
+    model = Net()
+    capture = Capture(model.act)
+    with HookManager(model, [hs.Magnitude(activations=True)], alerts=False) as hm:
+        with torch.no_grad():
+            model(planted(2))
+        want = reference(capture.take())
+    row = hm.to_dataframe().set_index("layer").loc["act"]
+    for col in COLUMNS:
+        assert row[col] == pytest.approx(want[col], rel=1e-12, abs=0), col
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# module sites: names, outputs, errors, gradients
+
+
+class TupleBlock(nn.Module):
+    """Returns ``(ints, None, hidden)``: the first floating-point tensor is ``hidden``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
+        return (torch.arange(3), None, x + self.fc(x))
+
+
+class DictBlock(TupleBlock):
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:  # type: ignore[override]
+        return {"ids": torch.arange(3), "hidden": x + self.fc(x), "other": x}
+
+
+class Stack(nn.Module):
+    def __init__(self, kind: type[nn.Module] = TupleBlock, n: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([kind() for _ in range(n)])
+        self.head = nn.Linear(D, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = hidden(block(x))
+        x = hidden(self.blocks[0](x))  # block 0 again: its second call in the pass, blocks.0#1
+        return self.head(x)
+
+
+def hidden(out: Any) -> torch.Tensor:
+    return out["hidden"] if isinstance(out, dict) else out[2]
+
+
+@pytest.mark.parametrize("kind", [TupleBlock, DictBlock], ids=["tuple", "mapping"])
+def test_module_sites_record_the_first_floating_tensor_and_name_further_calls(kind: type[nn.Module]) -> None:
+    model = Stack(kind)
+    captured: dict[str, list[np.ndarray]] = {}
+
+    def keep(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            captured.setdefault(name, []).append(hidden(out).detach().double().numpy())
+
+        return hook
+
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(keep(f"blocks.{i}"))
+    with HookManager(model, modules=[kind], alerts=False) as hm:
+        model(torch.randn(3, 4, D)).sum().backward()
+        hm.step()
+    frame = hm.to_dataframe()
+    assert list(frame["layer"]) == ["blocks.0", "blocks.1", "blocks.0#1"]
+    rows = frame.set_index("layer")
+    for layer, out in [("blocks.0", captured["blocks.0"][0]), ("blocks.1", captured["blocks.1"][0]),
+                       ("blocks.0#1", captured["blocks.0"][1])]:  # fmt: skip
+        want = reference([out])
+        assert rows.loc[layer, "rms"] == pytest.approx(want["rms"], rel=1e-6)
+        assert rows.loc[layer, "kurtosis"] == pytest.approx(want["kurtosis"], rel=1e-5)
+        assert rows.loc[layer, "kind"] == "output" and rows.loc[layer, "units"] == D
+
+
+def test_patterns_and_classes_select_modules_and_bad_ones_raise_at_construction() -> None:
+    model = Stack()
+    with HookManager(model, modules="blocks.?", alerts=False) as hm:
+        model(torch.randn(2, D))
+    assert {"blocks.0", "blocks.1"} <= set(hm.layers) and "head" not in hm.layers
+    with HookManager(model, modules=["head", nn.ModuleList], alerts=False) as hm:
+        model(torch.randn(2, D))
+    assert "head" in hm.layers  # ModuleList never runs forward: no site, no error (it matched a module)
+    with pytest.raises(ConfigError, match=r"`modules` pattern 'block\.\*' matches no module of Stack"):
+        HookManager(model, modules="block.*")
+    with pytest.raises(ConfigError, match="`modules` class Conv2d matches no module"):
+        HookManager(model, modules=["head", nn.Conv2d])
+    relu_model = Net()
+    with pytest.raises(ConfigError, match=r"matches only activation modules \(act\).*activations=True"):
+        HookManager(relu_model, modules="act")
+    with pytest.raises(ConfigTypeError, match="`modules` must hold module-name patterns"):
+        HookManager(model, modules=["head", 3])
+    with pytest.raises(ConfigTypeError, match="`modules` must be None"):
+        HookManager(model, modules=3)
+    with pytest.raises(ConfigError, match="`modules` must name at least one module"):
+        HookManager(model, modules=[])
+
+
+def test_default_collectors_add_magnitude_with_modules_only() -> None:
+    assert not any(isinstance(c, hs.Magnitude) for c in HookManager(Net()).collectors)
+    assert any(isinstance(c, hs.Magnitude) for c in HookManager(Net(), modules="emit").collectors)
+    assert "rms" not in HookManager(Net()).columns
+
+
+def test_gradient_norm_of_a_module_site_is_that_of_autograd() -> None:
+    model = Stack()
+    x = torch.randn(3, 4, D)
+    with HookManager(model, modules=TupleBlock, alerts=False) as hm:
+        outputs: list[torch.Tensor] = []
+        handle = model.blocks[1].register_forward_hook(lambda m, a, out: outputs.append(out[2]) or out[2].retain_grad())
+        model(x).pow(2).sum().backward()
+        handle.remove()
+        hm.step()
+    want = float(outputs[0].grad.double().norm())
+    got = hm.to_dataframe().set_index("layer").loc["blocks.1", "grad_norm"]
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_unit_dim_overrides_module_sites_and_the_producer_tells_conv_channels() -> None:
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    with HookManager(conv, modules=["0", "1"], alerts=False) as hm:
+        conv(torch.randn(2, 3, 8, 8))
+    assert [s.units for s in hm.sites] == [8, 8]
+    with HookManager(conv, modules=["0"], unit_dim={"0": -1}, alerts=False) as hm:
+        conv(torch.randn(2, 3, 8, 8))
+    assert hm.sites[0].units == 6
+
+
+def test_activation_module_selected_by_a_pattern_stays_one_activation_site() -> None:
+    model = Net()
+    with HookManager(model, modules="*", alerts=False) as hm:
+        with torch.no_grad():
+            model(planted(0))
+    kinds = dict(zip(hm.layers, [s.kind for s in hm.sites]))
+    assert kinds == {"emit": "output", "act": "relu", "(root)": "output"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entropy
+
+
+def entropy_rows(p: np.ndarray, axis: int) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return terms.sum(axis=axis)
+
+
+class Attention(nn.Module):
+    """Softmax over hand-built scores ``(B, H, T, T)``: head 0 uniform, head 1 one-hot, head 2 in between."""
+
+    def __init__(self, how: str = "softmax") -> None:
+        super().__init__()
+        self.how = how
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.how == "module":
+            return self.softmax(scores)
+        if self.how == "log_softmax":
+            return F.log_softmax(scores, dim=-1)
+        if self.how == "softmin":
+            return F.softmin(-scores, dim=3)
+        return F.softmax(scores, -1)
+
+
+def scores(batch: int = 2, heads: int = 3, t: int = 5) -> torch.Tensor:
+    s = torch.zeros(batch, heads, t, t, dtype=torch.float64)
+    s[:, 1] = -1e4  # head 1: all the mass on key 0 (exp(-1e4) underflows to 0: entropy exactly 0)
+    s[:, 1, :, 0] = 0.0
+    s[:, 2] = torch.arange(t, dtype=torch.float64)  # head 2: a geometric distribution
+    return s
+
+
+@pytest.mark.parametrize("how", ["softmax", "module", "log_softmax", "softmin"])
+def test_entropy_per_site_and_per_head_from_hand_built_distributions(how: str) -> None:
+    model = Attention(how)
+    s = scores()
+    p = torch.softmax(s, dim=-1).numpy()
+    per_row = entropy_rows(p, axis=-1)  # (B, H, T)
+    with HookManager(model, [hs.Entropy()], alerts=False) as hm:
+        model(s)
+        model(s[:1])  # a second call in the step (a micro-batch): rows add up
+        hm.step()
+    all_rows = np.concatenate([per_row.reshape(-1), per_row[:1].reshape(-1)])
+    heads = np.concatenate([per_row, per_row[:1]], axis=0).mean(axis=(0, 2))
+    assert heads[0] == pytest.approx(math.log(5)) and heads[1] == 0.0
+    row = hm.to_dataframe().iloc[0]
+    assert row["entropy"] == pytest.approx(all_rows.mean(), rel=1e-12)
+    assert row["entropy_min"] == pytest.approx(heads.min(), abs=1e-12)
+    units = hm.unit_frame(row["layer"], "entropy")
+    np.testing.assert_allclose(units["entropy"], heads, rtol=1e-12, atol=1e-12)
+    assert int(units.nsmallest(1, "entropy")["unit"].iloc[0]) == 1  # the lowest-entropy head, by name
+
+
+def test_entropy_of_logits_over_the_unit_dim_has_no_per_unit_values() -> None:
+    logits = torch.randn(4, 6, 10, dtype=torch.float64)
+    model = Attention("softmax")
+    with HookManager(model, [hs.Entropy()], alerts=False) as hm:
+        model(logits)
+    row = hm.to_dataframe().iloc[0]
+    want = entropy_rows(torch.softmax(logits, -1).numpy(), -1).mean()
+    assert row["entropy"] == pytest.approx(want, rel=1e-12)
+    assert math.isnan(row["entropy_min"])  # units (dim -1, 10 of them) lie along the softmax dim
+
+
+def test_entropy_with_legacy_dim_none() -> None:
+    x = torch.randn(3, 4, dtype=torch.float64)
+
+    class Legacy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.softmax(x, dim=None)
+
+    model = Legacy()
+    with pytest.warns(UserWarning, match="Implicit dimension"), HookManager(model, [hs.Entropy()], alerts=False) as hm:
+        model(x)
+    want = entropy_rows(torch.softmax(x, 1).numpy(), 1).mean()  # torch's rule for 2-D: dim 1
+    assert hm.to_dataframe()["entropy"].iloc[0] == pytest.approx(want, rel=1e-12)
+
+
+def test_unit_frame_errors() -> None:
+    model = Net()
+    with HookManager(model, modules="emit", alerts=False) as hm:
+        with torch.no_grad():
+            model(planted(0))
+    with pytest.raises(ConfigError, match="`stat` 'entropy' is not a per-unit statistic"):
+        hm.unit_frame("emit", "entropy")
+    with pytest.raises(ConfigError, match="`layer` 'act' \\(relu\\) has no per-unit 'rms'"):
+        hm.unit_frame("act", "rms")
+    with pytest.raises(ConfigError, match="`layer` 'act' is a relu site"):
+        hm.massive_units("act")
+    with pytest.raises(ConfigError, match="`step` 7 is not a recorded step"):
+        hm.massive_units("emit", step=7)
