@@ -24,14 +24,21 @@ from hookscope.warn import HookscopeWarning
 
 __all__ = [
     "DEAD_RATIO_ALERT",
+    "DORMANT_RATIO_ALERT",
+    "ENTROPY_COLLAPSE",
     "GRADIENT_ORDERS",
+    "KURTOSIS_ORDERS",
     "SATURATION_ALERT",
     "Alert",
     "AlertRule",
     "Alerts",
     "DeadRatioRule",
+    "DormantRule",
+    "EntropyCollapseRule",
     "ExplodingGradientRule",
     "HookscopeAlert",
+    "KurtosisRule",
+    "MassiveUnitsRule",
     "NonFiniteRule",
     "SaturationRule",
     "VanishingGradientRule",
@@ -48,6 +55,12 @@ DEAD_RATIO_ALERT = 0.10
 SATURATION_ALERT = 0.50
 #: Orders of magnitude below (vanishing) or above (exploding) the median layer's gradient norm that alert.
 GRADIENT_ORDERS = 3.0
+#: Dormant ratio at or above which a layer alerts (``Magnitude``'s τ-dormant units, Sokar et al. 2023).
+DORMANT_RATIO_ALERT = 0.10
+#: Orders of magnitude a layer's kurtosis (or neuron kurtosis) must rise above its value at the first check to alert.
+KURTOSIS_ORDERS = 2.0
+#: Mean entropy (nats) of a layer's lowest-entropy unit (attention head) below which it counts as collapsed.
+ENTROPY_COLLAPSE = 0.1
 
 logger = logging.getLogger("hookscope")
 logger.addHandler(logging.NullHandler())  # a library logs only where the application configured logging
@@ -70,6 +83,18 @@ HINTS = {
     "learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), normalisation, check the loss scale",
     "nonfinite": "likely causes: learning rate too high, log(0) or division by zero, fp16 overflow; remedies: lower "
     "the learning rate, clip gradients, use a GradScaler or bf16, guard logs and divisions",
+    "massive_units": "massive activations (Sun et al. 2024) act as fixed attention biases and make attention sinks; "
+    "they break low-precision formats and quantisation; remedies: explicit attention biases or a sink token (Sun et "
+    "al.), softmax with +1 in its denominator or gated attention, keep these units in higher precision",
+    "kurtosis_rise": "outlier features are emerging (He et al. 2024): likely causes: a large learning rate or short "
+    "warm-up, unnormalised residual streams, small Adam epsilon; remedies: lower the learning rate or lengthen the "
+    "warm-up, QK-norm or an outlier-protected block (He et al.), weight decay",
+    "dormant": "dormant units (Sokar et al. 2023) no longer contribute: likely causes: non-stationary targets, a high "
+    "learning rate, upstream dead or saturated units; remedies: ReDo (re-initialise their incoming weights, zero "
+    "their outgoing ones), a lower learning rate, weight decay, normalisation",
+    "entropy_collapse": "an attention head attends to a single position (entropy collapse, Zhai et al. 2023, "
+    "precedes loss spikes and divergence); remedies: QK-norm or σReparam (Zhai et al.), a lower learning rate or "
+    "longer warm-up",
 }
 
 
@@ -329,6 +354,112 @@ def _kind_masks(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return rectifier, bounded
 
 
+class DormantRule(_AtLeastRule):
+    """``dormant_ratio >= threshold`` (default 10%): units whose mean magnitude is at most ``dormant_tau`` times the
+    layer's mean (``Magnitude``; Sokar et al. 2023's τ-dormant neurons)."""
+
+    name, column = "dormant", "dormant_ratio"
+
+    def __init__(self, threshold: float = DORMANT_RATIO_ALERT) -> None:
+        super().__init__(threshold)
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        return super().check(rows) if self.column in rows.columns else []
+
+    def describe(self, row: Any) -> str:
+        return f"{row.dormant_ratio:.0%} of its {row.units} units are dormant (mean magnitude <= τ x the layer's mean)"
+
+
+class EntropyCollapseRule(AlertRule):
+    """A layer whose lowest-entropy unit (attention head) has a mean entropy below ``threshold`` nats (default 0.1:
+    a head that puts nearly all of each row's mass on one position). Needs ``Entropy``."""
+
+    name = "entropy_collapse"
+
+    def __init__(self, threshold: float = ENTROPY_COLLAPSE) -> None:
+        self.threshold = check_number("threshold", threshold, low=0.0, high=math.inf, high_open=True, meaning="nats")
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        values = _column(rows, "entropy_min", math.nan)
+        return _hits(rows, values < self.threshold, "entropy_min", self.threshold,
+                     lambda r: f"its lowest-entropy unit (head) has entropy {r.entropy_min:.3g} nats "
+                               f"(below {self.threshold:g}; hm.unit_frame(layer, 'entropy') names it)")  # fmt: skip
+
+
+class _RiseRule(AlertRule):
+    """Compares each layer with itself at an earlier check: the first value seen for each (layer, column) is its
+    baseline."""
+
+    columns: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._baseline: dict[tuple[str, str], float] = {}
+
+    def _baselines(self, rows: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, baselines)`` of a column (NaN baselines for layers seen the first time, which set theirs)."""
+        values = _column(rows, column, math.nan)
+        layers = rows["layer"].to_numpy() if "layer" in rows.columns else np.full(len(rows), "")
+        base = np.full(len(rows), math.nan)
+        for i, (layer, value) in enumerate(zip(layers, values)):
+            key = (str(layer), column)
+            if key in self._baseline:
+                base[i] = self._baseline[key]
+            elif np.isfinite(value):
+                self._baseline[key] = float(value)
+        return values, base
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class MassiveUnitsRule(_RiseRule):
+    """Massive units appearing mid-training: a layer's ``massive_units`` (``Magnitude``) above its value at the first
+    check that saw the layer."""
+
+    name = "massive_units"
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        values, base = self._baselines(rows, "massive_units")
+        with np.errstate(invalid="ignore"):
+            mask = values > base
+        return _hits(rows, mask, "massive_units", 0.0,
+                     lambda r: f"{int(r.massive_units)} massive units (|x| >= 100 and >= 1000x the median unit), "
+                               f"up from {int(self._baseline[(str(r.layer), 'massive_units')])} at the first check "
+                               "(hm.massive_units(layer) lists them)")  # fmt: skip
+
+
+class KurtosisRule(_RiseRule):
+    """A layer's ``kurtosis`` or ``neuron_kurtosis`` (``Magnitude``) at least ``orders`` orders of magnitude (default
+    2) above its value at the first check that saw the layer: outlier features emerging (He et al. 2024)."""
+
+    name = "kurtosis_rise"
+
+    def __init__(self, orders: float = KURTOSIS_ORDERS) -> None:
+        super().__init__()
+        self.orders = check_number("orders", orders, low=0.0, high=300.0, meaning="orders of magnitude")
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        out: list[Hit] = []
+        seen: set[str] = set()
+        factor = 10.0**self.orders
+        for column in ("neuron_kurtosis", "kurtosis"):
+            values, base = self._baselines(rows, column)
+            with np.errstate(invalid="ignore"):
+                mask = (base > 0) & (values >= base * factor)
+            for i in np.flatnonzero(mask):
+                layer = str(rows["layer"].iloc[i])
+                if layer in seen:
+                    continue
+                seen.add(layer)
+                text = (
+                    f"{column} {values[i]:.3g} is {self.orders:g}+ orders of magnitude above its {base[i]:.3g} at "
+                    "the first check"
+                )
+                out.append((layer, float(values[i]), float(base[i] * factor), text))
+        return out
+
+
 #: Orders of magnitude between a module's weight-gradient norm and the median module's that alert.
 PARAM_GRADIENT_ORDERS = 4.0
 #: Update ratios (‖Δθ‖ / ‖θ‖ per recorded step) outside this range alert; about 1e-3 is the usual healthy value.
@@ -385,7 +516,9 @@ class UpdateRatioRule(AlertRule):
 
 def default_rules() -> list[AlertRule]:
     """Dead ReLU ≥ 10%, saturation ≥ 50%, vanishing and exploding gradients (3 orders of magnitude), NaN/Inf,
-    and, with parameter statistics, weight-gradient outliers (4 orders) and update ratios outside 1e-6…1e-1."""
+    with parameter statistics weight-gradient outliers (4 orders) and update ratios outside 1e-6…1e-1, and with
+    ``Magnitude`` / ``Entropy`` massive units appearing, a kurtosis rising 2 orders of magnitude, dormant units ≥
+    10%, an attention head's entropy below 0.1 nats."""
     return [
         DeadRatioRule(),
         SaturationRule(),
@@ -394,6 +527,10 @@ def default_rules() -> list[AlertRule]:
         NonFiniteRule(),
         ParamGradientRule(),
         UpdateRatioRule(),
+        MassiveUnitsRule(),
+        KurtosisRule(),
+        DormantRule(),
+        EntropyCollapseRule(),
     ]
 
 
@@ -416,7 +553,7 @@ class Alerts:
         >>> alerts = Alerts(every=10, callback=seen.append, warn=False)
         >>> [r.name for r in alerts.rules]  # doctest: +NORMALIZE_WHITESPACE
         ['dead_relu', 'saturation', 'vanishing_gradient', 'exploding_gradient', 'nonfinite', 'param_gradient',
-         'update_ratio']
+         'update_ratio', 'massive_units', 'kurtosis_rise', 'dormant', 'entropy_collapse']
     """
 
     def __init__(

@@ -353,9 +353,10 @@ class ModuleSelection:
                 continue
             what = f"pattern {item!r}" if isinstance(item, str) else f"class {getattr(item, '__name__', item)}"
             if hits:
+                found = ", ".join(n or ROOT_NAME for n, _ in hits[:5])
                 raise ConfigError(
-                    f"`modules` {what} matches only activation modules ({', '.join(n or ROOT_NAME for n, _ in hits[:5])}"
-                    f"), which are activation sites already: record their magnitudes with "
+                    f"`modules` {what} matches only activation modules ({found}), which are activation sites "
+                    "already: record their magnitudes with "
                     "collectors=[..., Magnitude(activations=True)]"
                 )
             names = [n for n, _ in named if n][:8]

@@ -296,9 +296,12 @@ class Tracer:
             self._handles.extend(pair)
             if spec is not None:
                 self._activation_modules.add(name)
-            elif self.modules is not None and self.modules.selects(name, module):
-                if self._output_raw.setdefault(name, raw) == raw:
-                    self.outputs[id(module)] = name
+            elif (
+                self.modules is not None
+                and self.modules.selects(name, module)
+                and self._output_raw.setdefault(name, raw) == raw
+            ):
+                self.outputs[id(module)] = name
 
     def slim(self) -> None:
         """End discovery: keep hooks only where they are needed to name and observe every site found.
@@ -616,7 +619,9 @@ def _signature(x: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
             return None
 
 
-def _site_dim(spec: ActivationSpec, module: nn.Module | None, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
+def _site_dim(
+    spec: ActivationSpec, module: nn.Module | None, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> int | None:
     """The ``dim`` of a softmax-like site: the module's attribute, or the call's ``dim`` argument (the second
     positional one); ``None`` for other kinds or when not given (torch's legacy rule then applies)."""
     if spec.name not in DISTRIBUTION_KINDS:

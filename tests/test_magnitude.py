@@ -185,9 +185,8 @@ def test_dormant_and_massive_thresholds_are_the_arguments() -> None:
 
 def test_all_zero_outputs_have_every_unit_dormant_and_nan_moments() -> None:
     model = Net()
-    with HookManager(model, modules="emit", alerts=False) as hm:
-        with torch.no_grad():
-            model(torch.zeros(2, 3, D, dtype=torch.float64))
+    with HookManager(model, modules="emit", alerts=False) as hm, torch.no_grad():
+        model(torch.zeros(2, 3, D, dtype=torch.float64))
     row = hm.to_dataframe().set_index("layer").loc["emit"]
     assert row["dormant_ratio"] == 1.0 and row["zero_fraction"] == 1.0 and row["rms"] == 0.0
     assert math.isnan(row["kurtosis"]) and math.isnan(row["neuron_kurtosis"])  # 0 / 0
@@ -325,9 +324,8 @@ def test_unit_dim_overrides_module_sites_and_the_producer_tells_conv_channels() 
 
 def test_activation_module_selected_by_a_pattern_stays_one_activation_site() -> None:
     model = Net()
-    with HookManager(model, modules="*", alerts=False) as hm:
-        with torch.no_grad():
-            model(planted(0))
+    with HookManager(model, modules="*", alerts=False) as hm, torch.no_grad():
+        model(planted(0))
     kinds = dict(zip(hm.layers, [s.kind for s in hm.sites]))
     assert kinds == {"emit": "output", "act": "relu", "(root)": "output"}
 
@@ -416,9 +414,8 @@ def test_entropy_with_legacy_dim_none() -> None:
 
 def test_unit_frame_errors() -> None:
     model = Net()
-    with HookManager(model, modules="emit", alerts=False) as hm:
-        with torch.no_grad():
-            model(planted(0))
+    with HookManager(model, modules="emit", alerts=False) as hm, torch.no_grad():
+        model(planted(0))
     with pytest.raises(ConfigError, match="`stat` 'entropy' is not a per-unit statistic"):
         hm.unit_frame("emit", "entropy")
     with pytest.raises(ConfigError, match="`layer` 'act' \\(relu\\) has no per-unit 'rms'"):
@@ -427,3 +424,74 @@ def test_unit_frame_errors() -> None:
         hm.massive_units("act")
     with pytest.raises(ConfigError, match="`step` 7 is not a recorded step"):
         hm.massive_units("emit", step=7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# alerts: each rule on a planted case and on a healthy one
+
+
+def healthy(seed: int, batch: int = 16) -> torch.Tensor:
+    return torch.randn(batch, 5, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+MINE = {"massive_units", "kurtosis_rise", "dormant", "entropy_collapse"}
+
+
+def alerts_of_run(model: nn.Module, inputs: list[torch.Tensor], collectors: list[hs.Collector], **kw: Any) -> list:
+    """The alerts of this issue's rules (among the default rules) in a run without gradients."""
+    seen: list[hs.Alert] = []
+    alerts = hs.Alerts(every=1, callback=seen.append, warn=False, log=False)
+    with HookManager(model, collectors, alerts=alerts, **kw) as hm:
+        for x in inputs:
+            with torch.no_grad():
+                model(x)
+            hm.step()
+    return [a for a in seen if a.rule in MINE]
+
+
+def rules(seen: list) -> set[tuple[str, str, int]]:
+    return {(a.rule, a.layer, a.step) for a in seen}
+
+
+def test_massive_units_appearing_mid_training_alert() -> None:
+    late = healthy(2)
+    late[0, 0, MASSIVE] = 5000.0
+    seen = alerts_of_run(Net(), [healthy(0), healthy(1), late], [hs.Magnitude()], modules="emit")
+    assert ("massive_units", "emit", 2) in rules(seen)
+    assert "hm.massive_units(layer)" in next(a.message for a in seen if a.rule == "massive_units")
+    # healthy: none; and massive units present from the first check on are not "appearing"
+    assert not alerts_of_run(Net(), [healthy(0), healthy(1), healthy(2)], [hs.Magnitude()], modules="emit")
+    always = [healthy(i) for i in range(3)]
+    for x in always:
+        x[0, 0, MASSIVE] = 5000.0
+    assert "massive_units" not in {a.rule for a in alerts_of_run(Net(), always, [hs.Magnitude()], modules="emit")}
+
+
+def test_kurtosis_rising_by_two_orders_of_magnitude_alerts() -> None:
+    spike = healthy(2)
+    spike[3, 2, 4] = 1e4  # one outlier among 1280 elements: the kurtosis goes from ~3 to ~1280
+    seen = alerts_of_run(Net(), [healthy(0), healthy(1), spike], [hs.Magnitude()], modules="emit")
+    hits = [a for a in seen if a.rule == "kurtosis_rise"]
+    assert [(a.layer, a.step) for a in hits] == [("emit", 2)]
+    mild = healthy(2)
+    mild[3, 2, 4] = 30.0  # a rise by a factor < 100: no alarm
+    assert not alerts_of_run(Net(), [healthy(0), healthy(1), mild], [hs.Magnitude()], modules="emit")
+
+
+def test_dormant_ratio_above_ten_percent_alerts() -> None:
+    dormant = healthy(0)
+    dormant[..., list(DORMANT)] *= 1e-3  # 2 of 16 units: 12.5%
+    seen = alerts_of_run(Net(), [dormant], [hs.Magnitude()], modules="emit")
+    assert rules(seen) == {("dormant", "emit", 0)}
+    one = healthy(0)
+    one[..., 5] *= 1e-3  # 1 of 16: 6.25% < 10%
+    assert not alerts_of_run(Net(), [one], [hs.Magnitude()], modules="emit")
+
+
+def test_attention_head_entropy_collapse_alerts() -> None:
+    seen = alerts_of_run(Attention(), [scores()], [hs.Entropy()])
+    assert [a.rule for a in seen] == ["entropy_collapse"]
+    assert "hm.unit_frame(layer, 'entropy')" in seen[0].message
+    uniform = torch.zeros(2, 3, 5, 5, dtype=torch.float64)
+    uniform[:, 2] = torch.arange(5, dtype=torch.float64)  # peaked but not collapsed: entropy ~0.45 nats
+    assert not alerts_of_run(Attention(), [uniform], [hs.Entropy()])
