@@ -326,7 +326,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         raise InputError(f"MODEL {args.model!r} has no trainable parameters; scan trains the model with SGD")
     opt = torch.optim.SGD(params, lr=args.lr)
     x = _random_input(args.input_shape)
-    with hs.HookManager(model, alerts=False, params=args.params) as hm:
+    with hs.HookManager(model, alerts=False, params=args.params, modules=args.modules) as hm:
         for _ in range(args.steps):
             loss = _loss(_prediction(_forward(model, x, hm, args.model), args.model), args.model)
             opt.zero_grad()
@@ -458,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--lr", type=_learning_rate, default=0.01, help="SGD learning rate, > 0 (0.01)")
     scan.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**64-1 (0)")
     scan.add_argument("--ascii", action="store_true", help="ASCII table without colour")
+    scan.add_argument(
+        "--modules",
+        action="append",
+        metavar="PATTERN",
+        help="also record the outputs of the modules whose names match this fnmatch pattern (module sites, with "
+        "their magnitude statistics); repeat for several patterns",
+    )
     scan.add_argument(
         "--params", action="store_true", help="also show per-module parameter statistics (weight and gradient norms)"
     )

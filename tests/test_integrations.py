@@ -330,3 +330,19 @@ def test_attaching_to_a_compiled_model_warns(monkeypatch: pytest.MonkeyPatch) ->
         warnings.simplefilter("always")
         HookManager(compiled).attach().detach()
     assert any("before calling torch.compile" in str(w.message) for w in caught)
+
+
+def test_lightning_logs_module_sites_and_their_magnitudes(tmp_path: Path) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from hookscope.integrations.lightning import HookscopeCallback
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 2)), batch_size=4)
+    callback = HookscopeCallback(log_every_n_steps=2, alerts=False, modules="gan.G", stats=("rms", "abs_max"))
+    trainer = _lightning_trainer(L, tmp_path, callback, max_epochs=1)
+    trainer.fit(_gan_module(L), loader)
+    metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    logged = metrics.dropna(subset=["hookscope/gan.G/rms"])
+    frame = callback.manager.to_dataframe()
+    rows = frame[frame["layer"] == "gan.G"].set_index("step")
+    assert logged["hookscope/gan.G/rms"].tolist() == pytest.approx(rows.loc[[1, 3], "rms"].tolist(), rel=1e-6)
+    assert logged["hookscope/gan.G/abs_max"].tolist() == pytest.approx(rows.loc[[1, 3], "abs_max"].tolist(), rel=1e-6)

@@ -495,3 +495,91 @@ def test_attention_head_entropy_collapse_alerts() -> None:
     uniform = torch.zeros(2, 3, 5, 5, dtype=torch.float64)
     uniform[:, 2] = torch.arange(5, dtype=torch.float64)  # peaked but not collapsed: entropy ~0.45 nats
     assert not alerts_of_run(Attention(), [uniform], [hs.Entropy()])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reports: table, CSV, sinks, the command line
+
+
+def test_table_shows_module_sites_with_their_magnitudes() -> None:
+    model = Net()
+    x = planted(0)
+    x[..., 8:] *= 1e-3  # 8 + 2 of 16 units dormant: highlighted
+    with HookManager(model, modules="emit", alerts=False) as hm, torch.no_grad():
+        model(x)
+    want = reference([x.numpy()])
+    text = str(hm.table(ascii=True))
+    header = next(line for line in text.splitlines() if "layer" in line)
+    assert header.split("|")[-5:-1] == [" rms ", " abs max ", " kurt ", " massive/dormant "]
+    emit = next(line for line in text.splitlines() if line.startswith("| emit"))
+    cells = [c.strip() for c in emit.split("|")[1:-1]]
+    assert cells[1] == "output" and cells[4:7] == ["-", "-", "-"]
+    assert cells[8:11] == [f"{want['rms']:.3g}", f"{want['abs_max']:.3g}", f"{want['kurtosis']:.3g}"]
+    assert cells[11] == "1/62.5% !"
+    relu = next(line for line in text.splitlines() if line.startswith("| act"))
+    assert [c.strip() for c in relu.split("|")[1:-1]][8:] == ["-", "-", "-", "-"]
+    # without Magnitude values the table keeps its usual columns
+    with HookManager(model, alerts=False) as plain, torch.no_grad():
+        model(x)
+    assert "rms" not in str(plain.table(ascii=True))
+
+
+def test_table_shows_the_entropy_and_the_lowest_head() -> None:
+    model = Attention()
+    with HookManager(model, [hs.Entropy()], alerts=False) as hm:
+        model(scores())
+    line = next(line for line in str(hm.table(ascii=True)).splitlines() if line.startswith("| softmax()"))
+    per_row = entropy_rows(torch.softmax(scores(), -1).numpy(), -1)
+    assert line.split("|")[-2].strip() == f"{per_row.mean():.3g}/0 !"
+
+
+def test_csv_sink_callback_sink_and_tensorboard_carry_the_columns(tmp_path: Any) -> None:
+    model = Net()
+    frames: list[Any] = []
+    written: list[tuple[str, float, int]] = []
+
+    class Writer:
+        def add_scalar(self, tag: str, value: float, global_step: int) -> None:
+            written.append((tag, value, global_step))
+
+        def flush(self) -> None:
+            pass
+
+    sinks = [hs.CSVSink(tmp_path / "s.csv", every=1), hs.CallbackSink(frames.append, every=1),
+             hs.TensorBoardSink(Writer(), every=1, stats=("rms", "massive_units", "grad_norm"))]  # fmt: skip
+    with HookManager(model, modules="emit", alerts=False, sinks=sinks) as hm:
+        model(planted(0)).sum().backward()
+        hm.step()
+        hm.to_csv(tmp_path / "all.csv")
+    want = reference([planted(0).numpy()])
+    import pandas as pd
+
+    for frame in (pd.read_csv(tmp_path / "s.csv"), pd.read_csv(tmp_path / "all.csv"), frames[0]):
+        row = frame[frame["layer"] == "emit"].iloc[0]
+        for col in COLUMNS:
+            assert row[col] == pytest.approx(want[col], rel=1e-12), col
+    tags = {tag: value for tag, value, _ in written}
+    assert tags["hookscope/emit/rms"] == pytest.approx(want["rms"], rel=1e-12)
+    assert tags["hookscope/emit/massive_units"] == 1.0
+    assert "hookscope/act/rms" not in tags  # NaN (not recorded there) is never written
+
+
+def test_scan_with_modules(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+    from hookscope.cli import main
+
+    csv = tmp_path / "scan.csv"
+    assert main(["scan", "resnet18", "--input-shape", "2,3,32,32", "--steps", "1", "--modules", "layer[1-4]",
+                 "--modules", "fc", "--ascii", "--csv", str(csv)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "massive/dormant" in out
+    import pandas as pd
+
+    frame = pd.read_csv(csv)
+    outputs = frame[frame["kind"] == "output"]
+    assert list(outputs["layer"]) == ["layer1", "layer2", "layer3", "layer4", "fc"]
+    assert outputs["rms"].notna().all() and outputs["grad_norm"].notna().all()
+    assert main(["show", str(csv), "--ascii"]) == 0  # a CSV with the new columns renders too
+    assert "massive/dormant" in capsys.readouterr().out
+    assert main(["scan", "resnet18", "--input-shape", "2,3,32,32", "--modules", "blocks.*"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hookscope scan: error: `modules` pattern 'blocks.*' matches no module of ResNet")

@@ -386,3 +386,18 @@ def test_real_parameter_statistics_reach_the_log_history(tmp_path: Path, quiet_k
                     assert entry[tag] == pytest.approx(value)
         # closed before the optimizer step: the gradients are there
         assert rows["grad_norm"].notna().sum() >= len(rows) - 1
+
+
+def test_module_sites_and_their_magnitudes_are_logged(tmp_path: Path, quiet_kernels: None) -> None:
+    callback = HookscopeTrainerCallback(log_every_n_steps=2, alerts=False, modules="bert.encoder.layer.?",
+                                        stats=("rms", "kurtosis", "grad_norm"))  # fmt: skip
+    trainer = make_trainer(tmp_path, tiny_bert(), [callback], eval_strategy="no", eval_on_start=False)
+    trainer.train()
+    logged = hookscope_logs(trainer.state.log_history)
+    frame = callback.manager.to_dataframe()
+    for global_step, entry in logged.items():
+        row = frame[(frame["step"] == global_step - 1) & (frame["layer"] == "bert.encoder.layer.1")].iloc[0]
+        assert entry["hookscope/bert.encoder.layer.1/rms"] == row["rms"] > 0
+        assert entry["hookscope/bert.encoder.layer.1/kurtosis"] == row["kurtosis"]
+        assert entry["hookscope/bert.encoder.layer.1/grad_norm"] == row["grad_norm"] > 0
+    assert sorted(logged) == [2, 4]

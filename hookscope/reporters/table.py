@@ -12,7 +12,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from hookscope.alerts import DEAD_RATIO_ALERT, SATURATION_ALERT, gradient_median, gradient_outliers
+from hookscope.alerts import (
+    DEAD_RATIO_ALERT,
+    DORMANT_RATIO_ALERT,
+    ENTROPY_COLLAPSE,
+    SATURATION_ALERT,
+    gradient_median,
+    gradient_outliers,
+)
 from hookscope.checks import check_int
 
 __all__ = ["MAX_ROWS", "PrintableTable", "build_param_table", "build_table", "make_console"]
@@ -114,6 +121,11 @@ def build_table(
     magnitude below or above the median layer's, as in the default alert rules. Names are shown as they are,
     never read as rich markup.
 
+    When the step has ``Magnitude`` values (module sites), four more columns show them: ``rms``, ``abs max``,
+    ``kurt`` (the kurtosis) and ``massive/dormant`` (the massive units and the dormant share in one cell;
+    dormant >= 10% highlighted); with ``Entropy`` values, ``entropy`` (the site's, and the lowest head's after
+    a slash, highlighted below 0.1 nats). Columns without a value in the step are left out of that group.
+
     Returns:
         A ``rich.table.Table``; print it with ``rich.print`` or ``Console.print``.
     """
@@ -140,10 +152,16 @@ def build_table(
     table.add_column("shape", justify="right", overflow="fold")
     for header in ("calls", "dead", "inactive", "saturated", "grad norm"):
         table.add_column(header, justify="right", no_wrap=True)
+    magnitude = _has_values(rows, "rms")
+    entropy = _has_values(rows, "entropy")
+    for header in ("rms", "abs max", "kurt", "massive/dormant") if magnitude else ():
+        table.add_column(header, justify="right", no_wrap=True)
+    if entropy:
+        table.add_column("entropy", justify="right", no_wrap=True)
     picked = rows.iloc[shown]
     inactive = _column(picked, "inactive_fraction")
     for k, (i, r) in enumerate(zip(shown, picked.itertuples(index=False))):
-        table.add_row(
+        cells: list[Text | str] = [
             Text(str(r.layer)),  # names are data, never rich markup: "[bold]x" or "[/]" shows as it is
             Text(str(r.kind)),
             Text(str(r.shape)),
@@ -152,8 +170,31 @@ def build_table(
             _pct(float(inactive[k]), missing),
             _styled(_pct(float(sat[i]), missing), bool(sat_mark[i]), ascii),
             _styled(_num(float(grads[i]), missing), bool(grad_mark[i]), ascii),
-        )
+        ]
+        if magnitude:
+            cells.extend(_magnitude_cells(r, missing, ascii))
+        if entropy:
+            low = _float(getattr(r, "entropy_min", math.nan))
+            text = _num(_float(r.entropy), missing) + ("" if math.isnan(low) else f"/{low:.3g}")
+            cells.append(_styled(text, low < ENTROPY_COLLAPSE, ascii))
+        table.add_row(*cells)
     return table
+
+
+def _has_values(rows: pd.DataFrame, column: str) -> bool:
+    return column in rows.columns and bool(rows[column].notna().any())
+
+
+def _magnitude_cells(r: Any, missing: str, ascii: bool) -> list[Text | str]:
+    """``rms``, ``abs max``, ``kurt`` and ``massive/dormant`` cells of a row (``Magnitude``'s columns)."""
+    massive, dormant = _float(r.massive_units), _float(r.dormant_ratio)
+    both = missing if math.isnan(massive) else f"{int(massive)}/{_pct(dormant, missing)}"
+    return [
+        _num(_float(r.rms), missing),
+        _num(_float(r.abs_max), missing),
+        _num(_float(r.kurtosis), missing),
+        _styled(both, not math.isnan(dormant) and dormant >= DORMANT_RATIO_ALERT, ascii),
+    ]
 
 
 def build_param_table(frame: pd.DataFrame, *, ascii: bool = False, max_rows: int | None = MAX_ROWS) -> Table:
