@@ -481,7 +481,8 @@ class Collector:
     def fused_output(self, site: Site) -> Mapping[str, str] | None:
         """Statistics of the fused output pass that replace :meth:`update` at ``site``: ``{"positive" | "saturated"
         | "nonfinite": state name}`` (per-unit count of outputs > 0; count of outputs in the band of :meth:`band`;
-        count of NaN/inf outputs). ``None``: :meth:`update` always runs."""
+        count of NaN/inf outputs), or ``Magnitude``'s (``hookscope.kernels.MAGNITUDE_STATISTICS``, which make the
+        pass the magnitude pass). ``None``: :meth:`update` always runs."""
         return None
 
     def band(self, site: Site, dtype: torch.dtype) -> tuple[float | None, float | None]:

@@ -121,6 +121,10 @@ class Magnitude(Collector):
         state["quad_sum"].add_(square.mul_(square).sum(dtype=_F64))
         state["zeros"].add_((x == 0).sum(dtype=_F64))
 
+    def fused_output(self, site: Site) -> Mapping[str, str] | None:
+        """The magnitude pass computes every state it updates (see ``hookscope.kernels.output_stats``)."""
+        return {name: name for name in ("count", "abs_sum", "sq_sum", "abs_max", "sum", "quad_sum", "zeros")}
+
     def close_steps(self, steps: list[int], block: Mapping[str, torch.Tensor], commit: bool) -> dict[str, torch.Tensor]:
         bank = self.bank
         count, abs_sum, sq_sum, abs_max = (block[name] for name, _ in _UNIT_STATES)  # (T, U) each

@@ -45,6 +45,7 @@ __all__ = [
     "BACKENDS",
     "DEAD_UNIT_STATES",
     "ENV_VAR",
+    "MAGNITUDE_STATISTICS",
     "Backend",
     "Prepared",
     "available",
@@ -83,6 +84,7 @@ _out_prepared: Any = None
 _grad_prepared: Any = None
 _dead_fn: Any = None
 _param_fn: Any = None
+_magnitude_fn: Any = None
 
 
 def _one_thread() -> int:
@@ -95,11 +97,12 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("hookscope_
 
 
 def _load() -> bool:
-    global _loaded, _lib, _reason, _out_prepared, _grad_prepared, _dead_fn, _param_fn, _threads_fn
+    global _loaded, _lib, _reason, _out_prepared, _grad_prepared, _dead_fn, _param_fn, _threads_fn, _magnitude_fn
     if not _loaded:
         _lib, _reason = _native.load()
         if _lib is not None:
             _out_prepared, _grad_prepared = _lib.output_prepared, _lib.grad_prepared
+            _magnitude_fn = _lib.magnitude_prepared
             _dead_fn, _param_fn = _lib.dead_units, _lib.param_stats
             _threads_fn = _get_num_threads if _lib.openmp else _one_thread
         _loaded = True
@@ -228,6 +231,7 @@ def output_stats(
     upper: float | None = None,
     saturated: torch.Tensor | None = None,
     nonfinite: torch.Tensor | None = None,
+    **magnitude: torch.Tensor,
 ) -> bool:
     """Add one output's statistics to float64 CPU state, in one pass over ``x``; ``False`` (nothing done) when the
     kernels cannot handle ``x``.
@@ -247,6 +251,10 @@ def output_stats(
         saturated: One float64 value: ``+=`` elements below ``lower`` or above ``upper`` (NaN never; every element
             when ``lower > upper``).
         nonfinite: One float64 value: ``+=`` NaN, +inf and -inf elements.
+        magnitude: ``Magnitude``'s statistics (:data:`MAGNITUDE_STATISTICS`): per unit ``count`` (finite elements),
+            ``abs_sum``, ``sq_sum``, ``abs_max`` (``units`` values each); ``sum``, ``quad_sum``, ``zeros`` (one value
+            each). With any of them the whole call runs as the magnitude pass (``hs_magnitude_stats_prepared``),
+            which also computes the three statistics above.
 
     Returns:
         Whether the statistics were added.
@@ -257,11 +265,54 @@ def output_stats(
     """
     if not _load():
         return False
+    if magnitude:
+        built_m = _magnitude_args(x, unit_dim, units, positive, lower, upper, saturated, nonfinite, magnitude)
+        if built_m is None:
+            return False
+        return bool(_magnitude_fn(built_m[0].data_ptr(), ctypes.addressof(built_m[1])) == 0)
     built = _output_args(x, unit_dim, units, positive, lower, upper, saturated, nonfinite)
     if built is None:
         return False
     y, args = built
     return bool(_out_prepared(y.data_ptr(), ctypes.addressof(args)) == 0)
+
+
+#: The statistics of the magnitude pass (``Magnitude``'s states): per unit, then per site.
+MAGNITUDE_STATISTICS = ("count", "abs_sum", "sq_sum", "abs_max", "sum", "quad_sum", "zeros")
+_PER_UNIT_MAGNITUDE = frozenset(MAGNITUDE_STATISTICS[:4])
+
+
+def _magnitude_args(
+    x: torch.Tensor,
+    unit_dim: int | None,
+    units: int,
+    positive: torch.Tensor | None,
+    lower: float | None,
+    upper: float | None,
+    saturated: torch.Tensor | None,
+    nonfinite: torch.Tensor | None,
+    magnitude: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, _native.MagnitudeArgs] | None:
+    """``(x or the copy the kernel reads, the magnitude pass's record)``, or ``None`` when the kernels decline ``x``."""
+    unknown = set(magnitude) - set(MAGNITUDE_STATISTICS)
+    if unknown:
+        raise ConfigError(f"unknown statistics {sorted(unknown)}; the magnitude pass computes {MAGNITUDE_STATISTICS}")
+    code = _code_of(x)
+    if code is None:
+        return None
+    y, outer, inner = _output_layout(x, unit_dim, units)
+    p, s, bounds, f = _output_buffers(units, positive, lower, upper, saturated, nonfinite)
+    pointers: dict[str, int | None] = dict.fromkeys(MAGNITUDE_STATISTICS)
+    for name, buf in magnitude.items():
+        n = units if name in _PER_UNIT_MAGNITUDE else 1
+        if buf.dtype is not _F64 or buf.numel() != n or not buf.is_contiguous() or not buf.is_cpu:
+            _bad_buffer(name, buf, n)
+        pointers[name] = buf.data_ptr()
+    args = _native.MagnitudeArgs(
+        outer, units, inner, *(pointers[name] for name in MAGNITUDE_STATISTICS), p, s, f,
+        0.0 if lower is None else lower, 0.0 if upper is None else upper, code, bounds, _threads_fn(), 0,
+    )  # fmt: skip
+    return y, args
 
 
 def _output_args(
@@ -388,12 +439,19 @@ def prepare_output(
     upper: float | None = None,
     saturated: torch.Tensor | None = None,
     nonfinite: torch.Tensor | None = None,
+    **magnitude: torch.Tensor,
 ) -> Prepared | None:
     """:func:`output_stats` for ``x`` and every later tensor of its dtype, shape and strides, as a :class:`Prepared`
     call (two arguments to pass instead of twelve, no checks repeated); ``None`` when the kernels would decline
     ``x`` or would read a copy of it. The thread count is that of now."""
     if not _load():
         return None
+    if magnitude:
+        built_m = _magnitude_args(x, unit_dim, units, positive, lower, upper, saturated, nonfinite, magnitude)
+        if built_m is None or built_m[0] is not x:
+            return None
+        keep = (positive, saturated, nonfinite, *magnitude.values())
+        return Prepared((x.dtype, x.shape, x.stride()), _magnitude_fn, built_m[1], keep)
     built = _output_args(x, unit_dim, units, positive, lower, upper, saturated, nonfinite)
     if built is None or built[0] is not x:
         return None

@@ -9,7 +9,7 @@ from typing import Any
 
 from hookscope.kernels.build import ABI_VERSION, LIBRARY_NAME, SOURCE_DIR, source_hash
 
-__all__ = ["ISA_NAMES", "LIBRARY_PATH", "GradArgs", "Native", "OutputArgs", "load"]
+__all__ = ["ISA_NAMES", "LIBRARY_PATH", "GradArgs", "MagnitudeArgs", "Native", "OutputArgs", "load"]
 
 #: Where the build puts the library: inside the package, next to this file (editable and wheel installs alike).
 LIBRARY_PATH = Path(__file__).resolve().parent / LIBRARY_NAME
@@ -43,6 +43,18 @@ class GradArgs(ctypes.Structure):
     ]  # fmt: skip
 
 
+class MagnitudeArgs(ctypes.Structure):
+    """``hs_magnitude_args``: the arguments of ``hs_magnitude_stats_prepared`` but ``x``."""
+
+    _fields_ = [
+        ("outer", _i64), ("units", _i64), ("inner", _i64),
+        ("count", _p), ("abs_sum", _p), ("sq_sum", _p), ("abs_max", _p), ("sum", _p), ("quad_sum", _p),
+        ("zeros", _p), ("positive", _p), ("saturated", _p), ("nonfinite", _p),
+        ("lower", _f64), ("upper", _f64),
+        ("dtype", _i32), ("bounds", _i32), ("threads", _i32), ("reserved", _i32),
+    ]  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class Native:
     """The loaded library and its entry points (ctypes function objects with their argument types set)."""
@@ -54,6 +66,7 @@ class Native:
     grad_prepared: Any
     dead_units: Any
     param_stats: Any
+    magnitude_prepared: Any
     openmp: bool
     _lib: ctypes.CDLL
 
@@ -123,5 +136,8 @@ def load(path: Path = LIBRARY_PATH) -> tuple[Native | None, str | None]:
     params.restype = _i32
     # n, theta[], prev[], grad[], sizes[], dtypes[], out, threads
     params.argtypes = [_i64, _p, _p, _p, _p, _p, _p, _i32]
+    magnitude = lib.hs_magnitude_stats_prepared
+    magnitude.restype = _i32
+    magnitude.argtypes = [_p, _p]  # x, &hs_magnitude_args
     openmp = bool(lib.hs_openmp())
-    return Native(path, out, grad, out_prepared, grad_prepared, dead, params, openmp, lib), None
+    return Native(path, out, grad, out_prepared, grad_prepared, dead, params, magnitude, openmp, lib), None

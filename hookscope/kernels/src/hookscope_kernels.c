@@ -676,3 +676,7 @@ HS_EXPORT int32_t hs_param_stats(int64_t n, const void *const *theta, void *cons
     free(first);
     return 0;
 }
+
+/* -- the magnitude pass ------------------------------------------------------------------------------------------ */
+
+#include "hs_magnitude.inc"

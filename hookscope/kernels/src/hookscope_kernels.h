@@ -99,6 +99,26 @@ typedef struct {
 
 int32_t hs_grad_stats_prepared(const void *g, const hs_grad_args *a);
 
+/* The magnitude pass: statistics of one output of a dense (outer, units, inner) block (as hs_output_stats), all
+ * from one pass, accumulated into the given float64 outputs (each may be NULL). With c the element in its compute
+ * type (float for float32, bfloat16 and float16; double for float64) and 0 where it is NaN or infinite:
+ *   count[u]    += finite elements of unit u;    abs_sum[u] += sum of |c|;    sq_sum[u] += sum of c*c;
+ *   abs_max[u]   = max(abs_max[u], max |c|);
+ *   *sum        += sum of c;    *quad_sum += sum of (c*c)*(c*c);    *zeros += finite elements equal to 0;
+ *   positive[u] += elements > 0;    *nonfinite += NaN and infinite elements;
+ *   *saturated  += elements < lower (bounds & HS_LOWER) or > upper (HS_UPPER), every element when both are given
+ *                  and lower > upper (the thresholds must be values of the dtype).
+ * Squares and fourth powers are taken in the compute type, every sum in float64 (per-site sums in unit order);
+ * threads take ranges of units, so the results do not depend on the number of threads. */
+typedef struct {
+    int64_t outer, units, inner;
+    double *count, *abs_sum, *sq_sum, *abs_max, *sum, *quad_sum, *zeros, *positive, *saturated, *nonfinite;
+    double lower, upper;
+    int32_t dtype, bounds, threads, reserved;
+} hs_magnitude_args;
+
+int32_t hs_magnitude_stats_prepared(const void *x, const hs_magnitude_args *a);
+
 /* DeadReLU's per-unit bookkeeping for a block of `T` recorded steps (float64 throughout, one thread).
  *
  * Step k of the block is the recorded step of ordinal `first + k` and number `steps[k]`; unit u belongs to site
