@@ -87,6 +87,52 @@ class TinyTransformer(nn.Module):
         return self.head(self.encoder(x).mean(dim=1))
 
 
+class GPTBlock(nn.Module):
+    """A pre-LayerNorm GPT block: causal self-attention (``scaled_dot_product_attention``) and a GELU MLP."""
+
+    def __init__(self, d_model: int = 128, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln_2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(self.ln_1(x)).split(d, dim=2))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(attended)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyGPT(nn.Module):
+    """Four GPT blocks (d_model 128, 4 heads, MLP 512) on 64 embedded tokens, a final LayerNorm, mean-pooled."""
+
+    def __init__(self, d_model: int = 128, classes: int = 10, layers: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([GPTBlock(d_model) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x).mean(dim=1))  # type: ignore[no-any-return]
+
+
+#: What ``--modules`` selects in each model (``HookManager(modules=...)``): the block outputs.
+MODULE_SITES: dict[str, Any] = {
+    "gpt": GPTBlock,
+    "transformer": nn.TransformerEncoderLayer,
+    "resnet18": "layer[1-4]",
+    "resnet50": "layer[1-4]",
+    "mobilenet_v2": ["features.?", "features.??"],
+    "mlp": nn.Linear,
+}
+
+
 def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     import torchvision
 
@@ -103,7 +149,9 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         return nn.Sequential(*layers, nn.Linear(512, 10)), (128, 784)
     if name == "transformer":
         return TinyTransformer(), (16, 64, 128)
-    raise SystemExit(f"unknown model {name!r}; choose from resnet18, resnet50, mobilenet_v2, mlp, transformer")
+    if name == "gpt":
+        return TinyGPT(), (16, 64, 128)
+    raise SystemExit(f"unknown model {name!r}; choose from resnet18, resnet50, mobilenet_v2, mlp, transformer, gpt")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +305,9 @@ def _manager(model: nn.Module, backend: str | None, **kwargs: Any) -> tuple[Any,
         return hs.HookManager(model, **kwargs).attach(), kernels.backend()
 
 
-def make_configs(name: str, device: torch.device, every: int, params: bool = False) -> list[Config]:
+def make_configs(
+    name: str, device: torch.device, every: int, params: bool = False, modules: bool = False
+) -> list[Config]:
     torch.manual_seed(0)
     base, _ = build(name)
     base = base.to(device)
@@ -266,6 +316,7 @@ def make_configs(name: str, device: torch.device, every: int, params: bool = Fal
     labels = ["plain", "plain (A/A)", "empty hooks", "ATen floor", "hookscope", "hookscope (ATen)", f"every={every}"]
     labels += ["kernel floor"] if kernels.available() and device.type == "cpu" else []
     labels += ["naive", *(["params", "params (no updates)"] if params else [])]
+    labels += ["hookscope + modules", "hookscope + modules (ATen)"] if modules else []
     configs = []
     for label in labels:
         model = copy.deepcopy(base)
@@ -279,6 +330,9 @@ def make_configs(name: str, device: torch.device, every: int, params: bool = Fal
             cfg.manager, cfg.backend = _manager(model, None, every=every)
         elif label == "params":
             cfg.manager, cfg.backend = _manager(model, None, params=True)
+        elif label.startswith("hookscope + modules"):
+            backend = "aten" if label.endswith("(ATen)") else "native"
+            cfg.manager, cfg.backend = _manager(model, backend, modules=MODULE_SITES[name])
         elif label == "params (no updates)":
             cfg.manager, cfg.backend = _manager(model, None, params=True, param_updates=False)
         elif label == "empty hooks":
@@ -361,10 +415,11 @@ def bench_model(
     window_s: float = 1.0,
     guard: ContentionGuard | None = None,
     configs: list[Config] | None = None,
+    modules: bool = False,
 ) -> dict[str, Any]:
     """Time the configurations of one model side by side (``configs``: these instead of :func:`make_configs`'s;
     the first one is the plain step the ratios divide by)."""
-    configs = configs if configs is not None else make_configs(name, device, every, params)
+    configs = configs if configs is not None else make_configs(name, device, every, params, modules)
     _, shape = build(name)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=gen).to(device)
@@ -441,6 +496,9 @@ def bench_model(
         if cfg.manager is not None:
             entry["backend"] = cfg.backend
             entry["state_bytes"] = cfg.manager.state_bytes()
+            kinds = [s.kind for s in cfg.manager.sites]
+            entry["module_sites"] = kinds.count("output")
+            entry["activation_sites"] = len(kinds) - kinds.count("output")
             cfg.manager.detach()
         result["configs"][cfg.name] = entry
     return result
@@ -569,6 +627,34 @@ def markdown(results: list[dict[str, Any]], every: int) -> str:
     return "\n".join(lines)
 
 
+def modules_markdown(results: list[dict[str, Any]]) -> str:
+    """The ``--modules`` table: hookscope with module sites on every block output (the default collectors and
+    ``Magnitude``) against hookscope without them, and the cost of one site of each kind."""
+    lines = [
+        "| model | plain ms | hookscope ratio | + modules ratio | + modules (ATen) ratio | A/A ratio | "
+        "+ modules quartiles | activation sites | module sites | µs per activation site | µs per module site | "
+        "µs per module site (ATen) | + ATen ops (modules) | rounds kept |",
+        "|---|" + "---:|" * 13,
+    ]
+    for r in results:
+        c = r["configs"]
+        if "hookscope + modules" not in c:
+            continue
+        plain, hs, mod, aten = c["plain"], c["hookscope"], c["hookscope + modules"], c["hookscope + modules (ATen)"]
+        n_act, n_mod = max(hs["activation_sites"], 1), max(mod["module_sites"], 1)
+        # per site: the extra time over what it is added to (per step, µs)
+        per_act = (hs["ms"] - plain["ms"]) * 1e3 / n_act
+        per_mod = (mod["ms"] - hs["ms"]) * 1e3 / n_mod
+        per_mod_aten = (aten["ms"] - c["hookscope (ATen)"]["ms"]) * 1e3 / n_mod
+        lines.append(
+            f"| {r['model']} | {plain['ms']:.2f} | {hs['ratio']:.3f}× | {mod['ratio']:.3f}× | {aten['ratio']:.3f}× | "
+            f"{c['plain (A/A)']['ratio']:.3f}× | {quartile_text(mod)} | {hs['activation_sites']} | "
+            f"{mod['module_sites']} | {per_act:.0f} | {per_mod:.0f} | {per_mod_aten:.0f} | "
+            f"{mod['aten_ops_per_step'] - plain['aten_ops_per_step']:.1f} | {r['rounds']} |"
+        )
+    return "\n".join(lines)
+
+
 def cpu_model() -> str:
     """The CPU's model name (ratios differ between CPU kinds: compare runs on the same one)."""
     try:
@@ -592,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-round", type=int, default=1, help="steps of each configuration per round")
     parser.add_argument("--every", type=int, default=4)
     parser.add_argument("--params", action="store_true", help="also time HookManager(model, params=True)")
+    parser.add_argument(
+        "--modules", action="store_true", help="also time HookManager(model, modules=<the block outputs>)"
+    )
     parser.add_argument(
         "--max-other-cores",
         type=float,
@@ -634,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             params=args.params,
             max_other_cores=args.max_other_cores,
             window_s=args.window,
+            modules=args.modules,
         )
         if args.sync_check and device.type == "cuda":
             res["sync_check"] = sync_check(name, device, amp)
@@ -641,6 +731,9 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown([res], args.every).splitlines()[-1], flush=True)
     print()
     print(markdown(results, args.every))
+    if args.modules:
+        print()
+        print(modules_markdown(results))
     out: dict[str, Any] = {"env": env, "results": results}
     if args.memory_steps:
         out["memory"] = [

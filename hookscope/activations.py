@@ -47,7 +47,7 @@ __all__ = [
 
 Bounds = tuple[float, float]
 #: A static ``(lo, hi)`` range, or a callable ``(module_or_None, args, kwargs) -> (lo, hi) | None`` that reads the
-#: range from a module's attributes (module sites) or from a functional call's arguments (functional sites).
+#: range from a module's attributes (activation-module sites) or from a functional call's arguments (functional sites).
 BoundsLike = Union[Bounds, Callable[[Union[nn.Module, None], tuple[Any, ...], Mapping[str, Any]], Union[Bounds, None]]]
 Saturate = Literal["both", "upper", "lower"]
 
@@ -447,7 +447,7 @@ def _register_builtins() -> None:
         functions=_variants("mish", "mish_"),
         rectifier=True,
     )
-    # Hugging Face classes whose bodies call other activations (the calls inside a module site are not sites)
+    # Hugging Face classes whose bodies call other activations (the calls inside an activation module are not sites)
     reg("relu_squared", class_names=["ReLUSquaredActivation", "SquaredReLU"], rectifier=True, nonnegative=True)
     reg("xielu", class_names=["XIELUActivation"], rectifier=True)
     reg("laplace", class_names=["LaplaceActivation"], bounds=(0.0, 1.0))

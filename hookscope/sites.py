@@ -4,7 +4,8 @@ A *site* is one call site of an activation in a forward pass, not a module: torc
 ``self.relu`` twice, and resnet50 calls one ``nn.ReLU`` object on 64, 64 and 256 channels in one forward, so
 per-module state cannot work. Sites are named:
 
-- module sites: the module's qualified name from ``named_modules()``; the k-th call (k >= 1) of the same module
+- activation-module sites, and module sites (the outputs of the modules ``HookManager(modules=...)`` selects): the
+  module's qualified name from ``named_modules()``; the k-th call (k >= 1) of the same module
   in one forward pass is ``name#k`` (``layer1.0.relu``, ``layer1.0.relu#1``);
 - functional sites: the qualified name of the innermost running module, a dot, the function's name and ``()``
   (``conv1.relu()`` for the ``F.relu`` inside googlenet's ``conv1``; ``relu()`` for a call in the root's own
@@ -144,7 +145,7 @@ class Site:
         module: Qualified name of the activation module, or of the module enclosing a functional call.
         call: Call index within one forward pass (``#k`` suffix).
         spec: The activation kind.
-        function: Name of the functional entry point, ``None`` for module sites.
+        function: Name of the functional entry point, ``None`` for activation-module and module sites.
         bounds: ``(lo, hi)`` output range for bounded kinds, else ``None``.
         unit_dim: Dimension holding units (``None``: the whole output is one unit); set at the first call.
         units: Number of units; set at the first call.
