@@ -583,3 +583,47 @@ def test_scan_with_modules(capsys: pytest.CaptureFixture[str], tmp_path: Any) ->
     assert main(["scan", "resnet18", "--input-shape", "2,3,32,32", "--modules", "blocks.*"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hookscope scan: error: `modules` pattern 'blocks.*' matches no module of ResNet")
+
+
+def test_a_collector_error_elsewhere_leaves_magnitude_fields_in_place() -> None:
+    """A block of no step (what the recorder asks when another collector's close_steps raised) works too."""
+    model = Net()
+    with HookManager(model, modules="emit", alerts=False) as hm, torch.no_grad():
+        model(planted(0))
+    collector = next(c for c in hm.collectors if isinstance(c, hs.Magnitude))
+    empty = {name: rows[:0] for name, rows in collector.bank.current().items()}
+    empty["elements"] = torch.zeros(0, collector.bank.n_sites, dtype=torch.float64)
+    fields = collector.close_steps([], empty, commit=False)
+    assert "massive_units" in fields and fields["massive_units"].shape == (0, collector.bank.n_sites)
+
+
+def test_checkpointed_blocks_are_counted_once_and_get_their_gradient() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = TupleBlock()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(lambda y: hidden(self.block(y)), x, use_reentrant=False)  # type: ignore[no-any-return]
+
+    model = Checkpointed()
+    x = torch.randn(3, D, requires_grad=True)
+    outputs: list[torch.Tensor] = []
+    plain = copy_of(model)
+    plain.block.register_forward_hook(lambda m, a, out: outputs.append(out[2]) or out[2].retain_grad())
+    plain.block(x)[2].pow(2).sum().backward()
+    with HookManager(model, modules="block", alerts=False) as hm:
+        model(x).pow(2).sum().backward()
+        hm.step()
+    row = hm.to_dataframe().set_index("layer").loc["block"]
+    assert row["calls"] == 1
+    assert row["grad_norm"] == pytest.approx(float(outputs[0].grad.norm()), rel=1e-6)
+    assert row["rms"] == pytest.approx(reference([outputs[0].detach().double().numpy()])["rms"], rel=1e-6)
+
+
+def copy_of(model: nn.Module) -> Any:
+    import copy
+
+    return copy.deepcopy(model)

@@ -146,14 +146,14 @@ class Magnitude(Collector):
         dormant_units = has & (m0 <= self.dormant_tau * mean_m[:, owners])
         median = torch.full((t, n_sites), math.nan, dtype=_F64, device=device)
         slots = torch.full((t, n_sites, self._slots), math.nan, dtype=_F64, device=device)
-        for i in range(n_sites):  # the median and the largest massive units need each site's units apart
+        for i in range(n_sites if t else 0):  # the median and the largest massive units need each site's units
             span = bank.unit_range(i)
             if span is None or span[1] == 0:
                 continue
             off, n = span
             median[:, i] = torch.nanquantile(m[:, off : off + n], 0.5, dim=1)
         massive = has & (abs_max >= self.massive_abs) & (abs_max >= self.massive_ratio * median[:, owners])
-        for i in range(n_sites):
+        for i in range(n_sites if t else 0):
             span = bank.unit_range(i)
             if span is None or span[1] == 0:
                 continue
