@@ -183,3 +183,20 @@ def test_compare_prints_each_run_and_the_median(capsys: pytest.CaptureFixture[st
     assert all(0.2 < r < 5 for r in ratios) and ratios[2] == pytest.approx((ratios[0] + ratios[1]) / 2, abs=1e-4)
     assert all(r[6].strip() == "3" for r in rows[:2])
     assert not any(m == "hookscope_rev" or m.startswith("hookscope_rev.") for m in sys.modules)
+
+
+def test_overhead_benchmark_with_module_sites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results.json"
+    args = ["--models", "mlp", "--rounds", "2", "--no-malloc-env", "--threads", "1", "--json", str(out)]
+    assert overhead().main([*args, "--max-other-cores", "inf", "--modules"]) == 0
+    table = capsys.readouterr().out
+    assert "| model | plain ms | hookscope ratio | + modules ratio | + modules (ATen) ratio | A/A ratio |" in table
+    configs = json.loads(out.read_text())["results"][0]["configs"]
+    assert configs["hookscope + modules"]["module_sites"] == 4  # the MLP's four Linear layers
+    assert configs["hookscope + modules"]["activation_sites"] == configs["hookscope"]["activation_sites"] == 3
+    assert configs["hookscope + modules (ATen)"]["backend"] == "aten"
+
+
+def test_the_gpt_model_builds() -> None:
+    model, shape = overhead().build("gpt")
+    assert model(torch.randn(2, *shape[1:])).shape == (2, 10)
