@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from hookscope.collectors.base import StateBank
+from hookscope.collectors.base import StateBank, host_to_device
 from hookscope.sites import Site
 
 __all__ = ["keep_latest", "latest_host", "per_unit"]
@@ -46,7 +46,7 @@ def keep_latest(
     for step_name, kept in pairs:
         target = bank.unit(kept)
         target.copy_(torch.where(seen, block[step_name].gather(0, row)[0].to(target.dtype), target))
-    numbers = torch.tensor(list(steps), dtype=_F64).to(present.device)
+    numbers = host_to_device(torch.tensor(list(steps), dtype=_F64), present.device)  # no wait for the device
     target = bank.unit(step_state)
     target.copy_(torch.where(seen, numbers[row[0]], target))
 
