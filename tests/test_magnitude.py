@@ -627,3 +627,12 @@ def copy_of(model: nn.Module) -> Any:
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_output_is_a_reserved_kind() -> None:
+    from hookscope.activations import MODULE_OUTPUT, get_activation
+
+    assert get_activation("output") is MODULE_OUTPUT  # sites of other ranks are entered by their kind's name
+    assert "output" not in [spec.name for spec in hs.list_activations()]
+    with pytest.raises(ConfigError, match="'output' is reserved for module sites"):
+        hs.register_activation("output", modules=[nn.Identity])
