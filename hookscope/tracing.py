@@ -336,16 +336,24 @@ class Tracer:
         if not self.attached:
             return
         if self.stack:
-            name, spec = self.names[id(module)]
+            entry = self.names.get(id(module))
+            if entry is None:
+                return _copied_module()
+            name, spec = entry
             if name in self._entries and self._interrupted():
                 self.recover()
-        elif self.recording and (
-            _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
-            or self.evaluation.admit(torch.is_grad_enabled() and module.training, self.recorder)
-        ):
+        elif self.recording:
+            entry = self.names.get(id(module))
+            if entry is None:
+                return _copied_module()
+            if not (
+                _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
+                or self.evaluation.admit(torch.is_grad_enabled() and module.training, self.recorder)
+            ):
+                return
+            name, spec = entry
             # the frame of the module call that begins this forward pass lives exactly as long as the pass
             self._pass_frame = None if self._compiled.seen else sys._getframe(2)
-            name, spec = self.names[id(module)]
         else:
             return
         # a forward that began while recording is followed to its end, so the module stack stays balanced
@@ -376,7 +384,10 @@ class Tracer:
     def post_hook(self, module: nn.Module, output: Any) -> None:
         """Called by every hooked module's forward hook (``always_call``: also when the forward raised)."""
         if self.attached and self.stack:
-            name, spec = self.names[id(module)]
+            entry = self.names.get(id(module))
+            if entry is None:
+                return  # a module of a copy of the model (see _copied_module)
+            name, spec = entry
             self.exit(name, spec, output)
             if self.discovering and spec is None and id(module) in self._producers:
                 # the last layer with features, and what it produced: it tells where units sit
@@ -533,6 +544,19 @@ class Evaluation:
                 stacklevel=7,  # the user's call of the model (through torch's Module.__call__)
             )
         return False
+
+
+def _copied_module() -> None:
+    """A module that carries this tracer's hooks without being one it hooked ran: a copy of the model made while
+    attached (``copy.deepcopy`` copies hooks, and ``torch.optim.swa_utils.AveragedModel`` and EMA helpers are built
+    on it). Its forwards are not the model's: recording them would mix another model's outputs into the model's
+    sites (and, under DDP, give one rank more forward passes than the others). Its hooks do nothing."""
+    warn_once(
+        "hookscope: a copy of an instrumented model ran a forward pass (copy.deepcopy copies hooks, and so do "
+        "torch.optim.swa_utils.AveragedModel and EMA helpers built on it): the copy is not recorded and its hooks "
+        "do nothing. Attach a HookManager of its own to the copy to record it.",
+        stacklevel=7,  # the call of the copied module
+    )
 
 
 class _Compiled:
