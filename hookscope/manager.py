@@ -179,13 +179,6 @@ class HookManager:
         """
         if self._tracer.attached:
             raise StateError("this HookManager is already attached; call detach() first")
-        if type(self.model).__name__ == "OptimizedModule":
-            warn_once(
-                "hookscope: attaching to a torch.compile'd model: hooks added after the compiled model first ran "
-                "are ignored by torch.compile (pytorch/pytorch#117758), and nothing is recorded. Attach the "
-                "HookManager to the model before calling torch.compile on it.",
-                stacklevel=3,
-            )
         self._tracer.attach()
         self._recorder.enabled = True
         if self.sinks:  # a script that never detaches still writes its last steps when the interpreter exits
@@ -296,6 +289,14 @@ class HookManager:
         records = recorder.close_step(passes=self._tracer.passes)
         if self._tracer.passes and not recorder.site_by_key:
             _warn_no_site(self.model)
+        elif self._tracer.unseen_compiled_calls():
+            warn_once(
+                "hookscope: the torch.compile'd model ran without running hookscope's hooks: torch.compile ignores "
+                "hooks added after the compiled model first ran (pytorch/pytorch#117758) until it compiles again "
+                "(a new input shape, for example), so those forward passes are not recorded. Attach the "
+                "HookManager to the model before calling torch.compile on it.",
+                stacklevel=2,
+            )
         errors = recorder.take_failures()
         try:
             self._deliver(records, errors)

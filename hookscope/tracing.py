@@ -196,6 +196,9 @@ class Tracer:
         self._produced: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # its output's signature
         self._pass_done = False  # a forward pass ran to its end since the last end_step()
         self.evaluation = Evaluation()
+        # calls of the torch.compile wrapper the model is (when it is one) since the last end_step(), counted by a
+        # hook on the wrapper itself, which runs outside the compiled code
+        self._wrapper_calls = 0
         #: Forward passes followed to their end since the last end_step() (compared across ranks).
         self.passes = 0
         self._recorded_steps = 0
@@ -219,6 +222,8 @@ class Tracer:
         self._activation_modules = set()
         try:
             self._hook_modules()
+            if type(self.model).__name__ == "OptimizedModule":
+                self._handles.append(self.model.register_forward_pre_hook(_wrapper_hook(self._ref)))
         except BaseException:
             _remove_handles(self._handles)
             raise
@@ -239,6 +244,11 @@ class Tracer:
             self._finalizer = None
         self.attached = False
         self.recover()  # detached from inside (or after an interrupted) forward pass
+
+    def unseen_compiled_calls(self) -> int:
+        """Calls of the ``torch.compile`` wrapper (the model, when it is one) in this recorded step that ran none of
+        the hooks: compiled before the hooks were added, its code ignores them (pytorch/pytorch#117758)."""
+        return self._wrapper_calls if not self.passes and self.recording else 0
 
     def hooked_modules(self) -> list[str]:
         """Names (wrapper components removed) of the modules that have hooks of this tracer now."""
@@ -310,6 +320,7 @@ class Tracer:
         times)."""
         self.passes = 0
         self.evaluation.open = False
+        self._wrapper_calls = 0
         if self.stack and self._interrupted():  # no forward runs between steps
             self.recover()
         # discovery ends after a step in which a pass ran to its end (an interrupted one saw only part of it)
@@ -602,6 +613,16 @@ def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled) -> Callab
         else:
             compiled.seen = True
             _outside_compile(tracer.pre_hook, module, args)
+
+    return hook
+
+
+def _wrapper_hook(ref: weakref.ReferenceType[Tracer]) -> Callable[[nn.Module, Any], None]:
+    @_opaque_to_dynamo  # (a compiled region that calls the wrapper)
+    def hook(module: nn.Module, args: Any) -> None:
+        tracer = ref()
+        if tracer is not None and tracer.attached and tracer.recording:
+            tracer._wrapper_calls += 1
 
     return hook
 

@@ -66,3 +66,46 @@ def test_a_copy_made_while_attached_runs_unrecorded_with_one_warning(make_copy: 
     assert frame["layer"].unique().tolist() == ["1"]
     for p, q in zip(model.parameters(), plain.parameters()):  # training unchanged
         assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attaching to a compiled model (issue 20, item 10)
+
+
+def _compiled_case(warm_up: str) -> tuple[list[str], list[float], list[float]]:
+    """Attach to a ``torch.compile`` wrapper after ``warm_up`` ("none": before its first call; "same": a first call
+    as the training calls it; "no_grad": a first call under ``torch.no_grad``, so training compiles again).
+    Returns hookscope's warnings, its inactive fractions, and those of a plain ReLU on an uninstrumented copy."""
+    torch._dynamo.reset()
+    net = type(f"Net_{warm_up}", (nn.Sequential,), {})  # a class of its own: dynamo shares code between instances
+    torch.manual_seed(0)
+    model = net(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    plain = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager")
+    xs = [torch.randn(16, 4) for _ in range(3)]
+    if warm_up == "same":
+        compiled(xs[0]).sum().backward()
+    elif warm_up == "no_grad":
+        with torch.no_grad():
+            compiled(xs[0])
+    want = [float((torch.relu(plain[0](x)) <= 0).double().mean()) for x in xs]
+    with warnings.catch_warnings(record=True) as caught, HookManager(compiled, alerts=False) as hm:
+        warnings.simplefilter("always")
+        for x in xs:
+            compiled(x).sum().backward()
+            hm.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, HookscopeWarning)]
+    return messages, hm.to_dataframe()["inactive_fraction"].tolist(), want
+
+
+@pytest.mark.parametrize("warm_up", ["none", "no_grad"])
+def test_attaching_to_a_compiled_model_that_records_says_nothing(warm_up: str) -> None:
+    messages, got, want = _compiled_case(warm_up)
+    assert got == want  # recorded exactly (no_grad: training compiled again, with the hooks)
+    assert messages == []  # it warned that nothing would be recorded
+
+
+def test_attaching_to_a_compiled_model_whose_code_ignores_the_hooks_says_so_once() -> None:
+    messages, got, want = _compiled_case("same")
+    assert got == [] and len(want) == 3
+    assert len(messages) == 1 and "ran without running hookscope's hooks" in messages[0], messages
