@@ -12,7 +12,9 @@ How a forward pass is followed:
   modules. A module entered while none is running starts a new forward pass: call indices restart there
   (nothing depends on the root's own ``forward`` being called, as with Lightning's ``training_step``). After
   discovery only the modules that matter keep their hooks (see :meth:`Tracer.slim`).
-- Activation modules are sites; their output is recorded in the forward hook. Functional activations
+- Activation modules are sites; their output is recorded in the forward hook, which runs after every other
+  forward hook of the module (a user's hook that replaces the output, registered after attaching, would
+  otherwise hide the output the rest of the model receives). Functional activations
   (``F.relu``, ``torch.tanh``, ``x.relu_()``...) are captured by a ``TorchFunctionMode`` that is active only
   while a forward pass runs (after discovery: only inside the modules that call them); calls made inside an
   activation module are not separate sites.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from types import FrameType
 from typing import Any, Callable
@@ -416,6 +419,9 @@ class Tracer:
             self._mode.__enter__()
             self._mode_active, self._mode_depth = True, len(self.stack)
         if spec is not None:
+            hooks = module._forward_hooks
+            if len(hooks) > 1 and next(reversed(hooks.values())) is not self._hooks[1]:
+                _run_last(hooks, self._hooks[1])  # a hook registered after ours may replace the output
             if self._activation_stack:
                 self._activation_stack.append(None)  # nested inside another activation: not a site
             else:
@@ -555,6 +561,14 @@ class Evaluation:
                 stacklevel=7,  # the user's call of the model (through torch's Module.__call__)
             )
         return False
+def _run_last(hooks: dict[int, Any], hook: Callable[..., Any]) -> None:
+    """Move ``hook`` to the end of a module's forward hooks (from its pre-hook: torch reads the forward hooks after
+    the forward), so that it sees the output the rest of the model receives, whatever a hook registered after it
+    returns in its place (masking, pruning, steering)."""
+    if isinstance(hooks, OrderedDict):
+        for key, value in list(hooks.items()):
+            if value is hook:
+                hooks.move_to_end(key)
 
 
 def _copied_module() -> None:

@@ -109,3 +109,60 @@ def test_attaching_to_a_compiled_model_whose_code_ignores_the_hooks_says_so_once
     messages, got, want = _compiled_case("same")
     assert got == [] and len(want) == 3
     assert len(messages) == 1 and "ran without running hookscope's hooks" in messages[0], messages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a user's forward hook that replaces an activation's output (issue 20, item 4)
+
+MASK = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0])  # units 0, 2, 4, 6 silenced
+
+
+def _mask(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+    return out * MASK
+
+
+def _firing_net() -> nn.Sequential:
+    model = _relu_net()
+    with torch.no_grad():
+        model[0].bias.fill_(10.0)  # every unit fires on these inputs (|w·x| < 10)
+        model[0].weight.clamp_(-1.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("when", ["before attaching", "after attaching", "after discovery"])
+def test_the_output_a_users_hook_puts_in_place_is_what_is_measured(when: str) -> None:
+    model = _firing_net()
+    reference = copy.deepcopy(model)
+    # the reference: what the next layer receives, and its gradient, on an uninstrumented copy
+    received: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        args[0].retain_grad()
+        received.append(args[0])
+
+    reference[1].register_forward_hook(_mask)
+    reference[2].register_forward_pre_hook(keep)
+    xs = [torch.rand(6, 4) - 0.5 for _ in range(2)]
+    for x in xs:
+        reference(x).pow(2).sum().backward()
+    want_inactive = [float((r <= 0).double().mean()) for r in received]
+    want_grad = [float(r.grad.double().norm()) for r in received]  # type: ignore[union-attr]
+    want_dead = [u for u in range(8) if all((r[:, u] <= 0).all() for r in received)]
+    assert want_dead == [0, 2, 4, 6]
+
+    if when == "before attaching":
+        model[1].register_forward_hook(_mask)
+    with HookManager(model, alerts=False) as hm:
+        if when == "after attaching":
+            model[1].register_forward_hook(_mask)
+        for i, x in enumerate(xs):
+            if when == "after discovery" and i == 1:
+                model[1].register_forward_hook(_mask)
+            model(x).pow(2).sum().backward()
+            hm.step()
+        frame = hm.to_dataframe()
+        dead = hm.dead_units("1")
+    first = 1 if when == "after discovery" else 0  # its first step had no mask
+    assert frame["inactive_fraction"].tolist()[first:] == want_inactive[first:]
+    assert frame["grad_norm"].tolist()[first:] == pytest.approx(want_grad[first:], rel=1e-6)
+    assert dead == want_dead  # [2] with the hook registered after attaching: the mask was not seen
