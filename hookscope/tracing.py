@@ -54,6 +54,41 @@ REDISCOVER_EVERY = 1000
 REHOOK_EVERY = 20
 
 
+def _module_call_code() -> tuple[Any, frozenset[int]]:
+    """The code of the function in which ``nn.Module._call_impl`` runs a module's hooks and its forward, and the
+    offsets of its instructions that call the forward: a frame of that code whose last instruction is not one of
+    them is running a hook (``(None, frozenset())`` where this torch has another layout: nothing is told apart)."""
+    import dis
+
+    outer = nn.Module._call_impl.__code__
+    for inner in outer.co_consts:
+        if getattr(inner, "co_name", None) == "inner":
+            instructions = list(dis.get_instructions(inner))
+            lines = {i.positions.lineno for i in instructions if i.argval == "forward_call" and i.positions}
+            if len(lines) == 1:
+                offsets = frozenset(i.offset for i in instructions if i.positions and i.positions.lineno in lines)
+                return inner, offsets
+    return None, frozenset()
+
+
+#: See _module_call_code.
+_MODULE_CALL, _FORWARD_OFFSETS = _module_call_code()
+
+
+def _in_forward(frame: FrameType | None) -> bool:
+    """Whether the code running in ``frame`` is a module's forward: the innermost module call among its callers
+    is running its forward, not one of its hooks. Code run by a hook (a user's forward hook that logs
+    ``torch.relu(out).mean()``) is not, nor is code that no module call runs (after a ``KeyboardInterrupt`` inside
+    a forward pass, which our forward hooks do not see end, ``torch.relu(t)`` in a notebook cell: the stacks are
+    recovered at the next forward, see :meth:`Tracer.pre_hook`). Only the innermost module call is looked at:
+    each caller frame costs about 0.1 µs to read, and a model's are many."""
+    while frame is not None:
+        if frame.f_code is _MODULE_CALL:
+            return frame.f_lasti in _FORWARD_OFFSETS
+        frame = frame.f_back
+    return _MODULE_CALL is None  # (another torch: nothing is told apart)
+
+
 def _in_backward() -> bool:
     """True while autograd's backward runs (where activation checkpointing recomputes forwards)."""
     return _graph_task_id() != -1
@@ -500,6 +535,8 @@ class Tracer:
     ) -> None:
         """The function mode saw a call of an activation function."""
         if not self.attached or self._activation_stack or not isinstance(out, torch.Tensor):
+            return
+        if self._pass_frame is not None and not _in_forward(sys._getframe(3)):  # the caller of the function
             return
         enclosing = self.stack[-1] if self.stack else ""
         if enclosing not in self._fn_parents:

@@ -166,3 +166,100 @@ def test_the_output_a_users_hook_puts_in_place_is_what_is_measured(when: str) ->
     assert frame["inactive_fraction"].tolist()[first:] == want_inactive[first:]
     assert frame["grad_norm"].tolist()[first:] == pytest.approx(want_grad[first:], rel=1e-6)
     assert dead == want_dead  # [2] with the hook registered after attaching: the mask was not seen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activation calls made by users' hooks, or after an interrupted forward pass, are not sites (issue 20, items 5, 11)
+
+
+class Gated(nn.Module):
+    """fc → functional ReLU in the block → tanh module; the root calls F.gelu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.block = Block()
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(torch.nn.functional.gelu(self.block(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Calls F.relu, then raises ``KeyboardInterrupt`` (as Ctrl-C in Jupyter does) when armed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.relu(x)
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return y
+
+
+def _activation_calls_of(model: nn.Module, x: torch.Tensor) -> int:
+    """Activation calls of one forward pass of a model without hooks (conftest's mode, no hookscope code)."""
+    from conftest import ActivationCalls
+
+    mode = ActivationCalls()
+    with mode:
+        model(x)
+    return len(mode.calls)
+
+
+@pytest.mark.parametrize("when", ["before attaching", "after attaching"])
+def test_activations_called_by_a_users_hooks_are_not_sites(when: str) -> None:
+    model = Gated()
+    logged: list[float] = []
+
+    def log(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        logged.append(float(torch.relu(out).mean().detach()) + float(torch.sigmoid(out).sum().detach()))
+
+    def log_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        logged.append(float(torch.tanh(args[0]).sum().detach()))
+
+    targets = (model.fc, model, model.block, model.act)
+    if when == "before attaching":
+        for m in targets:
+            m.register_forward_hook(log)
+            m.register_forward_pre_hook(log_input)
+    x = torch.randn(3, 4)
+    with HookManager(model, alerts=False) as hm:
+        if when == "after attaching":
+            for m in targets:
+                m.register_forward_hook(log)
+                m.register_forward_pre_hook(log_input)
+        for _ in range(3):
+            model(x).sum().backward()
+            hm.step()
+        frame = hm.to_dataframe()
+    assert len(logged) == 3 * 2 * len(targets)  # the hooks ran
+    # the model's three sites (F.relu in block, F.gelu in the root, the Tanh module), once per forward
+    assert _activation_calls_of(Gated(), x) == 3
+    assert hm.layers == ["block.relu()", "gelu()", "act"]  # fc.relu(), relu(), fc.sigmoid()... before the fix
+    assert (frame["calls"] == 1).all() and len(frame) == 9
+
+
+@pytest.mark.parametrize("when", [0, 3], ids=["discovery", "later"])
+def test_activations_called_after_an_interrupted_forward_are_not_sites(when: str) -> None:
+    model = Gated()
+    with HookManager(model, alerts=False) as hm:
+        for step in range(5):
+            model.block.armed = step == when
+            try:
+                model(torch.randn(3, 4)).sum().backward()
+            except KeyboardInterrupt:
+                # a notebook cell run after Ctrl-C, before the next forward: not part of any forward pass
+                torch.relu(torch.randn(5))
+                torch.nn.functional.gelu(torch.randn(5))
+                torch.nn.functional.relu(torch.randn(5))
+            hm.step()
+        frame = hm.to_dataframe()
+    assert hm.layers == ["block.relu()", "gelu()", "act"]  # block.relu()#1, block.gelu() appeared before the fix
+    rows = frame.groupby("step")["layer"].apply(list).to_dict()
+    assert rows[when] == ["block.relu()"]  # what ran before the interrupt
+    assert all(rows[s] == ["block.relu()", "gelu()", "act"] for s in range(5) if s != when)
+    assert (frame["calls"] == 1).all()
