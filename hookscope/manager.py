@@ -459,7 +459,8 @@ class HookManager:
         if not collector.applies_to(site):
             raise ConfigError(f"`layer` {layer!r} is a {site.kind}, not a rectifier: it has no dead units")
         step, is_open = self._recorder.latest()
-        state = collector.unit_state(site, step, include_open=is_open)
+        # a site that saw no element in the open step is as it was at the last closed one
+        state = collector.unit_state(site, step, include_open=is_open and self._recorder.open_elements(site.index) > 0)
         return [int(i) for i in np.flatnonzero(state["dead"])]
 
     def unit_timeline(self, layer: str | None = None) -> pd.DataFrame:
@@ -473,7 +474,8 @@ class HookManager:
         collector = self._dead_collector()
         step, is_open = self._recorder.latest()
         sites = [self.site(layer)] if layer is not None else self._recorder.sites
-        return collector.timeline(sites, step, include_open=is_open)
+        empty = {s.index for s in sites if not self._recorder.open_elements(s.index)} if is_open else set()
+        return collector.timeline(sites, step, include_open=is_open, empty_open=empty)
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dataframe` to ``path`` as CSV, atomically (no partial file on error).

@@ -418,6 +418,11 @@ class Recorder:
         else:
             _feed(slot.grad, grad, site, grad=True)
 
+    def open_elements(self, index: int) -> int:
+        """Output elements that site ``index`` saw in the open step."""
+        slot = self._slots[index]
+        return slot.elements if slot.touched else 0
+
     def check_include(self) -> None:
         """Warn once when ``include`` matched none of the activation calls seen so far."""
         if self._include_checked or self.include is None or not self.site_by_key:

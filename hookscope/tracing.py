@@ -598,6 +598,8 @@ class Evaluation:
                 stacklevel=7,  # the user's call of the model (through torch's Module.__call__)
             )
         return False
+
+
 def _run_last(hooks: dict[int, Any], hook: Callable[..., Any]) -> None:
     """Move ``hook`` to the end of a module's forward hooks (from its pre-hook: torch reads the forward hooks after
     the forward), so that it sees the output the rest of the model receives, whatever a hook registered after it

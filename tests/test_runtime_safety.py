@@ -263,3 +263,78 @@ def test_activations_called_after_an_interrupted_forward_are_not_sites(when: str
     assert rows[when] == ["block.relu()"]  # what ran before the interrupt
     assert all(rows[s] == ["block.relu()", "gelu()", "act"] for s in range(5) if s != when)
     assert (frame["calls"] == 1).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a step in which a site sees no element (a mixture-of-experts expert that gets no token) (issue 20, item 3)
+
+
+class Expert(nn.Module):
+    """An expert that gets the rows routed to it (maybe none). Units: relu(x), relu(-x), relu(x - 10), relu(-1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(1, 4)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0], [-1.0], [1.0], [0.0]]))
+            self.fc.bias.copy_(torch.tensor([0.0, 0.0, -10.0, -1.0]))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))
+
+
+#: Rows routed to the expert at each step ([] : no token).
+ROUTED = [[1.0], [], [-1.0], [], [], [20.0], [-2.0], [], [3.0, -3.0]]
+
+
+def _by_definition(window: int) -> tuple[list[float], list[int], list[bool]]:
+    """dead_ratio per step (NaN where the expert saw nothing), revivals and dead flags at the end, from the
+    definition with steps that saw no element left out, computed from the inputs alone."""
+    fired_by_step = [[any(f(v) > 0 for v in xs) for f in UNITS] if xs else None for xs in ROUTED]
+    counted: list[list[bool]] = []  # the steps that count, in order
+    ratios, revivals, dead_before = [], [0] * 4, [False] * 4
+    ever = [False] * 4
+    for fired in fired_by_step:
+        if fired is None:
+            ratios.append(float("nan"))
+            continue
+        counted.append(fired)
+        dead = [not any(step[u] for step in counted[-window:]) for u in range(4)]
+        for u in range(4):
+            if fired[u] and ever[u] and dead_before[u]:
+                revivals[u] += 1
+            ever[u] = ever[u] or fired[u]
+        dead_before = dead
+        ratios.append(sum(dead) / 4)
+    return ratios, revivals, dead_before
+
+
+UNITS = [lambda v: v, lambda v: -v, lambda v: v - 10.0, lambda v: -1.0]
+
+
+@pytest.mark.usefixtures("each_path")
+@pytest.mark.parametrize("window", [1, 2])
+def test_a_step_in_which_a_site_saw_nothing_does_not_count(window: int) -> None:
+    from hookscope import DeadReLU
+
+    model = Expert()
+    with HookManager(model, [DeadReLU(window=window, evidence=3)], alerts=False) as hm:
+        for xs in ROUTED:
+            model(torch.tensor(xs).reshape(-1, 1))  # a (0, 1) batch when no token is routed
+            hm.step()
+        model(torch.zeros(0, 1))  # the open step: nothing either
+        frame = hm.to_dataframe()
+        timeline = hm.unit_timeline("act")
+        dead_now = hm.dead_units("act")
+    ratios, revivals, dead = _by_definition(window)
+    closed = frame[frame["step"] < len(ROUTED)]
+    assert closed["dead_ratio"].tolist() == pytest.approx(ratios, nan_ok=True)  # 1.0 where nothing came before
+    empty = [i for i, xs in enumerate(ROUTED) if not xs]
+    assert closed["inactive_fraction"].iloc[empty].isna().all() and (closed["calls"] == 1).all()
+    assert timeline["revivals"].tolist() == revivals  # fake revivals after each empty step before the fix
+    assert timeline["dead"].tolist() == dead
+    assert dead_now == [u for u in range(4) if dead[u]]  # the open step saw nothing: as at the last closed one
+    # evidence counts elements: the never-firing unit 3 saw 6 elements, 3 is enough; unit 2 fired at step 5 and
+    # has been silent on 3 elements since
+    assert frame["confirmed_dead_ratio"].iloc[-1] == 0.5
