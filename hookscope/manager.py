@@ -386,6 +386,7 @@ class HookManager:
     def last_step_frame(self) -> pd.DataFrame:
         """The rows of the last closed step only (cheap, whatever the length of the history)."""
         self._recorder.flush()
+        self._recorder.note_unfinished()
         last = self._recorder.last_closed
         return self._recorder.frame([last] if last is not None else [])
 
@@ -501,6 +502,7 @@ class HookManager:
         check_bool("ascii", ascii)
         recorder = self._recorder
         recorder.flush()
+        recorder.note_unfinished()
         if step is None:
             latest = recorder.snapshot()
             if latest is None:

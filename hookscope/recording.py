@@ -661,6 +661,7 @@ class Recorder:
     def rows(self) -> Rows:
         """Recorded (step, site) rows with their raw counts, the open step included when it has data."""
         self.flush()
+        self.note_unfinished()
         parts = [self.history.records()]
         snapshot = self.snapshot()
         if snapshot is not None:
@@ -674,9 +675,23 @@ class Recorder:
     def latest(self) -> tuple[int, bool]:
         """The step reports call latest, and whether it is the open one (brings persistent state up to date)."""
         self.flush()
+        self.note_unfinished()
         if self._order:
             return self.step, True
         return (self.history.steps[-1], False) if len(self.history) else (self.step, False)
+
+    def note_unfinished(self) -> None:
+        """Say once, at a report, why it lacks the latest closed steps under ``torch.distributed`` (an empty report
+        right after the first ``step()`` calls reads as a bug otherwise)."""
+        unfinished = self._cross.unfinished if self._cross is not None else 0
+        if unfinished:
+            warn_once(
+                "hookscope: under torch.distributed, a closed step reaches the reports one or two step() calls "
+                "later, once every rank's statistics are combined (step() never waits for the other ranks), or at "
+                "detach(): this report lacks the latest closed steps (empty right after the first step() calls), and "
+                "so will every report read while training runs",
+                stacklevel=4,
+            )
 
     def state_bytes(self) -> int:
         """Bytes of collector state on the device (independent of the number of steps)."""
