@@ -145,7 +145,13 @@ class HookManager:
         self.params = check_bool("params", params)
         updates = check_bool("param_updates", param_updates)
         self._params = (
-            ParamStats(model, updates=updates, max_history=self.max_history, kernels=self._recorder.kernels)
+            ParamStats(
+                model,
+                updates=updates,
+                max_history=self.max_history,
+                kernels=self._recorder.kernels,
+                global_stats=self.global_stats,
+            )
             if self.params
             else None
         )
@@ -202,6 +208,11 @@ class HookManager:
         if not was_attached:
             return
         errors: list[Exception] = []
+        if self._params is not None:
+            try:  # FSDP2: the last record's sums over the ranks
+                self._params.release()
+            except Exception as e:
+                errors.append(e)
         try:  # distributed: the last step is combined here, if every rank gets here in time
             self._deliver(self._recorder.finish(timeout=DETACH_TIMEOUT), errors)
         except Exception as e:
