@@ -536,8 +536,8 @@ class Tracer:
         """The function mode saw a call of an activation function."""
         if not self.attached or self._activation_stack or not isinstance(out, torch.Tensor):
             return
-        if self._pass_frame is not None and not _in_forward(sys._getframe(3)):  # the caller of the function
-            return
+        if self._pass_frame is not None and not self._compiled.seen and not _in_forward(sys._getframe(3)):
+            return  # (frame 3: the caller of the function; compiled code has no module call frames to read)
         enclosing = self.stack[-1] if self.stack else ""
         if enclosing not in self._fn_parents:
             if not self.discovering:  # the mode runs in a child of a module that calls activations
