@@ -36,7 +36,7 @@ from hookscope.collectors.saturation import Saturation
 from hookscope.errors import ConfigError, ConfigTypeError, StateError, UnknownLayerError
 from hookscope.history import Rows, StepRecord
 from hookscope.params import ParamStats
-from hookscope.recording import Recorder
+from hookscope.recording import Recorder, note_unfinished
 from hookscope.report import ROW_COLUMNS, report_columns
 from hookscope.sinks import Sink, sinks_of
 from hookscope.sites import Site, validate_patterns, validate_unit_dim
@@ -145,13 +145,7 @@ class HookManager:
         self.params = check_bool("params", params)
         updates = check_bool("param_updates", param_updates)
         self._params = (
-            ParamStats(
-                model,
-                updates=updates,
-                max_history=self.max_history,
-                kernels=self._recorder.kernels,
-                global_stats=self.global_stats,
-            )
+            ParamStats(model, updates, self.max_history, self._recorder.kernels, global_stats=self.global_stats)
             if self.params
             else None
         )
@@ -208,11 +202,8 @@ class HookManager:
         if not was_attached:
             return
         errors: list[Exception] = []
-        if self._params is not None:
-            try:  # FSDP2: the last record's sums over the ranks
-                self._params.release()
-            except Exception as e:
-                errors.append(e)
+        if self._params is not None:  # FSDP2: the last record's sums over the ranks
+            _collect_error(self._params.release, errors)
         try:  # distributed: the last step is combined here, if every rank gets here in time
             self._deliver(self._recorder.finish(timeout=DETACH_TIMEOUT), errors)
         except Exception as e:
@@ -301,13 +292,7 @@ class HookManager:
         if self._tracer.passes and not recorder.site_by_key:
             _warn_no_site(self.model)
         elif self._tracer.unseen_compiled_calls():
-            warn_once(
-                "hookscope: the torch.compile'd model ran without running hookscope's hooks: torch.compile ignores "
-                "hooks added after the compiled model first ran (pytorch/pytorch#117758) until it compiles again "
-                "(a new input shape, for example), so those forward passes are not recorded. Attach the "
-                "HookManager to the model before calling torch.compile on it.",
-                stacklevel=2,
-            )
+            _warn_compiled_unseen()
         errors = recorder.take_failures()
         try:
             self._deliver(records, errors)
@@ -392,12 +377,13 @@ class HookManager:
         grad_norm`` and the columns of custom collectors. A statistic that does not apply to a layer, or whose
         collector is not attached, is NaN. The open step (no ``step()`` since its data) is included.
         """
+        note_unfinished(self._recorder)
         return self._recorder.frame_of_rows(self._recorder.rows())
 
     def last_step_frame(self) -> pd.DataFrame:
         """The rows of the last closed step only (cheap, whatever the length of the history)."""
         self._recorder.flush()
-        self._recorder.note_unfinished()
+        note_unfinished(self._recorder)
         last = self._recorder.last_closed
         return self._recorder.frame([last] if last is not None else [])
 
@@ -470,9 +456,8 @@ class HookManager:
         collector = self._dead_collector()
         if not collector.applies_to(site):
             raise ConfigError(f"`layer` {layer!r} is a {site.kind}, not a rectifier: it has no dead units")
-        step, is_open = self._recorder.latest()
-        # a site that saw no element in the open step is as it was at the last closed one
-        state = collector.unit_state(site, step, include_open=is_open and self._recorder.open_elements(site.index) > 0)
+        step, seen = self._recorder.latest()  # (a site that saw nothing in the open step: as at the last closed one)
+        state = collector.unit_state(site, step, include_open=site.index in seen)
         return [int(i) for i in np.flatnonzero(state["dead"])]
 
     def unit_timeline(self, layer: str | None = None) -> pd.DataFrame:
@@ -484,10 +469,9 @@ class HookManager:
         being dead, having fired before), ``last_revival`` (NaN if never).
         """
         collector = self._dead_collector()
-        step, is_open = self._recorder.latest()
+        step, seen = self._recorder.latest()
         sites = [self.site(layer)] if layer is not None else self._recorder.sites
-        empty = {s.index for s in sites if not self._recorder.open_elements(s.index)} if is_open else set()
-        return collector.timeline(sites, step, include_open=is_open, empty_open=empty)
+        return collector.timeline(sites, step, bool(seen), empty_open={s.index for s in sites} - seen)
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dataframe` to ``path`` as CSV, atomically (no partial file on error).
@@ -513,7 +497,7 @@ class HookManager:
         check_bool("ascii", ascii)
         recorder = self._recorder
         recorder.flush()
-        recorder.note_unfinished()
+        note_unfinished(recorder)
         if step is None:
             latest = recorder.snapshot()
             if latest is None:
@@ -543,6 +527,24 @@ def _detach_at_exit(ref: weakref.ReferenceType[HookManager]) -> None:
 
 #: Modules whose activations run inside fused kernels, invisible to any hook.
 _FUSED = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
+
+
+def _collect_error(fn: Callable[[], None], errors: list[Exception]) -> None:
+    """Call ``fn``; what it raises goes to ``errors``."""
+    try:
+        fn()
+    except Exception as e:
+        errors.append(e)
+
+
+def _warn_compiled_unseen() -> None:
+    warn_once(
+        "hookscope: the torch.compile'd model ran without running hookscope's hooks: torch.compile ignores hooks "
+        "added after the compiled model first ran (pytorch/pytorch#117758) until it compiles again (a new input "
+        "shape, for example), so those forward passes are not recorded. Attach the HookManager to the model "
+        "before calling torch.compile on it.",
+        stacklevel=4,
+    )
 
 
 def _warn_no_site(model: nn.Module) -> None:
