@@ -129,30 +129,33 @@ class DeadReLU(Collector):
         o = torch.arange(self._closed, self._closed + len(steps), dtype=torch.float64, device=device)[:, None]
         fired = positive > 0  # NaN outputs never fire
         owners = bank.owners()
-        # A step in which a unit's site saw no element does not count: the unit's clock stands still there.
-        empty = (block["elements"][:, owners] == 0).to(torch.float64)
-        # When each unit last fired (as an ordinal), as of each step of the block: a running maximum over the
-        # block's steps starting from the persistent value, moved one step later at each step that does not count
-        # (so that the steps since it fired are those that count); before[k] as of the previous step, after[k] as
-        # of k. And the row of the block in which it last fired (-1: before the block).
-        running = torch.cat([bank.unit("fired_at")[None], torch.where(fired, o, -math.inf)])
-        fired_rows = torch.where(fired, torch.arange(len(steps), dtype=torch.float64, device=device)[:, None], -1.0)
-        rows, last_rows = running.unbind(0), fired_rows.unbind(0)
-        for k in range(len(steps)):  # cummax(dim=0) runs ~10x slower on CPU (2.9 ms at 17k units)
-            torch.maximum(rows[k] + empty[k], rows[k + 1], out=rows[k + 1])
-            if k:
-                torch.maximum(last_rows[k - 1], last_rows[k], out=last_rows[k])
-        before, after = running[:-1], running[1:]
+        per_unit = (block["elements"] * self._inverse_units(bank))[:, owners]  # (T, units): elements per unit
+        total = per_unit.cumsum(dim=0)  # elements up to each step
+        # A step in which a unit's site saw no element does not count for it: the unit's clock stands still there.
+        # skipped[k]: such steps up to step k of the block; o - skipped is the ordinal of each step on the unit's
+        # clock, and the persistent fired_at is on that clock already (see __init__).
+        skipped = torch.cumsum(per_unit == 0, dim=0, dtype=torch.float64)
+        # Running maxima over the block's steps, in one loop: the step each unit last fired in, on its clock
+        # (starting from the persistent value), and the elements up to the step it last fired in within the block
+        # (-inf: none)
+        marks = torch.stack([torch.where(fired, o - skipped, -math.inf), torch.where(fired, total, -math.inf)], 1)
+        rows = marks.unbind(0)
+        fired_at = bank.unit("fired_at")
+        head = rows[0][0]
+        torch.maximum(head, fired_at, out=head)
+        for previous, row in zip(rows, rows[1:]):  # cummax(dim=0) runs ~10x slower on CPU (2.9 ms at 17k units)
+            torch.maximum(previous, row, out=row)
+        last, at_fire = marks.unbind(1)
+        # when each unit last fired (as an ordinal, moved later by the steps since that did not count), as of step
+        # k (after[k]) and as of the previous step (before[k])
+        after = last + skipped
+        before = torch.cat([fired_at[None], after[:-1]])
         # alive: fired within the window (the recorded steps o - window + 1 ... o); every other unit is dead
         alive = after > o - self.window
-        # silent: output elements since each unit last fired, as of each step; confirmed dead past `evidence`
-        per_unit = (block["elements"] * self._inverse_units(bank))[:, owners]  # (T, units): elements per unit
-        # (without a loop: elements summed up to each step, minus the sum up to the step the unit last fired
-        # in this block, or plus the persistent count when it did not fire in the block)
-        total = per_unit.cumsum(dim=0)
-        fired_row = fired_rows.long()
-        at_fire = torch.cat([torch.zeros_like(total[:1]), total]).gather(0, fired_row + 1)
-        silent = torch.where(fired_row >= 0, total - at_fire, total + bank.unit("silent"))
+        # silent: output elements since each unit last fired, as of each step (elements up to each step, minus
+        # those up to the step it last fired in within the block, or plus the persistent count when it did not
+        # fire in the block); confirmed dead past `evidence`
+        silent = torch.where(at_fire > -math.inf, total - at_fire, total + bank.unit("silent"))
         confirmed = silent >= self.evidence
         # units first: index_add_ along the leading dimension runs 5-7x faster than along dim 1 here
         stacked = torch.stack([positive.T, alive.T.to(positive.dtype), confirmed.T.to(positive.dtype)], dim=-1)
