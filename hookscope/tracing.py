@@ -237,6 +237,7 @@ class Tracer:
         # calls of the torch.compile wrapper the model is (when it is one) since the last end_step(), counted by a
         # hook on the wrapper itself, which runs outside the compiled code
         self._wrapper_calls = 0
+        self._wrapper_handles: list[RemovableHandle] = []
         #: Forward passes followed to their end since the last end_step() (compared across ranks).
         self.passes = 0
         self._recorded_steps = 0
@@ -261,7 +262,8 @@ class Tracer:
         try:
             self._hook_modules()
             if type(self.model).__name__ == "OptimizedModule":
-                self._handles.append(self.model.register_forward_pre_hook(_wrapper_hook(self._ref)))
+                self._wrapper_handles = [self.model.register_forward_pre_hook(_wrapper_hook(self._ref))]
+                self._handles.extend(self._wrapper_handles)
         except BaseException:
             _remove_handles(self._handles)
             raise
@@ -346,7 +348,7 @@ class Tracer:
             for h in pair:
                 h.remove()
             del self._module_handles[raw]
-        self._handles[:] = [h for pair in self._module_handles.values() for h in pair]
+        self._handles[:] = [h for pair in self._module_handles.values() for h in pair] + self._wrapper_handles
         for name in list(self._module_ids):
             if name not in self._module_handles:
                 del self._module_ids[name]

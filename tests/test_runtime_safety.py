@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ActivationCalls, hook_count
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import hookscope.warn
@@ -94,6 +95,7 @@ def _compiled_case(warm_up: str) -> tuple[list[str], list[float], list[float]]:
         for x in xs:
             compiled(x).sum().backward()
             hm.step()
+    assert hook_count(compiled) == 0  # every hook removed, the wrapper's too
     messages = [str(w.message) for w in caught if issubclass(w.category, HookscopeWarning)]
     return messages, hm.to_dataframe()["inactive_fraction"].tolist(), want
 
@@ -202,8 +204,6 @@ class Block(nn.Module):
 
 def _activation_calls_of(model: nn.Module, x: torch.Tensor) -> int:
     """Activation calls of one forward pass of a model without hooks (conftest's mode, no hookscope code)."""
-    from conftest import ActivationCalls
-
     mode = ActivationCalls()
     with mode:
         model(x)
