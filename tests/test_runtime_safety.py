@@ -338,3 +338,15 @@ def test_a_step_in_which_a_site_saw_nothing_does_not_count(window: int) -> None:
     # evidence counts elements: the never-firing unit 3 saw 6 elements, 3 is enough; unit 2 fired at step 5 and
     # has been silent on 3 elements since
     assert frame["confirmed_dead_ratio"].iloc[-1] == 0.5
+
+
+def test_the_hook_on_a_compiled_wrapper_is_removed_when_it_ran_eagerly() -> None:
+    # a compiled model that runs eagerly (set_stance, a fallback): discovery ends and module hooks are slimmed
+    compiled = torch.compile(_relu_net(), backend="eager")
+    with torch.compiler.set_stance("force_eager"), HookManager(compiled, alerts=False) as hm:
+        for _ in range(3):
+            compiled(torch.randn(2, 4))
+            hm.step()
+        assert not hm.tracer.discovering
+    assert hook_count(compiled) == 0  # the wrapper's hook stayed on before the fix
+    assert hm.to_dataframe()["calls"].tolist() == [1, 1, 1]
