@@ -676,7 +676,10 @@ def _wrapper_hook(ref: weakref.ReferenceType[Tracer]) -> Callable[[nn.Module, An
     @_opaque_to_dynamo  # (a compiled region that calls the wrapper)
     def hook(module: nn.Module, args: Any) -> None:
         tracer = ref()
-        if tracer is not None and tracer.attached and tracer.recording:
+        if tracer is None or not (tracer.attached and tracer.recording):
+            return
+        # a call that would be recorded: not an evaluation pass once the model trains (see Evaluation)
+        if (torch.is_grad_enabled() and module.training) or not tracer.evaluation.trained:
             tracer._wrapper_calls += 1
 
     return hook
