@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,7 +40,10 @@ from hookscope.errors import ConfigError, ConfigTypeError, StateError
 if TYPE_CHECKING:
     from hookscope.collectors.base import StateBank
 
-__all__ = ["CrossRank", "PendingReduction", "SiteDescription", "global_stats_of", "is_distributed", "rank"]
+__all__ = [
+    "CrossRank", "PendingReduction", "RankSum", "SiteDescription", "global_stats_of", "is_distributed", "rank",
+    "world_size",
+]  # fmt: skip
 
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 _last_rank: int | None = None  # this process's rank while a process group existed
@@ -49,6 +52,11 @@ _last_rank: int | None = None  # this process's rank while a process group exist
 def is_distributed() -> bool:
     """Whether ``torch.distributed`` is initialised with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """The number of ranks (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
@@ -236,6 +244,28 @@ class CrossRank:
         counts = counts.clone()
         count_work = dist.all_reduce(counts, group=self._host, async_op=True)
         return PendingReduction(posted, count_work, counts)
+
+
+class RankSum:
+    """Sums small tensors over every rank, in process groups of hookscope's own (gloo for CPU tensors, NCCL for CUDA
+    ones), never interleaved with the training's collectives (FSDP2's all-gathers and reduce-scatters run in the
+    mesh's groups). :meth:`post` does not wait; the returned function waits and gives the sum. Every rank must
+    post the same tensors in the same order (parameter statistics at every recorded ``step()``)."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, Any] = {}
+
+    def post(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        kind = tensor.device.type
+        if kind not in self._groups:  # every rank gets here at the same step(): the groups are made in step
+            self._groups[kind] = dist.new_group(backend="nccl" if kind == "cuda" else "gloo")
+        work = dist.all_reduce(tensor, group=self._groups[kind], async_op=True)
+
+        def result() -> torch.Tensor:
+            _wait(work, None)
+            return tensor
+
+        return result
 
 
 class PendingReduction:

@@ -36,7 +36,7 @@ from hookscope.collectors.saturation import Saturation
 from hookscope.errors import ConfigTypeError, StateError, UnknownLayerError
 from hookscope.history import Rows, StepRecord
 from hookscope.params import ParamStats
-from hookscope.recording import Recorder
+from hookscope.recording import Recorder, note_unfinished
 from hookscope.report import ROW_COLUMNS, report_columns
 from hookscope.sinks import Sink, sinks_of
 from hookscope.sites import ModuleSelection, Site, validate_patterns, validate_unit_dim
@@ -153,7 +153,7 @@ class HookManager(UnitReports):
         self.params = check_bool("params", params)
         updates = check_bool("param_updates", param_updates)
         self._params = (
-            ParamStats(model, updates=updates, max_history=self.max_history, kernels=self._recorder.kernels)
+            ParamStats(model, updates, self.max_history, self._recorder.kernels, global_stats=self.global_stats)
             if self.params
             else None
         )
@@ -187,13 +187,6 @@ class HookManager(UnitReports):
         """
         if self._tracer.attached:
             raise StateError("this HookManager is already attached; call detach() first")
-        if type(self.model).__name__ == "OptimizedModule":
-            warn_once(
-                "hookscope: attaching to a torch.compile'd model: hooks added after the compiled model first ran "
-                "are ignored by torch.compile (pytorch/pytorch#117758), and nothing is recorded. Attach the "
-                "HookManager to the model before calling torch.compile on it.",
-                stacklevel=3,
-            )
         self._tracer.attach()
         self._recorder.enabled = True
         if self.sinks:  # a script that never detaches still writes its last steps when the interpreter exits
@@ -217,6 +210,8 @@ class HookManager(UnitReports):
         if not was_attached:
             return
         errors: list[Exception] = []
+        if self._params is not None:  # FSDP2: the last record's sums over the ranks
+            _collect_error(self._params.release, errors)
         try:  # distributed: the last step is combined here, if every rank gets here in time
             self._deliver(self._recorder.finish(timeout=DETACH_TIMEOUT), errors)
         except Exception as e:
@@ -304,6 +299,8 @@ class HookManager(UnitReports):
         records = recorder.close_step(passes=self._tracer.passes)
         if self._tracer.passes and not recorder.site_by_key:
             _warn_no_site(self.model)
+        elif self._tracer.unseen_compiled_calls():
+            _warn_compiled_unseen()
         errors = recorder.take_failures()
         try:
             self._deliver(records, errors)
@@ -388,11 +385,13 @@ class HookManager(UnitReports):
         grad_norm`` and the columns of custom collectors. A statistic that does not apply to a layer, or whose
         collector is not attached, is NaN. The open step (no ``step()`` since its data) is included.
         """
+        note_unfinished(self._recorder)
         return self._recorder.frame_of_rows(self._recorder.rows())
 
     def last_step_frame(self) -> pd.DataFrame:
         """The rows of the last closed step only (cheap, whatever the length of the history)."""
         self._recorder.flush()
+        note_unfinished(self._recorder)
         last = self._recorder.last_closed
         return self._recorder.frame([last] if last is not None else [])
 
@@ -469,6 +468,7 @@ class HookManager(UnitReports):
         check_bool("ascii", ascii)
         recorder = self._recorder
         recorder.flush()
+        note_unfinished(recorder)
         if step is None:
             latest = recorder.snapshot()
             if latest is None:
@@ -498,6 +498,24 @@ def _detach_at_exit(ref: weakref.ReferenceType[HookManager]) -> None:
 
 #: Modules whose activations run inside fused kernels, invisible to any hook.
 _FUSED = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
+
+
+def _collect_error(fn: Callable[[], None], errors: list[Exception]) -> None:
+    """Call ``fn``; what it raises goes to ``errors``."""
+    try:
+        fn()
+    except Exception as e:
+        errors.append(e)
+
+
+def _warn_compiled_unseen() -> None:
+    warn_once(
+        "hookscope: the torch.compile'd model ran without running hookscope's hooks: torch.compile ignores hooks "
+        "added after the compiled model first ran (pytorch/pytorch#117758) until it compiles again (a new input "
+        "shape, for example), so those forward passes are not recorded. Attach the HookManager to the model "
+        "before calling torch.compile on it.",
+        stacklevel=4,
+    )
 
 
 def _warn_no_site(model: nn.Module) -> None:

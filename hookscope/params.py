@@ -16,18 +16,28 @@ module that owns parameters directly (``named_parameters(recurse=False)``) is re
 A parameter shared by several modules (tied embeddings) counts once, under the first module that owns it in
 ``named_modules()`` order. Everything runs on the device in a few fused ops per device and step
 (``torch._foreach_norm`` and friends), without a host synchronisation; values reach the host with the reports.
+
+Sharded parameters (``DTensor``: FSDP2's ``fully_shard``, tensor parallelism) are measured on each rank's local
+shard (its ``to_local()``, and its gradient's), and with global statistics the five sums of each module are added
+up over the ranks (the squared norms of the shards add up to the squared norm of the whole parameter; a
+placement replicated over a mesh dimension is counted once): every rank reports the norms of the whole
+parameters. The sums are posted at the recorded ``step()`` without waiting, in a process group of hookscope's
+own, and read at the next record or report.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from hookscope import distributed
 from hookscope.history import History, Rows, StepRecord
 from hookscope.sites import ROOT_NAME, iter_named_modules
+from hookscope.warn import warn_once
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -47,8 +57,10 @@ class _DeviceGroup:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.params: list[torch.Tensor] = []
-        self.owner: list[int] = []  # module index of each parameter
+        self.params: list[torch.Tensor] = []  # what is measured: the parameter, or its local shard
+        self.sources: list[torch.Tensor] = []  # the module's parameter (its `.grad` is read)
+        self.owner: list[int] = []  # module index of each parameter; + n for a sharded one (summed over ranks)
+        self.share: list[float] = []  # 1 / the ranks that hold the same shard (a replicated mesh dimension)
         self._owner_tensor: torch.Tensor | None = None
         self.previous: list[torch.Tensor] | None = None  # copies at the last recorded step
         self.previous_weight: torch.Tensor | None = None  # their ‖θ‖², per parameter
@@ -57,6 +69,10 @@ class _DeviceGroup:
         if self._owner_tensor is None:
             self._owner_tensor = torch.tensor(self.owner, dtype=torch.long, device=self.device)
         return self._owner_tensor
+
+    def grads(self) -> list[torch.Tensor | None]:
+        """The gradient of each parameter (its local shard for a sharded one), as it is now."""
+        return [_local(p.grad) if p.grad is not None else None for p in self.sources]
 
 
 class ParamStats:
@@ -68,10 +84,16 @@ class ParamStats:
         max_history: Steps kept for reports (``None``: all).
         kernels: The statistics implementation of the manager: with the native kernels, the parameters of a CPU
             device group are read once per step (norms, update and copy in one pass); else ``torch._foreach_*``.
+        global_stats: Add the sums of sharded parameters (``DTensor``) over the ranks: whole-parameter norms.
     """
 
     def __init__(
-        self, model: nn.Module, updates: bool = True, max_history: int | None = None, kernels: Backend | None = None
+        self,
+        model: nn.Module,
+        updates: bool = True,
+        max_history: int | None = None,
+        kernels: Backend | None = None,
+        global_stats: bool = False,
     ) -> None:
         self.updates = updates
         self.kernels = kernels
@@ -82,8 +104,7 @@ class ParamStats:
         #: from it at each record (see _grouped), so that they are followed where they go.
         self._owners: list[tuple[str, str, nn.Module]] = []
         self._index_of: dict[str, int] = {}  # row of each module name that owns a parameter (made in _grouped)
-        # (a parametrized layer's class is ParametrizedConv1d...: its kind is that of the layer)
-        kinds = {name: type(m).__name__.lower().removeprefix("parametrized") for name, m in iter_named_modules(model)}
+        kinds = {name: _kind(m) for name, m in iter_named_modules(model)}
         for name, module in iter_named_modules(model):
             if next(module.parameters(recurse=False), None) is None:
                 continue
@@ -97,6 +118,13 @@ class ParamStats:
         self.history = History(max_steps=max_history)
         self.last: StepRecord | None = None  # the latest recorded step
         self._first = True
+        #: Add the sums of sharded parameters over the ranks (``global_stats``); else local shards are reported.
+        self.global_stats = global_stats
+        self._sum: distributed.RankSum | None = None
+        self._sharded = False  # some parameter's sums are added up over the ranks
+        self._local_shards = False  # some parameter is measured on its local shard
+        # a recorded step whose sharded sums are being added up over the ranks: (record, local sums, the sum)
+        self._pending: tuple[StepRecord, torch.Tensor, Callable[[], torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -112,7 +140,9 @@ class ParamStats:
         return index
 
     def record(self, step: int) -> None:
-        """Record the statistics of this step (tensor work only)."""
+        """Record the statistics of this step (tensor work only; with sharded parameters and global statistics,
+        their sums are posted to the other ranks without waiting)."""
+        self._finish()
         if not self._owners:
             return
         with torch.no_grad(), torch._C.DisableTorchFunction():
@@ -125,16 +155,45 @@ class ParamStats:
             sums = parts[0]
             for part in parts[1:]:
                 sums = sums + part.to(home, non_blocking=True)
+            local, sharded = sums[:n], sums[n:]
+            post = self._sharded
+        index = list(range(n))
+        zeros = [0] * n
+        record = StepRecord(step, index, zeros, zeros, zeros, list(self.sizes), [()] * n, None)
+        if post:
+            if self._sum is None:
+                self._sum = distributed.RankSum()
+            self._pending = (record, local, self._sum.post(sharded.contiguous()))
+        else:
+            self._store(record, local + sharded)
+
+    def _finish(self) -> None:
+        """Store the pending record once the other ranks' sums of its sharded parameters arrived."""
+        if self._pending is not None:
+            record, local, total = self._pending
+            self._pending = None
+            self._store(record, local + total())
+
+    def release(self) -> None:
+        """Finish the pending record and drop the process groups (at ``detach()``: a gloo group freed while the
+        interpreter shuts down, after ``destroy_process_group()``, aborts the process; see ``_Combiner.release``).
+        A later record makes new groups."""
+        try:
+            self._finish()
+        finally:
+            self._sum = None
+
+    def _store(self, record: StepRecord, sums: torch.Tensor) -> None:
+        """Turn a record's ``(n, 5)`` sums into its values and keep it."""
+        with torch.no_grad(), torch._C.DisableTorchFunction():
             weight, grad, has_grad, update, previous = sums.unbind(1)
             nan = torch.full_like(weight, float("nan"))
             grad_norm = torch.where(has_grad > 0, grad.sqrt(), nan)
             update_ratio = update.sqrt() / previous.sqrt() if self.updates and not self._first else nan
-            values = torch.stack([weight.sqrt(), grad_norm, update_ratio], dim=1)
+            record.values = torch.stack([weight.sqrt(), grad_norm, update_ratio], dim=1)
         self._first = False
-        index = list(range(n))
-        zeros = [0] * n
-        self.last = StepRecord(step, index, zeros, zeros, zeros, list(self.sizes), [()] * n, values)
-        self.history.append(self.last)
+        self.last = record
+        self.history.append(record)
 
     def _grouped(self) -> list[_DeviceGroup]:
         """The parameters as they are now, by device (none while a lazy module has not run).
@@ -145,26 +204,35 @@ class ParamStats:
         first record).
         """
         seen: set[int] = set()
-        params: list[tuple[int, torch.Tensor]] = []
+        params: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, parameter, what is measured)
         for name, kind, module in self._owners:  # what `parameters(recurse=False)` yields, shared ones once
             for param in module._parameters.values():
                 if param is not None and id(param) not in seen:
                     seen.add(id(param))
-                    params.append((self._row(name, kind), param))
-        now = [(id(p), p.device) for _, p in params]
+                    params.append((self._row(name, kind), param, _local(param)))
+        now = [(id(p), t.device) for _, p, t in params]
         if now != self._grouped_as:
-            if any(isinstance(p, nn.parameter.UninitializedParameter) for _, p in params):
+            if any(isinstance(p, nn.parameter.UninitializedParameter) for _, p, _ in params):
                 return []
-            kept = {(g.device, tuple(map(id, g.params))): g for g in self._groups}
+            kept = {(g.device, tuple(map(id, g.sources))): g for g in self._groups}
             groups: dict[torch.device, _DeviceGroup] = {}
-            self.sizes = [0] * len(self.modules)  # (a module no longer owning anything alone: 0, NaN norms)
-            for index, p in params:
-                group = groups.setdefault(p.device, _DeviceGroup(p.device))
-                group.params.append(p)
-                group.owner.append(index)
-                self.sizes[index] += p.numel()
-            self._groups = [kept.get((g.device, tuple(map(id, g.params))), g) for g in groups.values()]
+            n = len(self.modules)
+            self.sizes = [0] * n  # (a module no longer owning anything alone: 0, NaN norms)
+            for index, p, t in params:
+                group = groups.setdefault(t.device, _DeviceGroup(t.device))
+                share = _share(p) if t is not p and self.global_stats else None
+                group.params.append(t)
+                group.sources.append(p)
+                group.owner.append(index if share is None else index + n)
+                group.share.append(1.0 if share is None else share)
+                self.sizes[index] += p.numel()  # the whole parameter's elements
+            self._sharded = any(o >= n for g in groups.values() for o in g.owner)
+            self._local_shards = any(t is not p for _, p, t in params)
+            self._groups = [kept.get((g.device, tuple(map(id, g.sources))), g) for g in groups.values()]
             self._grouped_as = now
+        elif self._local_shards:  # a DTensor's to_local() is a new view of its shard at each call
+            for group in self._groups:
+                group.params = [_local(p) for p in group.sources]
         return self._groups
 
     def _group_sums(self, group: _DeviceGroup, n: int) -> torch.Tensor:
@@ -173,7 +241,7 @@ class ParamStats:
         params = group.params
         owners = group.owners()
         columns = torch.zeros(len(params), 5, dtype=torch.float64, device=group.device)
-        grads = [p.grad for p in params]
+        grads = group.grads()
         native = None
         if self.kernels is not None and group.device.type == "cpu":
             previous = group.previous if self.updates else None
@@ -202,7 +270,9 @@ class ParamStats:
             else:
                 group.previous = [p.detach().clone() for p in params]
             group.previous_weight = columns[:, 0].clone()
-        out = torch.zeros(n, 5, dtype=torch.float64, device=group.device)
+        if any(share != 1.0 for share in group.share):  # a shard held by several ranks is counted once
+            columns *= torch.tensor(group.share, dtype=torch.float64).to(group.device, non_blocking=True)[:, None]
+        out = torch.zeros(2 * n, 5, dtype=torch.float64, device=group.device)  # local rows, then sharded ones
         return out.index_add_(0, owners, columns)
 
     def nbytes(self) -> int:
@@ -211,10 +281,12 @@ class ParamStats:
 
     def last_frame(self) -> pd.DataFrame | None:
         """The rows of the latest recorded step (for alert checks), or ``None`` before the first."""
+        self._finish()
         return None if self.last is None else self.frame_of(Rows.of(self.last))
 
     def rows(self) -> Rows:
         """The recorded (step, module) rows."""
+        self._finish()
         return self.history.records()
 
     def frame_of(self, rows: Rows) -> pd.DataFrame:
@@ -231,6 +303,43 @@ class ParamStats:
         for k, name in enumerate(PARAM_STATS):
             out[name] = values[:, k] if len(values) else np.zeros(0)
         return pd.DataFrame(out, columns=list(PARAM_COLUMNS))
+
+
+def _kind(module: nn.Module) -> str:
+    """The lower-case class name of the layer: a parametrized layer's class is ParametrizedConv1d..., and FSDP2's
+    ``fully_shard`` makes a class ``FSDPLinear(FSDPModule, Linear)``: its kind is that of the layer."""
+    cls = type(module)
+    if len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":
+        cls = cls.__bases__[1]
+    return cls.__name__.lower().removeprefix("parametrized")
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (FSDP2's parameters and gradients, tensor parallelism)."""
+    return hasattr(t, "to_local") and hasattr(t, "placements") and hasattr(t, "device_mesh")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``t``: its local shard for a ``DTensor``, else ``t``."""
+    return t.to_local() if _is_sharded(t) else t  # type: ignore[attr-defined,no-any-return]
+
+
+def _share(p: torch.Tensor) -> float | None:
+    """For a sharded parameter whose mesh spans every rank: 1 / the ranks that hold each shard (its replicated mesh
+    dimensions), so that a sum over the ranks counts each element once. ``None`` (local-shard norms, with one
+    warning) for a mesh of some ranks only, whose sums cannot be added up over every rank."""
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    if mesh.size() != distributed.world_size():
+        warn_once(
+            f"hookscope: parameter statistics: a sharded parameter lives on a device mesh of {mesh.size()} of the "
+            f"{distributed.world_size()} ranks; its norms are those of each rank's local shard"
+        )
+        return None
+    copies = 1
+    for dim, placement in enumerate(p.placements):  # type: ignore[attr-defined]
+        if placement.is_replicate():
+            copies *= mesh.size(dim)
+    return 1.0 / copies
 
 
 def _squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:

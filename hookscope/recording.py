@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from hookscope.activations import ActivationSpec, Bounds
 
-__all__ = ["MISSING", "Recorder", "SiteKey", "discard_open_step"]
+__all__ = ["MISSING", "Recorder", "SiteKey", "discard_open_step", "note_unfinished"]
 
 #: A site's key in the table: (base name, call index within one forward pass).
 SiteKey = tuple[str, int]
@@ -666,16 +666,29 @@ class Recorder:
             return rows.select(rows.step >= steps[-self.max_history])
         return rows
 
-    def latest(self) -> tuple[int, bool]:
-        """The step reports call latest, and whether it is the open one (brings persistent state up to date)."""
+    def latest(self) -> tuple[int, set[int]]:
+        """The latest step; if it is the open one, the sites that saw elements in it (brings state up to date)."""
         self.flush()
         if self._order:
-            return self.step, True
-        return (self.history.steps[-1], False) if len(self.history) else (self.step, False)
+            return self.step, {slot.site.index for slot in self._order if slot.elements}
+        return (self.history.steps[-1] if len(self.history) else self.step), set()
 
     def state_bytes(self) -> int:
         """Bytes of collector state on the device (independent of the number of steps)."""
         return sum(bank.nbytes() for bank in self._banks)
+
+
+def note_unfinished(recorder: Recorder) -> None:
+    """Say once, at a report, why it lacks the latest closed steps under ``torch.distributed`` (an empty report
+    right after the first ``step()`` calls reads as a bug otherwise)."""
+    if recorder._cross is not None and recorder._cross.unfinished:
+        warn_once(
+            "hookscope: under torch.distributed, a closed step reaches the reports one or two step() calls later, "
+            "once every rank's statistics are combined (step() never waits for the other ranks), or at detach(): "
+            "this report lacks the latest closed steps (empty right after the first step() calls), and so will "
+            "every report read while training runs",
+            stacklevel=3,
+        )
 
 
 #: Whether a tensor is one of torch.func's wrappers (vmap's batched tensors, grad's tracked ones): it has no storage

@@ -12,7 +12,9 @@ How a forward pass is followed:
   modules. A module entered while none is running starts a new forward pass: call indices restart there
   (nothing depends on the root's own ``forward`` being called, as with Lightning's ``training_step``). After
   discovery only the modules that matter keep their hooks (see :meth:`Tracer.slim`).
-- Activation modules are sites; their output is recorded in the forward hook. Functional activations
+- Activation modules are sites; their output is recorded in the forward hook, which runs after every other
+  forward hook of the module (a user's hook that replaces the output, registered after attaching, would
+  otherwise hide the output the rest of the model receives). Functional activations
   (``F.relu``, ``torch.tanh``, ``x.relu_()``...) are captured by a ``TorchFunctionMode`` that is active only
   while a forward pass runs (after discovery: only inside the modules that call them); calls made inside an
   activation module are not separate sites.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from types import FrameType
 from typing import Any, Callable
@@ -56,6 +59,41 @@ _graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", 
 REDISCOVER_EVERY = 1000
 #: Modules put in place of hooked ones while attached are hooked within this many recorded steps.
 REHOOK_EVERY = 20
+
+
+def _module_call_code() -> tuple[Any, frozenset[int]]:
+    """The code of the function in which ``nn.Module._call_impl`` runs a module's hooks and its forward, and the
+    offsets of its instructions that call the forward: a frame of that code whose last instruction is not one of
+    them is running a hook (``(None, frozenset())`` where this torch has another layout: nothing is told apart)."""
+    import dis
+
+    outer = nn.Module._call_impl.__code__
+    for inner in outer.co_consts:
+        if getattr(inner, "co_name", None) == "inner":
+            instructions = list(dis.get_instructions(inner))
+            lines = {i.positions.lineno for i in instructions if i.argval == "forward_call" and i.positions}
+            if len(lines) == 1:
+                offsets = frozenset(i.offset for i in instructions if i.positions and i.positions.lineno in lines)
+                return inner, offsets
+    return None, frozenset()
+
+
+#: See _module_call_code.
+_MODULE_CALL, _FORWARD_OFFSETS = _module_call_code()
+
+
+def _in_forward(frame: FrameType | None) -> bool:
+    """Whether the code running in ``frame`` is a module's forward: the innermost module call among its callers
+    is running its forward, not one of its hooks. Code run by a hook (a user's forward hook that logs
+    ``torch.relu(out).mean()``) is not, nor is code that no module call runs (after a ``KeyboardInterrupt`` inside
+    a forward pass, which our forward hooks do not see end, ``torch.relu(t)`` in a notebook cell: the stacks are
+    recovered at the next forward, see :meth:`Tracer.pre_hook`). Only the innermost module call is looked at:
+    each caller frame costs about 0.1 µs to read, and a model's are many."""
+    while frame is not None:
+        if frame.f_code is _MODULE_CALL:
+            return frame.f_lasti in _FORWARD_OFFSETS
+        frame = frame.f_back
+    return _MODULE_CALL is None  # (another torch: nothing is told apart)
 
 
 def _in_backward() -> bool:
@@ -213,6 +251,10 @@ class Tracer:
         self._produced: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # its output's signature
         self._pass_done = False  # a forward pass ran to its end since the last end_step()
         self.evaluation = Evaluation()
+        # calls of the torch.compile wrapper the model is (when it is one) since the last end_step(), counted by a
+        # hook on the wrapper itself, which runs outside the compiled code
+        self._wrapper_calls = 0
+        self._wrapper_handles: list[RemovableHandle] = []
         #: Forward passes followed to their end since the last end_step() (compared across ranks).
         self.passes = 0
         self._recorded_steps = 0
@@ -236,6 +278,9 @@ class Tracer:
         self._activation_modules = set()
         try:
             self._hook_modules()
+            if type(self.model).__name__ == "OptimizedModule":
+                self._wrapper_handles = [self.model.register_forward_pre_hook(_wrapper_hook(self._ref))]
+                self._handles.extend(self._wrapper_handles)
         except BaseException:
             _remove_handles(self._handles)
             raise
@@ -256,6 +301,11 @@ class Tracer:
             self._finalizer = None
         self.attached = False
         self.recover()  # detached from inside (or after an interrupted) forward pass
+
+    def unseen_compiled_calls(self) -> int:
+        """Calls of the ``torch.compile`` wrapper (the model, when it is one) in this recorded step that ran none of
+        the hooks: compiled before the hooks were added, its code ignores them (pytorch/pytorch#117758)."""
+        return self._wrapper_calls if not self.passes and self.recording else 0
 
     def hooked_modules(self) -> list[str]:
         """Names (wrapper components removed) of the modules that have hooks of this tracer now."""
@@ -321,7 +371,7 @@ class Tracer:
             for h in pair:
                 h.remove()
             del self._module_handles[raw]
-        self._handles[:] = [h for pair in self._module_handles.values() for h in pair]
+        self._handles[:] = [h for pair in self._module_handles.values() for h in pair] + self._wrapper_handles
         for name in list(self._module_ids):
             if name not in self._module_handles:
                 del self._module_ids[name]
@@ -333,6 +383,7 @@ class Tracer:
         times)."""
         self.passes = 0
         self.evaluation.open = False
+        self._wrapper_calls = 0
         if self.stack and self._interrupted():  # no forward runs between steps
             self.recover()
         # discovery ends after a step in which a pass ran to its end (an interrupted one saw only part of it)
@@ -359,16 +410,24 @@ class Tracer:
         if not self.attached:
             return
         if self.stack:
-            name, spec = self.names[id(module)]
+            entry = self.names.get(id(module))
+            if entry is None:
+                return _copied_module()
+            name, spec = entry
             if name in self._entries and self._interrupted():
                 self.recover()
-        elif self.recording and (
-            _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
-            or self.evaluation.admit(torch.is_grad_enabled() and module.training, self.recorder)
-        ):
+        elif self.recording:
+            entry = self.names.get(id(module))
+            if entry is None:
+                return _copied_module()
+            if not (
+                _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
+                or self.evaluation.admit(torch.is_grad_enabled() and module.training, self.recorder)
+            ):
+                return
+            name, spec = entry
             # the frame of the module call that begins this forward pass lives exactly as long as the pass
             self._pass_frame = None if self._compiled.seen else sys._getframe(2)
-            name, spec = self.names[id(module)]
         else:
             return
         # a forward that began while recording is followed to its end, so the module stack stays balanced
@@ -399,7 +458,10 @@ class Tracer:
     def post_hook(self, module: nn.Module, output: Any) -> None:
         """Called by every hooked module's forward hook (``always_call``: also when the forward raised)."""
         if self.attached and self.stack:
-            name, spec = self.names[id(module)]
+            entry = self.names.get(id(module))
+            if entry is None:
+                return  # a module of a copy of the model (see _copied_module)
+            name, spec = entry
             self.exit(name, spec, output, id(module))
             if self.discovering and spec is None and id(module) in self._producers:
                 # the last layer with features, and what it produced: it tells where units sit
@@ -417,6 +479,9 @@ class Tracer:
             self._mode.__enter__()
             self._mode_active, self._mode_depth = True, len(self.stack)
         if spec is not None:
+            hooks = module._forward_hooks
+            if len(hooks) > 1 and next(reversed(hooks.values())) is not self._hooks[1]:
+                _run_last(hooks, self._hooks[1])  # a hook registered after ours may replace the output
             if self._activation_stack:
                 self._activation_stack.append(None)  # nested inside another activation: not a site
             else:
@@ -520,6 +585,8 @@ class Tracer:
         """The function mode saw a call of an activation function."""
         if not self.attached or self._activation_stack or not isinstance(out, torch.Tensor):
             return
+        if self._pass_frame is not None and not self._compiled.seen and not _in_forward(sys._getframe(3)):
+            return  # (frame 3: the caller of the function; compiled code has no module call frames to read)
         enclosing = self.stack[-1] if self.stack else ""
         if enclosing not in self._fn_parents:
             if not self.discovering:  # the mode runs in a child of a module that calls activations
@@ -599,6 +666,29 @@ def output_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+def _run_last(hooks: dict[int, Any], hook: Callable[..., Any]) -> None:
+    """Move ``hook`` to the end of a module's forward hooks (from its pre-hook: torch reads the forward hooks after
+    the forward), so that it sees the output the rest of the model receives, whatever a hook registered after it
+    returns in its place (masking, pruning, steering)."""
+    if isinstance(hooks, OrderedDict):
+        for key, value in list(hooks.items()):
+            if value is hook:
+                hooks.move_to_end(key)
+
+
+def _copied_module() -> None:
+    """A module that carries this tracer's hooks without being one it hooked ran: a copy of the model made while
+    attached (``copy.deepcopy`` copies hooks, and ``torch.optim.swa_utils.AveragedModel`` and EMA helpers are built
+    on it). Its forwards are not the model's: recording them would mix another model's outputs into the model's
+    sites (and, under DDP, give one rank more forward passes than the others). Its hooks do nothing."""
+    warn_once(
+        "hookscope: a copy of an instrumented model ran a forward pass (copy.deepcopy copies hooks, and so do "
+        "torch.optim.swa_utils.AveragedModel and EMA helpers built on it): the copy is not recorded and its hooks "
+        "do nothing. Attach a HookManager of its own to the copy to record it.",
+        stacklevel=7,  # the call of the copied module
+    )
+
+
 class _Compiled:
     """Whether a hook ran inside a torch.compile region."""
 
@@ -653,6 +743,19 @@ def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled) -> Callab
         else:
             compiled.seen = True
             _outside_compile(tracer.pre_hook, module, args)
+
+    return hook
+
+
+def _wrapper_hook(ref: weakref.ReferenceType[Tracer]) -> Callable[[nn.Module, Any], None]:
+    @_opaque_to_dynamo  # (a compiled region that calls the wrapper)
+    def hook(module: nn.Module, args: Any) -> None:
+        tracer = ref()
+        if tracer is None or not (tracer.attached and tracer.recording):
+            return
+        # a call that would be recorded: not an evaluation pass once the model trains (see Evaluation)
+        if (torch.is_grad_enabled() and module.training) or not tracer.evaluation.trained:
+            tracer._wrapper_calls += 1
 
     return hook
 

@@ -57,8 +57,8 @@ class UnitReports:
         collector = self._dead_collector()
         if not collector.applies_to(site):
             raise ConfigError(f"`layer` {layer!r} is a {site.kind}, not a rectifier: it has no dead units")
-        step, is_open = self._recorder.latest()
-        state = collector.unit_state(site, step, include_open=is_open)
+        step, seen = self._recorder.latest()  # (a site that saw nothing in the open step: as at the last closed one)
+        state = collector.unit_state(site, step, include_open=site.index in seen)
         return [int(i) for i in np.flatnonzero(state["dead"])]
 
     def _collector(self, kind: type[Collector], hint: str) -> Collector:
@@ -144,8 +144,8 @@ class UnitReports:
         if not collector.applies_to(site) or not collector.has_state or site.units == 0:
             raise ConfigError(f"`layer` {layer!r} ({site.kind}) has no per-unit {stat!r}: {collector!r} does not "
                               "record it")  # fmt: skip
-        step, is_open = self._recorder.latest()
-        found, values = collector.unit_values(site, step, include_open=is_open)
+        step, seen = self._recorder.latest()
+        found, values = collector.unit_values(site, step, include_open=site.index in seen)
         column = values[stat]
         return pd.DataFrame({
             "layer": site.layer, "unit": np.arange(len(column)),
@@ -161,6 +161,6 @@ class UnitReports:
         being dead, having fired before), ``last_revival`` (NaN if never).
         """
         collector = self._dead_collector()
-        step, is_open = self._recorder.latest()
+        step, seen = self._recorder.latest()
         sites = [self.site(layer)] if layer is not None else self._recorder.sites
-        return collector.timeline(sites, step, include_open=is_open)
+        return collector.timeline(sites, step, bool(seen), empty_open={s.index for s in sites} - seen)

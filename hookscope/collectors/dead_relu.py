@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -88,7 +88,8 @@ class DeadReLU(Collector):
         # Positive elements of each unit in the open step.
         self.add_state("positive", per_unit=True)
         # The last step in which each unit fired (> 0), as a step number (reports) and as the ordinal of the
-        # recorded step (windows count recorded steps); -inf for never.
+        # recorded step (windows count recorded steps), moved one step later for each recorded step since in which
+        # the unit's site saw no element (those do not count); -inf for never.
         self.add_state("last_fired", -math.inf, reduce="max", per_unit=True, persistent=True)
         self.add_state("fired_at", -math.inf, reduce="max", per_unit=True, persistent=True)
         # The step at which the current (or last) dead spell began: the first step at which the unit counted dead.
@@ -127,24 +128,34 @@ class DeadReLU(Collector):
         t = host_to_device(torch.tensor(steps, dtype=torch.float64), device)[:, None]
         o = torch.arange(self._closed, self._closed + len(steps), dtype=torch.float64, device=device)[:, None]
         fired = positive > 0  # NaN outputs never fire
-        # When each unit last fired (as an ordinal), as of each step of the block: a running maximum over the
-        # block's steps starting from the persistent value; before[k] as of the previous step, after[k] as of k.
-        running = torch.cat([bank.unit("fired_at")[None], torch.where(fired, o, -math.inf)])
-        rows = running.unbind(0)
-        for previous, row in zip(rows, rows[1:]):  # cummax(dim=0) runs ~10x slower on CPU (2.9 ms at 17k units)
-            torch.maximum(previous, row, out=row)
-        before, after = running[:-1], running[1:]
-        # alive: fired within the window (the recorded steps o - window + 1 ... o); every other unit is dead
-        alive = after > o - self.window
-        # silent: output elements since each unit last fired, as of each step; confirmed dead past `evidence`
         owners = bank.owners()
         per_unit = (block["elements"] * self._inverse_units(bank))[:, owners]  # (T, units): elements per unit
-        # (without a loop: elements summed up to each step, minus the sum up to the step the unit last fired
-        # in this block, or plus the persistent count when it did not fire in the block)
-        total = per_unit.cumsum(dim=0)
-        fired_row = (after - o[0]).clamp_min_(-1).long()  # row of the block where it last fired, -1 for none
-        at_fire = torch.cat([torch.zeros_like(total[:1]), total]).gather(0, fired_row + 1)
-        silent = torch.where(fired_row >= 0, total - at_fire, total + bank.unit("silent"))
+        total = per_unit.cumsum(dim=0)  # elements up to each step
+        # A step in which a unit's site saw no element does not count for it: the unit's clock stands still there.
+        # skipped[k]: such steps up to step k of the block; o - skipped is the ordinal of each step on the unit's
+        # clock, and the persistent fired_at is on that clock already (see __init__).
+        skipped = torch.cumsum(per_unit == 0, dim=0, dtype=torch.float64)
+        # Running maxima over the block's steps, in one loop: the step each unit last fired in, on its clock
+        # (starting from the persistent value), and the elements up to the step it last fired in within the block
+        # (-inf: none)
+        marks = torch.stack([torch.where(fired, o - skipped, -math.inf), torch.where(fired, total, -math.inf)], 1)
+        rows = marks.unbind(0)
+        fired_at = bank.unit("fired_at")
+        head = rows[0][0]
+        torch.maximum(head, fired_at, out=head)
+        for previous, row in zip(rows, rows[1:]):  # cummax(dim=0) runs ~10x slower on CPU (2.9 ms at 17k units)
+            torch.maximum(previous, row, out=row)
+        last, at_fire = marks.unbind(1)
+        # when each unit last fired (as an ordinal, moved later by the steps since that did not count), as of step
+        # k (after[k]) and as of the previous step (before[k])
+        after = last + skipped
+        before = torch.cat([fired_at[None], after[:-1]])
+        # alive: fired within the window (the recorded steps o - window + 1 ... o); every other unit is dead
+        alive = after > o - self.window
+        # silent: output elements since each unit last fired, as of each step (elements up to each step, minus
+        # those up to the step it last fired in within the block, or plus the persistent count when it did not
+        # fire in the block); confirmed dead past `evidence`
+        silent = torch.where(at_fire > -math.inf, total - at_fire, total + bank.unit("silent"))
         confirmed = silent >= self.evidence
         # units first: index_add_ along the leading dimension runs 5-7x faster than along dim 1 here
         stacked = torch.stack([positive.T, alive.T.to(positive.dtype), confirmed.T.to(positive.dtype)], dim=-1)
@@ -174,7 +185,10 @@ class DeadReLU(Collector):
     def compute(self, record: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
             return {
-                "dead_ratio": (record["units"] - record["alive_units"]) / record["units"],
+                # a step in which the site saw no element judges nothing (and does not count for the window)
+                "dead_ratio": np.where(
+                    record["elements"] > 0, (record["units"] - record["alive_units"]) / record["units"], np.nan
+                ),
                 "inactive_fraction": (record["elements"] - record["positive"]) / record["elements"],
                 "confirmed_dead_ratio": record["confirmed_units"] / record["units"],
             }
@@ -199,9 +213,9 @@ class DeadReLU(Collector):
         offset, units = where
         return self._units_state(offset, offset + units, step, include_open)
 
-    def _units_state(self, start: int, stop: int, step: int, include_open: bool) -> dict[str, np.ndarray]:
+    def _units_state(self, start: int, stop: int, step: int, include_open: bool | np.ndarray) -> dict[str, np.ndarray]:
         """:meth:`unit_state` of the units ``start:stop`` of the bank (any number of sites): one host copy per
-        state, the same arithmetic for every unit."""
+        state, the same arithmetic for every unit (``include_open`` may be given per unit)."""
         bank = self.bank
 
         def host(name: str) -> np.ndarray:
@@ -209,15 +223,16 @@ class DeadReLU(Collector):
                 return bank.unit(name)[start:stop].cpu().numpy().copy()
 
         last, fired_at, died_at = host("last_fired"), host("fired_at"), host("died_at")
-        current = float(self._closed if include_open else self._closed - 1)  # ordinal of `step`
-        if include_open:
-            now = host("positive") > 0
+        opened = np.asarray(include_open, dtype=bool)
+        current = np.where(opened, float(self._closed), float(self._closed - 1))  # ordinal of `step`
+        if opened.any():
+            now = (host("positive") > 0) & opened
             alive_before = fired_at > current - 1 - self.window
             last = np.where(now, float(step), last)
             fired_at = np.where(now, current, fired_at)
         dead = fired_at <= current - self.window
-        if include_open:  # a spell that begins in the open step
-            died_at = np.where(dead & alive_before, float(step), died_at)
+        if opened.any():  # a spell that begins in the open step
+            died_at = np.where(dead & alive_before & opened, float(step), died_at)
         return {
             "last_fired": last,
             "dead": dead,
@@ -226,12 +241,16 @@ class DeadReLU(Collector):
             "last_revival": host("last_revival"),
         }
 
-    def timeline(self, sites: Sequence[Site], step: int, include_open: bool) -> pd.DataFrame:
+    def timeline(
+        self, sites: Sequence[Site], step: int, include_open: bool, empty_open: Container[int] = ()
+    ) -> pd.DataFrame:
         """Per-unit history of ``sites`` as of ``step``: one row per unit, columns :data:`TIMELINE_COLUMNS`.
 
         ``dead_since`` is the first step of the current dead spell: the first recorded step at which the unit
         counted as dead (``last_fired + window`` when every step is recorded), or the site's first step if the
-        unit never fired. Sites this collector does not apply to, and sites without units, are left out.
+        unit never fired. Sites this collector does not apply to, and sites without units, are left out. Sites in
+        ``empty_open`` (their indices) saw no element in the open step: their state is that of the last closed step
+        (a step without elements does not count).
 
         Built in one pass over all units (one host copy per state, array arithmetic, one frame), so its cost is
         linear in the number of units, whatever the number of sites.
@@ -250,7 +269,11 @@ class DeadReLU(Collector):
         unit = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
         index = np.repeat(offsets, counts) + unit  # each chosen unit's place in the bank, in the order of `sites`
         lo, hi = int(index.min()), int(index.max()) + 1
-        st = {name: values[index - lo] for name, values in self._units_state(lo, hi, step, include_open).items()}
+        opened = np.zeros(hi - lo, dtype=bool)  # per unit: the open step counts (its site saw elements there)
+        if include_open:
+            seen = np.array([site.index not in empty_open for site, _ in chosen])
+            opened[index - lo] = np.repeat(seen, counts)
+        st = {name: values[index - lo] for name, values in self._units_state(lo, hi, step, opened).items()}
         first = [float(site.first_step if site.first_step is not None else step) for site, _ in chosen]
         never = np.isinf(st["last_fired"])
         since = np.where(never, np.repeat(np.array(first), counts), st["died_at"])

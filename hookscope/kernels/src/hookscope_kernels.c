@@ -519,7 +519,9 @@ HS_EXPORT int32_t hs_dead_units(int64_t T, int64_t U, int64_t S, const double *p
         for (int64_t k = 0; k < T; k++) {
             const double o = first + (double)k, p = positive[k * pos_stride + u], before = after;
             const int fired = p > 0.0; /* NaN never fires */
-            total += elements[k * el_stride + s] * per_unit;
+            const double seen = elements[k * el_stride + s];
+            if (seen == 0.0) after += 1.0; /* a step in which the site saw nothing does not count: see dead_relu.py */
+            total += seen * per_unit;
             if (fired) {
                 if (o > after) after = o;
                 fired_in_block = 1;

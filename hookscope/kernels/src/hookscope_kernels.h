@@ -124,9 +124,10 @@ int32_t hs_magnitude_stats_prepared(const void *x, const hs_magnitude_args *a);
  * Step k of the block is the recorded step of ordinal `first + k` and number `steps[k]`; unit u belongs to site
  * owners[u] (0 <= owners[u] < S). Inputs: positive[k * pos_stride + u], the positive elements of unit u in step k;
  * elements[k * el_stride + s], the output elements of site s in step k, and inverse[s] (1 / its units); the
- * persistent fired_at[u] (ordinal of the last step it fired in, -inf for never) and silent[u] (output elements
- * since then). For each step, with after = ordinal of the last firing as of step k (fired: positive > 0, NaN never)
- * and before the same as of step k - 1, these are added (+=) to out, a (3, T, S) block:
+ * persistent fired_at[u] (ordinal of the last step it fired in, -inf for never, moved one later for each step since
+ * in which its site saw no element: those steps do not count) and silent[u] (output elements since then). For each
+ * step, with after = that ordinal as of step k (fired: positive > 0, NaN never; a step k with elements 0 adds 1 to
+ * it) and before the same as of step k - 1, these are added (+=) to out, a (3, T, S) block:
  *   out[0][k][s] = the positive elements of site s's units;
  *   out[1][k][s] = its units with after > ordinal - window (alive);
  *   out[2][k][s] = its units whose silent count (elements since the last firing, summed per step in block order as
