@@ -21,7 +21,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,14 +35,15 @@ from hookscope.collectors.dead_relu import DeadReLU
 from hookscope.collectors.gradient_norm import GradientNorm
 from hookscope.collectors.saturation import Saturation
 from hookscope.errors import ConfigError, ConfigTypeError, StateError, UnknownLayerError
+from hookscope.feeding import SinkFeed
 from hookscope.history import Rows, StepRecord
 from hookscope.params import ParamStats
 from hookscope.recording import Recorder
 from hookscope.report import ROW_COLUMNS, report_columns
 from hookscope.sinks import Sink, sinks_of
 from hookscope.sites import Site, validate_patterns, validate_unit_dim
-from hookscope.spikes import SERIES_STATS, Series, column_series
-from hookscope.state import save_state
+from hookscope.spikes import SpikeFeed
+from hookscope.state import Resumable
 from hookscope.tracing import Tracer
 from hookscope.warn import HookscopeWarning, warn_once
 
@@ -56,7 +57,7 @@ __all__ = ["DETACH_TIMEOUT", "HookManager"]
 DETACH_TIMEOUT = 60.0
 
 
-class HookManager:
+class HookManager(Resumable):
     """Instrument the activation layers of a model.
 
     Args:
@@ -152,14 +153,9 @@ class HookManager:
             if self.params
             else None
         )
-        #: Per-step values that spike rules follow (the loss of ``step(loss=...)``, the total gradient norm).
-        self.series = Series()
-        self._series_stats = self.alerts.series_stats() if self.alerts is not None else set()
-        self._check_series_stats()
-        self._column_records: list[StepRecord] = []  # closed steps whose columns feed spike rules at the next check
-        self._sink_buffers: list[list[StepRecord]] = [[] for _ in self.sinks]  # closed steps not yet written
-        # the step at which each sink writes next: it counts training steps, recorded or not
-        self._sink_due = [self._recorder.step + sink.every - 1 for sink in self.sinks]
+        #: The series that spike rules follow (the loss of ``step(loss=...)``, the total gradient norm, columns).
+        self.spikes = SpikeFeed(self.alerts, tuple(c for c in self.columns if c not in ROW_COLUMNS), self.params)
+        self._feed = SinkFeed(self.sinks, self._recorder)
         self._paused = False
         self._at_exit: Callable[[], None] | None = None
         self._update_recording()
@@ -175,21 +171,6 @@ class HookManager:
         if start_step > 0:  # a resumed run: what the sinks kept of this step and later ones is dropped
             for sink in self.sinks:
                 sink.resume_from(start_step)
-
-    def _check_series_stats(self) -> None:
-        """Spike rules follow the loss, the total gradient norm (``params=True``) or a statistic column."""
-        stats = tuple(c for c in self.columns if c not in ROW_COLUMNS)
-        for stat in sorted(self._series_stats):
-            if stat == "grad_norm" and not self.params:
-                raise ConfigError(
-                    "`SpikeRule(stat='grad_norm')` follows the model's total parameter-gradient norm: it needs "
-                    "HookManager(params=True)"
-                )
-            if stat not in SERIES_STATS and stat not in stats:
-                raise ConfigError(
-                    f"`SpikeRule(stat={stat!r})`: stat must be 'loss', 'grad_norm' or a statistic column of this "
-                    f"manager ({', '.join(stats)})"
-                )
 
     # ----------------------------------------------------------------------------------------------------------
     # attach / detach
@@ -241,7 +222,7 @@ class HookManager:
             errors.append(e)
         self._flush_into(errors)
         for i, sink in enumerate(self.sinks):
-            self._write_sink(i, errors)
+            self._feed.write(i, errors)
             try:
                 sink.close()
             except Exception as e:
@@ -321,20 +302,9 @@ class HookManager:
                 delivered and every other sink is fed; the first such error is raised at the end.
         """
         recorder = self._recorder
-        if loss is not None and "loss" in self._series_stats:
-            if isinstance(loss, torch.Tensor) and loss.numel() != 1:
-                raise ConfigError(
-                    f"`loss` must be a one-element tensor or a number, got a tensor of shape {list(loss.shape)}"
-                )
-            if not isinstance(loss, (torch.Tensor, int, float)) or isinstance(loss, bool):
-                raise ConfigTypeError(f"`loss` must be a tensor or a number, got {describe(loss)}")
-            self.series.add("loss", recorder.step, loss)
         if self._params is not None and self._tracer.attached and recorder.step % self.every == 0:
             self._params.record(recorder.step)  # the parameters as they are now, before the optimizer's step
-            if "grad_norm" in self._series_stats:
-                total = self._params.total_grad_norm()
-                if total is not None:
-                    self.series.add("grad_norm", recorder.step, total)
+        self.spikes.add(recorder.step, loss, self._params)
         # the step is closed and numbered here, exactly once; distributed, the previous step is combined
         records = recorder.close_step(passes=self._tracer.passes)
         if self._tracer.passes and not recorder.site_by_key:
@@ -354,51 +324,21 @@ class HookManager:
         recorder = self._recorder
         for record in records:
             fired: list[Alert] = []
-            if self._wants_columns():
-                self._column_records.append(record)
+            self.spikes.closed(record)
             if self.alerts is not None and self.alerts.due(record.step):
                 self._flush_into(errors)
                 params = self._params.last_frame() if self._params is not None else None
                 before = len(self.alerts.fired)
                 try:
                     frame = recorder.frame([record])
-                    series = self._series_values()
+                    series = self.spikes.drain(recorder.frame)
                     self.alerts.check(
                         frame, record.step, primary=distributed.rank() == 0, param_rows=params, series=series
                     )
                 except Exception as e:
                     errors.append(e)
                 fired = self.alerts.fired[before:]
-            for i, sink in enumerate(self.sinks):
-                self._sink_buffers[i].append(record)
-                if record.step >= self._sink_due[i]:  # `every` training steps since the last write
-                    self._sink_due[i] = record.step + sink.every
-                    self._write_sink(i, errors)
-                elif fired and type(sink).alerted is not Sink.alerted:
-                    self._write_sink(i, errors)  # it sees every step up to the alert's first
-                if fired and (sink.all_ranks or distributed.rank() == 0):
-                    try:
-                        sink.alerted(list(fired))
-                    except Exception as e:
-                        errors.append(e)
-
-    def _wants_columns(self) -> bool:
-        """Whether a spike rule follows a report column (its closed steps are kept until the next check)."""
-        return any(stat not in SERIES_STATS for stat in self._series_stats)
-
-    def _series_values(self) -> dict[str, list[tuple[int, float]]]:
-        """Every series value since the last check, on the host: the device series in one transfer each, and the
-        report columns that spike rules follow aggregated over the layers of each step."""
-        values = self.series.drain()
-        if self._column_records:
-            records, self._column_records = self._column_records, []
-            frame = self._recorder.frame(records)
-            assert self.alerts is not None
-            for rule in self.alerts.rules:
-                stat = getattr(rule, "stat", None)
-                if getattr(rule, "target", "") == "series" and stat not in SERIES_STATS and stat is not None:
-                    values[str(stat)] = column_series(frame, str(stat), str(getattr(rule, "aggregate", "max")))
-        return values
+            self._feed.add(record, fired, errors)
 
     def _flush_into(self, errors: list[Exception]) -> None:
         """Flush the ring; a collector's error goes to ``errors`` (the values are stored all the same)."""
@@ -407,109 +347,9 @@ class HookManager:
         except Exception as e:
             errors.append(e)
 
-    def _write_sink(self, i: int, errors: list[Exception]) -> None:
-        """Hand sink ``i`` the closed steps it has not received yet (rank zero only, unless it asks otherwise).
-
-        When the sink raises, its rows are kept and handed to it again at its next write, and the error goes to
-        ``errors``.
-        """
-        self._flush_into(errors)
-        records, self._sink_buffers[i] = self._sink_buffers[i], []
-        sink = self.sinks[i]
-        if records and (sink.all_ranks or distributed.rank() == 0):
-            try:
-                sink.write(self._recorder.frame(records))
-            except Exception as e:
-                self._sink_buffers[i][:0] = records
-                errors.append(e)
-
     def state_bytes(self) -> int:
         """Bytes of collector state on the device (independent of the number of steps)."""
         return self._recorder.state_bytes()
-
-    # ----------------------------------------------------------------------------------------------------------
-    # saving and restoring (see hookscope.state)
-
-    def state_dict(self, *, history: bool = True, param_copies: bool = True) -> dict[str, Any]:
-        """Everything needed to continue this run in a new process as if it had never stopped: the step counter,
-        each site's per-unit state, the alerts' state, the parameter statistics' state and the sinks' positions
-        (see :mod:`hookscope.state`). Tensors and plain Python only: ``torch.save`` it, and
-        ``torch.load(..., weights_only=True)`` reads it back.
-
-        Call it between ``step()`` and the next forward pass (what ran in the open step is not saved: a run
-        resumed from a checkpoint runs that step again). It flushes the ring and writes what the sinks hold, so
-        the files on disk match the checkpoint; under ``torch.distributed`` it is a collective (every rank calls
-        it; each gets the same global state, and rank zero writes the sinks).
-
-        Args:
-            history: Include the closed steps' records (``to_dataframe()`` of the resumed run then also holds the
-                steps before the resume).
-            param_copies: With ``params=True`` and ``param_updates=True``, include the parameter copies that the
-                next ``update_ratio`` is measured from (the model's size again); without them the first resumed
-                step's ``update_ratio`` is NaN.
-
-        Raises:
-            Exception: What a sink or custom collector raised while being flushed (the state is not returned).
-        """
-        check_bool("history", history)
-        check_bool("param_copies", param_copies)
-        errors: list[Exception] = []
-        self._deliver(self._recorder.settle(DETACH_TIMEOUT), errors)
-        self._flush_into(errors)
-        for i in range(len(self.sinks)):
-            self._write_sink(i, errors)
-        if errors:
-            raise errors[0]
-        if self._column_records:  # spike rules' columns of the steps not checked yet, as series values
-            for stat, pairs in self._series_values().items():
-                for step, value in pairs:
-                    self.series.add(stat, step, value)
-        return save_state(self, history=history, param_copies=param_copies)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
-        """Continue the run that :meth:`state_dict` saved: on a new manager (before or after ``attach()``, before the
-        first forward pass and ``step()``), reports, alerts, sinks and parameter statistics go on as if the run had
-        never been interrupted.
-
-        Sites are matched by name: a saved site whose module is not in the model (or that ``include``/``exclude``
-        leave out) is an error, or with ``strict=False`` left out with one warning. Sites the model runs that the
-        state does not hold start fresh when discovered. Everything is checked before anything is loaded.
-
-        Raises:
-            StateError: Not a hookscope state, another layout version, other collectors or ``every``, a site or a
-                parameter the model does not have, a tensor of the wrong shape, dtype or device, a truncated or
-                edited state, or a manager that has already recorded something. The manager is left as it was.
-        """
-        from hookscope.state import load_state
-
-        check_bool("strict", strict)
-        load_state(self, state_dict, strict=strict)
-
-    def restore_position(self, step: int, sinks: list[tuple[str, int, dict[str, Any]]]) -> None:
-        """Continue numbering at ``step`` with the sinks' saved positions (``(type, next write, state)``, matched
-        to this manager's sinks by type, in order); every sink drops what it kept of ``step`` and later."""
-        self._recorder.step = step
-        saved = list(sinks)
-        for i, sink in enumerate(self.sinks):
-            match = next((k for k, (kind, _, _) in enumerate(saved) if kind == type(sink).__name__), None)
-            if match is None:
-                self._sink_due[i] = step + sink.every - 1
-            else:
-                _, due, state = saved.pop(match)
-                self._sink_due[i] = due
-                sink.load_state_dict(state)
-            sink.resume_from(step)
-        self._update_recording()
-
-    @property
-    def param_stats(self) -> ParamStats | None:
-        """The parameter statistics (``None`` without ``params=True``; internal, documented for tests)."""
-        return self._params
-
-    @property
-    def sink_due(self) -> list[int]:
-        """The step at which each sink writes next."""
-        return list(self._sink_due)
 
     def history_bytes(self) -> int:
         """Bytes of the recorded history (device values and host counts)."""

@@ -476,9 +476,9 @@ class Recorder:
         self._cross, self.global_stats = None, False
         warn_once(f"{error}. hookscope records rank-local statistics from now on", stacklevel=5)
 
-    def finish(self, timeout: float) -> list[StepRecord]:
+    def finish(self, timeout: float, release: bool = True) -> list[StepRecord]:
         """Under ``torch.distributed``: combine the last closed step (at ``detach()``, waiting at most ``timeout``
-        seconds for the other ranks); returns it when it is final."""
+        seconds for the other ranks); returns it when it is final. ``release=False`` keeps the groups (state_dict)."""
         if self._cross is None:
             return []
         try:
@@ -487,73 +487,11 @@ class Recorder:
             self._give_up_global(e)
             raise
         finally:
-            if self._cross is not None:
+            if self._cross is not None and release:
                 self._cross.release()
         for r in final:
             self.last_closed = r
         return final
-
-    def settle(self, timeout: float | None = None) -> list[StepRecord]:
-        """Under ``torch.distributed``: combine the closed steps still waiting for the other ranks now (a
-        collective: every rank calls it after the same ``step()``, as ``state_dict()`` does); returns those that
-        became final (the caller delivers them: the next ``step()`` does not). Nothing to do on one process."""
-        if self._cross is None:
-            return []
-        try:
-            final = self._cross.advance(timeout) + self._cross.finish_combining(timeout)
-        except StateError as e:
-            self._give_up_global(e)
-            raise
-        for r in final:
-            self.last_closed = r
-        return final
-
-    def restore_site(
-        self, d: SiteDescription, first_step: int | None, problem: str | None, device: torch.device
-    ) -> Site:
-        """Enter a site of a saved state (``HookManager.load_state_dict``) as it was described, with fresh state;
-        the caller copies the saved state into it. Its forward calls find it by its key, as if discovered."""
-        from hookscope.activations import get_activation
-
-        site = self.new_site(d.key, d.name, d.module, d.call, get_activation(d.kind), d.function, d.bounds)
-        if site is None:
-            raise StateError(f"site {d.name!r} is left out by `include`/`exclude`")
-        site.first_step, site.problem = first_step, problem
-        if problem is None and d.units >= 0 and d.shape is not None:
-            site.unit_dim, site.units, site.shape, site.units_fixed = d.unit_dim, d.units, d.shape, True
-            site.reduce_dims = tuple(i for i in range(len(d.shape)) if i != d.unit_dim)
-            if self._device is None:
-                self._bind_device(device)
-            self._bind_state(site)
-        return site
-
-    def site_key(self, index: int) -> SiteKey:
-        """The key under which the hooks find the site at ``index``."""
-        return self._keys[index]
-
-    def step_has_data(self) -> bool:
-        """Whether a site ran in the open step."""
-        return bool(self._order)
-
-    def restore_last_closed(self) -> None:
-        """After a history was loaded: the latest stored step is the last closed one (``last_step_frame``)."""
-        rows = self.history.records()
-        if not len(rows.step):
-            return
-        last = int(rows.step[-1])
-        mine = rows.step == last
-        sites = [int(i) for i in rows.site[mine]]
-        values = np.full((len(self.sites), rows.values.shape[1]), np.nan)
-        values[sites] = rows.values[mine]
-        shapes = [tuple(int(x) for x in s.split("x")) if s != "scalar" else () for s in np.asarray(rows.shape)[mine]]
-        self.last_closed = StepRecord(
-            last, sites, [int(x) for x in rows.calls[mine]], [int(x) for x in rows.elements[mine]],
-            [int(x) for x in rows.backward[mine]], [int(x) for x in rows.units[mine]], shapes, values,
-        )  # fmt: skip
-
-    def bank_of(self, index: int) -> StateBank | None:
-        """The state bank of the collector at ``index`` (``None`` before any site was bound)."""
-        return self._banks[index] if self._banks else None
 
     def snapshot(self) -> StepRecord | None:
         """The open step's record with its values, or ``None`` when nothing ran in it (or, under

@@ -21,11 +21,15 @@ import numpy as np
 import torch
 
 from hookscope.alerts import AlertRule, Hit
-from hookscope.checks import check_int, check_number
+from hookscope.checks import check_int, check_number, describe
 from hookscope.errors import ConfigError, ConfigTypeError, StateError
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from hookscope.alerts import Alerts
+    from hookscope.history import StepRecord
+    from hookscope.params import ParamStats
 
 __all__ = ["AGGREGATES", "SERIES_STATS", "Series", "SpikeHit", "SpikeRule"]
 
@@ -190,3 +194,78 @@ def column_series(frame: pd.DataFrame, column: str, aggregate: str) -> list[tupl
         if len(v):
             out.append((int(step), fn(v)))
     return out
+
+
+class SpikeFeed:
+    """The series a manager's spike rules follow, fed by ``step()``: the loss, the total parameter-gradient norm,
+    and report columns (the closed steps are kept until the next check aggregates them).
+
+    Raises:
+        ConfigError: A rule follows ``grad_norm`` without ``params``, or a stat that is no statistic column.
+    """
+
+    def __init__(self, alerts: Alerts | None, columns: tuple[str, ...], params: bool) -> None:
+        self.rules = [r for r in (alerts.rules if alerts is not None else []) if isinstance(r, SpikeRule)]
+        self.stats = {r.stat for r in self.rules}
+        for stat in sorted(self.stats):
+            if stat == "grad_norm" and not params:
+                raise ConfigError(
+                    "`SpikeRule(stat='grad_norm')` follows the model's total parameter-gradient norm: it needs "
+                    "HookManager(params=True)"
+                )
+            if stat not in SERIES_STATS and stat not in columns:
+                raise ConfigError(
+                    f"`SpikeRule(stat={stat!r})`: stat must be 'loss', 'grad_norm' or a statistic column of this "
+                    f"manager ({', '.join(columns)})"
+                )
+        self.series = Series()
+        self._columns = any(stat not in SERIES_STATS for stat in self.stats)
+        self._records: list[StepRecord] = []  # closed steps whose columns are aggregated at the next check
+
+    def follows(self, stat: str) -> bool:
+        return stat in self.stats
+
+    def add(self, step: int, loss: object, params: ParamStats | None) -> None:
+        """At ``step()``: keep the step's loss and, when recorded at this step, the total gradient norm."""
+        if loss is not None:
+            self.add_loss(step, loss)
+        if "grad_norm" in self.stats and params is not None and params.last is not None and params.last.step == step:
+            self.add_grad_norm(step, params.total_grad_norm())
+
+    def add_loss(self, step: int, loss: object) -> None:
+        """Keep the step's loss (a one-element tensor stays on its device) when a rule follows it."""
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ConfigError(f"`loss` must be a one-element tensor or a number, got shape {list(loss.shape)}")
+        elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise ConfigTypeError(f"`loss` must be a tensor or a number, got {describe(loss)}")
+        if "loss" in self.stats:
+            self.series.add("loss", step, loss)
+
+    def add_grad_norm(self, step: int, total: torch.Tensor | None) -> None:
+        if total is not None:
+            self.series.add("grad_norm", step, total)
+
+    def closed(self, record: StepRecord) -> None:
+        """A closed step, final: its columns feed the rules at the next check."""
+        if self._columns:
+            self._records.append(record)
+
+    def drain(self, frame: Callable[[list[StepRecord]], pd.DataFrame]) -> dict[str, list[tuple[int, float]]]:
+        """Every value since the last check, on the host: device series in one transfer each, report columns
+        aggregated over each step's layers (``frame`` builds the report frame of closed records)."""
+        values = self.series.drain()
+        if self._records:
+            records, self._records = self._records, []
+            rows = frame(records)
+            for rule in self.rules:
+                if rule.stat not in SERIES_STATS:
+                    values[rule.stat] = column_series(rows, rule.stat, rule.aggregate)
+        return values
+
+    def settle(self, frame: Callable[[list[StepRecord]], pd.DataFrame]) -> None:
+        """Turn the kept closed steps into series values (for ``state_dict``: records are not saved)."""
+        if self._records:
+            for stat, pairs in self.drain(frame).items():
+                for step, value in pairs:
+                    self.series.add(stat, step, value)

@@ -27,20 +27,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
+from hookscope.checks import check_bool
 from hookscope.distributed import SiteDescription
 from hookscope.errors import StateError
+from hookscope.history import StepRecord
 from hookscope.sites import ROOT_NAME, iter_named_modules, matches
 from hookscope.warn import warn_once
 
 if TYPE_CHECKING:
-    from hookscope.collectors.base import Collector
-    from hookscope.manager import HookManager
+    import torch.nn as nn
 
-__all__ = ["STATE_FORMAT", "STATE_VERSION", "load_state", "save_state", "state_bytes"]
+    from hookscope.alerts import Alerts
+    from hookscope.collectors.base import Collector
+    from hookscope.feeding import SinkFeed
+    from hookscope.params import ParamStats
+    from hookscope.recording import Recorder
+    from hookscope.sinks import Sink
+    from hookscope.sites import Site
+    from hookscope.spikes import SpikeFeed
+
+
+class HookManager(Protocol):
+    """What saving and loading use of a ``HookManager`` (which imports this module)."""
+
+    model: nn.Module
+    every: int
+    alerts: Alerts | None
+    spikes: SpikeFeed
+    sinks: list[Sink]
+    _feed: SinkFeed
+
+    @property
+    def recorder(self) -> Recorder: ...
+
+    @property
+    def param_stats(self) -> ParamStats | None: ...
+
+
+__all__ = ["STATE_FORMAT", "STATE_VERSION", "Resumable", "load_state", "save_state", "state_bytes"]
 
 #: The value of a state's ``format`` key.
 STATE_FORMAT = "hookscope.HookManager"
@@ -48,6 +77,80 @@ STATE_FORMAT = "hookscope.HookManager"
 STATE_VERSION = 1
 
 _PLAIN = (int, float, str, bool, type(None))
+#: Seconds ``state_dict()`` waits for the other ranks (as ``detach()`` does).
+_DETACH_TIMEOUT = 60.0
+
+
+class _Manager(HookManager, Protocol):
+    """The manager's own steps that saving uses."""
+
+    def _deliver(self, records: list[StepRecord], errors: list[Exception]) -> None: ...
+
+    def _update_recording(self) -> None: ...
+
+    @property
+    def _params(self) -> ParamStats | None: ...
+
+
+class Resumable:
+    """``HookManager``'s saving and restoring (a base class of it, so that this responsibility has its own file)."""
+
+    def flush(self: _Manager) -> None:
+        """Write what the sinks hold now (under ``torch.distributed``: a collective that first combines the steps
+        still waiting for the other ranks). ``state_dict()`` does it, so that files match the checkpoint.
+
+        Raises:
+            Exception: What a sink or custom collector raised, once every sink was fed.
+        """
+        errors: list[Exception] = []
+        self._deliver(self.recorder.finish(_DETACH_TIMEOUT, release=False), errors)
+        try:  # the closed steps waiting in the ring become records of the history
+            self.recorder.flush()
+        except Exception as e:
+            errors.append(e)
+        for i in range(len(self.sinks)):
+            self._feed.write(i, errors)
+        if errors:
+            raise errors[0]
+
+    def state_dict(self: _Manager, *, history: bool = True, param_copies: bool = True) -> dict[str, Any]:
+        """Everything needed to continue this run in a new process as if it had never stopped, as tensors and plain
+        Python: ``torch.save`` it; ``torch.load(..., weights_only=True)`` reads it back (see the module docstring).
+
+        Call it between ``step()`` and the next forward pass (what ran in the open step is not saved: a resumed run
+        runs that step again). It writes what the sinks hold first (:meth:`flush`); under ``torch.distributed`` it
+        is a collective, and every rank gets the same global state.
+
+        Args:
+            history: Include the closed steps (the resumed ``to_dataframe()`` then also holds the earlier ones).
+            param_copies: Include the parameter copies that the next ``update_ratio`` is measured from (the
+                model's size again); without them the first resumed ``update_ratio`` is NaN.
+        """
+        check_bool("history", history)
+        check_bool("param_copies", param_copies)
+        Resumable.flush(self)
+        self.spikes.settle(self.recorder.frame)  # the columns of the steps not checked yet, as series values
+        return save_state(self, history=history, param_copies=param_copies)
+
+    def load_state_dict(self: _Manager, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Continue the run that :meth:`state_dict` saved, on a new manager (before or after ``attach()``, before
+        the first forward pass and ``step()``): reports, alerts, sinks and parameter statistics go on as if the run
+        had never been interrupted. Sites are matched by name; a saved site whose module the model does not have
+        (or that ``include``/``exclude`` leave out) is an error, or, with ``strict=False``, left out with one
+        warning. Sites the state does not hold start fresh when discovered.
+
+        Raises:
+            StateError: Not a hookscope state, another layout version, other collectors, ``every`` or alert rules, a
+                site or parameter the model does not have, a tensor of the wrong shape, dtype or device, a truncated
+                or edited state, or a manager that has recorded something; nothing is loaded then.
+        """
+        load_state(self, state_dict, strict=check_bool("strict", strict))
+        self._update_recording()
+
+    @property
+    def param_stats(self: _Manager) -> ParamStats | None:
+        """The parameter statistics (``None`` without ``params=True``; internal, documented for tests)."""
+        return self._params
 
 
 def _config(c: Collector) -> dict[str, Any]:
@@ -70,11 +173,12 @@ def save_state(manager: HookManager, *, history: bool, param_copies: bool) -> di
     caller)."""
     rec = manager.recorder
     sites: list[dict[str, Any]] = []
+    keys = {site.index: key for key, site in rec.site_by_key.items() if site is not None}
     for site in rec.sites:
-        key = rec.site_key(site.index)
+        key = keys[site.index]
         state: list[dict[str, torch.Tensor] | None] = []
-        for ci, c in enumerate(rec.collectors):
-            bank = rec.bank_of(ci)
+        for c in rec.collectors:
+            bank = c.bank if c.has_state else None
             if bank is None or site.index not in bank.sites_with_state():
                 state.append(None)
                 continue
@@ -117,11 +221,11 @@ def save_state(manager: HookManager, *, history: bool, param_copies: bool) -> di
         "layout": None if rec.layout is None else [list(f) for f in rec.layout.collectors],
         "history": rec.history.state_dict() if history else None,
         "alerts": manager.alerts.state_dict() if manager.alerts is not None else None,
-        "series": manager.series.state_dict(),
+        "series": manager.spikes.series.state_dict(),
         "params": params.state_dict(copies=param_copies, history=history) if params is not None else None,
         "sinks": [
             {"type": type(s).__name__, "due": due, "state": s.state_dict()}
-            for s, due in zip(manager.sinks, manager.sink_due)
+            for s, due in zip(manager.sinks, manager._feed.due)
         ],
     }
 
@@ -201,7 +305,7 @@ def load_state(manager: HookManager, state: object, *, strict: bool) -> None:
             f"`state_dict` has state layout version {version}; this hookscope reads version {STATE_VERSION} only"
         )
     rec = manager.recorder
-    if rec.sites or len(rec.history) or rec.last_closed is not None or rec.step_has_data():
+    if rec.sites or len(rec.history) or rec.last_closed is not None or rec.latest()[1]:
         raise StateError(
             "load_state_dict() needs a manager that has recorded nothing yet: call it on a new HookManager before "
             "the first forward pass and step() (this one has "
@@ -453,11 +557,11 @@ def _load(
         c.load_extra_state(e["extra"])
     new_index: dict[str, int] = {}
     for d, e in descriptions:
-        site = rec.restore_site(d, e["first_step"], e["problem"], device)
+        site = _restore_site(rec, d, e["first_step"], e["problem"], device)
         new_index[d.name] = site.index
         with torch.no_grad():
-            for ci, (c, entry) in enumerate(zip(rec.collectors, e["state"])):
-                bank = rec.bank_of(ci)
+            for c, entry in zip(rec.collectors, e["state"]):
+                bank = c.bank if c.has_state else None
                 if entry is None or bank is None or site.index not in bank.sites_with_state():
                     continue
                 span = bank.unit_range(site.index)
@@ -477,15 +581,60 @@ def _load(
     if history is not None:
         remap = [new_index.get(layer, -1) for layer in saved_layers]
         rec.history.load_state_dict(_remapped(history, remap, len(rec.sites)))
-        rec.restore_last_closed()
+        _restore_last_closed(rec)
     alerts = sd.get("alerts")
     if alerts is not None and manager.alerts is not None:
         manager.alerts.load_state_dict(alerts)
-    manager.series.load_state_dict(sd["series"])
+    manager.spikes.series.load_state_dict(sd["series"])
     params = sd.get("params")
     if params is not None and manager.param_stats is not None:
         manager.param_stats.load_state_dict(params)
-    manager.restore_position(step, [(e["type"], e["due"], e["state"]) for e in sd["sinks"]])
+    rec.step = step
+    saved = list(sd["sinks"])
+    for i, sink in enumerate(manager.sinks):  # matched by type, in order
+        match = next((k for k, e in enumerate(saved) if e["type"] == type(sink).__name__), None)
+        if match is None:
+            manager._feed.due[i] = step + sink.every - 1
+        else:
+            entry = saved.pop(match)
+            manager._feed.due[i] = entry["due"]
+            sink.load_state_dict(entry["state"])
+        sink.resume_from(step)  # what it kept of this step and later is the interrupted run's future
+
+
+def _restore_site(
+    rec: Recorder, d: SiteDescription, first_step: int | None, problem: str | None, device: torch.device
+) -> Site:
+    """Enter a saved site into the site table as it was described, with fresh state (the caller copies the saved
+    state in); its forward calls find it by its key, as if discovered (as a site of another rank is entered)."""
+    from hookscope.activations import get_activation
+
+    site = rec.new_site(d.key, d.name, d.module, d.call, get_activation(d.kind), d.function, d.bounds)
+    assert site is not None  # the patterns were checked
+    site.first_step, site.problem = first_step, problem
+    if problem is None and d.units >= 0:
+        site.unit_dim, site.units, site.shape, site.units_fixed = d.unit_dim, d.units, d.shape, True
+        site.reduce_dims = tuple(i for i in range(len(d.shape)) if i != d.unit_dim)
+        if rec._device is None:
+            rec._bind_device(device)
+        rec._bind_state(site)
+    return site
+
+
+def _restore_last_closed(rec: Recorder) -> None:
+    """After a history was loaded: its latest step is the last closed one (``last_step_frame``)."""
+    rows = rec.history.records()
+    if not len(rows.step):
+        return
+    mine = rows.step == rows.step[-1]
+    sites = [int(i) for i in rows.site[mine]]
+    values = np.full((len(rec.sites), rows.values.shape[1]), np.nan)
+    values[sites] = rows.values[mine]
+    shapes = [tuple(int(x) for x in s.split("x")) if s != "scalar" else () for s in np.asarray(rows.shape)[mine]]
+    calls, elements, backward, units = (
+        [int(x) for x in c[mine]] for c in (rows.calls, rows.elements, rows.backward, rows.units)
+    )
+    rec.last_closed = StepRecord(int(rows.step[-1]), sites, calls, elements, backward, units, shapes, values)
 
 
 def _remapped(h: Mapping[str, Any], remap: list[int], n_sites: int) -> dict[str, Any]:

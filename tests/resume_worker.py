@@ -87,7 +87,7 @@ def main(mode: str, out: str, state: str) -> None:
         light = {**checkpoint, "hookscope": hm.state_dict(history=False, param_copies=False)}
         torch.save(light, state + ".light")
         train(net, hm, opt, SAVE_AT, SAVE_AT + 3)  # rows written after the checkpoint, then preempted
-        hm._write_sink(0, [])
+        hm._feed.write(0, [])
         os._exit(0)
     else:
         checkpoint = torch.load(state if mode == "resumed" else state + ".light", weights_only=True)
