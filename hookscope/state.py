@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from hookscope.spikes import SpikeFeed
 
 
-class HookManager(Protocol):
-    """What saving and loading use of a ``HookManager`` (which imports this module)."""
+class _Manager(Protocol):
+    """What saving and loading use of a ``HookManager`` (which imports this module, so it is not named here)."""
 
     model: nn.Module
     every: int
@@ -81,7 +81,7 @@ _PLAIN = (int, float, str, bool, type(None))
 _DETACH_TIMEOUT = 60.0
 
 
-class _Manager(HookManager, Protocol):
+class _Internals(_Manager, Protocol):
     """The manager's own steps that saving uses."""
 
     def _deliver(self, records: list[StepRecord], errors: list[Exception]) -> None: ...
@@ -95,7 +95,7 @@ class _Manager(HookManager, Protocol):
 class Resumable:
     """``HookManager``'s saving and restoring (a base class of it, so that this responsibility has its own file)."""
 
-    def flush(self: _Manager) -> None:
+    def flush(self: _Internals) -> None:
         """Write what the sinks hold now (under ``torch.distributed``: a collective that first combines the steps
         still waiting for the other ranks). ``state_dict()`` does it, so that files match the checkpoint.
 
@@ -113,7 +113,7 @@ class Resumable:
         if errors:
             raise errors[0]
 
-    def state_dict(self: _Manager, *, history: bool = True, param_copies: bool = True) -> dict[str, Any]:
+    def state_dict(self: _Internals, *, history: bool = True, param_copies: bool = True) -> dict[str, Any]:
         """Everything needed to continue this run in a new process as if it had never stopped, as tensors and plain
         Python: ``torch.save`` it; ``torch.load(..., weights_only=True)`` reads it back (see the module docstring).
 
@@ -132,7 +132,7 @@ class Resumable:
         self.spikes.settle(self.recorder.frame)  # the columns of the steps not checked yet, as series values
         return save_state(self, history=history, param_copies=param_copies)
 
-    def load_state_dict(self: _Manager, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+    def load_state_dict(self: _Internals, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Continue the run that :meth:`state_dict` saved, on a new manager (before or after ``attach()``, before
         the first forward pass and ``step()``): reports, alerts, sinks and parameter statistics go on as if the run
         had never been interrupted. Sites are matched by name; a saved site whose module the model does not have
@@ -148,7 +148,7 @@ class Resumable:
         self._update_recording()
 
     @property
-    def param_stats(self: _Manager) -> ParamStats | None:
+    def param_stats(self: _Internals) -> ParamStats | None:
         """The parameter statistics (``None`` without ``params=True``; internal, documented for tests)."""
         return self._params
 
@@ -168,7 +168,7 @@ def _collector_entry(c: Collector) -> dict[str, Any]:
     }
 
 
-def save_state(manager: HookManager, *, history: bool, param_copies: bool) -> dict[str, Any]:
+def save_state(manager: _Manager, *, history: bool, param_copies: bool) -> dict[str, Any]:
     """The state of ``manager`` (its ring flushed and, under ``torch.distributed``, its steps combined: by the
     caller)."""
     rec = manager.recorder
@@ -286,13 +286,13 @@ def _tensor(value: object, shape: tuple[int, ...], dtype: torch.dtype, device: t
         )
 
 
-def _model_device(manager: HookManager) -> torch.device:
+def _model_device(manager: _Manager) -> torch.device:
     for tensor in (*manager.model.parameters(), *manager.model.buffers()):
         return tensor.device
     return torch.device("cpu")
 
 
-def load_state(manager: HookManager, state: object, *, strict: bool) -> None:
+def load_state(manager: _Manager, state: object, *, strict: bool) -> None:
     """Check ``state`` against ``manager`` and load it (see the module docstring)."""
     check = _Check(state)
     sd = check.state
@@ -369,6 +369,18 @@ def load_state(manager: HookManager, state: object, *, strict: bool) -> None:
                 "load_state_dict(sd, strict=False) loads the matching sites only"
             )
         warn_once(f"hookscope: load_state_dict(strict=False): sites {text} of the saved state are not loaded", 4)
+    missing = (
+        _unsaved_activation_modules(manager, {d.module for d, _ in descriptions} | set(unknown)) if entries else []
+    )
+    if missing:
+        text = ", ".join(map(repr, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        if strict:
+            raise StateError(
+                f"{type(manager.model).__name__} has activation modules that the saved state does not hold: {text} "
+                "(a state of another model?); load_state_dict(sd, strict=False) loads the saved sites, and these "
+                "start fresh"
+            )
+        warn_once(f"hookscope: load_state_dict(strict=False): sites {text} are not in the saved state", 4)
     layout = sd.get("layout")
     if layout is not None and (
         not isinstance(layout, list)
@@ -395,6 +407,27 @@ def load_state(manager: HookManager, state: object, *, strict: bool) -> None:
         get(e, "state", dict, f"sinks[{i}].")
     # ---- everything checked: load (nothing below raises on a state that passed the checks)
     _load(manager, sd, descriptions, [str(e["layer"]) for e in entries], step, device)
+
+
+def _unsaved_activation_modules(manager: _Manager, saved: set[str]) -> list[str]:
+    """Activation modules of the model that ``include``/``exclude`` keep and no saved site names (an activation
+    module inside another one is not a site of its own). Functional calls cannot be known before they run."""
+    from hookscope.activations import activation_for_module
+
+    rec = manager.recorder
+    out: list[str] = []
+    inside: list[str] = []
+    for name, module in iter_named_modules(manager.model):
+        if activation_for_module(module) is None or any(name.startswith(f"{p}.") for p in inside):
+            continue
+        inside.append(name)
+        layer = name or ROOT_NAME
+        left_out = (rec.include is not None and not matches(rec.include, layer, layer)) or (
+            rec.exclude is not None and matches(rec.exclude, layer, layer)
+        )
+        if not left_out and name not in saved:
+            out.append(layer)
+    return out
 
 
 def _collectors_text(entries: Sequence[object]) -> str:
@@ -510,7 +543,7 @@ def _check_alerts(a: Mapping[str, Any], rules: list[str], get: Any) -> None:
         raise StateError("`state_dict` 'alerts.rule_states' must hold one entry per rule")
 
 
-def _check_params(p: Mapping[str, Any], manager: HookManager, get: Any) -> None:
+def _check_params(p: Mapping[str, Any], manager: _Manager, get: Any) -> None:
     stats = manager.param_stats
     assert stats is not None
     modules = get(p, "modules", list, "params.")
@@ -545,7 +578,7 @@ def _check_params(p: Mapping[str, Any], manager: HookManager, get: Any) -> None:
 
 
 def _load(
-    manager: HookManager,
+    manager: _Manager,
     sd: Mapping[str, Any],
     descriptions: list[tuple[SiteDescription, Mapping[str, Any]]],
     saved_layers: list[str],

@@ -196,6 +196,22 @@ def test_strict_false_loads_the_matching_sites_and_warns_once_naming_the_others(
     pd.testing.assert_frame_equal(fresh.unit_timeline(), hm.unit_timeline())
 
 
+def test_a_model_with_an_activation_module_the_state_does_not_hold_is_refused_unless_not_strict() -> None:
+    _, hm = _trained()
+    sd = hm.state_dict()
+    bigger = nn.Sequential(*rw.model(), nn.ReLU())  # a fifth module, "4", a site the saved run never had
+    with pytest.raises(StateError, match=r"activation modules that the saved state does not hold: '4'"):
+        HookManager(bigger, alerts=False).load_state_dict(sd)
+    fresh = HookManager(bigger, alerts=False)
+    with pytest.warns(hs.HookscopeWarning, match="'4' are not in the saved state"):
+        fresh.load_state_dict(sd, strict=False)
+    with fresh:
+        bigger(rw.inputs(4)).sum().backward()
+        fresh.step()
+    assert fresh.layers == ["1", "3", "4"]  # the new site starts fresh when it is discovered
+    assert fresh.to_dataframe().groupby("step").size().tolist() == [2, 2, 2, 2, 3]
+
+
 def test_state_size_is_reported_by_its_tensors() -> None:
     from hookscope.state import state_bytes
 

@@ -24,6 +24,10 @@ How it maps onto the Trainer's events (transformers 4.40 and later):
   Like every log, these entries are also printed by the progress bar (``ProgressCallback``, or
   ``PrinterCallback`` with ``disable_tqdm``): choose ``log_every_n_steps``, ``stats`` and ``include`` with that
   in mind, or remove that callback.
+- Checkpoints: ``on_save`` writes hookscope's state (``HookManager.state_dict()``) into the checkpoint folder just
+  written, as ``hookscope_state.pt`` (world process zero writes; every rank computes it, a collective under DDP);
+  ``train(resume_from_checkpoint=...)`` loads it back at ``on_train_begin``: the folder is read from the arguments
+  of the Trainer's ``_inner_training_loop`` on the call stack, where the Trainer has resolved it.
 - The values of an optimizer step are logged at the ``global_step`` it ends (the step of the Trainer's own
   ``grad_norm`` for it): hookscope step ``s`` of a run that starts at 0 appears at ``global_step`` ``s + 1``.
 

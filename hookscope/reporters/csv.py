@@ -220,9 +220,6 @@ class CSVSink(Sink):
         holder = _IN_USE.get(self._key)
         if holder is not None and holder is not self:  # released at close(), taken since
             raise OSError(f"another {holder!r} writes to this file now")
-        if self._resume_step is not None:  # the interrupted run's rows after its checkpoint: one run in the file
-            drop_steps_from(self.path, self._resume_step)
-            self._resume_step = None
         file = AppendFile(self.path)
         try:
             size = file.size()
@@ -237,6 +234,9 @@ class CSVSink(Sink):
                         f"write); dropped its last {dropped} bytes so that the new rows start on a line of their "
                         "own"
                     )
+            if self._resume_step is not None:  # the interrupted run's rows after its checkpoint: one run in the file
+                drop_steps_from(self.path, self._resume_step)
+                self._resume_step = None
         except BaseException:
             with contextlib.suppress(OSError):
                 file.close()
