@@ -5,7 +5,8 @@ A state is made of tensors and plain Python values only (dicts, lists, str, int,
 ``torch.save`` writes it and ``torch.load(..., weights_only=True)`` reads it back; it holds no pickled hookscope
 object. What it holds (:data:`STATE_VERSION` names the layout):
 
-- ``step``: the open step (the next one ``step()`` closes), ``every``;
+- ``step``: the open step (the next one ``step()`` closes), ``every``, whether a training pass was recorded
+  (evaluation passes are not recorded after one);
 - ``collectors``: each collector's class, columns, declared states and configuration (public plain attributes), and
   its extra Python-side state (``Collector.extra_state``; ``DeadReLU``'s count of recorded steps);
 - ``sites``: each site's description (name, key, module, call, kind, function, bounds, unit dimension, units, shape,
@@ -215,6 +216,7 @@ def save_state(manager: _Manager, *, history: bool, param_copies: bool) -> dict[
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "step": rec.step,
+        "trained": rec.trained,
         "every": manager.every,
         "collectors": [_collector_entry(c) for c in rec.collectors],
         "sites": sites,
@@ -314,6 +316,7 @@ def load_state(manager: _Manager, state: object, *, strict: bool) -> None:
     step = get(sd, "step", int, "")
     if step < 0:
         raise StateError(f"`state_dict` 'step' must be >= 0, got {step}")
+    get(sd, "trained", bool, "")
     every = get(sd, "every", int, "")
     if every != manager.every:
         raise StateError(
@@ -622,7 +625,7 @@ def _load(
     params = sd.get("params")
     if params is not None and manager.param_stats is not None:
         manager.param_stats.load_state_dict(params)
-    rec.step = step
+    rec.step, rec.trained = step, bool(sd["trained"])  # evaluation passes after a resume stay out, as before it
     saved = list(sd["sinks"])
     for i, sink in enumerate(manager.sinks):  # matched by type, in order
         match = next((k for k, e in enumerate(saved) if e["type"] == type(sink).__name__), None)

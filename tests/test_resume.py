@@ -196,6 +196,17 @@ def test_strict_false_loads_the_matching_sites_and_warns_once_naming_the_others(
     pd.testing.assert_frame_equal(fresh.unit_timeline(), hm.unit_timeline())
 
 
+def test_evaluation_after_a_resume_stays_out_of_the_statistics_as_before_it() -> None:
+    net, hm = _trained()
+    sd = hm.state_dict()
+    fresh = HookManager(net, alerts=False, params=True)
+    fresh.load_state_dict(sd)
+    with fresh, torch.no_grad():
+        net(rw.inputs(0))  # an evaluation pass at the resume: the saved run had trained, so it is not recorded
+        fresh.step()
+    assert fresh.to_dataframe()["step"].max() == 3
+
+
 def test_a_model_with_an_activation_module_the_state_does_not_hold_is_refused_unless_not_strict() -> None:
     _, hm = _trained()
     sd = hm.state_dict()
