@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from hookscope.sinks import Sink
     from hookscope.sites import Site
     from hookscope.spikes import SpikeFeed
+    from hookscope.tracing import Tracer
 
 
 class _Manager(Protocol):
@@ -65,6 +66,9 @@ class _Manager(Protocol):
 
     @property
     def recorder(self) -> Recorder: ...
+
+    @property
+    def tracer(self) -> Tracer: ...
 
     @property
     def param_stats(self) -> ParamStats | None: ...
@@ -216,7 +220,7 @@ def save_state(manager: _Manager, *, history: bool, param_copies: bool) -> dict[
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "step": rec.step,
-        "trained": rec.trained,
+        "trained": manager.tracer.evaluation.trained,
         "every": manager.every,
         "collectors": [_collector_entry(c) for c in rec.collectors],
         "sites": sites,
@@ -625,7 +629,8 @@ def _load(
     params = sd.get("params")
     if params is not None and manager.param_stats is not None:
         manager.param_stats.load_state_dict(params)
-    rec.step, rec.trained = step, bool(sd["trained"])  # evaluation passes after a resume stay out, as before it
+    rec.step = step
+    manager.tracer.evaluation.trained = bool(sd["trained"])  # evaluation passes after a resume stay out, as before
     saved = list(sd["sinks"])
     for i, sink in enumerate(manager.sinks):  # matched by type, in order
         match = next((k for k, e in enumerate(saved) if e["type"] == type(sink).__name__), None)
