@@ -106,7 +106,9 @@ class FlightRecorder(Sink):
                 kept = sorted(s for s in frame["step"].unique() if s <= step)[-self.steps :]
                 start = kept[0] if kept else step
                 frame = frame[frame["step"] >= start]
-            lines = [f"# hookscope flight recorder: {a.message.replace(chr(10), ' ').replace('"', "'")}\n" for a in alerts]
+            # one line each, no double quote (a CSV reader would open a quoted field)
+            texts = [a.message.replace("\n", " ").replace('"', "'") for a in alerts]
+            lines = [f"# hookscope flight recorder: {text}\n" for text in texts]
             body = frame.to_csv(index=False, lineterminator="\n") if frame is not None else ""
             atomic_write_text(path, "".join(lines) + body)
             self.dumps.append(path)
