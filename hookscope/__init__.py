@@ -23,7 +23,9 @@ from hookscope.errors import ConfigError, HookscopeError
 from hookscope.manager import HookManager
 from hookscope.reporters.callback import CallbackSink
 from hookscope.reporters.csv import CSVSink
+from hookscope.reporters.flight import FlightRecorder
 from hookscope.sites import Site
+from hookscope.spikes import SpikeRule
 from hookscope.warn import HookscopeWarning
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ __all__ = [
     "ConfigError",
     "DeadReLU",
     "Entropy",
+    "FlightRecorder",
     "GradientNorm",
     "HookManager",
     "HookscopeAlert",
@@ -51,6 +54,7 @@ __all__ = [
     "NonFinite",
     "Saturation",
     "Site",
+    "SpikeRule",
     "TensorBoardSink",
     "__version__",
     "audit",

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,9 @@ HINTS = {
     "connections, normalisation, ReLU-family activations, better initialisation",
     "exploding_gradient": "likely causes: learning rate too high, missing normalisation; remedies: lower the "
     "learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), normalisation, check the loss scale",
+    "spike": "likely causes: a bad batch, a learning rate too high for this point of the schedule, an optimizer "
+    "state blown up (Adam's epsilon, fp16 overflow); remedies: skip or inspect the batch, lower the learning rate, "
+    "clip gradients, check the flight recorder's dump of the steps before it",
     "nonfinite": "likely causes: learning rate too high, log(0) or division by zero, fp16 overflow; remedies: lower "
     "the learning rate, clip gradients, use a GradScaler or bf16, guard logs and divisions",
     "massive_units": "massive activations (Sun et al. 2024) act as fixed attention biases and make attention sinks; "
@@ -582,7 +585,7 @@ class Alerts:
         self.warn = check_bool("warn", warn)
         self.log = check_bool("log", log)
         self.fired: list[Alert] = []
-        self._seen: set[tuple[str, str]] = set()
+        self._seen: set[tuple[str, ...]] = set()
         self._next_due = self.every - 1  # the first step at which a check is due
 
     def due(self, step: int) -> bool:
@@ -592,9 +595,18 @@ class Alerts:
         return step >= self._next_due
 
     def check(
-        self, rows: pd.DataFrame, step: int, primary: bool = True, param_rows: pd.DataFrame | None = None
+        self,
+        rows: pd.DataFrame,
+        step: int,
+        primary: bool = True,
+        param_rows: pd.DataFrame | None = None,
+        series: Mapping[str, list[tuple[int, float]]] | None = None,
     ) -> list[Alert]:
         """Apply the rules to one step's rows; report and return the alerts not reported before.
+
+        Series rules (``target = "series"``, :class:`~hookscope.spikes.SpikeRule`) are fed ``series[rule.stat]``:
+        the ``(step, value)`` pairs since the previous check; each of their alerts carries the step whose value hit,
+        and is reported once per (rule, series, step) — a non-finite value once per (``nonfinite``, series).
 
         Only the ``primary`` process (rank zero under ``torch.distributed``) warns and logs; the callback is
         called on every rank. Every new alert is recorded and delivered even when a custom rule or a delivery
@@ -606,7 +618,26 @@ class Alerts:
         new: list[Alert] = []
         errors: list[Exception] = []  # raised by user code (a custom rule, the callback, warnings as errors)
         for rule in self.rules:
-            target = rows if getattr(rule, "target", "sites") == "sites" else param_rows
+            target_name = getattr(rule, "target", "sites")
+            if target_name == "series":
+                observe = getattr(rule, "observe", None)
+                pairs = (series or {}).get(getattr(rule, "stat", ""), [])
+                try:
+                    hits_at = observe([s for s, _ in pairs], [v for _, v in pairs]) if observe and pairs else []
+                except Exception as e:
+                    errors.append(e)
+                    continue
+                for at, layer, value, threshold, text in hits_at:
+                    finite = math.isfinite(value)
+                    name = rule.name if finite else "nonfinite"
+                    key = (name, layer, str(at)) if finite else (name, layer)
+                    if key in self._seen:
+                        continue
+                    self._seen.add(key)
+                    message = f"hookscope: step {at}: {text} ({name}). {hint('spike' if finite else 'nonfinite')}"
+                    new.append(Alert(name, layer, at, float(value), float(threshold), message.strip()))
+                continue
+            target = rows if target_name == "sites" else param_rows
             if target is None:
                 continue
             try:
@@ -632,6 +663,29 @@ class Alerts:
         if errors:
             raise errors[0]
         return new
+
+    def series_stats(self) -> set[str]:
+        """The series that the rules follow (``SpikeRule.stat``)."""
+        return {str(getattr(r, "stat", "")) for r in self.rules if getattr(r, "target", "sites") == "series"}
+
+    def state_dict(self) -> dict[str, object]:
+        """De-duplication, the next check due, the alerts fired and the rules' own state (plain values)."""
+        return {
+            "rules": [r.name for r in self.rules],
+            "seen": sorted(list(k) for k in self._seen),
+            "next_due": self._next_due,
+            "fired": [dataclasses.asdict(a) for a in self.fired],
+            "rule_states": [r.state_dict() if hasattr(r, "state_dict") else None for r in self.rules],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checked by :func:`check_alerts_state`)."""
+        self._seen = {tuple(k) for k in state["seen"]}
+        self._next_due = int(state["next_due"])
+        self.fired = [Alert(**a) for a in state["fired"]]
+        for rule, rule_state in zip(self.rules, state["rule_states"]):
+            if rule_state is not None and hasattr(rule, "load_state_dict"):
+                rule.load_state_dict(rule_state)
 
     def _deliveries(self, primary: bool) -> list[Callable[[Alert], None]]:
         out: list[Callable[[Alert], None]] = []

@@ -160,6 +160,31 @@ class History:
         return np.concatenate([np.pad(b, ((0, 0), (0, n - b.shape[1]), (0, 0))) if b.shape[1] < n else b
                                for b in self._blocks]).reshape(-1, n, f)  # fmt: skip
 
+    def state_dict(self) -> dict[str, object]:
+        """The stored steps as host tensors and plain values (``HookManager.state_dict``; reads values to the host)."""
+        values = self._host_values()
+        arrays = {"steps": self.steps, "row_start": self.row_start, "row_shape": self.row_shape, **self.rows}
+        out: dict[str, object] = {k: torch.tensor(list(a), dtype=torch.int64) for k, a in arrays.items()}
+        out["shapes"] = [list(s) for s in self._shapes]
+        out["values"] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | list[list[int]]]) -> None:
+        """Replace the stored steps with those of :meth:`state_dict` (already checked by the caller)."""
+        self.__init__(self.chunk, self.max_steps)  # type: ignore[misc]
+        for key in ("steps", "row_start", "row_shape"):
+            getattr(self, key).extend(state[key].tolist())  # type: ignore[union-attr]
+        for key in self.rows:
+            self.rows[key].extend(state[key].tolist())  # type: ignore[union-attr]
+        self._shapes = [tuple(s) for s in state["shapes"]]  # type: ignore[union-attr]
+        self._shape_ids = {s: i for i, s in enumerate(self._shapes)}
+        values = state["values"]
+        assert isinstance(values, torch.Tensor)
+        if len(self.steps):
+            self._blocks = [values.numpy().copy()]
+            if self.max_steps is not None:
+                self._trim()
+
     def records(self) -> Rows:
         """The stored steps as rows."""
         self._consolidate()  # may trim a bounded history: before anything is read

@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn as nn
 
 from hookscope import distributed
-from hookscope.alerts import Alerts, alerts_of
+from hookscope.alerts import Alert, Alerts, alerts_of
 from hookscope.checks import check_bool, check_int, describe
 from hookscope.collectors.base import Collector, validate_collectors
 from hookscope.collectors.dead_relu import DeadReLU
@@ -34,12 +35,15 @@ from hookscope.collectors.gradient_norm import GradientNorm
 from hookscope.collectors.magnitude import Magnitude
 from hookscope.collectors.saturation import Saturation
 from hookscope.errors import ConfigTypeError, StateError, UnknownLayerError
+from hookscope.feeding import SinkFeed
 from hookscope.history import Rows, StepRecord
 from hookscope.params import ParamStats
 from hookscope.recording import Recorder, note_unfinished
 from hookscope.report import ROW_COLUMNS, report_columns
 from hookscope.sinks import Sink, sinks_of
 from hookscope.sites import ModuleSelection, Site, validate_patterns, validate_unit_dim
+from hookscope.spikes import SpikeFeed
+from hookscope.state import Resumable
 from hookscope.tracing import Tracer
 from hookscope.unit_reports import UnitReports
 from hookscope.warn import HookscopeWarning, warn_once
@@ -54,7 +58,7 @@ __all__ = ["DETACH_TIMEOUT", "HookManager"]
 DETACH_TIMEOUT = 60.0
 
 
-class HookManager(UnitReports):
+class HookManager(UnitReports, Resumable):
     """Instrument the activation layers of a model.
 
     Args:
@@ -157,9 +161,9 @@ class HookManager(UnitReports):
             if self.params
             else None
         )
-        self._sink_buffers: list[list[StepRecord]] = [[] for _ in self.sinks]  # closed steps not yet written
-        # the step at which each sink writes next: it counts training steps, recorded or not
-        self._sink_due = [self._recorder.step + sink.every - 1 for sink in self.sinks]
+        #: The series that spike rules follow (the loss of ``step(loss=...)``, the total gradient norm, columns).
+        self.spikes = SpikeFeed(self.alerts, tuple(c for c in self.columns if c not in ROW_COLUMNS), self.params)
+        self._feed = SinkFeed(self.sinks, self._recorder)
         self._paused = False
         self._at_exit: Callable[[], None] | None = None
         self._update_recording()
@@ -172,6 +176,9 @@ class HookManager(UnitReports):
             for sink in bound:
                 sink.source = None
             raise
+        if start_step > 0:  # a resumed run: what the sinks kept of this step and later ones is dropped
+            for sink in self.sinks:
+                sink.resume_from(start_step)
 
     # ----------------------------------------------------------------------------------------------------------
     # attach / detach
@@ -218,7 +225,7 @@ class HookManager(UnitReports):
             errors.append(e)
         self._flush_into(errors)
         for i, sink in enumerate(self.sinks):
-            self._write_sink(i, errors)
+            self._feed.write(i, errors)
             try:
                 sink.close()
             except Exception as e:
@@ -281,11 +288,16 @@ class HookManager(UnitReports):
         """The site table and recorded steps (internal, documented for tests and debugging)."""
         return self._recorder
 
-    def step(self) -> None:
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Close the current training step: its statistics are recorded and the next step begins.
 
         Does tensor work only (no host synchronisation); values reach the host when a report is asked for.
         Under ``torch.distributed`` (``global_stats``) this is a collective: every rank must call it.
+
+        Args:
+            loss: The step's loss, for :class:`~hookscope.spikes.SpikeRule` ``(stat="loss")``: a one-element tensor
+                (kept on its device, detached; it reaches the host with the next alert check) or a number. Ignored
+                when no spike rule follows the loss.
 
         Raises:
             Exception: What user code that hookscope calls raised (a custom collector, an alert callback or rule, a
@@ -295,6 +307,7 @@ class HookManager(UnitReports):
         recorder = self._recorder
         if self._params is not None and self._tracer.attached and recorder.step % self.every == 0:
             self._params.record(recorder.step)  # the parameters as they are now, before the optimizer's step
+        self.spikes.add(recorder.step, loss, self._params)
         # the step is closed and numbered here, exactly once; distributed, the previous step is combined
         records = recorder.close_step(passes=self._tracer.passes)
         if self._tracer.passes and not recorder.site_by_key:
@@ -315,19 +328,22 @@ class HookManager(UnitReports):
         """Check the alerts due at these final records and feed them to the sinks; user errors go to ``errors``."""
         recorder = self._recorder
         for record in records:
+            fired: list[Alert] = []
+            self.spikes.closed(record)
             if self.alerts is not None and self.alerts.due(record.step):
                 self._flush_into(errors)
                 params = self._params.last_frame() if self._params is not None else None
+                before = len(self.alerts.fired)
                 try:
                     frame = recorder.frame([record])
-                    self.alerts.check(frame, record.step, primary=distributed.rank() == 0, param_rows=params)
+                    series = self.spikes.drain(recorder.frame)
+                    self.alerts.check(
+                        frame, record.step, primary=distributed.rank() == 0, param_rows=params, series=series
+                    )
                 except Exception as e:
                     errors.append(e)
-            for i, sink in enumerate(self.sinks):
-                self._sink_buffers[i].append(record)
-                if record.step >= self._sink_due[i]:  # `every` training steps since the last write
-                    self._sink_due[i] = record.step + sink.every
-                    self._write_sink(i, errors)
+                fired = self.alerts.fired[before:]
+            self._feed.add(record, fired, errors)
 
     def _flush_into(self, errors: list[Exception]) -> None:
         """Flush the ring; a collector's error goes to ``errors`` (the values are stored all the same)."""
@@ -335,22 +351,6 @@ class HookManager(UnitReports):
             self._recorder.flush()
         except Exception as e:
             errors.append(e)
-
-    def _write_sink(self, i: int, errors: list[Exception]) -> None:
-        """Hand sink ``i`` the closed steps it has not received yet (rank zero only, unless it asks otherwise).
-
-        When the sink raises, its rows are kept and handed to it again at its next write, and the error goes to
-        ``errors``.
-        """
-        self._flush_into(errors)
-        records, self._sink_buffers[i] = self._sink_buffers[i], []
-        sink = self.sinks[i]
-        if records and (sink.all_ranks or distributed.rank() == 0):
-            try:
-                sink.write(self._recorder.frame(records))
-            except Exception as e:
-                self._sink_buffers[i][:0] = records
-                errors.append(e)
 
     def state_bytes(self) -> int:
         """Bytes of collector state on the device (independent of the number of steps)."""

@@ -125,6 +125,8 @@ class ParamStats:
         self._local_shards = False  # some parameter is measured on its local shard
         # a recorded step whose sharded sums are being added up over the ranks: (record, local sums, the sum)
         self._pending: tuple[StepRecord, torch.Tensor, Callable[[], torch.Tensor]] | None = None
+        # copies loaded from a saved state (load_state_dict), by parameter name: taken by the first grouping
+        self._loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -230,6 +232,8 @@ class ParamStats:
             self._local_shards = any(t is not p for _, p, t in params)
             self._groups = [kept.get((g.device, tuple(map(id, g.sources))), g) for g in groups.values()]
             self._grouped_as = now
+            if self._loaded:
+                self._take_loaded()
         elif self._local_shards:  # a DTensor's to_local() is a new view of its shard at each call
             for group in self._groups:
                 group.params = [_local(p) for p in group.sources]
@@ -274,6 +278,93 @@ class ParamStats:
             columns *= torch.tensor(group.share, dtype=torch.float64).to(group.device, non_blocking=True)[:, None]
         out = torch.zeros(2 * n, 5, dtype=torch.float64, device=group.device)  # local rows, then sharded ones
         return out.index_add_(0, owners, columns)
+
+    def owner_names(self) -> list[str]:
+        """Names of the modules that own parameters (``""`` for the root)."""
+        return [name for name, _, _ in self._owners]
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        """Each parameter under its ``module.parameter`` name (as :meth:`parameter_names` names it)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, _, module in self._owners:
+            for pname, param in module._parameters.items():
+                if param is not None:
+                    out.setdefault(f"{name}.{pname}" if name else pname, param)
+        return out
+
+    def parameter_names(self) -> dict[int, str]:
+        """``module.parameter`` name of each parameter, by ``id`` (the keys of saved parameter copies)."""
+        names: dict[int, str] = {}
+        for name, _, module in self._owners:
+            for pname, param in module._parameters.items():
+                if param is not None and id(param) not in names:
+                    names[id(param)] = f"{name}.{pname}" if name else pname
+        return names
+
+    def state_dict(self, copies: bool, history: bool = True) -> dict[str, object]:
+        """What a resumed run needs (``HookManager.state_dict``): the module rows, the recorded steps, and with
+        ``copies`` the parameter copies (and their squared norms) that the next ``update_ratio`` is measured from;
+        ``history=False`` leaves the recorded steps out."""
+        saved: dict[str, torch.Tensor] = {}
+        weights: dict[str, torch.Tensor] = {}
+        if copies and self.updates:
+            names = self.parameter_names()
+            for group in self._groups:
+                if group.previous is None or group.previous_weight is None:
+                    continue
+                for k, (param, copy) in enumerate(zip(group.sources, group.previous)):
+                    saved[names[id(param)]] = copy.detach().clone()
+                    weights[names[id(param)]] = group.previous_weight[k].detach().clone()
+        return {
+            "modules": list(self.modules),
+            "kinds": list(self.kinds),
+            "sizes": list(self.sizes),
+            "first": self._first,
+            "history": (self.history if history else History()).state_dict(),
+            "copies": saved,
+            "weights": weights,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict` (checked by the caller). Without copies, the first resumed ``update_ratio`` is
+        NaN."""
+        self.modules = list(state["modules"])  # type: ignore[call-overload]
+        self.kinds = list(state["kinds"])  # type: ignore[call-overload]
+        self.sizes = list(state["sizes"])  # type: ignore[call-overload]
+        self._index_of = {("" if m == ROOT_NAME else m): i for i, m in enumerate(self.modules)}
+        self._first = bool(state["first"])
+        self.history.load_state_dict(state["history"])  # type: ignore[arg-type]
+        rows = self.history.records()
+        if len(rows.step):
+            last = rows.select(rows.step == rows.step[-1])
+            n = len(last.step)
+            self.last = StepRecord(
+                int(rows.step[-1]), list(range(n)), [0] * n, [0] * n, [0] * n, list(self.sizes), [()] * n,
+                torch.from_numpy(last.values.copy()),
+            )  # fmt: skip
+        copies, weights = state["copies"], state["weights"]
+        assert isinstance(copies, dict) and isinstance(weights, dict)
+        self._loaded = {name: (copy, weights[name]) for name, copy in copies.items()}
+        self._grouped_as = []  # grouped again at the next record, which takes the loaded copies
+
+    def _take_loaded(self) -> None:
+        """Give the device groups the loaded parameter copies (all of a group's, or it starts again)."""
+        names = self.parameter_names()
+        for group in self._groups:
+            keys = [names.get(id(p), "") for p in group.sources]
+            if all(k in self._loaded for k in keys):
+                group.previous = [self._loaded[k][0].to(p.device, p.dtype) for k, p in zip(keys, group.params)]
+                weight = [self._loaded[k][1].to(torch.float64) for k in keys]
+                group.previous_weight = torch.stack(weight).to(group.device) if weight else None
+        self._loaded = {}
+
+    def total_grad_norm(self) -> torch.Tensor | None:
+        """The model's parameter-gradient norm at the latest record, sqrt(Σ over modules of grad_norm²), on the
+        device (``None`` before the first record)."""
+        if self.last is None or not isinstance(self.last.values, torch.Tensor):
+            return None
+        with torch.no_grad(), torch._C.DisableTorchFunction():
+            return torch.nan_to_num(self.last.values[:, 1], nan=0.0).square().sum().sqrt()
 
     def nbytes(self) -> int:
         """Bytes of the parameter copies kept for ``update_ratio``."""

@@ -476,9 +476,9 @@ class Recorder:
         self._cross, self.global_stats = None, False
         warn_once(f"{error}. hookscope records rank-local statistics from now on", stacklevel=5)
 
-    def finish(self, timeout: float) -> list[StepRecord]:
+    def finish(self, timeout: float, release: bool = True) -> list[StepRecord]:
         """Under ``torch.distributed``: combine the last closed step (at ``detach()``, waiting at most ``timeout``
-        seconds for the other ranks); returns it when it is final."""
+        seconds for the other ranks); returns it when it is final. ``release=False`` keeps the groups (state_dict)."""
         if self._cross is None:
             return []
         try:
@@ -487,7 +487,7 @@ class Recorder:
             self._give_up_global(e)
             raise
         finally:
-            if self._cross is not None:
+            if self._cross is not None and release:
                 self._cross.release()
         for r in final:
             self.last_closed = r

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hookscope.checks import check_int, describe
 from hookscope.errors import ConfigError, ConfigTypeError, StateError
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from hookscope.alerts import Alert
 
 __all__ = ["Sink", "SinkSource", "sinks_of"]
 
@@ -95,6 +97,22 @@ class Sink:
 
     def close(self) -> None:
         """Make everything written durable and release resources."""
+
+    def resume_from(self, step: int) -> None:
+        """The manager continues a run at ``step`` (``start_step``, or a loaded state): rows this sink kept of that
+        step and later ones belong to the interrupted run's future, and are dropped (``CSVSink``). Nothing by
+        default."""
+
+    def alerted(self, alerts: list[Alert]) -> None:
+        """New alerts of one check, after every step up to the one checked was handed to :meth:`write` (the
+        ``FlightRecorder`` dumps then). Nothing by default."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of this sink (``HookManager.state_dict``): tensors and plain values."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(every={self.every})"

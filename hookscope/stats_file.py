@@ -115,7 +115,7 @@ def _sniff(path: str, head: bytes, whole: bool) -> tuple[list[str], int]:
     try:
         for before, raw in enumerate(reader):
             names = [restore(f) for f in raw]
-            if any(names):
+            if any(names) and not names[0].lstrip().startswith("#"):  # comment lines (a FlightRecorder dump)
                 _check_header(path, names)
                 return names, before + 1
     except csv.Error as e:

@@ -198,6 +198,10 @@ class StateBank:
         """``(offset, units)`` of a site's units in the per-unit vectors, or ``None`` when it has none here."""
         return self._unit_offsets.get(site_index)
 
+    def sites_with_state(self) -> set[int]:
+        """Indices of the sites that have state in this bank."""
+        return set(self._states)
+
     def site_state(self, site_index: int) -> SiteState:
         """The views of one site (the open step's row for per-step states).
 
@@ -526,6 +530,14 @@ class Collector:
         synchronises): ``(that step or None, {column: one value per unit})``. ``include_open``: the open step,
         numbered ``step``, counts."""
         raise NotImplementedError(f"{self.name} reports no per-unit statistics")
+
+    def extra_state(self) -> dict[str, int | float | str | bool]:
+        """Python-side values a resumed run needs besides the declared state tensors (``HookManager.state_dict``):
+        plain values only. None by default."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, object]) -> None:
+        """Restore what :meth:`extra_state` returned (checked by the caller to hold the same keys)."""
 
     def reset(self) -> None:
         """Restore every state (persistent ones included) to its default."""

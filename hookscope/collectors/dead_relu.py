@@ -197,6 +197,17 @@ class DeadReLU(Collector):
         super().reset()
         self._closed = 0
 
+    def extra_state(self) -> dict[str, int | float | str | bool]:
+        return {"closed": self._closed}  # windows count recorded steps: the ordinal of the next one
+
+    def load_extra_state(self, state: Mapping[str, object]) -> None:
+        closed = state["closed"]
+        if not isinstance(closed, int) or isinstance(closed, bool) or closed < 0:
+            from hookscope.errors import StateError
+
+            raise StateError(f"DeadReLU state `closed` must be an int >= 0, got {closed!r}")
+        self._closed = closed
+
     def unit_state(self, site: Site, step: int, include_open: bool) -> dict[str, np.ndarray]:
         """Host copies of one site's per-unit state as of ``step`` (report time: this synchronises).
 

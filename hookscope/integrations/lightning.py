@@ -23,8 +23,13 @@ except ModuleNotFoundError:  # pragma: no cover - exercised only without lightni
 
 
 class HookscopeCallback(Callback):  # type: ignore[misc]
-    """Attach a :class:`~hookscope.HookManager` to the LightningModule on fit start, close one hookscope step per
-    training step, log scalars, and detach on teardown (or when fit raises).
+    """Attach a :class:`~hookscope.HookManager` to the LightningModule when training starts, close one hookscope
+    step per training step, log scalars, and detach on teardown (or when fit raises).
+
+    - Resuming: hookscope steps are numbered from the trainer's ``global_step`` when training starts (0, or the
+      step a checkpoint resumes from). The callback's ``state_dict`` is hookscope's state, which Lightning saves in
+      its checkpoints; ``fit(ckpt_path=...)`` restores it, so windows, timelines, alerts and sinks go on as if the
+      run had not stopped (a ``CSVSink`` drops the rows the interrupted run wrote after the checkpoint).
 
     - Automatic optimisation: ``step()`` runs just before each optimizer step, so the gradient-accumulation
       micro-batches of one optimizer step are one hookscope step.
@@ -54,14 +59,40 @@ class HookscopeCallback(Callback):  # type: ignore[misc]
         self.manager_kwargs = manager_kwargs
         self.manager: HookManager | None = None
         self._logged_step: int | None = None
+        self._loaded: dict[str, Any] | None = None  # a checkpoint's state, until the manager is built
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.manager is not None and not self.manager.attached:  # a later fit() of the same callback
+            self.manager.attach()
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # built here, not at fit start: a checkpoint (`fit(ckpt_path=...)`) restores the global step after
+        # on_fit_start, and this callback's state (load_state_dict) before it
         if self.manager is None:
-            manager = HookManager(pl_module, **self.manager_kwargs)
+            manager_kwargs = {"start_step": trainer.global_step, **self.manager_kwargs}
+            manager = HookManager(pl_module, **manager_kwargs)
             check_stat_names(self.stats, tuple(c for c in manager.columns if c not in ROW_COLUMNS), final=True)
+            if self._loaded is not None:
+                manager.load_state_dict(self._loaded)
+                self._loaded = None
             self.manager = manager
         if not self.manager.attached:
             self.manager.attach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """hookscope's state (``HookManager.state_dict``), which Lightning stores in its checkpoints; under DDP
+        every rank computes it (a collective) and Lightning's rank zero writes it."""
+        if self.manager is None:
+            return {} if self._loaded is None else dict(self._loaded)
+        return {"manager": self.manager.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the state of a checkpoint (``fit(ckpt_path=...)``); the manager loads it when training starts."""
+        state = state_dict.get("manager")
+        if state is not None and self.manager is not None:
+            self.manager.load_state_dict(state)
+        else:
+            self._loaded = state
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self.manager is not None:

@@ -24,6 +24,10 @@ How it maps onto the Trainer's events (transformers 4.40 and later):
   Like every log, these entries are also printed by the progress bar (``ProgressCallback``, or
   ``PrinterCallback`` with ``disable_tqdm``): choose ``log_every_n_steps``, ``stats`` and ``include`` with that
   in mind, or remove that callback.
+- Checkpoints: ``on_save`` writes hookscope's state (``HookManager.state_dict()``) into the checkpoint folder just
+  written, as ``hookscope_state.pt`` (world process zero writes; every rank computes it, a collective under DDP);
+  ``train(resume_from_checkpoint=...)`` loads it back at ``on_train_begin``: the folder is read from the arguments
+  of the Trainer's ``_inner_training_loop`` on the call stack, where the Trainer has resolved it.
 - The values of an optimizer step are logged at the ``global_step`` it ends (the step of the Trainer's own
   ``grad_norm`` for it): hookscope step ``s`` of a run that starts at 0 appears at ``global_step`` ``s + 1``.
 
@@ -36,10 +40,15 @@ garbage-collected takes its hooks off). Wrap ``trainer.train()`` in ``try``/``fi
 from __future__ import annotations
 
 import inspect
+import os
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from hookscope.errors import StateError
+from hookscope.files import atomic_path
 from hookscope.integrations._logging import last_step_scalars, logging_arguments
 from hookscope.manager import HookManager
 from hookscope.report import ROW_COLUMNS, STAT_COLUMNS, check_stat_names
@@ -48,7 +57,7 @@ from hookscope.warn import warn_once
 if TYPE_CHECKING:
     import torch.nn as nn
 
-__all__ = ["HookscopeTrainerCallback"]
+__all__ = ["STATE_FILE", "HookscopeTrainerCallback"]
 
 INSTALL_HINT = "pip install 'hookscope[transformers]'"
 
@@ -131,6 +140,7 @@ class HookscopeTrainerCallback(TrainerCallback):  # type: ignore[misc]
             self._trainer = weakref.ref(trainer)
         if model is None:
             return
+        resumed = _resumed_checkpoint(inspect.currentframe())
         manager = self.manager
         if manager is not None and manager.model is not model:  # model_init: a new model for this train()
             manager.detach()
@@ -139,6 +149,10 @@ class HookscopeTrainerCallback(TrainerCallback):  # type: ignore[misc]
             manager_kwargs = {"start_step": state.global_step, **self.manager_kwargs}
             manager = HookManager(model, **manager_kwargs)
             check_stat_names(self.stats, tuple(c for c in manager.columns if c not in ROW_COLUMNS), final=True)
+            if resumed is not None:
+                saved = _read_state(os.path.join(resumed, STATE_FILE), model)
+                if saved is not None:
+                    manager.load_state_dict(saved)
             self.manager = manager
             self._logged_step = None
         elif self._in_step and manager.attached:  # the last train() raised inside a step: close what it recorded
@@ -147,6 +161,22 @@ class HookscopeTrainerCallback(TrainerCallback):  # type: ignore[misc]
             manager.attach()
         manager.pause()  # until on_step_begin (eval_on_start runs before it)
         self._in_step = False
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Save hookscope's state into the checkpoint folder just written (``checkpoint-<global_step>``), as
+        :data:`STATE_FILE`; every rank computes it (a collective under DDP), the world's process zero writes it."""
+        manager = self.manager
+        if manager is None:
+            return
+        saved = manager.state_dict()
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not state.is_world_process_zero or not os.path.isdir(folder):
+            return
+        try:
+            with atomic_path(os.path.join(folder, STATE_FILE)) as tmp:
+                torch.save(saved, tmp)
+        except OSError as e:
+            warn_once(f"hookscope: could not save its state into {folder!r}: {e}; a resume from it starts fresh")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._in_step = False
@@ -196,6 +226,37 @@ class HookscopeTrainerCallback(TrainerCallback):  # type: ignore[misc]
         finally:  # Trainer.log's on_log clears should_log: the Trainer's own log of this step must still happen
             control.should_log = should_log
             trainer.control.should_log = should_log
+
+
+#: hookscope's state in a checkpoint folder of the Trainer.
+STATE_FILE = "hookscope_state.pt"
+
+
+def _resumed_checkpoint(frame: Any) -> str | None:
+    """The checkpoint folder that the running ``Trainer.train(resume_from_checkpoint=...)`` resumes from (its
+    ``_inner_training_loop`` has it, resolved to a folder, among its arguments), or ``None``."""
+    for _ in range(_TRAINER_SEARCH_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_inner_training_loop":
+            path = frame.f_locals.get("resume_from_checkpoint")
+            return path if isinstance(path, str) else None
+        frame = frame.f_back
+    return None
+
+
+def _read_state(path: str, model: nn.Module) -> dict[str, Any] | None:
+    """hookscope's state saved in a checkpoint folder (``None`` when the folder has none: a checkpoint written
+    without this callback)."""
+    if not os.path.exists(path):
+        warn_once(f"hookscope: the checkpoint has no {STATE_FILE}; hookscope's windows and timelines start afresh")
+        return None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise StateError(f"hookscope: cannot read its state {path!r} (truncated or not hookscope's?): {e}") from e
+    return state  # type: ignore[no-any-return]
 
 
 def _calling_trainer(frame: Any) -> Any:

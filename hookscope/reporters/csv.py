@@ -67,6 +67,41 @@ def _header_problem(head: bytes, size: int, header: bytes) -> str | None:
     return "does not start with a CSV header line"
 
 
+def drop_steps_from(path: Path, step: int) -> int:
+    """Cut a report CSV just before its first row of ``step`` or later (rows are in step order; the step is the
+    first field), in one ``truncate`` (atomic: a reader sees the file before or after, never between). Reads from
+    the end, only as far back as the last row it keeps. Returns the bytes dropped (0 when there is no such row)."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+    buf, end, cut = b"", size, None
+    with open(path, "rb") as f:
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            f.seek(start)
+            buf = f.read(end - start) + buf
+            end = start
+            first = 0 if end == 0 else buf.find(b"\n") + 1  # the first line that surely starts at a line start
+            if first == 0 and end > 0:
+                continue
+            pos, cut, earlier = first, None, False
+            for line in buf[first:].split(b"\n"):
+                field = line.split(b",", 1)[0].strip()
+                if field:
+                    if not field.isdigit() or int(field) < step:  # the header, or a row of an earlier step
+                        earlier, cut = True, None
+                    elif cut is None:
+                        cut = pos
+                pos += len(line) + 1
+            if earlier:
+                break
+    keep = size if cut is None else end + cut
+    if keep < size:
+        os.truncate(path, keep)
+    return size - keep
+
+
 class CSVSink(Sink):
     """Streams closed steps to a CSV file, for runs too long to keep in memory.
 
@@ -117,6 +152,7 @@ class CSVSink(Sink):
             raise ConfigPathError(f"`path` must be a readable CSV file, got {str(self.path)!r}: {e}") from e
         self._file: AppendFile | None = None
         self._stopped = False
+        self._resume_step: int | None = None  # rows of this step and later are dropped before the next append
         self._claim()
 
     def _claim(self) -> None:
@@ -198,6 +234,9 @@ class CSVSink(Sink):
                         f"write); dropped its last {dropped} bytes so that the new rows start on a line of their "
                         "own"
                     )
+            if self._resume_step is not None:  # the interrupted run's rows after its checkpoint: one run in the file
+                drop_steps_from(self.path, self._resume_step)
+                self._resume_step = None
         except BaseException:
             with contextlib.suppress(OSError):
                 file.close()
@@ -219,6 +258,13 @@ class CSVSink(Sink):
             "written before; later steps are not written to it. The statistics stay available in memory through "
             "the manager's reports (HookManager.to_dataframe(), .to_csv(); the last `max_history` steps)."
         )
+
+    def resume_from(self, step: int) -> None:
+        """Before its next append, drop the file's rows of ``step`` and later (written by the interrupted run after
+        the checkpoint the manager resumes from), so that the file reads as one run."""
+        if self._file is not None:  # reopened (and cut) at the next write
+            self.close()
+        self._resume_step = step
 
     def close(self) -> None:
         """Fsync and close the file, and release the path for another sink (idempotent). A later write (the
