@@ -183,8 +183,7 @@ class HookManager:
             warn_once(
                 "hookscope: attaching to a torch.compile'd model: hooks added after the compiled model first ran "
                 "are ignored by torch.compile (pytorch/pytorch#117758), and nothing is recorded. Attach the "
-                "HookManager to the model before calling torch.compile on it.",
-                stacklevel=3,
+                "HookManager to the model before calling torch.compile on it."
             )
         self._tracer.attach()
         self._recorder.enabled = True
@@ -539,6 +538,5 @@ def _warn_no_site(model: nn.Module) -> None:
     )
     warn_once(
         f"hookscope: no activation site found in {type(model).__name__} after a forward pass: {why}; nothing is "
-        "recorded (parameter statistics, HookManager(params=True), still work)",
-        stacklevel=4,
+        "recorded (parameter statistics, HookManager(params=True), still work)"
     )
