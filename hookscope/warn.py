@@ -6,6 +6,7 @@ import os
 import sys
 import sysconfig
 import warnings
+from types import FrameType
 
 __all__ = ["HookscopeWarning", "user_stacklevel", "warn_once"]
 
@@ -37,7 +38,7 @@ def user_stacklevel() -> int:
     outside hookscope, torch and the installed libraries: the user's line (``model(x)`` for a warning raised in a
     hook however deeply the model nests its modules, ``hm.step()`` for one raised while closing a step)."""
     libraries = _libraries()
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None:
         name = frame.f_code.co_filename

@@ -672,9 +672,7 @@ def _declining(reason: str) -> Callable[..., bool]:
         nonlocal said
         if not said and x.is_cpu and x.dtype in _DTYPES:
             said = True
-            warn_once(
-                f"hookscope: statistics of CPU tensors use ATen operations, not the native kernels ({reason})"
-            )
+            warn_once(f"hookscope: statistics of CPU tensors use ATen operations, not the native kernels ({reason})")
         return False
 
     return decline
