@@ -163,6 +163,8 @@ class Tracer:
 
     def __init__(self, model: nn.Module, recorder: Recorder, functional: bool) -> None:
         self.model = model
+        self._root = unwrap_model(model)  # whether the model trains: see outside_training
+        self._trains: bool | None = None  # in this forward pass: some parameter requires grad (asked lazily)
         self.recorder = recorder
         self.functional = functional
         self.recording = True
@@ -194,6 +196,9 @@ class Tracer:
         self._producers: dict[int, Producer] = {}
         self._producer: Producer | None = None
         self._produced: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # its output's signature
+        # a layer with features entered after the last one finished, still running: it makes its output itself,
+        # with an activation inside (timm's BatchNormAct2d: batch_norm, then self.act)
+        self._running_producer: Producer | None = None
         self._pass_done = False  # a forward pass ran to its end since the last end_step()
         self.evaluation = Evaluation()
         #: Forward passes followed to their end since the last end_step() (compared across ranks).
@@ -382,6 +387,7 @@ class Tracer:
                 # the last layer with features, and what it produced: it tells where units sit
                 self._producer = self._producers[id(module)]
                 self._produced = _signature(output)
+                self._running_producer = None
 
     def enter(self, name: str, spec: ActivationSpec | None, module: nn.Module, args: Any = ()) -> None:
         """A hooked module begins its forward."""
@@ -393,7 +399,10 @@ class Tracer:
         if not self._mode_active and name in self._fn_parents and self.functional:
             self._mode.__enter__()
             self._mode_active, self._mode_depth = True, len(self.stack)
-        if spec is not None:
+        if spec is None:
+            if self.discovering and id(module) in self._producers:
+                self._running_producer = self._producers[id(module)]
+        else:
             if self._activation_stack:
                 self._activation_stack.append(None)  # nested inside another activation: not a site
             else:
@@ -412,6 +421,14 @@ class Tracer:
             self._mode.__exit__(None, None, None)
         if spec is not None and self._activation_stack:
             entry = self._activation_stack.pop()
+            if (
+                entry is not None
+                and isinstance(output, torch.Tensor)
+                and not output.requires_grad
+                and self.outside_training(output)
+            ):
+                self._counts[entry[0]] = entry[1]  # not a call of the site: the next call takes its index
+                entry = None
             if entry is not None and isinstance(output, torch.Tensor):
                 act_name, k, act_spec, module, feed = entry
                 recorder = self.recorder
@@ -432,20 +449,41 @@ class Tracer:
             self.passes += 1
             self._end_forward()
 
+    def outside_training(self, output: torch.Tensor) -> bool:
+        """Whether an activation's output is outside the network being trained: it does not require grad while the
+        model trains (grad mode on, the model in training mode, some parameter requiring grad). Faster R-CNN's RPN
+        ranks detached scores with a sigmoid (``rpn.sigmoid()``, thousands of "units", no gradient); the
+        activations of a frozen part feed the trained one but are not trained. Such calls are not sites. The one
+        rule for it; forwards under ``torch.no_grad()``/``inference_mode()``, in eval mode, or of a model without
+        a parameter that requires grad are not concerned."""
+        if output.requires_grad or not torch.is_grad_enabled() or not self._root.training:
+            return False
+        if self._trains is None:  # once per forward pass, and only here: never on the common path
+            self._trains = any(p.requires_grad for p in self._root.parameters())
+        return self._trains
+
     def _producer_for(self, x: Any) -> Producer | None:
         """What tells the unit dim of an activation whose input is ``x``: the last layer with features, with its
-        place when ``x`` is that layer's output itself, or its size alone when something came in between."""
+        place when ``x`` is that layer's output itself; else a layer with features that encloses the activation
+        and was entered after that one finished (its own computation made ``x``: timm's ``BatchNormAct2d``),
+        with its place; else the last layer's size alone (something came in between)."""
         producer = self._producer
+        if producer is not None and producer[1] != 0:
+            signature = _signature(x)
+            if signature is not None and signature == self._produced:
+                return producer
+        running = self._running_producer
+        if running is not None:
+            return running
         if producer is None or producer[1] == 0:
-            return producer
-        signature = _signature(x)
-        if signature is not None and signature == self._produced:
             return producer
         return (producer[0], 0, producer[2])
 
     def _begin_forward(self) -> None:
         self._producer = None
         self._produced = None
+        self._running_producer = None
+        self._trains = None
         if _in_backward():  # activation checkpointing recomputes a forward inside backward
             task = _graph_task_id()
             if task != self._recompute_task:
@@ -480,6 +518,8 @@ class Tracer:
             self._fn_parents.add(enclosing)
         fname = getattr(func, "__name__", "function")
         base = f"{enclosing}.{fname}()" if enclosing else f"{fname}()"
+        if not out.requires_grad and self.outside_training(out):
+            return
         k = self._counts.get(base, 0)
         self._counts[base] = k + 1
         recorder = self.recorder
