@@ -87,6 +87,24 @@ def test_warnings_point_at_the_users_line() -> None:
     assert got and [w.filename for w in got] == [here]
 
 
+def test_configuration_warnings_point_at_the_users_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hookscope import kernels
+
+    here = __file__
+    # a misspelt HOOKSCOPE_KERNELS, read when the manager is built; then, from the first hook, why ATen is used
+    monkeypatch.setenv(kernels.ENV_VAR, "natve")
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    made: list[HookManager] = []
+    got = _user_line(lambda: made.append(HookManager(model, alerts=False)), HookscopeWarning)
+    assert len(got) == 1 and "natve" in str(got[0].message) and got[0].filename == here
+    hm = made[0].attach()
+    try:
+        got = _user_line(lambda: model(torch.randn(2, 2)), HookscopeWarning)
+        assert len(got) == 1 and "use ATen operations" in str(got[0].message) and got[0].filename == here
+    finally:
+        hm.detach()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # plots and the command line
 
