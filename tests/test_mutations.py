@@ -384,3 +384,35 @@ def test_a_site_reached_only_by_backward_passes_is_in_the_combined_record(tmp_pa
     assert frame["calls"].tolist() == [2, 0]  # one forward per rank in step 0, none in step 1
     # rank 0: 1 sample x 2 units of gradient 1; rank 1: 2 samples x 2 units of gradient 2 -> sqrt(2 + 16)
     assert math.isnan(frame["grad_norm"].iloc[0]) and frame["grad_norm"].iloc[1] == pytest.approx(math.sqrt(18))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# survivors of this issue's own audit (see the report of issue 23.6)
+
+
+class Counting(AlertRule):
+    """Records the steps at which the rules are checked (a rule sees only its step's rows)."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def check(self, rows: pd.DataFrame) -> list[tuple[str, float, float, str]]:
+        self.steps.extend(sorted(set(rows["step"])))
+        return []
+
+
+@pytest.mark.parametrize(("every", "record_every", "want"), [(10, 1, [9, 19, 29]), (10, 4, [12, 20, 32])])
+def test_alert_checks_fall_due_once_per_period(every: int, record_every: int, want: list[int]) -> None:
+    """Planted: the next check computed from the step checked, not the step after it (a check at step every - 1
+    made the next one due at once: checks at 9, 10, 19, 20...)."""
+    rule = Counting()
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    alerts = Alerts(rules=[rule], every=every, warn=False, log=False)
+    with HookManager(model, alerts=alerts, every=record_every) as hm:
+        for _ in range(35):
+            model(torch.randn(2, 2))
+            hm.step()
+    # due after steps 9, 19, 29; under every=4 only steps 0, 4, 8, ... are recorded: the next recorded one
+    assert rule.steps == want
