@@ -416,3 +416,39 @@ def test_alert_checks_fall_due_once_per_period(every: int, record_every: int, wa
             hm.step()
     # due after steps 9, 19, 29; under every=4 only steps 0, 4, 8, ... are recorded: the next recorded one
     assert rule.steps == want
+
+
+def _table_lines(table: Any) -> dict[str, str]:
+    console = Console(file=io.StringIO(), width=160, color_system=None)
+    console.print(table)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    rows = [line for line in text.splitlines() if line.startswith("|") and "---" not in line]
+    return {line.split("|")[1].strip(): line for line in rows}
+
+
+def test_the_table_marks_saturation_from_exactly_half() -> None:
+    """Planted: saturation marked above 50% only (the alert rule fires at 50%: ``saturation_rate >= 0.5``)."""
+    frame = pd.DataFrame(
+        {
+            "step": [0, 0], "layer": ["half", "under"], "kind": ["sigmoid"] * 2, "shape": ["2x4"] * 2,
+            "units": [4, 4], "calls": [1, 1], "dead_ratio": [math.nan] * 2, "inactive_fraction": [math.nan] * 2,
+            "saturation_rate": [0.5, 0.4999], "grad_norm": [1.0, 1.0], "confirmed_dead_ratio": [math.nan] * 2,
+        }
+    )  # fmt: skip
+    lines = _table_lines(build_table(frame, ascii=True))
+    assert "50.0% !" in lines["half"] and "!" not in lines["under"]
+
+
+def test_the_parameter_table_marks_update_ratios_of_modules_with_a_gradient_only() -> None:
+    """Planted: an update ratio outside 1e-6 .. 1e-1 marked for a module without a gradient (frozen: it does not
+    move, its ratio 0 is no alarm; the alert rule skips it too)."""
+    from hookscope.reporters.table import build_param_table
+
+    frame = pd.DataFrame(
+        {
+            "step": [1, 1, 1], "module": ["frozen", "moving", "stuck"], "kind": ["Linear"] * 3, "params": [6] * 3,
+            "weight_norm": [1.0] * 3, "grad_norm": [math.nan, 1.0, 1.0], "update_ratio": [0.0, 1e-3, 0.0],
+        }
+    )  # fmt: skip
+    lines = _table_lines(build_param_table(frame, ascii=True))
+    assert "!" not in lines["frozen"] and "!" not in lines["moving"] and lines["stuck"].rstrip(" |").endswith("!")
