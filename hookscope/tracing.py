@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from hookscope.activations import ActivationSpec, Bounds, activation_for_function, activation_for_module
-from hookscope.recording import MISSING, Recorder, discard_open_step
+from hookscope.recording import MISSING, Recorder, _in_transform, discard_open_step
 from hookscope.sites import ROOT_NAME, Producer, clean_name, producer_of, unwrap_model
 from hookscope.warn import warn_once
 
@@ -421,33 +421,33 @@ class Tracer:
             self._mode.__exit__(None, None, None)
         if spec is not None and self._activation_stack:
             entry = self._activation_stack.pop()
-            if (
-                entry is not None
-                and isinstance(output, torch.Tensor)
-                and not output.requires_grad
-                and self.outside_training(output)
-            ):
-                self._counts[entry[0]] = entry[1]  # not a call of the site: the next call takes its index
-                entry = None
             if entry is not None and isinstance(output, torch.Tensor):
-                act_name, k, act_spec, module, feed = entry
-                recorder = self.recorder
-                site = recorder.site_by_key.get((act_name, k), MISSING)
-                if site is not MISSING and site is not None and site.spec is not act_spec:
-                    site = MISSING  # the module was replaced by another kind: a new site under the same name
-                if site is MISSING:
-                    layer = act_name or ROOT_NAME
-                    layer_k = layer if k == 0 else f"{layer}#{k}"
-                    bounds = _site_bounds(act_spec, layer_k, module, (), {})
-                    site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
-                if site is not None:
-                    with _no_torch_function():  # modes (the user's, ours) do not see hookscope's tensor calls
-                        recorder.observe(site, output, self._recompute, feed)
+                with _no_torch_function():  # modes (the user's, ours) do not see hookscope's tensor calls
+                    self._module_output(entry, output)
         if not self.stack:
             self._pass_frame = None
             self._pass_done = True
             self.passes += 1
             self._end_forward()
+
+    def _module_output(
+        self, entry: tuple[str, int, ActivationSpec, nn.Module, Producer | None], output: torch.Tensor
+    ) -> None:
+        act_name, k, act_spec, module, feed = entry
+        if not output.requires_grad and self.outside_training(output):
+            self._counts[act_name] = k  # not a call of the site: the next call takes its index
+            return
+        recorder = self.recorder
+        site = recorder.site_by_key.get((act_name, k), MISSING)
+        if site is not MISSING and site is not None and site.spec is not act_spec:
+            site = MISSING  # the module was replaced by another kind: a new site under the same name
+        if site is MISSING:
+            layer = act_name or ROOT_NAME
+            layer_k = layer if k == 0 else f"{layer}#{k}"
+            bounds = _site_bounds(act_spec, layer_k, module, (), {})
+            site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
+        if site is not None:
+            recorder.observe(site, output, self._recompute, feed)
 
     def outside_training(self, output: torch.Tensor) -> bool:
         """Whether an activation's output is outside the network being trained: it does not require grad while the
@@ -456,8 +456,8 @@ class Tracer:
         activations of a frozen part feed the trained one but are not trained. Such calls are not sites. The one
         rule for it; forwards under ``torch.no_grad()``/``inference_mode()``, in eval mode, or of a model without
         a parameter that requires grad are not concerned."""
-        if output.requires_grad or not torch.is_grad_enabled() or not self._root.training:
-            return False
+        if output.requires_grad or not torch.is_grad_enabled() or not self._root.training or _in_transform(output):
+            return False  # (torch.func's wrapped tensors are skipped by the recorder, with a warning)
         if self._trains is None:  # once per forward pass, and only here: never on the common path
             self._trains = any(p.requires_grad for p in self._root.parameters())
         return self._trains
@@ -518,19 +518,19 @@ class Tracer:
             self._fn_parents.add(enclosing)
         fname = getattr(func, "__name__", "function")
         base = f"{enclosing}.{fname}()" if enclosing else f"{fname}()"
-        if not out.requires_grad and self.outside_training(out):
-            return
-        k = self._counts.get(base, 0)
-        self._counts[base] = k + 1
-        recorder = self.recorder
-        site = recorder.site_by_key.get((base, k), MISSING)
-        if site is MISSING:
-            layer = base if k == 0 else f"{base}#{k}"
-            bounds = _site_bounds(spec, layer, None, args, kwargs)
-            site = recorder.new_site((base, k), layer, enclosing, k, spec, fname, bounds)
-        if site is not None:
-            feed = self._producer_for(args[0] if args else None) if self.discovering else None
-            with _no_torch_function():
+        with _no_torch_function():  # modes (the user's) do not see hookscope's tensor calls
+            if not out.requires_grad and self.outside_training(out):
+                return
+            k = self._counts.get(base, 0)
+            self._counts[base] = k + 1
+            recorder = self.recorder
+            site = recorder.site_by_key.get((base, k), MISSING)
+            if site is MISSING:
+                layer = base if k == 0 else f"{base}#{k}"
+                bounds = _site_bounds(spec, layer, None, args, kwargs)
+                site = recorder.new_site((base, k), layer, enclosing, k, spec, fname, bounds)
+            if site is not None:
+                feed = self._producer_for(args[0] if args else None) if self.discovering else None
                 recorder.observe(site, out, self._recompute, feed)
 
 
@@ -569,9 +569,8 @@ class Evaluation:
             warn_once(
                 f"hookscope: a forward pass without gradients or in eval mode ran while the model trains (step "
                 f"{recorder.step}): evaluation passes are not recorded into training statistics; use "
-                "`hs.audit(model, batches)` for the statistics of evaluation data",
-                stacklevel=7,  # the user's call of the model (through torch's Module.__call__)
-            )
+                "`hs.audit(model, batches)` for the statistics of evaluation data"
+            )  # at the user's call of the model (hookscope.warn finds it)
         return False
 
 
