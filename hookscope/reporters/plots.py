@@ -291,7 +291,7 @@ def plot_lines(
         mark = _mark_window(ax, steps, window)
         if mark is not None:
             handles.append(mark)
-            labels.append(mark.get_label())
+            labels.append(str(mark.get_label()))
     ax.set_ylabel(_label(metric))
     ax.set_title(title or _label(metric))
     notes = []
