@@ -20,7 +20,7 @@ import pandas as pd
 
 from hookscope.checks import check_bool, check_int, check_number
 from hookscope.errors import ConfigError, ConfigTypeError
-from hookscope.warn import HookscopeWarning
+from hookscope.warn import HookscopeWarning, user_stacklevel
 
 __all__ = [
     "DEAD_RATIO_ALERT",
@@ -690,7 +690,7 @@ class Alerts:
     def _deliveries(self, primary: bool) -> list[Callable[[Alert], None]]:
         out: list[Callable[[Alert], None]] = []
         if self.warn and primary:
-            out.append(lambda alert: warnings.warn(alert.message, HookscopeAlert, stacklevel=4))
+            out.append(lambda alert: warnings.warn(alert.message, HookscopeAlert, stacklevel=user_stacklevel()))
         if self.log and primary:
             out.append(lambda alert: logger.warning(alert.message))
         if self.callback is not None:

@@ -442,9 +442,11 @@ def _max_rows_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import hookscope
     from hookscope.reporters.plots import METRICS
 
     parser = _Parser(prog="hookscope", description="See what the activation layers of a PyTorch model are doing.")
+    parser.add_argument("--version", action="version", version=f"hookscope {hookscope.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     scan = sub.add_parser("scan", help="train a model for a few synthetic steps and show its activation table")

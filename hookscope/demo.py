@@ -276,10 +276,13 @@ def run_demo(
         [run.frame.assign(layer=f"{run.name} (lr={run.lr:g}) " + run.frame["layer"]) for run in (dying, remedy)]
     )
     plots = {
-        "dead_ratio_heatmap.png": plot_heatmap(dying.frame, "dead_ratio", f"dead ratio, lr={dying.lr:g}"),
-        "grad_norm_heatmap.png": plot_heatmap(dying.frame, "grad_norm", f"gradient norm, lr={dying.lr:g}"),
-        "dead_ratio_lines.png": plot_lines(both, "dead_ratio", "dead ratio per layer: too-high lr vs remedy"),
+        f"{metric}_heatmap_{run.name}.png": plot_heatmap(run.frame, metric, f"{title}, {run.name} run, lr={run.lr:g}")
+        for run in (dying, remedy)
+        for metric, title in (("dead_ratio", "dead ratio"), ("grad_norm", "gradient norm"))
     }
+    plots["dead_ratio_lines.png"] = plot_lines(
+        both, "dead_ratio", "dead ratio per layer: too-high lr vs remedy", window=WINDOW
+    )
     for name, fig in plots.items():
         files.append(save_figure(fig, out / name))
     console.print(f"\nwrote {escape(', '.join(str(f) for f in files))}")  # a directory may be named "[x]"

@@ -194,6 +194,7 @@ class HookManager(UnitReports, Resumable):
         """
         if self._tracer.attached:
             raise StateError("this HookManager is already attached; call detach() first")
+
         self._tracer.attach()
         self._recorder.enabled = True
         if self.sinks:  # a script that never detaches still writes its last steps when the interpreter exits
@@ -513,8 +514,7 @@ def _warn_compiled_unseen() -> None:
         "hookscope: the torch.compile'd model ran without running hookscope's hooks: torch.compile ignores hooks "
         "added after the compiled model first ran (pytorch/pytorch#117758) until it compiles again (a new input "
         "shape, for example), so those forward passes are not recorded. Attach the HookManager to the model "
-        "before calling torch.compile on it.",
-        stacklevel=4,
+        "before calling torch.compile on it."
     )
 
 
@@ -528,6 +528,5 @@ def _warn_no_site(model: nn.Module) -> None:
     )
     warn_once(
         f"hookscope: no activation site found in {type(model).__name__} after a forward pass: {why}; nothing is "
-        "recorded (parameter statistics, HookManager(params=True), still work)",
-        stacklevel=4,
+        "recorded (parameter statistics, HookManager(params=True), still work)"
     )

@@ -427,8 +427,7 @@ class Recorder:
             found = sorted(k[0] if k[1] == 0 else f"{k[0]}#{k[1]}" for k in self.site_by_key)
             warn_once(
                 f"hookscope: `include` patterns {list(self.include)} matched none of the activation sites "
-                f"({', '.join(found[:10])}{', ...' if len(found) > 10 else ''})",
-                stacklevel=4,
+                f"({', '.join(found[:10])}{', ...' if len(found) > 10 else ''})"
             )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -474,7 +473,7 @@ class Recorder:
     def _give_up_global(self, error: StateError) -> None:
         """After the ranks disagreed, record rank-local statistics (no more collectives that could hang)."""
         self._cross, self.global_stats = None, False
-        warn_once(f"{error}. hookscope records rank-local statistics from now on", stacklevel=5)
+        warn_once(f"{error}. hookscope records rank-local statistics from now on")
 
     def finish(self, timeout: float, release: bool = True) -> list[StepRecord]:
         """Under ``torch.distributed``: combine the last closed step (at ``detach()``, waiting at most ``timeout``
@@ -686,8 +685,7 @@ def note_unfinished(recorder: Recorder) -> None:
             "hookscope: under torch.distributed, a closed step reaches the reports one or two step() calls later, "
             "once every rank's statistics are combined (step() never waits for the other ranks), or at detach(): "
             "this report lacks the latest closed steps (empty right after the first step() calls), and so will "
-            "every report read while training runs",
-            stacklevel=3,
+            "every report read while training runs"
         )
 
 
@@ -722,7 +720,7 @@ def _odd(tensor: torch.Tensor) -> str:
 
 
 def _problem(message: str) -> None:
-    warn_once(message, stacklevel=5)
+    warn_once(message)
 
 
 def _default_device() -> torch.device:

@@ -375,7 +375,7 @@ def load_state(manager: _Manager, state: object, *, strict: bool) -> None:
                 f"{type(manager.model).__name__}, or `include`/`exclude` leave them out): a state of another model? "
                 "load_state_dict(sd, strict=False) loads the matching sites only"
             )
-        warn_once(f"hookscope: load_state_dict(strict=False): sites {text} of the saved state are not loaded", 4)
+        warn_once(f"hookscope: load_state_dict(strict=False): sites {text} of the saved state are not loaded")
     missing = (
         _unsaved_activation_modules(manager, {d.module for d, _ in descriptions} | set(unknown)) if entries else []
     )
@@ -387,7 +387,7 @@ def load_state(manager: _Manager, state: object, *, strict: bool) -> None:
                 "(a state of another model?); load_state_dict(sd, strict=False) loads the saved sites, and these "
                 "start fresh"
             )
-        warn_once(f"hookscope: load_state_dict(strict=False): sites {text} are not in the saved state", 4)
+        warn_once(f"hookscope: load_state_dict(strict=False): sites {text} are not in the saved state")
     layout = sd.get("layout")
     if layout is not None and (
         not isinstance(layout, list)

@@ -47,7 +47,7 @@ from hookscope.activations import (
     activation_for_function,
     activation_for_module,
 )
-from hookscope.recording import MISSING, Recorder, discard_open_step
+from hookscope.recording import MISSING, Recorder, _in_transform, discard_open_step
 from hookscope.sites import ROOT_NAME, ModuleSelection, Producer, clean_name, producer_of, unwrap_model
 from hookscope.warn import warn_once
 
@@ -218,6 +218,8 @@ class Tracer:
         self.outputs: dict[int, str] = {}
         self._output_raw: dict[str, str] = {}
         self.model = model
+        self._root = unwrap_model(model)  # whether the model trains: see outside_training
+        self._trains: bool | None = None  # in this forward pass: some parameter requires grad (asked lazily)
         self.recorder = recorder
         self.functional = functional
         self.recording = True
@@ -249,6 +251,9 @@ class Tracer:
         self._producers: dict[int, Producer] = {}
         self._producer: Producer | None = None
         self._produced: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # its output's signature
+        # a layer with features entered after the last one finished, still running: it makes its output itself,
+        # with an activation inside (timm's BatchNormAct2d: batch_norm, then self.act)
+        self._running_producer: Producer | None = None
         self._pass_done = False  # a forward pass ran to its end since the last end_step()
         self.evaluation = Evaluation()
         # calls of the torch.compile wrapper the model is (when it is one) since the last end_step(), counted by a
@@ -467,6 +472,7 @@ class Tracer:
                 # the last layer with features, and what it produced: it tells where units sit
                 self._producer = self._producers[id(module)]
                 self._produced = _signature(output)
+                self._running_producer = None
 
     def enter(self, name: str, spec: ActivationSpec | None, module: nn.Module, args: Any = ()) -> None:
         """A hooked module begins its forward."""
@@ -478,10 +484,14 @@ class Tracer:
         if not self._mode_active and name in self._fn_parents and self.functional:
             self._mode.__enter__()
             self._mode_active, self._mode_depth = True, len(self.stack)
-        if spec is not None:
+        if spec is None:
+            if self.discovering and id(module) in self._producers:
+                self._running_producer = self._producers[id(module)]
+        else:
             hooks = module._forward_hooks
             if len(hooks) > 1 and next(reversed(hooks.values())) is not self._hooks[1]:
                 _run_last(hooks, self._hooks[1])  # a hook registered after ours may replace the output
+
             if self._activation_stack:
                 self._activation_stack.append(None)  # nested inside another activation: not a site
             else:
@@ -503,21 +513,9 @@ class Tracer:
         if spec is not None and self._activation_stack:
             entry = self._activation_stack.pop()
             if entry is not None and isinstance(output, torch.Tensor):
-                act_name, k, act_spec, module, feed = entry
-                recorder = self.recorder
-                site = recorder.site_by_key.get((act_name, k), MISSING)
-                if site is not MISSING and site is not None and site.spec is not act_spec:
-                    site = MISSING  # the module was replaced by another kind: a new site under the same name
-                if site is MISSING:
-                    layer = act_name or ROOT_NAME
-                    layer_k = layer if k == 0 else f"{layer}#{k}"
-                    bounds = _site_bounds(act_spec, layer_k, module, (), {})
-                    site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
-                    if site is not None:
-                        site.dim = _site_dim(act_spec, module, (), {})
-                if site is not None:
-                    with _no_torch_function():  # modes (the user's, ours) do not see hookscope's tensor calls
-                        recorder.observe(site, output, self._recompute, feed)
+                with _no_torch_function():  # modes (the user's, ours) do not see hookscope's tensor calls
+                    self._activation_output(entry, output)
+
         if not self.stack:
             self._pass_frame = None
             self._pass_done = True
@@ -544,20 +542,63 @@ class Tracer:
             with _no_torch_function():
                 recorder.observe(site, tensor, self._recompute, feed)
 
+    def _activation_output(
+        self, entry: tuple[str, int, ActivationSpec, nn.Module, Producer | None], output: torch.Tensor
+    ) -> None:
+        """An activation module's call (``entry``, from :meth:`enter`) returned ``output``: record it."""
+        act_name, k, act_spec, module, feed = entry
+        if not output.requires_grad and self.outside_training(output):
+            self._counts[act_name] = k  # not a call of the site: the next call takes its index
+            return
+        recorder = self.recorder
+        site = recorder.site_by_key.get((act_name, k), MISSING)
+        if site is not MISSING and site is not None and site.spec is not act_spec:
+            site = MISSING  # the module was replaced by another kind: a new site under the same name
+        if site is MISSING:
+            layer = act_name or ROOT_NAME
+            layer_k = layer if k == 0 else f"{layer}#{k}"
+            bounds = _site_bounds(act_spec, layer_k, module, (), {})
+            site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
+            if site is not None:
+                site.dim = _site_dim(act_spec, module, (), {})
+        if site is not None:
+            recorder.observe(site, output, self._recompute, feed)
+
+    def outside_training(self, output: torch.Tensor) -> bool:
+        """Whether an activation's output is outside the network being trained: it does not require grad while the
+        model trains (grad mode on, the model in training mode, some parameter requiring grad). Faster R-CNN's RPN
+        ranks detached scores with a sigmoid (``rpn.sigmoid()``, thousands of "units", no gradient); the
+        activations of a frozen part feed the trained one but are not trained. Such calls are not sites. The one
+        rule for it; forwards under ``torch.no_grad()``/``inference_mode()``, in eval mode, or of a model without
+        a parameter that requires grad are not concerned."""
+        if output.requires_grad or not torch.is_grad_enabled() or not self._root.training or _in_transform(output):
+            return False  # (torch.func's wrapped tensors are skipped by the recorder, with a warning)
+        if self._trains is None:  # once per forward pass, and only here: never on the common path
+            self._trains = any(p.requires_grad for p in self._root.parameters())
+        return self._trains
+
     def _producer_for(self, x: Any) -> Producer | None:
         """What tells the unit dim of an activation whose input is ``x``: the last layer with features, with its
-        place when ``x`` is that layer's output itself, or its size alone when something came in between."""
+        place when ``x`` is that layer's output itself; else a layer with features that encloses the activation
+        and was entered after that one finished (its own computation made ``x``: timm's ``BatchNormAct2d``),
+        with its place; else the last layer's size alone (something came in between)."""
         producer = self._producer
+        if producer is not None and producer[1] != 0:
+            signature = _signature(x)
+            if signature is not None and signature == self._produced:
+                return producer
+        running = self._running_producer
+        if running is not None:
+            return running
         if producer is None or producer[1] == 0:
-            return producer
-        signature = _signature(x)
-        if signature is not None and signature == self._produced:
             return producer
         return (producer[0], 0, producer[2])
 
     def _begin_forward(self) -> None:
         self._producer = None
         self._produced = None
+        self._running_producer = None
+        self._trains = None
         if _in_backward():  # activation checkpointing recomputes a forward inside backward
             task = _graph_task_id()
             if task != self._recompute_task:
@@ -594,19 +635,22 @@ class Tracer:
             self._fn_parents.add(enclosing)
         fname = getattr(func, "__name__", "function")
         base = f"{enclosing}.{fname}()" if enclosing else f"{fname}()"
-        k = self._counts.get(base, 0)
-        self._counts[base] = k + 1
-        recorder = self.recorder
-        site = recorder.site_by_key.get((base, k), MISSING)
-        if site is MISSING:
-            layer = base if k == 0 else f"{base}#{k}"
-            bounds = _site_bounds(spec, layer, None, args, kwargs)
-            site = recorder.new_site((base, k), layer, enclosing, k, spec, fname, bounds)
+        with _no_torch_function():  # modes (the user's) do not see hookscope's tensor calls
+            if not out.requires_grad and self.outside_training(out):
+                return
+            k = self._counts.get(base, 0)
+            self._counts[base] = k + 1
+            recorder = self.recorder
+            site = recorder.site_by_key.get((base, k), MISSING)
+            if site is MISSING:
+                layer = base if k == 0 else f"{base}#{k}"
+                bounds = _site_bounds(spec, layer, None, args, kwargs)
+                site = recorder.new_site((base, k), layer, enclosing, k, spec, fname, bounds)
+                if site is not None:
+                    site.dim = _site_dim(spec, None, args, kwargs)
             if site is not None:
-                site.dim = _site_dim(spec, None, args, kwargs)
-        if site is not None:
-            feed = self._producer_for(args[0] if args else None) if self.discovering else None
-            with _no_torch_function():
+                feed = self._producer_for(args[0] if args else None) if self.discovering else None
+
                 recorder.observe(site, out, self._recompute, feed)
 
 
@@ -645,9 +689,8 @@ class Evaluation:
             warn_once(
                 f"hookscope: a forward pass without gradients or in eval mode ran while the model trains (step "
                 f"{recorder.step}): evaluation passes are not recorded into training statistics; use "
-                "`hs.audit(model, batches)` for the statistics of evaluation data",
-                stacklevel=7,  # the user's call of the model (through torch's Module.__call__)
-            )
+                "`hs.audit(model, batches)` for the statistics of evaluation data"
+            )  # at the user's call of the model (hookscope.warn finds it)
         return False
 
 
@@ -684,8 +727,7 @@ def _copied_module() -> None:
     warn_once(
         "hookscope: a copy of an instrumented model ran a forward pass (copy.deepcopy copies hooks, and so do "
         "torch.optim.swa_utils.AveragedModel and EMA helpers built on it): the copy is not recorded and its hooks "
-        "do nothing. Attach a HookManager of its own to the copy to record it.",
-        stacklevel=7,  # the call of the copied module
+        "do nothing. Attach a HookManager of its own to the copy to record it."
     )
 
 

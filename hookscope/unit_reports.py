@@ -112,8 +112,7 @@ class UnitReports:
         if total > len(found):
             warn_once(
                 f"hookscope: {layer!r} had {int(total)} massive units at step {int(rows.step[row])}; the "
-                f"{len(found)} largest are recorded",
-                stacklevel=2,
+                f"{len(found)} largest are recorded"
             )
         return found
 

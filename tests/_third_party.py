@@ -157,6 +157,7 @@ class Reference:
 
     def __init__(self, model: nn.Module, expect_dim: Callable[[str, tuple[int, ...]], int | None]) -> None:
         self.expect_dim = expect_dim
+        self.model = model
         self.stack: list[str] = []
         self.act_depth = 0
         self.counts: dict[str, int] = {}
@@ -207,6 +208,8 @@ class Reference:
         self._site(f"{enclosing}.{fname}()" if enclosing else f"{fname}()", ref_kind_of_func(fname), out)
 
     def _site(self, base: str, kind: str, out: torch.Tensor) -> None:
+        if not out.requires_grad and torch.is_grad_enabled() and self.model.training:
+            return  # not an activation of the network being trained (README, "Sites and their names")
         k = self.counts.get(base, 0)
         self.counts[base] = k + 1
         layer = base if k == 0 else f"{base}#{k}"

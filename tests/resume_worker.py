@@ -37,7 +37,9 @@ def model() -> nn.Sequential:
 
 
 def inputs(t: int) -> torch.Tensor:
-    return torch.tensor([[1.0 if t in PLAN[u] else -1.0 for u in range(4)]])
+    """The planted inputs, requiring grad: the ReLU after the frozen layer is then part of the network being
+    trained (an activation output that does not require grad while the model trains is not a site)."""
+    return torch.tensor([[1.0 if t in PLAN[u] else -1.0 for u in range(4)]], requires_grad=True)
 
 
 def manager(net: nn.Module, out: str, fired: list[object], start_step: int = 0) -> HookManager:

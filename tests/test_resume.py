@@ -364,7 +364,7 @@ def test_grad_norm_and_column_spikes(monkeypatch: pytest.MonkeyPatch) -> None:
     net2 = rw.model()
     with HookManager(net2, alerts=alerts) as hm:
         for t in range(30):
-            x = rw.inputs(0) if t != 21 else -torch.ones(1, 4)  # all units silent at step 21 only
+            x = rw.inputs(0) if t != 21 else -torch.ones(1, 4, requires_grad=True)  # all units silent at step 21 only
             net2(x).sum().backward()
             hm.step()
     assert [(a.layer, a.step) for a in seen] == [("inactive_fraction", 21)]

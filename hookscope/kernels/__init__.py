@@ -133,8 +133,7 @@ def _resolve() -> tuple[str, str | None]:
     if choice not in ("", "native"):
         warn_once(
             f"hookscope: environment variable {ENV_VAR}={value!r} is not one of 'native', 'aten' (or unset); "
-            f"using ATen operations",
-            stacklevel=4,
+            f"using ATen operations"
         )
         return "aten", f"{ENV_VAR}={value!r} is not one of 'native', 'aten'"
     if not _load():
@@ -731,10 +730,7 @@ def _declining(reason: str) -> Callable[..., bool]:
         nonlocal said
         if not said and x.is_cpu and x.dtype in _DTYPES:
             said = True
-            warn_once(
-                f"hookscope: statistics of CPU tensors use ATen operations, not the native kernels ({reason})",
-                stacklevel=3,
-            )
+            warn_once(f"hookscope: statistics of CPU tensors use ATen operations, not the native kernels ({reason})")
         return False
 
     return decline

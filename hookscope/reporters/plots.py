@@ -11,7 +11,10 @@ What each mark means, in both kinds of plot:
   for ``grad_norm`` (log colour scale) a zero norm is drawn in :data:`ZERO_COLOUR`, below the scale.
 - Lines: when more than :data:`MAX_LABELLED` layers have values, only the :data:`MAX_LABELLED` most extreme are
   coloured and named in the legend (the highest maximum; for ``grad_norm``, the last value farthest from the
-  median layer's on the log scale), the others are thin grey lines, and the legend's title says how many.
+  median layer's on the log scale), the others are thin grey lines, and the legend's title says how many. Named
+  lines take :data:`LINE_COLOURS`, none of them grey. ``dead_ratio`` lines can jump ``window`` recorded steps after
+  the first (the window rule): a dotted line marks that step when the window is given, else the axis caption says
+  so.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ import pandas as pd
 from hookscope.checks import check_int, describe
 from hookscope.errors import ConfigError, ConfigTypeError
 from hookscope.files import PathLike, atomic_path
-from hookscope.report import STAT_COLUMNS
+from hookscope.report import EVIDENCE_COLUMNS, STAT_COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 __all__ = [
+    "LINE_COLOURS",
     "MAX_LABELLED",
     "METRICS",
     "MISSING_COLOUR",
@@ -46,11 +51,18 @@ __all__ = [
     "save_figure",
 ]
 
-#: Plottable metrics (the statistic columns), with their titles; ``grad_norm`` is drawn on a log scale.
+#: Plottable metrics (the statistic columns and ``confirmed_dead_ratio``, which the default dead-unit alert
+#: judges), with their titles; ``grad_norm`` is drawn on a log scale, the others are ratios in [0, 1].
 _TITLES = {"grad_norm": "gradient norm (log scale)"}
-METRICS = {column: _TITLES.get(column, column.replace("_", " ")) for column in STAT_COLUMNS}
+METRICS = {column: _TITLES.get(column, column.replace("_", " ")) for column in (*STAT_COLUMNS, *EVIDENCE_COLUMNS)}
 #: At most this many layers are coloured and named in a line plot; the others are drawn in grey.
 MAX_LABELLED = 10
+#: The colours of named lines, in order: matplotlib's ``tab10`` without its grey (``tab:gray``, the 8th, would look
+#: like the unnamed layers' grey), and black.
+LINE_COLOURS = (
+    "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+    "tab:cyan", "black",
+)  # fmt: skip
 #: Heat-map cells: a layer's row where the metric has no value at any step, and a step where the layer has no row.
 NA_COLOUR, NA_HATCH, MISSING_COLOUR = "0.82", "//", "white"
 #: A zero gradient norm on the log colour scale.
@@ -176,7 +188,7 @@ def plot_heatmap(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | N
         data = np.where(data <= 0, low / 10, data)  # zero norms: below the scale, in the `under` colour
     else:
         finite = data[np.isfinite(data)]
-        if metric in STAT_COLUMNS or not len(finite):  # ratios
+        if metric in METRICS or not len(finite):  # ratios
             norm = Normalize(vmin=0.0, vmax=1.0)
         else:
             norm = Normalize(vmin=float(finite.min()), vmax=float(finite.max()))
@@ -221,7 +233,9 @@ def _extremes(data: np.ndarray, metric: str) -> np.ndarray:
     return np.argsort(-score, kind="stable")
 
 
-def plot_lines(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | None = None) -> Figure:
+def plot_lines(
+    frame: pd.DataFrame, metric: str = "dead_ratio", title: str | None = None, *, window: int | None = None
+) -> Figure:
     """One line per layer of a metric over steps.
 
     With more than :data:`MAX_LABELLED` layers, the :data:`MAX_LABELLED` most extreme are coloured and named in
@@ -229,28 +243,35 @@ def plot_lines(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | Non
     scale) and the others are grey; the legend's title says how many are unlabelled. Layers without any value are
     not drawn and are counted in the title too.
 
+    ``dead_ratio`` can jump ``window`` recorded steps after the first: until then a unit counts as dead only when it
+    was silent since the first step (earlier steps count as silent), from then on also a unit that fired and
+    then fell silent for ``window`` steps. With ``window`` given, a dotted line marks that step (named in the
+    legend); without it, the axis caption says so.
+
     Args:
         frame: A report frame (``HookManager.to_dataframe()``, or its CSV read back).
         metric: The column to draw, one of :data:`METRICS` or a custom collector's numeric column.
         title: The axes' title, matplotlib text (``$...$`` is mathtext); ``None`` uses the metric's name. Layer
             and metric names are always shown verbatim (:func:`plain`).
+        window: The ``DeadReLU(window=)`` the frame was recorded with (for ``dead_ratio`` only), an int >= 1.
 
     Returns:
         A matplotlib ``Figure`` (save it with :func:`save_figure`).
 
     Raises:
-        ConfigTypeError: ``frame`` is not a DataFrame, ``metric`` not a str, ``title`` neither None nor a str.
-        ConfigError: Columns are missing, the metric is not numeric or has no value, the frame is empty.
+        ConfigTypeError: ``frame`` is not a DataFrame, ``metric`` not a str, ``title`` neither None nor a str,
+            ``window`` not an int.
+        ConfigError: Columns are missing, the metric is not numeric or has no value, the frame is empty,
+            ``window`` < 1.
     """
     figure_cls = _matplotlib()
-    import matplotlib
 
     _check(frame, metric, title)
+    window = check_int("window", window, minimum=1, meaning="the frame's DeadReLU window", optional=True)
     data, layers, steps, has_values = _matrix(frame, metric)
     drawn = np.flatnonzero(has_values)
     named = set(drawn[_extremes(data[drawn], metric)[:MAX_LABELLED]].tolist())
-    tab10 = matplotlib.colormaps["tab10"]
-    colours = (tab10(i % 10) for i in range(len(named)))
+    colours = iter(LINE_COLOURS)
     fig = figure_cls(figsize=(10, 4.5), layout="constrained")
     ax = fig.subplots()
     marker = "o" if len(steps) == 1 else None
@@ -266,6 +287,11 @@ def plot_lines(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | Non
     if metric == "grad_norm" and (data[drawn] > 0).any():  # all zero: no log scale can show it
         ax.set_yscale("log")
     _integer_steps(ax)
+    if metric == "dead_ratio":
+        mark = _mark_window(ax, steps, window)
+        if mark is not None:
+            handles.append(mark)
+            labels.append(str(mark.get_label()))
     ax.set_ylabel(_label(metric))
     ax.set_title(title or _label(metric))
     notes = []
@@ -280,6 +306,25 @@ def plot_lines(frame: pd.DataFrame, metric: str = "dead_ratio", title: str | Non
         bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
     )  # fmt: skip
     return cast("Figure", fig)
+
+
+def _mark_window(ax: Axes, steps: np.ndarray, window: int | None) -> Line2D | None:
+    """Explain the jump of ``dead_ratio`` ``window`` recorded steps after the first (see :func:`plot_lines`): the
+    marker line (for the legend), or ``None`` when the axis caption explains it instead."""
+    if window is None:
+        ax.set_xlabel(
+            "step (a unit is dead after `window` silent recorded steps; before that, only units silent since the "
+            "first step count: the ratio can jump there)",
+            fontsize=8,
+        )
+        return None
+    if window >= len(steps):
+        return None
+    at = int(steps[window])
+    return ax.axvline(
+        at, color="0.35", linestyle=":", linewidth=1.0, zorder=1,
+        label=f"step {at}: {window} steps in,\nunits that fired can\ncount as dead from here",
+    )  # fmt: skip
 
 
 def check_png_path(path: object, arg: str = "path") -> Path:
