@@ -179,13 +179,6 @@ class HookManager:
         """
         if self._tracer.attached:
             raise StateError("this HookManager is already attached; call detach() first")
-        if type(self.model).__name__ == "OptimizedModule":
-            warn_once(
-                "hookscope: attaching to a torch.compile'd model: hooks added after the compiled model first ran "
-                "are ignored by torch.compile (pytorch/pytorch#117758), and nothing is recorded. Attach the "
-                "HookManager to the model before calling torch.compile on it.",
-                stacklevel=3,
-            )
         self._tracer.attach()
         self._recorder.enabled = True
         if self.sinks:  # a script that never detaches still writes its last steps when the interpreter exits
@@ -295,7 +288,7 @@ class HookManager:
         # the step is closed and numbered here, exactly once; distributed, the previous step is combined
         records = recorder.close_step(passes=self._tracer.passes)
         if self._tracer.passes and not recorder.site_by_key:
-            _warn_no_site(self.model)
+            _warn_no_site(self.model, self._tracer.compiled_without_hookscope())
         errors = recorder.take_failures()
         try:
             self._deliver(records, errors)
@@ -529,7 +522,17 @@ def _detach_at_exit(ref: weakref.ReferenceType[HookManager]) -> None:
 _FUSED = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
 
 
-def _warn_no_site(model: nn.Module) -> None:
+def _warn_no_site(model: nn.Module, stale_compiled_code: bool) -> None:
+    if stale_compiled_code:
+        warn_once(
+            f"hookscope: the compiled forward of {type(model).__name__} runs code that torch.compile made without "
+            "hookscope's hooks: the model was compiled and ran before attaching, or an instance of its class "
+            "without hookscope was compiled first (dynamo shares compiled code between instances and does not "
+            "guard on hooks); nothing inside it is recorded. Attach before the first compiled call, give an "
+            "uninstrumented copy a class of its own, or call torch._dynamo.reset() after attaching",
+            stacklevel=4,
+        )
+        return
     fused = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _FUSED)})
     why = (
         f"its {', '.join(fused)} compute their gates and activations inside fused kernels, which no hook sees"

@@ -352,23 +352,32 @@ class Recorder:
         finally:  # a bank may have grown (also when a later one or a collector raised): views have new addresses
             self._generation += 1
 
-    def observe(self, site: Site, output: torch.Tensor, recompute: bool, producer: Producer | None = None) -> None:
+    def observe(
+        self,
+        site: Site,
+        output: torch.Tensor,
+        recompute: bool,
+        producer: Producer | None = None,
+        hook_grad: bool = True,
+    ) -> bool:
         """Record one output of a site (``recompute``: a checkpointed forward recomputed in backward, already
         counted in the first pass; only its gradient hook matters). ``producer``: the layer that produced the
-        activation's input, which tells the unit dimension at the site's first output."""
+        activation's input, which tells the unit dimension at the site's first output. ``hook_grad``: give the
+        output the site's gradient hook when it requires grad (a compiled graph puts its own into the backward).
+        Returns whether the output was recorded (its gradient is wanted)."""
         if site.problem is not None:
-            return
+            return False
         odd = type(output) is not torch.Tensor or output.is_nested or output.is_meta or output.layout != torch.strided
         if odd or _in_transform(output):
             _problem(f"hookscope: site {site.layer!r}: skipped {_odd(output)}: its statistics are not recorded")
-            return
+            return False
         if not site.units_fixed and not self._bind(site, output, producer):
-            return
+            return False
         slot = self._slots[site.index]
         if recompute:
-            if self.wants_grad and output.requires_grad:
+            if hook_grad and self.wants_grad and output.requires_grad:
                 _hook_gradient(output, slot.grad_hook)
-            return
+            return False
         shape = output.shape
         if shape != site.shape:
             units = site.units_of(shape)
@@ -379,7 +388,7 @@ class Recorder:
                         f"{site.units}, along dim {site.unit_dim}); calls with another number are skipped for "
                         "its per-unit statistics (use `unit_dim` if units sit in another dimension)"
                     )
-                    return
+                    return False
                 site.units = units  # statistics without per-unit state follow the latest output
             site.shape = tuple(shape)
         if output.get_device() != self._device_index and output.device != self._device:
@@ -387,7 +396,7 @@ class Recorder:
                 f"hookscope: site {site.layer!r} runs on {output.device} while the statistics live on "
                 f"{self._device}; calls on other devices are skipped (model parallelism is not supported)"
             )
-            return
+            return False
         if not slot.touched:
             slot.touched = True
             self._order.append(slot)
@@ -401,8 +410,9 @@ class Recorder:
                 _feed(slot.fwd_rest, output, site, grad=False)
         else:
             _feed(slot.fwd, output, site, grad=False)
-        if self.wants_grad and output.requires_grad:
+        if hook_grad and self.wants_grad and output.requires_grad:
             _hook_gradient(output, slot.grad_hook)
+        return self.wants_grad
 
     def observe_grad(self, site: Site, grad: torch.Tensor) -> None:
         """Record one gradient with respect to a site's output (called by the site's gradient hook)."""
@@ -571,7 +581,7 @@ class Recorder:
                 except Exception as e:
                     failure = failure or e
                     nan = torch.full((len(steps), n), math.nan, dtype=torch.float64, device=self._device)
-                    closed = dict.fromkeys(self._fields_of(ci, c, bank), nan)
+                    closed = dict.fromkeys(_fields_of(self.layout, ci, c, bank), nan)
                 fields.append(tuple(closed))
                 columns.extend(closed.values())
             layout = FieldLayout(collectors=tuple(fields))
@@ -589,18 +599,6 @@ class Recorder:
             if commit:  # also when a collector raised: the hooks must never write into a closed row
                 for bank in self._banks:
                     bank.recycle(len(steps))
-
-    def _fields_of(self, index: int, collector: Collector, bank: StateBank) -> tuple[str, ...]:
-        """The fields a collector records (for NaN values when its ``close_steps`` raised): from the layout, or
-        from a block of no step."""
-        if self.layout is not None:
-            return self.layout.collectors[index]
-        empty = {name: rows[:0] for name, rows in bank.current().items()}
-        empty["elements"] = torch.zeros(0, bank.n_sites, dtype=torch.float64, device=bank.device)
-        try:
-            return tuple(collector.close_steps([], empty, commit=False))
-        except Exception:
-            return ()
 
     def flush(self) -> None:
         """Turn the closed steps waiting in the rings into recorded values and store them in the history.
@@ -676,6 +674,19 @@ class Recorder:
     def state_bytes(self) -> int:
         """Bytes of collector state on the device (independent of the number of steps)."""
         return sum(bank.nbytes() for bank in self._banks)
+
+
+def _fields_of(layout: FieldLayout | None, index: int, collector: Collector, bank: StateBank) -> tuple[str, ...]:
+    """The fields a collector records (for NaN values when its ``close_steps`` raised): from the layout, or from a
+    block of no step."""
+    if layout is not None:
+        return layout.collectors[index]
+    empty = {name: rows[:0] for name, rows in bank.current().items()}
+    empty["elements"] = torch.zeros(0, bank.n_sites, dtype=torch.float64, device=bank.device)
+    try:
+        return tuple(collector.close_steps([], empty, commit=False))
+    except Exception:
+        return ()
 
 
 #: Whether a tensor is one of torch.func's wrappers (vmap's batched tensors, grad's tracked ones): it has no storage

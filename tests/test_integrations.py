@@ -4,7 +4,6 @@ are in test_sinks.py)."""
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -319,14 +318,3 @@ def test_hooks_of_a_compiled_model_never_change_so_it_does_not_recompile(monkeyp
         assert hook_count(model) == hooks
     assert frames[1:] == [frames[1]] * 5
     assert len(hm.to_dataframe()) == 2 * 6
-
-
-def test_attaching_to_a_compiled_model_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hookscope.warn
-
-    monkeypatch.setattr(hookscope.warn, "_seen", set())  # warned once per process: maybe by an earlier test
-    compiled = torch.compile(SharedReLU(), backend="eager")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        HookManager(compiled).attach().detach()
-    assert any("before calling torch.compile" in str(w.message) for w in caught)

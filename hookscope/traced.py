@@ -1,0 +1,166 @@
+"""What hookscope puts into a graph that ``torch.compile`` traces: four custom operations and the traced side of
+the hooks that call them.
+
+Under ``torch.compile`` the hooks are traced by dynamo like the rest of the forward, but hookscope's own Python
+(its stacks, dictionaries and per-site state) must never be: its containers and numbers would become guards and
+graph breaks. So a traced hook puts one opaque operation into the graph instead of running its body, and the
+compiled graph calls that operation at run time, in program order, where it runs the very same tracer and recorder
+code as an eager hook (:class:`~hookscope.tracing.Tracer` replays the event). Naming (reused modules ``#k``,
+functional sites, nested activations), units, cadence (``every``, ``pause()``) and the statistics kernels are thus
+one rule for eager and compiled models, and cadence never changes the graph: the graph calls the operations at
+every step and the tracer decides at run time whether the step is recorded.
+
+The operations (namespace ``hookscope``), all with an ordered effect (never dropped as dead code, never reordered
+among themselves), with fake implementations that return nothing or an empty index:
+
+- ``enter(owner, module)``: a hooked module begins its forward;
+- ``exit(owner, module, out) -> site``: a hooked module ends it; returns the index of the site recorded from
+  ``out`` (a 0-d int64 tensor, -1 for none), which the gradient hook of ``out`` carries into the backward graph;
+- ``functional(owner, function, out, x) -> site``: an activation function ran (seen by the function mode, which
+  dynamo traces inline when the mode is active as the compiled region begins);
+- ``grad(owner, site, grad)``: inside the compiled backward, the gradient with respect to a recorded output.
+
+``owner`` is a token of the tracer (:func:`register`), ``module`` and ``function`` the ``id()`` of the object.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any, Protocol
+
+import torch
+
+__all__ = ["Replayer", "register", "trace_enter", "trace_exit", "trace_functional"]
+
+
+class Replayer(Protocol):
+    """The tracer side: replays an event at run time (``hookscope.tracing.Tracer``)."""
+
+    def replay_enter(self, module: int) -> None: ...
+
+    def replay_exit(self, module: int, out: torch.Tensor | None) -> int: ...
+
+    def replay_functional(self, function: int, out: torch.Tensor, x: torch.Tensor | None) -> int: ...
+
+    def replay_grad(self, site: int, grad: torch.Tensor) -> None: ...
+
+
+_owners: dict[int, weakref.ReferenceType[Replayer]] = {}
+_tokens = itertools.count(1)
+
+
+def register(owner: Replayer) -> int:
+    """A token for ``owner`` (held weakly: the token of a freed owner does nothing)."""
+    token = next(_tokens)
+    _owners[token] = weakref.ref(owner, lambda _, token=token: _owners.pop(token, None))  # type: ignore[misc]
+    return token
+
+
+_ORDER = torch.zeros(1)
+
+
+def _owner(token: int) -> Replayer | None:
+    ref = _owners.get(token)
+    return None if ref is None else ref()
+
+
+def _index(site: int) -> torch.Tensor:
+    return torch.tensor(site, dtype=torch.int64)
+
+
+# The operations' run-time implementations (what the compiled graph calls), then their fakes (what tracing sees).
+
+
+@torch.library.custom_op("hookscope::enter", mutates_args={"order"})
+def _enter(order: torch.Tensor, owner: int, module: int) -> None:
+    tracer = _owner(owner)
+    if tracer is not None:
+        tracer.replay_enter(module)
+
+
+@torch.library.custom_op("hookscope::exit", mutates_args={"order"})
+def _exit(order: torch.Tensor, owner: int, module: int, out: torch.Tensor | None) -> torch.Tensor:
+    tracer = _owner(owner)
+    return _index(-1 if tracer is None else tracer.replay_exit(module, out))
+
+
+@torch.library.custom_op("hookscope::functional", mutates_args={"order"})
+def _functional(
+    order: torch.Tensor, owner: int, function: int, out: torch.Tensor, x: torch.Tensor | None
+) -> torch.Tensor:
+    tracer = _owner(owner)
+    return _index(-1 if tracer is None else tracer.replay_functional(function, out, x))
+
+
+@torch.library.custom_op("hookscope::grad", mutates_args=())
+def _grad(owner: int, site: torch.Tensor, grad: torch.Tensor) -> None:
+    tracer = _owner(owner)
+    if tracer is not None:
+        index = int(site)  # a host scalar made by ``exit`` in the forward
+        if index >= 0:
+            tracer.replay_grad(index, grad)
+
+
+@_enter.register_fake
+def _(order: torch.Tensor, owner: int, module: int) -> None:
+    return None
+
+
+@_exit.register_fake
+def _(order: torch.Tensor, owner: int, module: int, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64)
+
+
+@_functional.register_fake
+def _(order: torch.Tensor, owner: int, function: int, out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64)
+
+
+@_grad.register_fake
+def _(owner: int, site: torch.Tensor, grad: torch.Tensor) -> None:
+    return None
+
+
+for _op in (_grad,):
+    _op.register_effect(torch.library.EffectType.ORDERED)  # type: ignore[attr-defined]  # no outputs that anything uses: keep, in order
+
+
+# The traced side: called by the hooks and the function mode while dynamo traces them (``torch.compiler.
+# is_compiling()``), these functions are traced into the graph; they hold nothing but what the graph needs.
+
+
+def trace_enter(owner: int, module: torch.nn.Module) -> None:
+    """A hooked module begins its forward. Its input is not handed over: reading it from the graph made inductor
+    2.14 free a buffer that a fused kernel still read (a GPT block); under compile the unit dimension of a site is
+    therefore found from the size of the layer before it, not from its place in the output."""
+    torch.ops.hookscope.enter(_ORDER, owner, id(module))
+
+
+def trace_exit(owner: int, module: torch.nn.Module, out: Any, gives_output: bool, wants_grad: bool) -> None:
+    """A hooked module ends its forward (``gives_output``: an activation module, whose output is recorded)."""
+    if not (gives_output and isinstance(out, torch.Tensor)):
+        torch.ops.hookscope.exit(_ORDER, owner, id(module), None)
+        return
+    site = torch.ops.hookscope.exit(_ORDER, owner, id(module), out)
+    if wants_grad and out.requires_grad:
+        out.register_hook(_grad_hook(owner, site))
+
+
+def trace_functional(owner: int, function: Any, args: Any, out: Any, wants_grad: bool) -> None:
+    """An activation function ran inside the traced region (under the function mode)."""
+    if not isinstance(out, torch.Tensor):
+        return
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    site = torch.ops.hookscope.functional(_ORDER, owner, id(function), out, x)
+    if wants_grad and out.requires_grad:
+        out.register_hook(_grad_hook(owner, site))
+
+
+def _grad_hook(owner: int, site: torch.Tensor) -> Any:
+    """The gradient hook of a traced output: puts ``grad`` into the compiled backward."""
+
+    def hook(grad: torch.Tensor) -> None:
+        torch.ops.hookscope.grad(owner, site, grad)
+
+    return hook
