@@ -135,7 +135,7 @@ def bench(name: str, args: argparse.Namespace, guard: ContentionGuard) -> dict[s
     per_step = statistics.median(configs[0].step(x, y) for _ in range(3))
     rounds = args.rounds or max(15, int(args.budget * 1e3 / (per_step * len(configs))))
     kept: list[dict[str, float]] = []
-    dropped = 0
+    dropped: list[dict[str, float]] = []
     done = 0
     deadline = time.perf_counter() + 3 * max(rounds * per_step * len(configs) / 1e3, 10.0)
     gc.collect()
@@ -151,20 +151,23 @@ def bench(name: str, args: argparse.Namespace, guard: ContentionGuard) -> dict[s
                 if len(kept) + len(window) >= rounds or start is None or time.perf_counter() - start[0] >= 1.0:
                     break
             other = guard.other_cores(start, guard.sample())
-            if other is None or other <= args.max_other_cores:
-                kept.extend(window)
-            else:
-                dropped += len(window)
-                if time.perf_counter() > deadline and not kept:
-                    kept.extend(window)  # contended all along: report it, flagged
+            (kept if other is None or other <= args.max_other_cores else dropped).extend(window)
     finally:
         gc.enable()
-    for times in kept:
+    contended = not kept  # every window was contended: report them all, flagged
+    used = kept or dropped
+    for times in used:
         for cfg in configs:
             cfg.times.append(times[cfg.name])
             cfg.ratios.append(times[cfg.name] / times["plain"])
     plain_total = sum(configs[0].times)
-    result: dict[str, Any] = {"model": name, "rounds": len(kept), "discarded_rounds": dropped, "configs": {}}
+    result: dict[str, Any] = {
+        "model": name,
+        "rounds": len(used),
+        "discarded_rounds": len(dropped),
+        "contended": contended,
+        "configs": {},
+    }
     result["compile_and_warmup_s"] = compile_s
     for cfg in configs:
         result["configs"][cfg.name] = {
@@ -193,7 +196,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             lo, hi = c["ratio_iqr"]
             lines.append(
                 f"| {r['model']} | {name} | {c['ms']:.2f} | {c['ratio']:.3f} | {lo:.3f}–{hi:.3f} | {c['graphs']} | "
-                f"{c['graph_breaks']} | {r['rounds']} ({r['discarded_rounds']}) |"
+                f"{c['graph_breaks']} | {r['rounds']} ({r['discarded_rounds']}){' contended' * r['contended']} |"
             )
     return "\n".join(lines)
 

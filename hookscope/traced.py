@@ -10,13 +10,17 @@ functional sites, nested activations), units, cadence (``every``, ``pause()``) a
 one rule for eager and compiled models, and cadence never changes the graph: the graph calls the operations at
 every step and the tracer decides at run time whether the step is recorded.
 
-The operations (namespace ``hookscope``), all with an ordered effect (never dropped as dead code, never reordered
-among themselves), with fake implementations that return nothing or an empty index:
+The operations (namespace ``hookscope``), with fake implementations that return nothing or an empty index. The
+forward ones declare that they mutate ``order``, one small tensor shared by all of them: a graph input that they
+all write is never dropped as dead code, and they stay in program order among themselves. (An ordered effect,
+``register_effect``, did the same in aot_eager, but inductor 2.14 then scheduled fused kernels across the
+operations while freeing their inputs in the original order: ``UnboundLocalError`` in the generated code of a CNN
+and a GPT block.) The backward one, which no forward input may be written from, keeps an ordered effect:
 
-- ``enter(owner, module)``: a hooked module begins its forward;
-- ``exit(owner, module, out) -> site``: a hooked module ends it; returns the index of the site recorded from
+- ``enter(order, owner, module)``: a hooked module begins its forward;
+- ``exit(order, owner, module, out) -> site``: a hooked module ends it; returns the index of the site recorded from
   ``out`` (a 0-d int64 tensor, -1 for none), which the gradient hook of ``out`` carries into the backward graph;
-- ``functional(owner, function, out, x) -> site``: an activation function ran (seen by the function mode, which
+- ``functional(order, owner, function, out, x) -> site``: an activation function ran (seen by the function mode, which
   dynamo traces inline when the mode is active as the compiled region begins);
 - ``grad(owner, site, grad)``: inside the compiled backward, the gradient with respect to a recorded output.
 
@@ -57,6 +61,7 @@ def register(owner: Replayer) -> int:
     return token
 
 
+#: What the forward operations declare that they write (they never do): keeps them in the graph and in order.
 _ORDER = torch.zeros(1)
 
 
@@ -122,23 +127,29 @@ def _(owner: int, site: torch.Tensor, grad: torch.Tensor) -> None:
     return None
 
 
-for _op in (_grad,):
-    _op.register_effect(torch.library.EffectType.ORDERED)  # type: ignore[attr-defined]  # no outputs that anything uses: keep, in order
+_grad.register_effect(torch.library.EffectType.ORDERED)  # type: ignore[attr-defined]  # no output: keep, in order
 
 
 # The traced side: called by the hooks and the function mode while dynamo traces them (``torch.compiler.
-# is_compiling()``), these functions are traced into the graph; they hold nothing but what the graph needs.
+# is_compiling()``), these functions are traced into the graph; they hold nothing but what the graph needs. Under
+# ``torch.export`` they put nothing into the graph: an exported program is an artifact that runs elsewhere (without
+# hookscope, without its tracer) and must not depend on either.
+
+_is_exporting = torch.compiler.is_exporting
 
 
 def trace_enter(owner: int, module: torch.nn.Module) -> None:
     """A hooked module begins its forward. Its input is not handed over: reading it from the graph made inductor
     2.14 free a buffer that a fused kernel still read (a GPT block); under compile the unit dimension of a site is
     therefore found from the size of the layer before it, not from its place in the output."""
-    torch.ops.hookscope.enter(_ORDER, owner, id(module))
+    if not _is_exporting():
+        torch.ops.hookscope.enter(_ORDER, owner, id(module))
 
 
 def trace_exit(owner: int, module: torch.nn.Module, out: Any, gives_output: bool, wants_grad: bool) -> None:
     """A hooked module ends its forward (``gives_output``: an activation module, whose output is recorded)."""
+    if _is_exporting():
+        return
     if not (gives_output and isinstance(out, torch.Tensor)):
         torch.ops.hookscope.exit(_ORDER, owner, id(module), None)
         return
@@ -149,7 +160,7 @@ def trace_exit(owner: int, module: torch.nn.Module, out: Any, gives_output: bool
 
 def trace_functional(owner: int, function: Any, args: Any, out: Any, wants_grad: bool) -> None:
     """An activation function ran inside the traced region (under the function mode)."""
-    if not isinstance(out, torch.Tensor):
+    if _is_exporting() or not isinstance(out, torch.Tensor):
         return
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
     site = torch.ops.hookscope.functional(_ORDER, owner, id(function), out, x)

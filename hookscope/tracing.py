@@ -111,7 +111,8 @@ def _opaque_to_dynamo(fn: Callable[..., Any]) -> Callable[..., Any]:
     return _never_a_compiled_frame(fn)
 
 
-_is_compiling: Callable[[], bool] = torch.compiler.is_compiling
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+_is_exporting: Callable[[], bool] = torch.compiler.is_exporting
 
 
 _disabled: Callable[..., None] | None = None
@@ -368,7 +369,7 @@ class Tracer:
     # ----------------------------------------------------------------------------------------------------------
     # the forward pass (hot path)
 
-    def pre_hook(self, module: nn.Module, args: Any = ()) -> None:
+    def pre_hook(self, module: nn.Module, args: Any = (), training: bool | None = None) -> None:
         """Called by every hooked module's forward pre-hook (directly: ``sys._getframe(2)`` is the frame of
         torch's module call that runs the hook)."""
         if not self.attached:
@@ -377,10 +378,21 @@ class Tracer:
             name, spec = self.names[id(module)]
             if name in self._entries and self._interrupted():
                 self.recover()
-        elif self.recording or self._compiled.seen:  # compiled: every pass is followed (the graph never changes)
+        elif (self.recording or self._compiled.seen) and not _is_exporting():
+            # compiled: every pass is followed (the graph never changes); torch.export's passes are never followed
             admitted = self.recording and (
                 _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
-                or self.evaluation.admit(torch.is_grad_enabled() and module.training, self.recorder)
+        elif (self.recording or self._compiled.seen) and not _is_exporting():
+            # compiled: every pass is followed (the graph never changes); torch.export's passes are never followed
+            admitted = self.recording and (
+                _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
+                or self.evaluation.admit(
+                    torch.is_grad_enabled() and module.training if training is None else training, self.recorder
+                )
+            )
+            if not (admitted or self._compiled.seen):
+                return
+            self._pass_recorded = admitted
             )
             if not (admitted or self._compiled.seen):
                 return

@@ -326,3 +326,20 @@ def test_inductor_fullgraph_statistics_and_training() -> None:
     assert list(got["layer"]) == list(want["layer"])
     for column in ["dead_ratio", "inactive_fraction", "confirmed_dead_ratio", "saturation_rate", "grad_norm"]:
         assert got[column].tolist() == pytest.approx(want[column].tolist(), rel=1e-4, abs=1e-6, nan_ok=True)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_torch_export_gives_a_program_without_hookscope(strict: bool) -> None:
+    # an exported program runs elsewhere, without hookscope: none of its operations may be in it
+    torch.manual_seed(0)
+    model = GatedMLP()
+    reference = copy.deepcopy(model)
+    x = GatedMLP.batch(torch.Generator().manual_seed(0))
+    with HookManager(model, alerts=False) as hm:
+        program = torch.export.export(model, (x,), strict=strict)
+        targets = [str(node.target) for node in program.graph.nodes]
+        assert not [t for t in targets if "hookscope" in t]
+        assert torch.equal(program.module()(x), reference(x))
+        model(x).sum().backward()  # the model itself is still recorded, eagerly
+        hm.step()
+    assert list(hm.to_dataframe()["layer"]) == ["act", "act#1", "sigmoid()", "out"]
