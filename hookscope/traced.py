@@ -17,7 +17,8 @@ all write is never dropped as dead code, and they stay in program order among th
 operations while freeing their inputs in the original order: ``UnboundLocalError`` in the generated code of a CNN
 and a GPT block.) The backward one, which no forward input may be written from, keeps an ordered effect:
 
-- ``enter(order, owner, module)``: a hooked module begins its forward;
+- ``enter(order, owner, module, training)``: a hooked module begins its forward (``training``: with gradients
+  enabled and the module in train mode, as dynamo traced it: inside a compiled forward gradients are off);
 - ``exit(order, owner, module, out) -> site``: a hooked module ends it; returns the index of the site recorded from
   ``out`` (a 0-d int64 tensor, -1 for none), which the gradient hook of ``out`` carries into the backward graph;
 - ``functional(order, owner, function, out, x) -> site``: an activation function ran (seen by the function mode, which
@@ -41,7 +42,7 @@ __all__ = ["Replayer", "register", "trace_enter", "trace_exit", "trace_functiona
 class Replayer(Protocol):
     """The tracer side: replays an event at run time (``hookscope.tracing.Tracer``)."""
 
-    def replay_enter(self, module: int) -> None: ...
+    def replay_enter(self, module: int, training: bool) -> None: ...
 
     def replay_exit(self, module: int, out: torch.Tensor | None) -> int: ...
 
@@ -78,10 +79,10 @@ def _index(site: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("hookscope::enter", mutates_args={"order"})
-def _enter(order: torch.Tensor, owner: int, module: int) -> None:
+def _enter(order: torch.Tensor, owner: int, module: int, training: bool) -> None:
     tracer = _owner(owner)
     if tracer is not None:
-        tracer.replay_enter(module)
+        tracer.replay_enter(module, training)
 
 
 @torch.library.custom_op("hookscope::exit", mutates_args={"order"})
@@ -108,7 +109,7 @@ def _grad(owner: int, site: torch.Tensor, grad: torch.Tensor) -> None:
 
 
 @_enter.register_fake
-def _(order: torch.Tensor, owner: int, module: int) -> None:
+def _(order: torch.Tensor, owner: int, module: int, training: bool) -> None:
     return None
 
 
@@ -143,7 +144,7 @@ def trace_enter(owner: int, module: torch.nn.Module) -> None:
     2.14 free a buffer that a fused kernel still read (a GPT block); under compile the unit dimension of a site is
     therefore found from the size of the layer before it, not from its place in the output."""
     if not _is_exporting():
-        torch.ops.hookscope.enter(_ORDER, owner, id(module))
+        torch.ops.hookscope.enter(_ORDER, owner, id(module), torch.is_grad_enabled() and module.training)
 
 
 def trace_exit(owner: int, module: torch.nn.Module, out: Any, gives_output: bool, wants_grad: bool) -> None:

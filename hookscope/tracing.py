@@ -569,7 +569,7 @@ class Tracer:
     # ----------------------------------------------------------------------------------------------------------
     # events of a compiled graph (see hookscope.traced): the eager code, run where the graph calls it
 
-    def replay_enter(self, module: int) -> None:
+    def replay_enter(self, module: int, training: bool) -> None:
         """A hooked module traced into a compiled graph begins its forward."""
         found = self._modules.get(module)
         if found is not None:
@@ -577,7 +577,7 @@ class Tracer:
             self._replaying = True
             try:
                 with _no_torch_function():
-                    self.pre_hook(found)
+                    self.pre_hook(found, (), training)
             finally:
                 self._replaying = False
 
