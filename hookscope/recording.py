@@ -536,7 +536,7 @@ class Recorder:
                 bank.push()
         else:
             with _no_torch_function(), torch.no_grad():
-                block, failure = self._values([record], commit=False)
+                block, failure = _values(self, [record], commit=False)
             if failure is not None:
                 raise failure
             record.values = block[0]
@@ -545,60 +545,6 @@ class Recorder:
                 slot.clear()
             self._order = []
         return record
-
-    def _values(self, records: list[StepRecord], commit: bool) -> tuple[torch.Tensor, Exception | None]:
-        """``(len(records), n_sites, n_fields)`` float64 values of a block of steps: the first ``len(records)``
-        closed rows of the rings when ``commit``, else the open step; and the first error a collector raised.
-
-        Besides the per-step states, collectors' blocks hold ``elements``: the output elements of each site in
-        each step, ``(len(records), n_sites)``.
-
-        A collector whose ``close_steps`` raises (user code) gets NaN for its fields in this block, so that the
-        other collectors' values and every record are kept; the error is returned for the caller to raise once
-        its own state is consistent.
-        """
-        columns: list[torch.Tensor] = []
-        steps = [r.step for r in records]
-        n = len(self.sites)
-        if not self._banks:  # no site has been bound yet: no collector has state
-            return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device), None
-        rows = [[0.0] * n for _ in records]  # on the host first: one tensor operation, not one per record
-        for row, record in zip(rows, records):
-            for i, count in zip(record.sites, record.elements):
-                row[i] = float(count)
-        elements = host_to_device(
-            torch.tensor(rows, dtype=torch.float64).reshape(len(records), n), self._banks[0].device
-        )
-        fields: list[tuple[str, ...]] = []
-        failure: Exception | None = None
-        try:
-            for ci, (c, bank) in enumerate(zip(self.collectors, self._banks)):
-                n = bank.n_sites
-                block = dict(bank.take(len(steps)) if commit else bank.current())
-                block["elements"] = elements[:, :n]
-                try:
-                    closed = c.close_steps(steps, block, commit)
-                except Exception as e:
-                    failure = failure or e
-                    nan = torch.full((len(steps), n), math.nan, dtype=torch.float64, device=self._device)
-                    closed = dict.fromkeys(_fields_of(self.layout, ci, c, bank), nan)
-                fields.append(tuple(closed))
-                columns.extend(closed.values())
-            layout = FieldLayout(collectors=tuple(fields))
-            if self.layout is None:
-                self.layout = layout
-            elif layout != self.layout:
-                raise StateError(
-                    f"collectors must record the same fields at every step: got {layout}, expected {self.layout}"
-                )
-            if not columns:
-                return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device), failure
-            # a copy: the ring rows may be reused now
-            return torch.stack(columns, dim=2).to(torch.float64), failure
-        finally:
-            if commit:  # also when a collector raised: the hooks must never write into a closed row
-                for bank in self._banks:
-                    bank.recycle(len(steps))
 
     def flush(self) -> None:
         """Turn the closed steps waiting in the rings into recorded values and store them in the history.
@@ -630,7 +576,7 @@ class Recorder:
             return
         self._in_ring = self._in_ring[len(records) :]
         with _no_torch_function(), torch.no_grad():
-            values, failure = self._values(records, commit=True)
+            values, failure = _values(self, records, commit=True)
             rows = values.unbind(0)  # one operation for all the rows
         for record, row in zip(records, rows):
             record.values = row
@@ -674,6 +620,59 @@ class Recorder:
     def state_bytes(self) -> int:
         """Bytes of collector state on the device (independent of the number of steps)."""
         return sum(bank.nbytes() for bank in self._banks)
+
+
+def _values(rec: Recorder, records: list[StepRecord], commit: bool) -> tuple[torch.Tensor, Exception | None]:
+    """``(len(records), n_sites, n_fields)`` float64 values of a block of ``rec``'s steps: the first ``len(records)``
+    closed rows of the rings when ``commit``, else the open step; and the first error a collector raised.
+
+    Besides the per-step states, collectors' blocks hold ``elements``: the output elements of each site in
+    each step, ``(len(records), n_sites)``.
+
+    A collector whose ``close_steps`` raises (user code) gets NaN for its fields in this block, so that the
+    other collectors' values and every record are kept; the error is returned for the caller to raise once
+    its own state is consistent.
+    """
+    columns: list[torch.Tensor] = []
+    steps = [r.step for r in records]
+    n = len(rec.sites)
+    if not rec._banks:  # no site has been bound yet: no collector has state
+        return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=rec._device), None
+    rows = [[0.0] * n for _ in records]  # on the host first: one tensor operation, not one per record
+    for row, record in zip(rows, records):
+        for i, count in zip(record.sites, record.elements):
+            row[i] = float(count)
+    elements = host_to_device(torch.tensor(rows, dtype=torch.float64).reshape(len(records), n), rec._banks[0].device)
+    fields: list[tuple[str, ...]] = []
+    failure: Exception | None = None
+    try:
+        for ci, (c, bank) in enumerate(zip(rec.collectors, rec._banks)):
+            n = bank.n_sites
+            block = dict(bank.take(len(steps)) if commit else bank.current())
+            block["elements"] = elements[:, :n]
+            try:
+                closed = c.close_steps(steps, block, commit)
+            except Exception as e:
+                failure = failure or e
+                nan = torch.full((len(steps), n), math.nan, dtype=torch.float64, device=rec._device)
+                closed = dict.fromkeys(_fields_of(rec.layout, ci, c, bank), nan)
+            fields.append(tuple(closed))
+            columns.extend(closed.values())
+        layout = FieldLayout(collectors=tuple(fields))
+        if rec.layout is None:
+            rec.layout = layout
+        elif layout != rec.layout:
+            raise StateError(
+                f"collectors must record the same fields at every step: got {layout}, expected {rec.layout}"
+            )
+        if not columns:
+            return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=rec._device), failure
+        # a copy: the ring rows may be reused now
+        return torch.stack(columns, dim=2).to(torch.float64), failure
+    finally:
+        if commit:  # also when a collector raised: the hooks must never write into a closed row
+            for bank in rec._banks:
+                bank.recycle(len(steps))
 
 
 def _fields_of(layout: FieldLayout | None, index: int, collector: Collector, bank: StateBank) -> tuple[str, ...]:
