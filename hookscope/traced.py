@@ -62,6 +62,9 @@ def register(owner: Replayer) -> int:
     return token
 
 
+#: The operations' namespace: the package's name, so that a renamed copy of the package imported beside it
+#: (``benchmarks/compare.py``) registers operations of its own instead of replacing these.
+_NAMESPACE = __name__.partition(".")[0]
 #: What the forward operations declare that they write (they never do): keeps them in the graph and in order.
 _ORDER = torch.zeros(1)
 
@@ -78,20 +81,20 @@ def _index(site: int) -> torch.Tensor:
 # The operations' run-time implementations (what the compiled graph calls), then their fakes (what tracing sees).
 
 
-@torch.library.custom_op("hookscope::enter", mutates_args={"order"})
+@torch.library.custom_op(f"{_NAMESPACE}::enter", mutates_args={"order"})
 def _enter(order: torch.Tensor, owner: int, module: int, training: bool) -> None:
     tracer = _owner(owner)
     if tracer is not None:
         tracer.replay_enter(module, training)
 
 
-@torch.library.custom_op("hookscope::exit", mutates_args={"order"})
+@torch.library.custom_op(f"{_NAMESPACE}::exit", mutates_args={"order"})
 def _exit(order: torch.Tensor, owner: int, module: int, out: torch.Tensor | None) -> torch.Tensor:
     tracer = _owner(owner)
     return _index(-1 if tracer is None else tracer.replay_exit(module, out))
 
 
-@torch.library.custom_op("hookscope::functional", mutates_args={"order"})
+@torch.library.custom_op(f"{_NAMESPACE}::functional", mutates_args={"order"})
 def _functional(
     order: torch.Tensor, owner: int, function: int, out: torch.Tensor, x: torch.Tensor | None
 ) -> torch.Tensor:
@@ -99,7 +102,7 @@ def _functional(
     return _index(-1 if tracer is None else tracer.replay_functional(function, out, x))
 
 
-@torch.library.custom_op("hookscope::grad", mutates_args=())
+@torch.library.custom_op(f"{_NAMESPACE}::grad", mutates_args=())
 def _grad(owner: int, site: torch.Tensor, grad: torch.Tensor) -> None:
     tracer = _owner(owner)
     if tracer is not None:
@@ -144,7 +147,7 @@ def trace_enter(owner: int, module: torch.nn.Module) -> None:
     2.14 free a buffer that a fused kernel still read (a GPT block); under compile the unit dimension of a site is
     therefore found from the size of the layer before it, not from its place in the output."""
     if not _is_exporting():
-        torch.ops.hookscope.enter(_ORDER, owner, id(module), torch.is_grad_enabled() and module.training)
+        _enter(_ORDER, owner, id(module), torch.is_grad_enabled() and module.training)
 
 
 def trace_exit(owner: int, module: torch.nn.Module, out: Any, gives_output: bool, wants_grad: bool) -> None:
@@ -152,9 +155,9 @@ def trace_exit(owner: int, module: torch.nn.Module, out: Any, gives_output: bool
     if _is_exporting():
         return
     if not (gives_output and isinstance(out, torch.Tensor)):
-        torch.ops.hookscope.exit(_ORDER, owner, id(module), None)
+        _exit(_ORDER, owner, id(module), None)
         return
-    site = torch.ops.hookscope.exit(_ORDER, owner, id(module), out)
+    site = _exit(_ORDER, owner, id(module), out)
     if wants_grad and out.requires_grad:
         out.register_hook(_grad_hook(owner, site))
 
@@ -164,7 +167,7 @@ def trace_functional(owner: int, function: Any, args: Any, out: Any, wants_grad:
     if _is_exporting() or not isinstance(out, torch.Tensor):
         return
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    site = torch.ops.hookscope.functional(_ORDER, owner, id(function), out, x)
+    site = _functional(_ORDER, owner, id(function), out, x)
     if wants_grad and out.requires_grad:
         out.register_hook(_grad_hook(owner, site))
 
@@ -173,6 +176,6 @@ def _grad_hook(owner: int, site: torch.Tensor) -> Any:
     """The gradient hook of a traced output: puts ``grad`` into the compiled backward."""
 
     def hook(grad: torch.Tensor) -> None:
-        torch.ops.hookscope.grad(owner, site, grad)
+        _grad(owner, site, grad)
 
     return hook
