@@ -382,17 +382,9 @@ class Tracer:
             # compiled: every pass is followed (the graph never changes); torch.export's passes are never followed
             admitted = self.recording and (
                 _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
-        elif (self.recording or self._compiled.seen) and not _is_exporting():
-            # compiled: every pass is followed (the graph never changes); torch.export's passes are never followed
-            admitted = self.recording and (
-                _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
                 or self.evaluation.admit(
                     torch.is_grad_enabled() and module.training if training is None else training, self.recorder
                 )
-            )
-            if not (admitted or self._compiled.seen):
-                return
-            self._pass_recorded = admitted
             )
             if not (admitted or self._compiled.seen):
                 return
