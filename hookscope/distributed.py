@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,13 +39,25 @@ import torch.distributed as dist
 from hookscope.errors import ConfigError, ConfigTypeError, StateError
 
 if TYPE_CHECKING:
+    from hookscope.activations import ActivationSpec, Bounds
     from hookscope.collectors.base import StateBank
+    from hookscope.history import StepRecord
+    from hookscope.sites import Site
 
 __all__ = [
-    "CrossRank", "PendingReduction", "RankSum", "SiteDescription", "global_stats_of", "is_distributed", "rank",
+    "CombinedRecorder",
+    "Combiner",
+    "CrossRank",
+    "PendingReduction",
+    "RankSum",
+    "SiteDescription",
+    "global_stats_of",
+    "is_distributed",
+    "rank",
     "world_size",
-]  # fmt: skip
+]
 
+_no_torch_function = torch._C.DisableTorchFunction
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 _last_rank: int | None = None  # this process's rank while a process group existed
 
@@ -301,3 +314,196 @@ def _wait(work: Any, timeout: float | None) -> None:
         raise StateError(f"hookscope: rank {rank()}: the other ranks did not combine a step: {e}") from None
     if done is False:
         raise StateError(f"hookscope: rank {rank()}: the other ranks did not combine a step within {timeout} s")
+
+
+class CombinedRecorder(Protocol):
+    """What :class:`Combiner` reads and calls on the recorder whose steps it combines (``hookscope.recording``)."""
+
+    sites: list[Site]
+    _device: torch.device | None
+    _banks: list[StateBank]
+    _keys: list[tuple[str, int]]
+
+    def new_site(
+        self,
+        key: tuple[str, int],
+        layer: str,
+        module: str,
+        call: int,
+        spec: ActivationSpec,
+        function: str | None,
+        bounds: Bounds | None,
+    ) -> Site | None: ...
+
+    def _bind_device(self, device: torch.device) -> None: ...
+
+    def _bind_state(self, site: Site) -> None: ...
+
+
+def _default_device() -> torch.device:
+    """The device for the state of a rank that has run no site yet: the current CUDA device under NCCL."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Combiner:
+    """Combines each closed step across ranks, two ``step()`` calls later, without ever waiting in ``step()`` for an
+    operation that another rank posts in its current ``step()`` (see :mod:`hookscope.distributed`): at each call
+    it waits for what every rank posted at the previous call (a step's combined values, the next step's header),
+    posts the combination of the step whose header it read, and posts the header of the step it closes."""
+
+    def __init__(self, recorder: CombinedRecorder) -> None:
+        self._recorder = weakref.ref(recorder)
+        self.cross: CrossRank | None = None
+        #: Closed, its header posted: the last closed row of the ring.
+        self.waiting: StepRecord | None = None
+        #: Its combination posted (the row before it), with what finishing it needs.
+        self.combining: tuple[StepRecord, PendingReduction, list[int]] | None = None
+        self.ready: list[StepRecord] = []  # combined by a report since the last step(): final at the next one
+        self._orders: tuple[list[int], torch.Tensor, list[torch.Tensor]] | None = None
+
+    @property
+    def recorder(self) -> CombinedRecorder:
+        recorder = self._recorder()
+        assert recorder is not None
+        return recorder
+
+    @property
+    def unfinished(self) -> int:
+        """Closed rows at the end of the ring that are not combined yet."""
+        return (self.waiting is not None) + (self.combining is not None)
+
+    def release(self) -> None:
+        """Drop the process groups and any pending work (at ``detach()``; a later ``step()`` makes new groups).
+
+        Now, not whenever the garbage collector frees the manager: a gloo group that
+        ``torch.distributed.destroy_process_group()`` already dropped, freed while the interpreter shuts down,
+        aborts the process ("terminate called without an active exception").
+        """
+        self.cross = None
+        self.waiting = None
+        self.combining = None
+
+    def post(self, record: StepRecord, passes: int) -> None:
+        rec = self.recorder
+        if self.cross is None:
+            self.cross = CrossRank(rec._device)
+        self.cross.post_header(record.step, passes, len(rec.sites), rec._device)
+        self.waiting = record
+
+    def advance(self, timeout: float | None = None) -> list[StepRecord]:
+        """At ``step()`` (and ``detach()``): finish the step being combined, then post the combination of the waiting
+        one. Returns the records that became final."""
+        final = [*self.ready, *self.finish_combining(timeout)]
+        self.ready = []
+        record = self.waiting
+        if record is None or self.cross is None:
+            return final
+        try:  # it stays waiting (in the ring) while sites of other ranks are entered
+            self._post_combination(record, timeout)
+        finally:
+            self.waiting = None
+        return final
+
+    def finish_combining(self, timeout: float | None = None) -> list[StepRecord]:
+        """Wait for the step being combined (posted by every rank at its previous ``step()``) and finalise it."""
+        if self.combining is None:
+            return []
+        record, pending, order = self.combining
+        rec = self.recorder
+        try:
+            with _no_torch_function(), torch.no_grad():
+                calls, elements, backward = pending.wait(timeout).tolist()
+        finally:
+            self.combining = None
+        shapes = dict(zip(record.sites, record.shapes))
+        ran = [g for g in range(len(order)) if calls[g] + backward[g] > 0]
+        record.sites = [order[g] for g in ran]
+        record.calls = [int(calls[g]) for g in ran]
+        record.elements = [int(elements[g]) for g in ran]
+        record.backward = [int(backward[g]) for g in ran]
+        record.units = [rec.sites[i].units for i in record.sites]
+        record.shapes = [shapes.get(i, rec.sites[i].shape) for i in record.sites]
+        return [record] if record.sites else []
+
+    def _post_combination(self, record: StepRecord, timeout: float | None) -> None:
+        assert self.cross is not None
+        rec = self.recorder
+        _, changed = self.cross.read_header(timeout)
+        if changed:
+            local = {s.layer for s in rec.sites}
+            for d in self.cross.agree(self.describe_sites()):
+                if d.name not in local:
+                    self.enter_remote_site(d)
+            self._orders = None
+        if not self.cross.agreed or not rec._banks:
+            record.sites, record.calls, record.elements, record.backward = [], [], [], []
+            record.units, record.shapes = [], []
+            return
+        order, site_order, unit_orders = self._order_tensors()
+        position = {i: g for g, i in enumerate(order)}
+        counts = torch.zeros(3, len(order), dtype=torch.float64)
+        for i, c, e, b in zip(record.sites, record.calls, record.elements, record.backward):
+            if i in position:
+                counts[:, position[i]] = torch.tensor([c, e, b], dtype=torch.float64)
+        row = rec._banks[0].closed_rows - 1
+        with _no_torch_function(), torch.no_grad():
+            pending = self.cross.post_reduce(rec._banks, row, site_order, unit_orders, counts)
+        self.combining = (record, pending, order)
+
+    def describe_sites(self) -> list[SiteDescription]:
+        """The sites this rank can describe to the others (bound, not skipped)."""
+        rec = self.recorder
+        return [
+            SiteDescription(
+                s.layer,
+                rec._keys[s.index],
+                s.module,
+                s.call,
+                s.kind,
+                s.function,
+                s.bounds,
+                s.unit_dim,
+                s.units,
+                s.shape,
+                s.dim,
+            )
+            for s in rec.sites
+            if s.units_fixed and s.problem is None
+        ]
+
+    def enter_remote_site(self, d: SiteDescription) -> Site:
+        """Enter a site that only other ranks have run so far, as they described it."""
+        from hookscope.activations import get_activation
+
+        rec = self.recorder
+        site = rec.new_site(d.key, d.name, d.module, d.call, get_activation(d.kind), d.function, d.bounds)
+        if site is None:
+            raise StateError(
+                f"hookscope: site {d.name!r} of another rank is left out by this rank's `include`/`exclude`; every "
+                "rank must use the same patterns"
+            )
+        site.unit_dim, site.units, site.shape, site.units_fixed = d.unit_dim, d.units, d.shape, True
+        site.dim = d.dim
+        site.reduce_dims = tuple(i for i in range(len(d.shape)) if i != d.unit_dim)
+        if rec._device is None:
+            rec._bind_device(_default_device())
+        rec._bind_state(site)
+        return site
+
+    def _order_tensors(self) -> tuple[list[int], torch.Tensor, list[torch.Tensor]]:
+        """The agreed sites as local site indices, and the positions of their units in each bank."""
+        if self._orders is None:
+            rec = self.recorder
+            assert self.cross is not None and rec._device is not None
+            index = {s.layer: s.index for s in rec.sites}
+            order = [index[d.name] for d in self.cross.agreed]
+            device = rec._device
+            units = []
+            for bank in rec._banks:
+                ranges = [r for r in map(bank.unit_range, order) if r is not None]
+                parts = [torch.arange(off, off + n, device=device) for off, n in ranges]
+                units.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device))
+            self._orders = (order, torch.tensor(order, dtype=torch.long, device=device), units)
+        return self._orders

@@ -194,7 +194,6 @@ class HookManager(UnitReports, Resumable):
         """
         if self._tracer.attached:
             raise StateError("this HookManager is already attached; call detach() first")
-
         self._tracer.attach()
         self._recorder.enabled = True
         if self.sinks:  # a script that never detaches still writes its last steps when the interpreter exits
@@ -312,7 +311,7 @@ class HookManager(UnitReports, Resumable):
         # the step is closed and numbered here, exactly once; distributed, the previous step is combined
         records = recorder.close_step(passes=self._tracer.passes)
         if self._tracer.passes and not recorder.site_by_key:
-            _warn_no_site(self.model)
+            _warn_no_site(self.model, self._tracer.compiled_without_hookscope())
         elif self._tracer.unseen_compiled_calls():
             _warn_compiled_unseen()
         errors = recorder.take_failures()
@@ -518,7 +517,16 @@ def _warn_compiled_unseen() -> None:
     )
 
 
-def _warn_no_site(model: nn.Module) -> None:
+def _warn_no_site(model: nn.Module, stale_compiled_code: bool) -> None:
+    if stale_compiled_code:
+        warn_once(
+            f"hookscope: the compiled forward of {type(model).__name__} runs code that torch.compile made without "
+            "hookscope's hooks: the model was compiled and ran before attaching, or an instance of its class "
+            "without hookscope was compiled first (dynamo shares compiled code between instances and does not "
+            "guard on hooks); nothing inside it is recorded. Attach before the first compiled call, give an "
+            "uninstrumented copy a class of its own, or call torch._dynamo.reset() after attaching"
+        )
+        return
     fused = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _FUSED)})
     why = (
         f"its {', '.join(fused)} compute their gates and activations inside fused kernels, which no hook sees"

@@ -10,7 +10,7 @@ The tracer (:mod:`hookscope.tracing`) follows forward passes and hands each acti
 - closing a step: its per-step state moves to the collectors' rings (no tensor operation) and its record waits
   there until the ring is *flushed* (every :data:`~hookscope.collectors.base.RING_STEPS` steps, or when a report
   asks), which turns the closed rows into recorded values and stores them in the :class:`~hookscope.history.History`;
-- under ``torch.distributed``, the cross-rank reduction of each step's state and counts
+- under ``torch.distributed``, each step is handed to the cross-rank combination
   (:mod:`hookscope.distributed`).
 
 The hooks call :meth:`Recorder.new_site`, :meth:`Recorder.observe` and, through each site's gradient hook,
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBank, host_to_device
-from hookscope.distributed import CrossRank, PendingReduction, SiteDescription
+from hookscope.distributed import Combiner
 from hookscope.errors import ConfigError, StateError
 from hookscope.history import FieldLayout, History, Rows, StepRecord
 from hookscope.kernels import Backend, Prepared
@@ -266,7 +266,7 @@ class Recorder:
         self._in_ring: list[StepRecord] = []  # closed steps whose values wait in the collectors' rings
         self._failures: list[Exception] = []  # errors of collectors' close_steps not raised yet
         self._keys: list[SiteKey] = []  # each site's key in the table
-        self._cross: _Combiner | None = _Combiner(self) if global_stats else None
+        self._cross: Combiner | None = Combiner(self) if global_stats else None
         #: The statistics implementation (native kernels or ATen), chosen once for this manager.
         self.kernels = select_kernels()
         self._include_checked = False
@@ -352,23 +352,32 @@ class Recorder:
         finally:  # a bank may have grown (also when a later one or a collector raised): views have new addresses
             self._generation += 1
 
-    def observe(self, site: Site, output: torch.Tensor, recompute: bool, producer: Producer | None = None) -> None:
+    def observe(
+        self,
+        site: Site,
+        output: torch.Tensor,
+        recompute: bool,
+        producer: Producer | None = None,
+        hook_grad: bool = True,
+    ) -> bool:
         """Record one output of a site (``recompute``: a checkpointed forward recomputed in backward, already
         counted in the first pass; only its gradient hook matters). ``producer``: the layer that produced the
-        activation's input, which tells the unit dimension at the site's first output."""
+        activation's input, which tells the unit dimension at the site's first output. ``hook_grad``: give the
+        output the site's gradient hook when it requires grad (a compiled graph puts its own into the backward).
+        Returns whether the output was recorded (its gradient is wanted)."""
         if site.problem is not None:
-            return
+            return False
         odd = type(output) is not torch.Tensor or output.is_nested or output.is_meta or output.layout != torch.strided
         if odd or _in_transform(output):
             _problem(f"hookscope: site {site.layer!r}: skipped {_odd(output)}: its statistics are not recorded")
-            return
+            return False
         if not site.units_fixed and not self._bind(site, output, producer):
-            return
+            return False
         slot = self._slots[site.index]
         if recompute:
-            if self.wants_grad and output.requires_grad:
+            if hook_grad and self.wants_grad and output.requires_grad:
                 _hook_gradient(output, slot.grad_hook)
-            return
+            return False
         shape = output.shape
         if shape != site.shape:
             units = site.units_of(shape)
@@ -379,7 +388,7 @@ class Recorder:
                         f"{site.units}, along dim {site.unit_dim}); calls with another number are skipped for "
                         "its per-unit statistics (use `unit_dim` if units sit in another dimension)"
                     )
-                    return
+                    return False
                 site.units = units  # statistics without per-unit state follow the latest output
             site.shape = tuple(shape)
         if output.get_device() != self._device_index and output.device != self._device:
@@ -387,7 +396,7 @@ class Recorder:
                 f"hookscope: site {site.layer!r} runs on {output.device} while the statistics live on "
                 f"{self._device}; calls on other devices are skipped (model parallelism is not supported)"
             )
-            return
+            return False
         if not slot.touched:
             slot.touched = True
             self._order.append(slot)
@@ -401,8 +410,9 @@ class Recorder:
                 _feed(slot.fwd_rest, output, site, grad=False)
         else:
             _feed(slot.fwd, output, site, grad=False)
-        if self.wants_grad and output.requires_grad:
+        if hook_grad and self.wants_grad and output.requires_grad:
             _hook_gradient(output, slot.grad_hook)
+        return self.wants_grad
 
     def observe_grad(self, site: Site, grad: torch.Tensor) -> None:
         """Record one gradient with respect to a site's output (called by the site's gradient hook)."""
@@ -525,7 +535,7 @@ class Recorder:
                 bank.push()
         else:
             with _no_torch_function(), torch.no_grad():
-                block, failure = self._values([record], commit=False)
+                block, failure = _values(self, [record], commit=False)
             if failure is not None:
                 raise failure
             record.values = block[0]
@@ -534,72 +544,6 @@ class Recorder:
                 slot.clear()
             self._order = []
         return record
-
-    def _values(self, records: list[StepRecord], commit: bool) -> tuple[torch.Tensor, Exception | None]:
-        """``(len(records), n_sites, n_fields)`` float64 values of a block of steps: the first ``len(records)``
-        closed rows of the rings when ``commit``, else the open step; and the first error a collector raised.
-
-        Besides the per-step states, collectors' blocks hold ``elements``: the output elements of each site in
-        each step, ``(len(records), n_sites)``.
-
-        A collector whose ``close_steps`` raises (user code) gets NaN for its fields in this block, so that the
-        other collectors' values and every record are kept; the error is returned for the caller to raise once
-        its own state is consistent.
-        """
-        columns: list[torch.Tensor] = []
-        steps = [r.step for r in records]
-        n = len(self.sites)
-        if not self._banks:  # no site has been bound yet: no collector has state
-            return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device), None
-        rows = [[0.0] * n for _ in records]  # on the host first: one tensor operation, not one per record
-        for row, record in zip(rows, records):
-            for i, count in zip(record.sites, record.elements):
-                row[i] = float(count)
-        elements = host_to_device(
-            torch.tensor(rows, dtype=torch.float64).reshape(len(records), n), self._banks[0].device
-        )
-        fields: list[tuple[str, ...]] = []
-        failure: Exception | None = None
-        try:
-            for ci, (c, bank) in enumerate(zip(self.collectors, self._banks)):
-                n = bank.n_sites
-                block = dict(bank.take(len(steps)) if commit else bank.current())
-                block["elements"] = elements[:, :n]
-                try:
-                    closed = c.close_steps(steps, block, commit)
-                except Exception as e:
-                    failure = failure or e
-                    nan = torch.full((len(steps), n), math.nan, dtype=torch.float64, device=self._device)
-                    closed = dict.fromkeys(self._fields_of(ci, c, bank), nan)
-                fields.append(tuple(closed))
-                columns.extend(closed.values())
-            layout = FieldLayout(collectors=tuple(fields))
-            if self.layout is None:
-                self.layout = layout
-            elif layout != self.layout:
-                raise StateError(
-                    f"collectors must record the same fields at every step: got {layout}, expected {self.layout}"
-                )
-            if not columns:
-                return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=self._device), failure
-            # a copy: the ring rows may be reused now
-            return torch.stack(columns, dim=2).to(torch.float64), failure
-        finally:
-            if commit:  # also when a collector raised: the hooks must never write into a closed row
-                for bank in self._banks:
-                    bank.recycle(len(steps))
-
-    def _fields_of(self, index: int, collector: Collector, bank: StateBank) -> tuple[str, ...]:
-        """The fields a collector records (for NaN values when its ``close_steps`` raised): from the layout, or
-        from a block of no step."""
-        if self.layout is not None:
-            return self.layout.collectors[index]
-        empty = {name: rows[:0] for name, rows in bank.current().items()}
-        empty["elements"] = torch.zeros(0, bank.n_sites, dtype=torch.float64, device=bank.device)
-        try:
-            return tuple(collector.close_steps([], empty, commit=False))
-        except Exception:
-            return ()
 
     def flush(self) -> None:
         """Turn the closed steps waiting in the rings into recorded values and store them in the history.
@@ -631,7 +575,7 @@ class Recorder:
             return
         self._in_ring = self._in_ring[len(records) :]
         with _no_torch_function(), torch.no_grad():
-            values, failure = self._values(records, commit=True)
+            values, failure = _values(self, records, commit=True)
             rows = values.unbind(0)  # one operation for all the rows
         for record, row in zip(records, rows):
             record.values = row
@@ -689,6 +633,72 @@ def note_unfinished(recorder: Recorder) -> None:
         )
 
 
+def _values(rec: Recorder, records: list[StepRecord], commit: bool) -> tuple[torch.Tensor, Exception | None]:
+    """``(len(records), n_sites, n_fields)`` float64 values of a block of ``rec``'s steps: the first ``len(records)``
+    closed rows of the rings when ``commit``, else the open step; and the first error a collector raised.
+
+    Besides the per-step states, collectors' blocks hold ``elements``: the output elements of each site in
+    each step, ``(len(records), n_sites)``.
+
+    A collector whose ``close_steps`` raises (user code) gets NaN for its fields in this block, so that the
+    other collectors' values and every record are kept; the error is returned for the caller to raise once
+    its own state is consistent.
+    """
+    columns: list[torch.Tensor] = []
+    steps = [r.step for r in records]
+    n = len(rec.sites)
+    if not rec._banks:  # no site has been bound yet: no collector has state
+        return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=rec._device), None
+    rows = [[0.0] * n for _ in records]  # on the host first: one tensor operation, not one per record
+    for row, record in zip(rows, records):
+        for i, count in zip(record.sites, record.elements):
+            row[i] = float(count)
+    elements = host_to_device(torch.tensor(rows, dtype=torch.float64).reshape(len(records), n), rec._banks[0].device)
+    fields: list[tuple[str, ...]] = []
+    failure: Exception | None = None
+    try:
+        for ci, (c, bank) in enumerate(zip(rec.collectors, rec._banks)):
+            n = bank.n_sites
+            block = dict(bank.take(len(steps)) if commit else bank.current())
+            block["elements"] = elements[:, :n]
+            try:
+                closed = c.close_steps(steps, block, commit)
+            except Exception as e:
+                failure = failure or e
+                nan = torch.full((len(steps), n), math.nan, dtype=torch.float64, device=rec._device)
+                closed = dict.fromkeys(_fields_of(rec.layout, ci, c, bank), nan)
+            fields.append(tuple(closed))
+            columns.extend(closed.values())
+        layout = FieldLayout(collectors=tuple(fields))
+        if rec.layout is None:
+            rec.layout = layout
+        elif layout != rec.layout:
+            raise StateError(
+                f"collectors must record the same fields at every step: got {layout}, expected {rec.layout}"
+            )
+        if not columns:
+            return torch.zeros(len(steps), n, 0, dtype=torch.float64, device=rec._device), failure
+        # a copy: the ring rows may be reused now
+        return torch.stack(columns, dim=2).to(torch.float64), failure
+    finally:
+        if commit:  # also when a collector raised: the hooks must never write into a closed row
+            for bank in rec._banks:
+                bank.recycle(len(steps))
+
+
+def _fields_of(layout: FieldLayout | None, index: int, collector: Collector, bank: StateBank) -> tuple[str, ...]:
+    """The fields a collector records (for NaN values when its ``close_steps`` raised): from the layout, or from a
+    block of no step."""
+    if layout is not None:
+        return layout.collectors[index]
+    empty = {name: rows[:0] for name, rows in bank.current().items()}
+    empty["elements"] = torch.zeros(0, bank.n_sites, dtype=torch.float64, device=bank.device)
+    try:
+        return tuple(collector.close_steps([], empty, commit=False))
+    except Exception:
+        return ()
+
+
 #: Whether a tensor is one of torch.func's wrappers (vmap's batched tensors, grad's tracked ones): it has no storage
 #: of its own and ATen's out= variants have no batching rules, so neither path can take it.
 _in_transform: Callable[[torch.Tensor], bool] = getattr(
@@ -721,174 +731,3 @@ def _odd(tensor: torch.Tensor) -> str:
 
 def _problem(message: str) -> None:
     warn_once(message)
-
-
-def _default_device() -> torch.device:
-    """The device for the state of a rank that has run no site yet: the current CUDA device under NCCL."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-class _Combiner:
-    """Combines each closed step across ranks, two ``step()`` calls later, without ever waiting in ``step()`` for an
-    operation that another rank posts in its current ``step()`` (see :mod:`hookscope.distributed`): at each call
-    it waits for what every rank posted at the previous call (a step's combined values, the next step's header),
-    posts the combination of the step whose header it read, and posts the header of the step it closes."""
-
-    def __init__(self, recorder: Recorder) -> None:
-        self._recorder = weakref.ref(recorder)
-        self.cross: CrossRank | None = None
-        #: Closed, its header posted: the last closed row of the ring.
-        self.waiting: StepRecord | None = None
-        #: Its combination posted (the row before it), with what finishing it needs.
-        self.combining: tuple[StepRecord, PendingReduction, list[int]] | None = None
-        self.ready: list[StepRecord] = []  # combined by a report since the last step(): final at the next one
-        self._orders: tuple[list[int], torch.Tensor, list[torch.Tensor]] | None = None
-
-    @property
-    def recorder(self) -> Recorder:
-        recorder = self._recorder()
-        assert recorder is not None
-        return recorder
-
-    @property
-    def unfinished(self) -> int:
-        """Closed rows at the end of the ring that are not combined yet."""
-        return (self.waiting is not None) + (self.combining is not None)
-
-    def release(self) -> None:
-        """Drop the process groups and any pending work (at ``detach()``; a later ``step()`` makes new groups).
-
-        Now, not whenever the garbage collector frees the manager: a gloo group that
-        ``torch.distributed.destroy_process_group()`` already dropped, freed while the interpreter shuts down,
-        aborts the process ("terminate called without an active exception").
-        """
-        self.cross = None
-        self.waiting = None
-        self.combining = None
-
-    def post(self, record: StepRecord, passes: int) -> None:
-        rec = self.recorder
-        if self.cross is None:
-            self.cross = CrossRank(rec._device)
-        self.cross.post_header(record.step, passes, len(rec.sites), rec._device)
-        self.waiting = record
-
-    def advance(self, timeout: float | None = None) -> list[StepRecord]:
-        """At ``step()`` (and ``detach()``): finish the step being combined, then post the combination of the waiting
-        one. Returns the records that became final."""
-        final = [*self.ready, *self.finish_combining(timeout)]
-        self.ready = []
-        record = self.waiting
-        if record is None or self.cross is None:
-            return final
-        try:  # it stays waiting (in the ring) while sites of other ranks are entered
-            self._post_combination(record, timeout)
-        finally:
-            self.waiting = None
-        return final
-
-    def finish_combining(self, timeout: float | None = None) -> list[StepRecord]:
-        """Wait for the step being combined (posted by every rank at its previous ``step()``) and finalise it."""
-        if self.combining is None:
-            return []
-        record, pending, order = self.combining
-        rec = self.recorder
-        try:
-            with _no_torch_function(), torch.no_grad():
-                calls, elements, backward = pending.wait(timeout).tolist()
-        finally:
-            self.combining = None
-        shapes = dict(zip(record.sites, record.shapes))
-        ran = [g for g in range(len(order)) if calls[g] + backward[g] > 0]
-        record.sites = [order[g] for g in ran]
-        record.calls = [int(calls[g]) for g in ran]
-        record.elements = [int(elements[g]) for g in ran]
-        record.backward = [int(backward[g]) for g in ran]
-        record.units = [rec.sites[i].units for i in record.sites]
-        record.shapes = [shapes.get(i, rec.sites[i].shape) for i in record.sites]
-        return [record] if record.sites else []
-
-    def _post_combination(self, record: StepRecord, timeout: float | None) -> None:
-        assert self.cross is not None
-        rec = self.recorder
-        _, changed = self.cross.read_header(timeout)
-        if changed:
-            local = {s.layer for s in rec.sites}
-            for d in self.cross.agree(self.describe_sites()):
-                if d.name not in local:
-                    self.enter_remote_site(d)
-            self._orders = None
-        if not self.cross.agreed or not rec._banks:
-            record.sites, record.calls, record.elements, record.backward = [], [], [], []
-            record.units, record.shapes = [], []
-            return
-        order, site_order, unit_orders = self._order_tensors()
-        position = {i: g for g, i in enumerate(order)}
-        counts = torch.zeros(3, len(order), dtype=torch.float64)
-        for i, c, e, b in zip(record.sites, record.calls, record.elements, record.backward):
-            if i in position:
-                counts[:, position[i]] = torch.tensor([c, e, b], dtype=torch.float64)
-        row = rec._banks[0].closed_rows - 1
-        with _no_torch_function(), torch.no_grad():
-            pending = self.cross.post_reduce(rec._banks, row, site_order, unit_orders, counts)
-        self.combining = (record, pending, order)
-
-    def describe_sites(self) -> list[SiteDescription]:
-        """The sites this rank can describe to the others (bound, not skipped)."""
-        rec = self.recorder
-        return [
-            SiteDescription(
-                s.layer,
-                rec._keys[s.index],
-                s.module,
-                s.call,
-                s.kind,
-                s.function,
-                s.bounds,
-                s.unit_dim,
-                s.units,
-                s.shape,
-                s.dim,
-            )
-            for s in rec.sites
-            if s.units_fixed and s.problem is None
-        ]
-
-    def enter_remote_site(self, d: SiteDescription) -> Site:
-        """Enter a site that only other ranks have run so far, as they described it."""
-        from hookscope.activations import get_activation
-
-        rec = self.recorder
-        site = rec.new_site(d.key, d.name, d.module, d.call, get_activation(d.kind), d.function, d.bounds)
-        if site is None:
-            raise StateError(
-                f"hookscope: site {d.name!r} of another rank is left out by this rank's `include`/`exclude`; every "
-                "rank must use the same patterns"
-            )
-        site.unit_dim, site.units, site.shape, site.units_fixed = d.unit_dim, d.units, d.shape, True
-        site.dim = d.dim
-        site.reduce_dims = tuple(i for i in range(len(d.shape)) if i != d.unit_dim)
-        if rec._device is None:
-            rec._bind_device(_default_device())
-        rec._bind_state(site)
-        return site
-
-    def _order_tensors(self) -> tuple[list[int], torch.Tensor, list[torch.Tensor]]:
-        """The agreed sites as local site indices, and the positions of their units in each bank."""
-        if self._orders is None:
-            rec = self.recorder
-            assert self.cross is not None and rec._device is not None
-            index = {s.layer: s.index for s in rec.sites}
-            order = [index[d.name] for d in self.cross.agreed]
-            device = rec._device
-            units = []
-            for bank in rec._banks:
-                ranges = [r for r in map(bank.unit_range, order) if r is not None]
-                parts = [torch.arange(off, off + n, device=device) for off, n in ranges]
-                units.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device))
-            self._orders = (order, torch.tensor(order, dtype=torch.long, device=device), units)
-        return self._orders

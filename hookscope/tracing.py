@@ -39,6 +39,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from hookscope import traced
 from hookscope.activations import (
     DISTRIBUTION_KINDS,
     MODULE_OUTPUT,
@@ -46,6 +47,7 @@ from hookscope.activations import (
     Bounds,
     activation_for_function,
     activation_for_module,
+    list_activations,
 )
 from hookscope.recording import MISSING, Recorder, _in_transform, discard_open_step
 from hookscope.sites import ROOT_NAME, ModuleSelection, Producer, clean_name, producer_of, unwrap_model
@@ -111,14 +113,14 @@ def _remove_handles(handles: list[RemovableHandle]) -> None:
 #
 # hookscope's Python (dictionaries, thresholds, per-site state) must never be traced into a compiled graph: its
 # floats and containers become guards that fail ("Guard failed on the same frame it was created"), and values
-# that dynamo turns into tensors break it ("'NoneType' object has no attribute 'item'"). So the hooks are opaque
-# to dynamo: a traced forward breaks its graph at each hook, and the hook runs eagerly, outside any compiled
-# frame. Marking the hook functions (instead of wrapping them with torch.compiler.disable) costs nothing in
-# eager mode and does not import torch._dynamo: the marks are a function attribute that dynamo checks when it
-# meets a call, and a per-code "skip" strategy so that dynamo never compiles the hook as a frame of its own.
-# Inside a compiled region dynamo's frame callback is set: the hook then runs its body with dynamo disabled, so
-# that the functions it calls are not compiled either, and notes that the model is compiled (its hooks must then
-# never change: each change would make it recompile).
+# that dynamo turns into tensors break it ("'NoneType' object has no attribute 'item'"). So a hook that dynamo
+# traces (``torch.compiler.is_compiling()``) only puts one of hookscope's operations into the graph
+# (:mod:`hookscope.traced`), and the compiled graph calls it at run time, where the tracer replays the event with
+# the eager code (``replay_*`` below): no graph break, and the graph is the same at every step. A hook is never
+# compiled as a frame of its own (a per-code "skip" strategy): the hooks of a compiled root module, which torch
+# runs outside its compiled forward, run eagerly, with dynamo disabled so that the functions they call are not
+# compiled either, and note that the model is compiled (its hooks must then never change: each change would make
+# it recompile).
 
 _no_torch_function = torch._C.DisableTorchFunction
 
@@ -149,6 +151,10 @@ def _opaque_to_dynamo(fn: Callable[..., Any]) -> Callable[..., Any]:
     return _never_a_compiled_frame(fn)
 
 
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+_is_exporting: Callable[[], bool] = torch.compiler.is_exporting
+
+
 _disabled: Callable[..., None] | None = None
 
 
@@ -168,9 +174,11 @@ def _call(fn: Callable[..., None], *args: Any) -> None:
 class _FunctionCapture(TorchFunctionMode):
     """Sees every torch function call of a forward pass and reports activation calls to the tracer."""
 
-    def __init__(self, tracer: weakref.ReferenceType[Tracer]) -> None:
+    def __init__(self, tracer: weakref.ReferenceType[Tracer], token: int, wants_grad: bool) -> None:
         super().__init__()
         self._tracer = tracer
+        self.token = token  # the tracer's token in hookscope.traced
+        self.wants_grad = wants_grad
 
     def __torch_function__(
         self,
@@ -183,7 +191,10 @@ class _FunctionCapture(TorchFunctionMode):
         out = func(*args, **kwargs)
         spec = activation_for_function(func)
         if spec is not None:
-            _functional_call(self._tracer, func, spec, args, kwargs, out)
+            if _is_compiling():
+                traced.trace_functional(self.token, func, args, out, self.wants_grad)
+            else:
+                _functional_call(self._tracer, func, spec, args, kwargs, out)
         return out
 
 
@@ -225,7 +236,9 @@ class Tracer:
         self.recording = True
         self.attached = False
         self._ref = weakref.ref(self)
-        self._mode = _FunctionCapture(self._ref)
+        self._replay = _Replay(self)  # the events of compiled graphs
+        self._token = traced.register(self._replay)
+        self._mode = _FunctionCapture(self._ref, self._token, recorder.wants_grad)
         self._mode_active = False
         self._mode_depth = 0  # stack depth of the module that pushed the function mode
         # every handle registered (the finalizer holds this very list); per module, the ones in place
@@ -243,7 +256,12 @@ class Tracer:
         self._entries: set[str] = set()  # modules that began a forward pass
         self._fn_parents: set[str] = set()  # modules that called a functional activation themselves
         self._compiled = _Compiled()  # a forward pass was traced by torch.compile: hooks never change
-        self._hooks = (_pre_hook(self._ref, self._compiled), _post_hook(self._ref, self._compiled))  # shared
+        # shared by the modules of one role: [0] other modules, [1] activation modules (a compiled graph hands these
+        # their output; no other tensor is read from a compiled graph: see hookscope.traced.trace_enter)
+        self._hooks = _hook_pairs(self._ref, self._compiled, self._token, recorder.wants_grad)
+        self._modules: dict[int, nn.Module] = {}  # hooked modules by id() (the compiled graph names them so)
+        self._pass_recorded = True  # the pass in progress is recorded (under compile every pass is followed)
+        self._replayed = False  # a compiled graph called hookscope's operations
         #: The name and activation kind of each hooked module, by ``id(module)``.
         self.names: dict[int, tuple[str, ActivationSpec | None]] = {}
         # Layers with a feature count, and the last of them that ran in this pass (during discovery): the unit
@@ -271,6 +289,10 @@ class Tracer:
         self._recompute = False
         self._recompute_task = -1
         self._recompute_counts: dict[str, int] = {}
+        self._replaying = False  # an event of a compiled graph is being replayed (see replay_enter)
+        # the output of the last activation function recorded eagerly: a graph that dynamo's "eager" backend runs
+        # goes through the function mode as well as calling hookscope.functional on the same output
+        self._eager_out: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # hooks in place
@@ -312,6 +334,11 @@ class Tracer:
         the hooks: compiled before the hooks were added, its code ignores them (pytorch/pytorch#117758)."""
         return self._wrapper_calls if not self.passes and self.recording else 0
 
+    def compiled_without_hookscope(self) -> bool:
+        """Whether forward passes ran in compiled code whose graph never calls hookscope's operations (compiled
+        before attaching, or shared with an uninstrumented instance of the model's class)."""
+        return self._compiled.seen and not self._replayed
+
     def hooked_modules(self) -> list[str]:
         """Names (wrapper components removed) of the modules that have hooks of this tracer now."""
         return list(dict.fromkeys(self._clean[raw] for raw in self._module_handles))
@@ -343,9 +370,11 @@ class Tracer:
             producer = producer_of(module) if spec is None else None
             if producer is not None:
                 self._producers[id(module)] = producer
+            self._modules[id(module)] = module
+            pre, post = self._hooks[spec is not None]
             pair = [
-                module.register_forward_pre_hook(self._hooks[0], prepend=True),
-                module.register_forward_hook(self._hooks[1], always_call=True),
+                module.register_forward_pre_hook(pre, prepend=True),
+                module.register_forward_hook(post, always_call=True),
             ]
             self._module_handles[raw] = pair
             self._handles.extend(pair)
@@ -409,7 +438,7 @@ class Tracer:
     # ----------------------------------------------------------------------------------------------------------
     # the forward pass (hot path)
 
-    def pre_hook(self, module: nn.Module, args: Any = ()) -> None:
+    def pre_hook(self, module: nn.Module, args: Any = (), training: bool | None = None) -> None:
         """Called by every hooked module's forward pre-hook (directly: ``sys._getframe(2)`` is the frame of
         torch's module call that runs the hook)."""
         if not self.attached:
@@ -421,15 +450,20 @@ class Tracer:
             name, spec = entry
             if name in self._entries and self._interrupted():
                 self.recover()
-        elif self.recording:
+        elif (self.recording or self._compiled.seen) and not _is_exporting():
             entry = self.names.get(id(module))
             if entry is None:
                 return _copied_module()
-            if not (
+            # compiled: every pass is followed (the graph never changes); torch.export's passes are never followed
+            admitted = self.recording and (
                 _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
-                or self.evaluation.admit(torch.is_grad_enabled() and module.training, self.recorder)
-            ):
+                or self.evaluation.admit(
+                    torch.is_grad_enabled() and module.training if training is None else training, self.recorder
+                )
+            )
+            if not (admitted or self._compiled.seen):
                 return
+            self._pass_recorded = admitted
             name, spec = entry
             # the frame of the module call that begins this forward pass lives exactly as long as the pass
             self._pass_frame = None if self._compiled.seen else sys._getframe(2)
@@ -460,19 +494,22 @@ class Tracer:
         self.stack.clear()
         self._activation_stack.clear()
 
-    def post_hook(self, module: nn.Module, output: Any) -> None:
-        """Called by every hooked module's forward hook (``always_call``: also when the forward raised)."""
+    def post_hook(self, module: nn.Module, output: Any) -> int:
+        """Called by every hooked module's forward hook (``always_call``: also when the forward raised). Returns
+        the index of the site recorded from ``output``, or -1."""
+        site = -1
         if self.attached and self.stack:
             entry = self.names.get(id(module))
             if entry is None:
-                return  # a module of a copy of the model (see _copied_module)
+                return site  # a module of a copy of the model (see _copied_module)
             name, spec = entry
-            self.exit(name, spec, output, id(module))
+            site = self.exit(name, spec, output, id(module))
             if self.discovering and spec is None and id(module) in self._producers:
                 # the last layer with features, and what it produced: it tells where units sit
                 self._producer = self._producers[id(module)]
                 self._produced = _signature(output)
                 self._running_producer = None
+        return site
 
     def enter(self, name: str, spec: ActivationSpec | None, module: nn.Module, args: Any = ()) -> None:
         """A hooked module begins its forward."""
@@ -481,7 +518,7 @@ class Tracer:
             if self.discovering:
                 self._entries.add(name)
         self.stack.append(name)
-        if not self._mode_active and name in self._fn_parents and self.functional:
+        if not self._mode_active and name in self._fn_parents and self.functional and not self._replaying:
             self._mode.__enter__()
             self._mode_active, self._mode_depth = True, len(self.stack)
         if spec is None:
@@ -489,9 +526,9 @@ class Tracer:
                 self._running_producer = self._producers[id(module)]
         else:
             hooks = module._forward_hooks
-            if len(hooks) > 1 and next(reversed(hooks.values())) is not self._hooks[1]:
-                _run_last(hooks, self._hooks[1])  # a hook registered after ours may replace the output
-
+            post = self._hooks[1][1]  # the activation modules' forward hook
+            if len(hooks) > 1 and next(reversed(hooks.values())) is not post:
+                _run_last(hooks, post)  # a hook registered after ours may replace the output
             if self._activation_stack:
                 self._activation_stack.append(None)  # nested inside another activation: not a site
             else:
@@ -500,69 +537,29 @@ class Tracer:
                 feed = self._producer_for(args[0] if args else None) if self.discovering else None
                 self._activation_stack.append((name, k, spec, module, feed))
 
-    def exit(self, name: str, spec: ActivationSpec | None, output: Any, module_id: int = 0) -> None:
-        """A hooked module ends its forward (also when it raised: ``always_call``)."""
+    def exit(self, name: str, spec: ActivationSpec | None, output: Any, module_id: int = 0) -> int:
+        """A hooked module ends its forward (also when it raised: ``always_call``). Returns the index of the
+        activation site recorded from ``output``, or -1."""
+        recorded = -1
         if not self.stack or self.stack[-1] != name:
-            return  # our pre-hook did not run for this call (an earlier pre-hook raised)
+            return recorded  # our pre-hook did not run for this call (an earlier pre-hook raised)
         self.stack.pop()
         if self._mode_active and len(self.stack) < self._mode_depth:
             self._mode_active = False
             self._mode.__exit__(None, None, None)
         if module_id in self.outputs:
-            self._module_output(name, module_id, output)
+            _module_output(self, name, module_id, output)
         if spec is not None and self._activation_stack:
             entry = self._activation_stack.pop()
             if entry is not None and isinstance(output, torch.Tensor):
                 with _no_torch_function():  # modes (the user's, ours) do not see hookscope's tensor calls
-                    self._activation_output(entry, output)
-
+                    recorded = _activation_output(self, entry, output)
         if not self.stack:
             self._pass_frame = None
             self._pass_done = True
             self.passes += 1
             self._end_forward()
-
-    def _module_output(self, name: str, module_id: int, output: Any) -> None:
-        """A module site's module returned ``output``: record its tensor (see :func:`output_tensor`)."""
-        tensor = output_tensor(output)
-        if tensor is None or name in self._activation_modules:  # a wrapper of an activation: that site it is
-            return
-        k = self._counts.get(name, 0)
-        self._counts[name] = k + 1
-        recorder = self.recorder
-        site = recorder.site_by_key.get((name, k), MISSING)
-        if site is MISSING:
-            layer = name or ROOT_NAME
-            site = recorder.new_site((name, k), layer if k == 0 else f"{layer}#{k}", name, k, MODULE_OUTPUT, None, None)
-        if site is not None:
-            feed = None
-            if self.discovering:  # the layer itself when it has features (a Linear), else the last one inside it
-                own = self._producers.get(module_id)
-                feed = own if own is not None else self._producer_for(tensor)
-            with _no_torch_function():
-                recorder.observe(site, tensor, self._recompute, feed)
-
-    def _activation_output(
-        self, entry: tuple[str, int, ActivationSpec, nn.Module, Producer | None], output: torch.Tensor
-    ) -> None:
-        """An activation module's call (``entry``, from :meth:`enter`) returned ``output``: record it."""
-        act_name, k, act_spec, module, feed = entry
-        if not output.requires_grad and self.outside_training(output):
-            self._counts[act_name] = k  # not a call of the site: the next call takes its index
-            return
-        recorder = self.recorder
-        site = recorder.site_by_key.get((act_name, k), MISSING)
-        if site is not MISSING and site is not None and site.spec is not act_spec:
-            site = MISSING  # the module was replaced by another kind: a new site under the same name
-        if site is MISSING:
-            layer = act_name or ROOT_NAME
-            layer_k = layer if k == 0 else f"{layer}#{k}"
-            bounds = _site_bounds(act_spec, layer_k, module, (), {})
-            site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
-            if site is not None:
-                site.dim = _site_dim(act_spec, module, (), {})
-        if site is not None:
-            recorder.observe(site, output, self._recompute, feed)
+        return recorded
 
     def outside_training(self, output: torch.Tensor) -> bool:
         """Whether an activation's output is outside the network being trained: it does not require grad while the
@@ -606,11 +603,20 @@ class Tracer:
             self._counts, self._recompute = self._recompute_counts, True
         else:
             self._counts, self._recompute = {}, False
-        if self.functional and self.discovering and not self._mode_active:
+        if self._replaying:  # a pass that begins inside a compiled graph: the mode would come too late
+            if self.functional:
+                warn_once(
+                    "hookscope: torch.compile traced a forward pass from its first module, before hookscope's "
+                    "function mode could be active: functional activations in it (F.relu, torch.tanh, "
+                    "x.relu_()...) are not recorded, module activations are. Compile the model's modules "
+                    "(torch.compile(model), model.compile()) rather than a function that calls the model"
+                )
+        elif self.functional and self.discovering and not self._mode_active:
             self._mode.__enter__()
             self._mode_active, self._mode_depth = True, 1
 
     def _end_forward(self) -> None:
+        self._eager_out = None
         if self._mode_active:
             self._mode_active = False
             self._mode.__exit__(None, None, None)
@@ -622,22 +628,23 @@ class Tracer:
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         out: Any,
-    ) -> None:
-        """The function mode saw a call of an activation function."""
+    ) -> int:
+        """The function mode saw a call of an activation function. Returns the index of the site recorded from
+        ``out``, or -1."""
         if not self.attached or self._activation_stack or not isinstance(out, torch.Tensor):
-            return
+            return -1
         if self._pass_frame is not None and not self._compiled.seen and not _in_forward(sys._getframe(3)):
-            return  # (frame 3: the caller of the function; compiled code has no module call frames to read)
+            return -1  # (frame 3: the caller of the function; compiled code has no module call frames to read)
         enclosing = self.stack[-1] if self.stack else ""
         if enclosing not in self._fn_parents:
             if not self.discovering:  # the mode runs in a child of a module that calls activations
-                return
+                return -1
             self._fn_parents.add(enclosing)
         fname = getattr(func, "__name__", "function")
         base = f"{enclosing}.{fname}()" if enclosing else f"{fname}()"
         with _no_torch_function():  # modes (the user's) do not see hookscope's tensor calls
             if not out.requires_grad and self.outside_training(out):
-                return
+                return -1
             k = self._counts.get(base, 0)
             self._counts[base] = k + 1
             recorder = self.recorder
@@ -648,10 +655,123 @@ class Tracer:
                 site = recorder.new_site((base, k), layer, enclosing, k, spec, fname, bounds)
                 if site is not None:
                     site.dim = _site_dim(spec, None, args, kwargs)
-            if site is not None:
+            if site is not None and self._pass_recorded:
                 feed = self._producer_for(args[0] if args else None) if self.discovering else None
+                if recorder.observe(site, out, self._recompute, feed, hook_grad=not self._replaying):
+                    return int(site.index)
+        return -1
 
-                recorder.observe(site, out, self._recompute, feed)
+
+def _module_output(tracer: Tracer, name: str, module_id: int, output: Any) -> None:
+    """A module site's module returned ``output``: record its tensor (see :func:`output_tensor`)."""
+    tensor = output_tensor(output)
+    if tensor is None or name in tracer._activation_modules:  # a wrapper of an activation: that site it is
+        return
+    k = tracer._counts.get(name, 0)
+    tracer._counts[name] = k + 1
+    recorder = tracer.recorder
+    site = recorder.site_by_key.get((name, k), MISSING)
+    if site is MISSING:
+        layer = name or ROOT_NAME
+        site = recorder.new_site((name, k), layer if k == 0 else f"{layer}#{k}", name, k, MODULE_OUTPUT, None, None)
+    if site is not None and tracer._pass_recorded:
+        feed = None
+        if tracer.discovering:  # the layer itself when it has features (a Linear), else the last one inside it
+            own = tracer._producers.get(module_id)
+            feed = own if own is not None else tracer._producer_for(tensor)
+        with _no_torch_function():
+            recorder.observe(site, tensor, tracer._recompute, feed, hook_grad=not tracer._replaying)
+
+
+def _activation_output(
+    tracer: Tracer, entry: tuple[str, int, ActivationSpec, nn.Module, Producer | None], output: torch.Tensor
+) -> int:
+    """An activation module's call (``entry``, from :meth:`enter`) returned ``output``: record it. Returns the
+    index of the site recorded, or -1."""
+    act_name, k, act_spec, module, feed = entry
+    if not output.requires_grad and tracer.outside_training(output):
+        tracer._counts[act_name] = k  # not a call of the site: the next call takes its index
+        return -1
+    recorder = tracer.recorder
+    site = recorder.site_by_key.get((act_name, k), MISSING)
+    if site is not MISSING and site is not None and site.spec is not act_spec:
+        site = MISSING  # the module was replaced by another kind: a new site under the same name
+    if site is MISSING:
+        layer = act_name or ROOT_NAME
+        layer_k = layer if k == 0 else f"{layer}#{k}"
+        bounds = _site_bounds(act_spec, layer_k, module, (), {})
+        site = recorder.new_site((act_name, k), layer_k, act_name, k, act_spec, None, bounds)
+        if site is not None:
+            site.dim = _site_dim(act_spec, module, (), {})
+    recorded = site is not None and tracer._pass_recorded
+    if recorded and recorder.observe(site, output, tracer._recompute, feed, hook_grad=not tracer._replaying):
+        return int(site.index)
+    return -1
+
+
+class _Replay:
+    """The events of a compiled graph (see :mod:`hookscope.traced`, whose ``Replayer`` this is): a tracer's eager
+    code, run where the graph calls it. Holds the tracer weakly (the tracer holds it)."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = weakref.ref(tracer)
+
+    def replay_enter(self, module: int, training: bool) -> None:
+        """A hooked module traced into a compiled graph begins its forward."""
+        tracer = self._tracer()
+        found = None if tracer is None else tracer._modules.get(module)
+        if tracer is None or found is None:
+            return
+        tracer._compiled.seen = tracer._replayed = True
+        tracer._replaying = True
+        try:
+            with _no_torch_function():
+                tracer.pre_hook(found, (), training)
+        finally:
+            tracer._replaying = False
+
+    def replay_exit(self, module: int, out: torch.Tensor | None) -> int:
+        """A hooked module traced into a compiled graph ends its forward; the site recorded from ``out``."""
+        tracer = self._tracer()
+        found = None if tracer is None else tracer._modules.get(module)
+        if tracer is None or found is None:
+            return -1
+        if module in tracer.outputs:  # the graph hands over activation outputs only (see hookscope.traced)
+            warn_once(
+                "hookscope: module sites (`modules=`) are not recorded inside a torch.compile'd graph, which hands "
+                "hookscope the outputs of activations only: their rows come from eager forward passes alone"
+            )
+        tracer._replaying = True
+        try:
+            with _no_torch_function():
+                return tracer.post_hook(found, out)
+        finally:
+            tracer._replaying = False
+
+    def replay_functional(self, function: int, out: torch.Tensor, x: torch.Tensor | None) -> int:
+        """An activation function traced into a compiled graph ran; the site recorded from ``out``."""
+        tracer = self._tracer()
+        func = _function_of_id(function)
+        spec = None if func is None else activation_for_function(func)
+        # (recorded already, by the function mode, when ``out`` is the output it saw)
+        if tracer is None or func is None or spec is None or out is tracer._eager_out:
+            return -1
+        tracer._replaying = True
+        try:
+            with _no_torch_function():
+                return tracer.functional_call(func, spec, () if x is None else (x,), {}, out)
+        finally:
+            tracer._replaying = False
+
+    def replay_grad(self, site: int, grad: torch.Tensor) -> None:
+        """Inside a compiled backward: the gradient with respect to an output recorded as site ``site``."""
+        tracer = self._tracer()
+        if tracer is None:
+            return
+        recorder = tracer.recorder
+        if recorder.enabled and site < len(recorder.sites):
+            with _no_torch_function():
+                recorder.observe_grad(recorder.sites[site], grad)
 
 
 class Evaluation:
@@ -774,9 +894,24 @@ def _site_bounds(
         return None
 
 
-def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled) -> Callable[[nn.Module, Any], None]:
-    @_opaque_to_dynamo
+_functions_by_id: dict[int, Callable[..., Any]] = {}
+
+
+def _function_of_id(function: int) -> Callable[..., Any] | None:
+    """The registered activation function whose ``id()`` a compiled graph carries."""
+    func = _functions_by_id.get(function)
+    if func is None:  # a kind registered since the last look-up
+        _functions_by_id.update((id(f), f) for spec in list_activations() for f in spec.functions)
+        func = _functions_by_id.get(function)
+    return func
+
+
+def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: int) -> Callable[[nn.Module, Any], None]:
+    @_never_a_compiled_frame
     def hook(module: nn.Module, args: Any) -> None:
+        if _is_compiling():  # dynamo traces this forward: the graph replays the event at run time
+            traced.trace_enter(token, module)
+            return
         tracer = ref()
         if tracer is None:
             return
@@ -787,6 +922,16 @@ def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled) -> Callab
             _outside_compile(tracer.pre_hook, module, args)
 
     return hook
+
+
+def _hook_pairs(
+    ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: int, wants_grad: bool
+) -> list[tuple[Callable[[nn.Module, Any], None], Callable[[nn.Module, Any, Any], None]]]:
+    """A tracer's forward pre-hook and forward hook for each role: [0] other modules, [1] activation modules."""
+    return [
+        (_pre_hook(ref, compiled, token), _post_hook(ref, compiled, token, activation, wants_grad))
+        for activation in (False, True)
+    ]
 
 
 def _wrapper_hook(ref: weakref.ReferenceType[Tracer]) -> Callable[[nn.Module, Any], None]:
@@ -802,9 +947,14 @@ def _wrapper_hook(ref: weakref.ReferenceType[Tracer]) -> Callable[[nn.Module, An
     return hook
 
 
-def _post_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled) -> Callable[[nn.Module, Any, Any], None]:
-    @_opaque_to_dynamo
+def _post_hook(
+    ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: int, gives_output: bool, wants_grad: bool
+) -> Callable[[nn.Module, Any, Any], None]:
+    @_never_a_compiled_frame
     def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if _is_compiling():
+            traced.trace_exit(token, module, output, gives_output, wants_grad)
+            return
         tracer = ref()
         if tracer is None:
             return
@@ -834,3 +984,5 @@ def _functional_call(
     else:
         tracer._compiled.seen = True
         _outside_compile(tracer.functional_call, func, spec, args, kwargs, out)
+    if tracer._compiled.seen:  # a graph run by dynamo's "eager" backend also calls hookscope.functional on it
+        tracer._eager_out = out

@@ -108,7 +108,9 @@ def _compiled_case(warm_up: str) -> tuple[list[str], list[float], list[float]]:
 def test_attaching_to_a_compiled_model_that_records_says_nothing(warm_up: str) -> None:
     messages, got, want = _compiled_case(warm_up)
     assert got == want  # recorded exactly (no_grad: training compiled again, with the hooks)
-    assert not [m for m in messages if "torch.compile" in m]  # it warned that nothing would be recorded
+    # it warned that nothing would be recorded; the one warning allowed says what a compiled region that begins at
+    # the root (a Sequential) cannot see: functional activations (the compiled path, README)
+    assert not [m for m in messages if "torch.compile" in m and "function mode" not in m], messages
 
 
 def test_attaching_to_a_compiled_model_whose_code_ignores_the_hooks_says_so_once() -> None:

@@ -1,0 +1,363 @@
+"""Statistics inside the compiled graph: with hookscope attached, ``torch.compile(model, fullgraph=True)`` works,
+the model compiles to the graphs (and graph breaks) of the plain compiled model, cadence never recompiles,
+gradients are taken inside the compiled backward, and every step's statistics are those of the definitions
+(an uninstrumented eager copy seen by a plain function mode) and of the eager path."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+from collections.abc import Callable
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import ActivationCalls, definition_rows
+
+from hookscope import HookManager
+
+STATS = ["dead_ratio", "inactive_fraction", "saturation_rate", "grad_norm"]
+
+
+class GatedMLP(nn.Module):
+    """In-place ReLU module called twice (``act``, ``act#1``), a functional sigmoid gate and a Sigmoid module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.act, self.out = nn.ReLU(inplace=True), nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        h = self.act(self.fc2(h) - 0.3)
+        h = h * torch.sigmoid(h)
+        return self.fc3(self.out(h))
+
+    @staticmethod
+    def batch(gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(32, 6, generator=gen) * 2
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.gelu, self.down = nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(self.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """Token and position embeddings, two pre-norm blocks (SDPA, GELU MLP), a head."""
+
+    def __init__(self, vocab: int = 32, d: int = 16, blocks: int = 2, context: int = 8) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.blocks = nn.ModuleList(Block(d, 2) for _ in range(blocks))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+    @staticmethod
+    def batch(gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, 32, (4, 8), generator=gen)
+
+
+class SmallCNN(nn.Module):
+    """Conv, BatchNorm (training mode: its running statistics are buffers the graph mutates), ReLU6 module, a
+    functional tanh, pooling and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn, self.relu6 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6()
+        self.conv2, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu6(self.bn(self.conv1(x)) * 3)
+        h = torch.tanh(self.conv2(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+    @staticmethod
+    def batch(gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(4, 3, 6, 6, generator=gen)
+
+
+class WithGraphBreak(GatedMLP):
+    """The user's own graph break between two activations: two frames, compiled separately."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        torch._dynamo.graph_break()
+        h = self.act(self.fc2(h) - 0.3)
+        return self.fc3(self.out(h * torch.sigmoid(h)))
+
+
+MODELS = [GatedMLP, TinyGPT, SmallCNN]
+
+
+def _own_class(make: type[nn.Module], tag: str) -> nn.Module:
+    """An instance of a class of its own: dynamo shares compiled code between instances of one class."""
+    return type(f"{make.__name__}{tag}", (make,), {})()
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return out.float().pow(2).mean()
+
+
+def _train(
+    model: nn.Module,
+    run: Callable[[torch.Tensor], torch.Tensor],
+    steps: int,
+    hm: HookManager | None = None,
+    before_step: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for i in range(steps):
+        if before_step is not None:
+            before_step(i)
+        loss = _loss(run(type(model).batch(gen)))  # type: ignore[attr-defined]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        if hm is not None:
+            hm.step()
+    return losses
+
+
+def _compiled_run(model: nn.Module, steps: int, backend: str = "aot_eager", **kwargs: object) -> HookManager:
+    with HookManager(model, alerts=False) as hm:
+        _train(model, torch.compile(model, backend=backend, **kwargs), steps, hm)  # type: ignore[arg-type]
+    return hm
+
+
+def _reset() -> None:
+    """Forget compiled code and the counters (``torch._dynamo.reset()`` keeps the counters)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def _counts() -> tuple[int, int]:
+    """Graphs compiled and graph breaks since the last :func:`_reset`."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("make", [*MODELS, WithGraphBreak], ids=lambda m: m.__name__)
+def test_graphs_and_graph_breaks_are_those_of_the_plain_compiled_model(make: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    plain, model = _own_class(make, "Plain"), _own_class(make, "Hooked")
+    model.load_state_dict(plain.state_dict())
+    _reset()
+    _train(plain, torch.compile(plain, backend="aot_eager"), 2)
+    want = _counts()
+    _reset()
+    hm = _compiled_run(model, 2)
+    assert _counts() == want
+    assert want[0] == (2 if make is WithGraphBreak else 1)
+    assert len(hm.to_dataframe()) > 0
+
+
+@pytest.mark.parametrize("make", [*MODELS, WithGraphBreak], ids=lambda m: m.__name__)
+def test_fullgraph_statistics_equal_the_definitions_and_the_eager_path_at_every_step(make: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = make()
+    reference, eager = copy.deepcopy(model), copy.deepcopy(model)
+    _reset()
+    steps = 3
+    got = _compiled_run(model, steps, fullgraph=make is not WithGraphBreak).to_dataframe()
+    # the definitions, from the activations of an uninstrumented eager copy (a plain function mode sees them)
+    with ActivationCalls() as seen:
+        _train(reference, reference, steps)
+    per_forward = len(seen.calls) // steps
+    rows = definition_rows(seen.calls, per_forward=per_forward)
+    assert len(got) == len(rows) == steps * per_forward
+    assert list(got["kind"]) == [r["kind"] for r in rows]
+    for stat in STATS:
+        want = [r[stat] for r in rows]
+        assert got[stat].tolist() == pytest.approx(want, rel=1e-5, abs=1e-12, nan_ok=True), stat
+    # every default column, the names and the units: those of the eager path
+    with HookManager(eager, alerts=False) as hm:
+        _train(eager, eager, steps, hm)
+    want_frame = hm.to_dataframe()
+    pd.testing.assert_frame_equal(got.drop(columns="grad_norm"), want_frame.drop(columns="grad_norm"))
+    assert got["grad_norm"].tolist() == pytest.approx(want_frame["grad_norm"].tolist(), rel=1e-5)
+
+
+def test_cadence_and_pause_never_recompile() -> None:
+    torch.manual_seed(0)
+    model = GatedMLP()
+    eager = copy.deepcopy(model)
+
+    def cadence(hm: HookManager) -> Callable[[int], None]:
+        def before_step(i: int) -> None:
+            if i == 4:
+                hm.pause()
+            elif i == 6:
+                hm.resume()
+
+        return before_step
+
+    from torch._dynamo.testing import CompileCounter
+
+    _reset()
+    counter = CompileCounter()
+    frames = []
+    with HookManager(model, alerts=False, every=2) as hm:
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        pause = cadence(hm)
+
+        def before_step(i: int) -> None:
+            pause(i)
+            frames.append(counter.frame_count)
+
+        _train(model, compiled, 9, hm, before_step)
+    assert frames[1:] == [1] * 8
+    got = hm.to_dataframe()
+    assert sorted(set(got["step"])) == [0, 2, 6, 8]
+    with HookManager(eager, alerts=False, every=2) as ref:
+        _train(eager, eager, 9, ref, cadence(ref))
+    want = ref.to_dataframe()
+    pd.testing.assert_frame_equal(got.drop(columns="grad_norm"), want.drop(columns="grad_norm"))
+    assert got["grad_norm"].tolist() == pytest.approx(want["grad_norm"].tolist(), rel=1e-5)
+
+
+def test_gradients_are_taken_inside_the_compiled_backward() -> None:
+    # no Python tensor hook at run time: the compiled backward calls hookscope.grad
+    torch.manual_seed(0)
+    model = GatedMLP()
+    _reset()
+    calls = []
+    original = torch.Tensor.register_hook
+
+    def spy(self: torch.Tensor, hook: Callable[..., object]) -> object:
+        if not torch.compiler.is_compiling():
+            calls.append(hook)
+        return original(self, hook)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "register_hook", spy)
+        hm = _compiled_run(model, 2, fullgraph=True)
+    assert calls == []
+    assert hm.to_dataframe()["grad_norm"].notna().all()
+
+
+def test_code_compiled_without_hookscope_is_reported_not_silently_empty() -> None:
+    import hookscope.warn
+
+    _reset()
+    hookscope.warn._seen.clear()
+    plain = GatedMLP()
+    _train(plain, torch.compile(plain, backend="aot_eager"), 1)  # compiled code of the class, without hooks
+    model = GatedMLP()
+    # no function mode: nothing else makes dynamo recompile for the instrumented instance
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with HookManager(model, alerts=False, functional=False) as hm:
+            _train(model, torch.compile(model, backend="aot_eager"), 2, hm)
+    assert any(
+        "compiled before attaching" in str(w.message) or "without hookscope's hooks" in str(w.message) for w in caught
+    )
+    assert hm.to_dataframe().empty
+    # what the warning advises works
+    with HookManager(model, alerts=False, functional=False) as hm:
+        _reset()
+        _train(model, torch.compile(model, backend="aot_eager"), 2, hm)
+    assert list(hm.to_dataframe()["layer"].unique()) == ["act", "act#1", "out"]
+
+
+def test_a_model_compiled_and_run_before_attaching_is_recorded() -> None:
+    # the function mode that hookscope pushes for the pass makes dynamo compile the forward again, with the hooks
+    _reset()
+    torch.manual_seed(0)
+    model = GatedMLP()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    _train(model, compiled, 1)
+    _train(eager, eager, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with HookManager(compiled, alerts=False) as hm:
+            _train(model, compiled, 2, hm)
+    with HookManager(eager, alerts=False) as ref:
+        _train(eager, eager, 2, ref)
+    got, want = hm.to_dataframe(), ref.to_dataframe()
+    assert len(got) == len(want) > 0
+    pd.testing.assert_frame_equal(got.drop(columns="grad_norm"), want.drop(columns="grad_norm"))
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler")
+def test_inductor_fullgraph_statistics_and_training() -> None:
+    torch.manual_seed(0)
+    plain, model = _own_class(GatedMLP, "InductorPlain"), _own_class(GatedMLP, "InductorHooked")
+    model.load_state_dict(plain.state_dict())
+    eager = copy.deepcopy(model)
+    _reset()
+    want_losses = _train(plain, torch.compile(plain, fullgraph=True), 3)
+    graphs = _counts()
+    with HookManager(model, alerts=False) as hm:
+        losses = _train(model, torch.compile(model, fullgraph=True), 3, hm)
+    assert _counts()[0] == 2 * graphs[0] and _counts()[1] == 0  # one graph per class, no break
+    # training unchanged (to float32 rounding: inductor may fuse the reductions around hookscope's calls otherwise)
+    assert torch.stack(losses).tolist() == pytest.approx(torch.stack(want_losses).tolist(), rel=1e-6)
+    with HookManager(eager, alerts=False) as ref:
+        _train(eager, eager, 3, ref)
+    got, want = hm.to_dataframe(), ref.to_dataframe()
+    assert list(got["layer"]) == list(want["layer"])
+    for column in ["dead_ratio", "inactive_fraction", "confirmed_dead_ratio", "saturation_rate", "grad_norm"]:
+        assert got[column].tolist() == pytest.approx(want[column].tolist(), rel=1e-4, abs=1e-6, nan_ok=True)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_torch_export_gives_a_program_without_hookscope(strict: bool) -> None:
+    # an exported program runs elsewhere, without hookscope: none of its operations may be in it
+    torch.manual_seed(0)
+    model = GatedMLP()
+    reference = copy.deepcopy(model)
+    x = GatedMLP.batch(torch.Generator().manual_seed(0))
+    with HookManager(model, alerts=False) as hm:
+        program = torch.export.export(model, (x,), strict=strict)
+        targets = [str(node.target) for node in program.graph.nodes]
+        assert not [t for t in targets if "hookscope" in t]
+        assert torch.equal(program.module()(x), reference(x))
+        model(x).sum().backward()  # the model itself is still recorded, eagerly
+        hm.step()
+    assert list(hm.to_dataframe()["layer"]) == ["act", "act#1", "sigmoid()", "out"]
+
+
+def test_module_sites_are_not_recorded_inside_a_compiled_graph_and_it_says_so() -> None:
+    import hookscope.warn
+
+    _reset()
+    hookscope.warn._seen.clear()
+    model = GatedMLP()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with HookManager(model, alerts=False, modules="fc2") as hm:
+            _train(model, torch.compile(model, backend="aot_eager"), 2, hm)
+    assert any("module sites (`modules=`) are not recorded" in str(w.message) for w in caught)
+    # the activation sites are recorded as without `modules`; the module site has no row (eager, it has one)
+    assert set(hm.to_dataframe()["layer"]) == {"act", "act#1", "out", "sigmoid()"}
+    with HookManager(model, alerts=False, modules="fc2") as eager:
+        _train(model, model, 1, eager)
+    assert "fc2" in set(eager.to_dataframe()["layer"])
