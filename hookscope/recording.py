@@ -462,8 +462,7 @@ class Recorder:
             try:
                 final = self._cross.advance()
             except StateError as e:  # the step is closed and numbered all the same
-                mismatch = e
-                self._give_up_global(e)
+                mismatch = self._give_up_global(e)
         record = self._close(commit=True, force=self._cross is not None)
         self.step += 1
         if self._cross is not None and record is not None:
@@ -480,24 +479,35 @@ class Recorder:
             raise mismatch
         return final
 
-    def _give_up_global(self, error: StateError) -> None:
-        """After the ranks disagreed, record rank-local statistics (no more collectives that could hang)."""
+    def _give_up_global(self, error: StateError) -> StateError:
+        """After the ranks disagreed, record rank-local statistics (no more collectives that could hang). Returns
+        the error to raise: a fresh one, whose traceback holds none of the frames that held the process groups.
+
+        The groups and their works are released now, while the interpreter is alive: a gloo group or work freed
+        during interpreter shutdown (kept alive until then by a traceback the user kept, or by the exception's
+        reference cycle with the frame that raised it) aborts the process ("terminate called without an active
+        exception")."""
+        if self._cross is not None:
+            self._cross.release()
         self._cross, self.global_stats = None, False
         warn_once(f"{error}. hookscope records rank-local statistics from now on")
+        return StateError(str(error))
 
     def finish(self, timeout: float, release: bool = True) -> list[StepRecord]:
         """Under ``torch.distributed``: combine the last closed step (at ``detach()``, waiting at most ``timeout``
         seconds for the other ranks); returns it when it is final. ``release=False`` keeps the groups (state_dict)."""
         if self._cross is None:
             return []
+        error: StateError | None = None
         try:
             final = self._cross.advance(timeout) + self._cross.finish_combining(timeout)
         except StateError as e:
-            self._give_up_global(e)
-            raise
+            error = self._give_up_global(e)
         finally:
             if self._cross is not None and release:
                 self._cross.release()
+        if error is not None:
+            raise error  # outside the handler: its context would hold the groups' frames
         for r in final:
             self.last_closed = r
         return final
