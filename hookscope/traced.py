@@ -78,32 +78,38 @@ def _index(site: int) -> torch.Tensor:
     return torch.tensor(site, dtype=torch.int64)
 
 
-# The operations' run-time implementations (what the compiled graph calls), then their fakes (what tracing sees).
+# The operations: a schema, a run-time implementation (what the compiled graph calls) and a fake (what tracing
+# sees) each. They are defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: a compiled
+# graph calls each of them once per hooked module per step, and the dispatcher then calls the Python implementation
+# directly, without custom_op's autograd and view wrappers (measured: about a third of the cost per call).
+# Nothing here needs autograd: the outputs are integer tensors and no input is differentiated through.
+
+_LIBRARY = torch.library.Library(_NAMESPACE, "DEF")
+_LIBRARY.define("enter(Tensor(a!) order, int owner, int module, bool training) -> ()")
+_LIBRARY.define("exit(Tensor(a!) order, int owner, int module, Tensor? out) -> Tensor")
+_LIBRARY.define("functional(Tensor(a!) order, int owner, int function, Tensor out, Tensor? x) -> Tensor")
+_LIBRARY.define("grad(int owner, Tensor site, Tensor grad) -> ()")
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::enter", mutates_args={"order"})
-def _enter(order: torch.Tensor, owner: int, module: int, training: bool) -> None:
+def _enter_impl(order: torch.Tensor, owner: int, module: int, training: bool) -> None:
     tracer = _owner(owner)
     if tracer is not None:
         tracer.replay_enter(module, training)
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::exit", mutates_args={"order"})
-def _exit(order: torch.Tensor, owner: int, module: int, out: torch.Tensor | None) -> torch.Tensor:
+def _exit_impl(order: torch.Tensor, owner: int, module: int, out: torch.Tensor | None) -> torch.Tensor:
     tracer = _owner(owner)
     return _index(-1 if tracer is None else tracer.replay_exit(module, out))
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::functional", mutates_args={"order"})
-def _functional(
+def _functional_impl(
     order: torch.Tensor, owner: int, function: int, out: torch.Tensor, x: torch.Tensor | None
 ) -> torch.Tensor:
     tracer = _owner(owner)
     return _index(-1 if tracer is None else tracer.replay_functional(function, out, x))
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::grad", mutates_args=())
-def _grad(owner: int, site: torch.Tensor, grad: torch.Tensor) -> None:
+def _grad_impl(owner: int, site: torch.Tensor, grad: torch.Tensor) -> None:
     tracer = _owner(owner)
     if tracer is not None:
         index = int(site)  # a host scalar made by ``exit`` in the forward
@@ -111,27 +117,30 @@ def _grad(owner: int, site: torch.Tensor, grad: torch.Tensor) -> None:
             tracer.replay_grad(index, grad)
 
 
-@_enter.register_fake
-def _(order: torch.Tensor, owner: int, module: int, training: bool) -> None:
+def _no_output(*args: Any) -> None:
     return None
 
 
-@_exit.register_fake
-def _(order: torch.Tensor, owner: int, module: int, out: torch.Tensor | None) -> torch.Tensor:
+def _an_index(*args: Any) -> torch.Tensor:
     return torch.empty((), dtype=torch.int64)
 
 
-@_functional.register_fake
-def _(order: torch.Tensor, owner: int, function: int, out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-    return torch.empty((), dtype=torch.int64)
-
-
-@_grad.register_fake
-def _(owner: int, site: torch.Tensor, grad: torch.Tensor) -> None:
-    return None
-
-
-_grad.register_effect(torch.library.EffectType.ORDERED)  # type: ignore[attr-defined]  # no output: keep, in order
+for _name, _impl, _fake in (
+    ("enter", _enter_impl, _no_output),
+    ("exit", _exit_impl, _an_index),
+    ("functional", _functional_impl, _an_index),
+    ("grad", _grad_impl, _no_output),
+):
+    _LIBRARY.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{_NAMESPACE}::{_name}", _fake, lib=_LIBRARY)
+_LIBRARY._register_effectful_op(f"{_NAMESPACE}::grad", torch.library.EffectType.ORDERED)  # type: ignore[attr-defined]  # no output: keep, in order
+_namespace = getattr(torch.ops, _NAMESPACE)
+_enter, _exit, _functional, _grad = (
+    _namespace.enter.default,
+    _namespace.exit.default,
+    _namespace.functional.default,
+    _namespace.grad.default,
+)
 
 
 # The traced side: called by the hooks and the function mode while dynamo traces them (``torch.compiler.

@@ -261,7 +261,6 @@ class Tracer:
         self._hooks = _hook_pairs(self._ref, self._compiled, self._token, recorder.wants_grad)
         self._modules: dict[int, nn.Module] = {}  # hooked modules by id() (the compiled graph names them so)
         self._pass_recorded = True  # the pass in progress is recorded (under compile every pass is followed)
-        self._replayed = False  # a compiled graph called hookscope's operations
         #: The name and activation kind of each hooked module, by ``id(module)``.
         self.names: dict[int, tuple[str, ActivationSpec | None]] = {}
         # Layers with a feature count, and the last of them that ran in this pass (during discovery): the unit
@@ -337,7 +336,7 @@ class Tracer:
     def compiled_without_hookscope(self) -> bool:
         """Whether forward passes ran in compiled code whose graph never calls hookscope's operations (compiled
         before attaching, or shared with an uninstrumented instance of the model's class)."""
-        return self._compiled.seen and not self._replayed
+        return self._compiled.seen and not self._compiled.replayed
 
     def hooked_modules(self) -> list[str]:
         """Names (wrapper components removed) of the modules that have hooks of this tracer now."""
@@ -393,28 +392,28 @@ class Tracer:
         Kept: activation modules; modules that began a forward pass (so passes begin and end as before); modules
         that call a functional activation themselves, where the function mode is pushed, and their direct
         children (so that the innermost running module, which names a functional site, is the same as in
-        discovery). Every other module loses its hooks.
+        discovery). Every other module loses its hooks; under ``torch.compile``, whose graphs call hookscope's
+        operations for every module hooked when they were traced, its events are ignored instead.
         """
         parents = self._fn_parents if self.functional else set()
         keep = self._entries | parents | self._activation_modules | set(self._output_raw) | {""}
-        for raw, pair in list(self._module_handles.items()):
-            name = self._clean[raw]
-            parent = name.rpartition(".")[0] if name else None
-            if name in keep or parent in parents:
-                continue
-            for h in pair:
-                h.remove()
-            del self._module_handles[raw]
-        self._handles[:] = [h for pair in self._module_handles.values() for h in pair] + self._wrapper_handles
-        for name in list(self._module_ids):
-            if name not in self._module_handles:
-                del self._module_ids[name]
+        names = {raw: self._clean[raw] for raw in self._module_handles}
+        dropped = [
+            raw for raw, n in names.items() if n not in keep and (n.rpartition(".")[0] if n else None) not in parents
+        ]
         self.discovering = False
+        if self._compiled.seen:  # its hooks stay (a compiled graph never changes): their events are ignored
+            self._compiled.followed = {self._module_ids[raw] for raw in names.keys() - set(dropped)}
+            return
+        for raw in dropped:
+            for h in self._module_handles.pop(raw):
+                h.remove()
+            self._module_ids.pop(raw, None)
+        self._handles[:] = [h for pair in self._module_handles.values() for h in pair] + self._wrapper_handles
 
     def end_step(self) -> None:
         """Housekeeping after a step closed: end discovery after the first recorded step, rediscover now and
-        then; nothing under ``torch.compile`` (changing hooks would make it recompile, and give up after a few
-        times)."""
+        then; under ``torch.compile`` without changing hooks (it would recompile, and give up after a few times)."""
         self.passes = 0
         self.evaluation.open = False
         self._wrapper_calls = 0
@@ -425,15 +424,14 @@ class Tracer:
             return
         self._pass_done = False
         self._recorded_steps += 1
-        if self._compiled.seen:
-            return
-        if self._recorded_steps % REHOOK_EVERY == 0:
+        if self._recorded_steps % REHOOK_EVERY == 0 and not self._compiled.seen:
             self._rehook_replaced()
         if self.discovering:
             self.slim()
-        elif self._recorded_steps % REDISCOVER_EVERY == 0:
-            self._hook_modules()  # one recorded step with every module hooked again
-            self.discovering = True
+        elif self._recorded_steps % REDISCOVER_EVERY == 0:  # one recorded step with every module followed again
+            if not self._compiled.seen:  # (under compile every module kept its hooks)
+                self._hook_modules()
+            self._compiled.followed, self.discovering = None, True
 
     # ----------------------------------------------------------------------------------------------------------
     # the forward pass (hot path)
@@ -611,7 +609,8 @@ class Tracer:
                     "x.relu_()...) are not recorded, module activations are. Compile the model's modules "
                     "(torch.compile(model), model.compile()) rather than a function that calls the model"
                 )
-        elif self.functional and self.discovering and not self._mode_active:
+        elif self.functional and (self.discovering or self._compiled.seen) and not self._mode_active:
+            # (under torch.compile always as in discovery: dynamo guards on the function mode stack it traced with)
             self._mode.__enter__()
             self._mode_active, self._mode_depth = True, 1
 
@@ -722,7 +721,9 @@ class _Replay:
         found = None if tracer is None else tracer._modules.get(module)
         if tracer is None or found is None:
             return
-        tracer._compiled.seen = tracer._replayed = True
+        tracer._compiled.seen = tracer._compiled.replayed = True
+        if not tracer._compiled.follows(module):
+            return
         tracer._replaying = True
         try:
             with _no_torch_function():
@@ -734,7 +735,7 @@ class _Replay:
         """A hooked module traced into a compiled graph ends its forward; the site recorded from ``out``."""
         tracer = self._tracer()
         found = None if tracer is None else tracer._modules.get(module)
-        if tracer is None or found is None:
+        if tracer is None or found is None or not tracer._compiled.follows(module):
             return -1
         if module in tracer.outputs:  # the graph hands over activation outputs only (see hookscope.traced)
             warn_once(
@@ -852,12 +853,24 @@ def _copied_module() -> None:
 
 
 class _Compiled:
-    """Whether a hook ran inside a torch.compile region."""
+    """What torch.compile did with a tracer's hooks.
 
-    __slots__ = ("seen",)
+    Attributes:
+        seen: A hook ran inside a torch.compile region (from then on the hooks never change: see follows).
+        replayed: A compiled graph called hookscope's operations.
+        followed: After discovery, the ``id()`` of the modules whose events count (see follows).
+    """
+
+    __slots__ = ("followed", "replayed", "seen")
 
     def __init__(self) -> None:
-        self.seen = False
+        self.seen = self.replayed = False
+        self.followed: set[int] | None = None
+
+    def follows(self, module: int) -> bool:
+        """Whether the events of the module with this ``id()`` count, when they come from a compiled region: after
+        discovery only those of the modules that ``Tracer.slim`` keeps, as the hooks left in an eager model."""
+        return self.followed is None or module in self.followed
 
 
 def _signature(x: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
@@ -919,7 +932,8 @@ def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: in
             tracer.pre_hook(module, args)
         else:
             compiled.seen = True
-            _outside_compile(tracer.pre_hook, module, args)
+            if compiled.follows(id(module)):
+                _outside_compile(tracer.pre_hook, module, args)
 
     return hook
 
@@ -962,7 +976,8 @@ def _post_hook(
             tracer.post_hook(module, output)
         else:
             compiled.seen = True
-            _outside_compile(tracer.post_hook, module, output)
+            if compiled.follows(id(module)):
+                _outside_compile(tracer.post_hook, module, output)
 
     return hook
 

@@ -361,3 +361,30 @@ def test_module_sites_are_not_recorded_inside_a_compiled_graph_and_it_says_so() 
     with HookManager(model, alerts=False, modules="fc2") as eager:
         _train(model, model, 1, eager)
     assert "fc2" in set(eager.to_dataframe()["layer"])
+
+
+@pytest.mark.parametrize("make", MODELS, ids=lambda m: m.__name__)
+def test_after_discovery_a_compiled_graph_is_followed_where_an_eager_model_keeps_its_hooks(
+    make: type[nn.Module],
+) -> None:
+    """A compiled graph calls hookscope's operations for every module hooked when it was traced; after discovery
+    the tracer follows the events of the modules whose hooks an eager model keeps, and only those (the cost of
+    the others' events is one dictionary look-up), so that names and units stay those of the eager path."""
+    torch.manual_seed(0)
+    model = make()
+    eager = copy.deepcopy(model)
+    _reset()
+    with HookManager(model, alerts=False) as hm:
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        _train(model, compiled, 1, hm)
+        tracer = hm._tracer
+        followed = {name for m, (name, _) in tracer.names.items() if tracer._compiled.follows(m)}
+        assert set(tracer.hooked_modules()) == {name for name, _ in model.named_modules()}  # hooks never change
+        _train(model, compiled, 2, hm)
+    with HookManager(eager, alerts=False) as ref:
+        _train(eager, eager, 1, ref)
+        kept = set(ref._tracer.hooked_modules())
+    assert followed == kept
+    if make is TinyGPT:  # its layers neither call activations nor hold any: ignored (in the others the parent of
+        assert len(kept) < len(dict(model.named_modules()))  # a functional activation keeps its children)
+    assert _counts()[0] == 1
