@@ -160,7 +160,8 @@ def trace_enter(owner: int, module: torch.nn.Module) -> None:
 
 
 def trace_exit(owner: int, module: torch.nn.Module, out: Any, gives_output: bool, wants_grad: bool) -> None:
-    """A hooked module ends its forward (``gives_output``: an activation module, whose output is recorded)."""
+    """A hooked module ends its forward (``gives_output``: an activation module or a module site, whose output is
+    recorded; for a module site, the tensor it records)."""
     if _is_exporting():
         return
     if not (gives_output and isinstance(out, torch.Tensor)):

@@ -256,8 +256,8 @@ class Tracer:
         self._entries: set[str] = set()  # modules that began a forward pass
         self._fn_parents: set[str] = set()  # modules that called a functional activation themselves
         self._compiled = _Compiled()  # a forward pass was traced by torch.compile: hooks never change
-        # shared by the modules of one role: [0] other modules, [1] activation modules (a compiled graph hands these
-        # their output; no other tensor is read from a compiled graph: see hookscope.traced.trace_enter)
+        # shared by the modules of one role: [0] other modules, [1] activation modules and module sites (a compiled
+        # graph hands these their output; no other tensor is read from it: see hookscope.traced.trace_enter)
         self._hooks = _hook_pairs(self._ref, self._compiled, self._token, recorder.wants_grad)
         self._modules: dict[int, nn.Module] = {}  # hooked modules by id() (the compiled graph names them so)
         self._pass_recorded = True  # the pass in progress is recorded (under compile every pass is followed)
@@ -370,7 +370,10 @@ class Tracer:
             if producer is not None:
                 self._producers[id(module)] = producer
             self._modules[id(module)] = module
-            pre, post = self._hooks[spec is not None]
+            selected = spec is None and self.modules is not None and self.modules.selects(name, module)
+            if selected and self._output_raw.setdefault(name, raw) == raw:
+                self.outputs[id(module)] = name
+            pre, post = self._hooks[spec is not None or id(module) in self.outputs]
             pair = [
                 module.register_forward_pre_hook(pre, prepend=True),
                 module.register_forward_hook(post, always_call=True),
@@ -379,12 +382,6 @@ class Tracer:
             self._handles.extend(pair)
             if spec is not None:
                 self._activation_modules.add(name)
-            elif (
-                self.modules is not None
-                and self.modules.selects(name, module)
-                and self._output_raw.setdefault(name, raw) == raw
-            ):
-                self.outputs[id(module)] = name
 
     def slim(self) -> None:
         """End discovery: keep hooks only where they are needed to name and observe every site found.
@@ -546,7 +543,7 @@ class Tracer:
             self._mode_active = False
             self._mode.__exit__(None, None, None)
         if module_id in self.outputs:
-            _module_output(self, name, module_id, output)
+            recorded = _module_output(self, name, module_id, output)
         if spec is not None and self._activation_stack:
             entry = self._activation_stack.pop()
             if entry is not None and isinstance(output, torch.Tensor):
@@ -661,11 +658,12 @@ class Tracer:
         return -1
 
 
-def _module_output(tracer: Tracer, name: str, module_id: int, output: Any) -> None:
-    """A module site's module returned ``output``: record its tensor (see :func:`output_tensor`)."""
+def _module_output(tracer: Tracer, name: str, module_id: int, output: Any) -> int:
+    """A module site's module returned ``output``: record its tensor (see :func:`output_tensor`). Returns the index
+    of the site recorded, or -1."""
     tensor = output_tensor(output)
     if tensor is None or name in tracer._activation_modules:  # a wrapper of an activation: that site it is
-        return
+        return -1
     k = tracer._counts.get(name, 0)
     tracer._counts[name] = k + 1
     recorder = tracer.recorder
@@ -679,7 +677,9 @@ def _module_output(tracer: Tracer, name: str, module_id: int, output: Any) -> No
             own = tracer._producers.get(module_id)
             feed = own if own is not None else tracer._producer_for(tensor)
         with _no_torch_function():
-            recorder.observe(site, tensor, tracer._recompute, feed, hook_grad=not tracer._replaying)
+            if recorder.observe(site, tensor, tracer._recompute, feed, hook_grad=not tracer._replaying):
+                return int(site.index)
+    return -1
 
 
 def _activation_output(
@@ -737,11 +737,6 @@ class _Replay:
         found = None if tracer is None else tracer._modules.get(module)
         if tracer is None or found is None or not tracer._compiled.follows(module):
             return -1
-        if module in tracer.outputs:  # the graph hands over activation outputs only (see hookscope.traced)
-            warn_once(
-                "hookscope: module sites (`modules=`) are not recorded inside a torch.compile'd graph, which hands "
-                "hookscope the outputs of activations only: their rows come from eager forward passes alone"
-            )
         tracer._replaying = True
         try:
             with _no_torch_function():
@@ -941,7 +936,8 @@ def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: in
 def _hook_pairs(
     ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: int, wants_grad: bool
 ) -> list[tuple[Callable[[nn.Module, Any], None], Callable[[nn.Module, Any, Any], None]]]:
-    """A tracer's forward pre-hook and forward hook for each role: [0] other modules, [1] activation modules."""
+    """A tracer's forward pre-hook and forward hook for each role: [0] other modules, [1] activation modules and
+    module sites (whose output a compiled graph hands over)."""
     return [
         (_pre_hook(ref, compiled, token), _post_hook(ref, compiled, token, activation, wants_grad))
         for activation in (False, True)
@@ -966,8 +962,10 @@ def _post_hook(
 ) -> Callable[[nn.Module, Any, Any], None]:
     @_never_a_compiled_frame
     def hook(module: nn.Module, args: Any, output: Any) -> None:
-        if _is_compiling():
-            traced.trace_exit(token, module, output, gives_output, wants_grad)
+        if _is_compiling():  # (a module site hands over the tensor it records)
+            traced.trace_exit(
+                token, module, output_tensor(output) if gives_output else output, gives_output, wants_grad
+            )
             return
         tracer = ref()
         if tracer is None:

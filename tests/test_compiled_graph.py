@@ -345,22 +345,56 @@ def test_torch_export_gives_a_program_without_hookscope(strict: bool) -> None:
     assert list(hm.to_dataframe()["layer"]) == ["act", "act#1", "sigmoid()", "out"]
 
 
-def test_module_sites_are_not_recorded_inside_a_compiled_graph_and_it_says_so() -> None:
-    import hookscope.warn
+class TupleBlock(Block):
+    """A block that returns a tuple, as Hugging Face decoder layers do."""
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return super().forward(x), None
+
+
+class TupleGPT(TinyGPT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(TupleBlock(16, 2) for _ in range(2))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)[0]
+        return self.head(self.ln(x))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_module_sites_are_recorded_inside_a_compiled_graph_as_in_eager(backend: str) -> None:
+    """Block outputs (tuples, as Hugging Face decoder layers return) and the logits, with ``fullgraph=True``: one
+    graph as without hookscope, the rows of the eager path, and their magnitudes those of plain forward hooks."""
+    torch.manual_seed(0)
+    model = _own_class(TupleGPT, "Sites")
+    eager, plain = copy.deepcopy(model), copy.deepcopy(model)
     _reset()
-    hookscope.warn._seen.clear()
-    model = GatedMLP()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with HookManager(model, alerts=False, modules="fc2") as hm:
-            _train(model, torch.compile(model, backend="aot_eager"), 2, hm)
-    assert any("module sites (`modules=`) are not recorded" in str(w.message) for w in caught)
-    # the activation sites are recorded as without `modules`; the module site has no row (eager, it has one)
-    assert set(hm.to_dataframe()["layer"]) == {"act", "act#1", "out", "sigmoid()"}
-    with HookManager(model, alerts=False, modules="fc2") as eager:
-        _train(model, model, 1, eager)
-    assert "fc2" in set(eager.to_dataframe()["layer"])
+    steps, patterns = 3, ["blocks.*", "head"]
+    with HookManager(model, alerts=False, modules=patterns) as hm:
+        _train(model, torch.compile(model, backend=backend, fullgraph=True), steps, hm)
+    assert _counts() == (1, 0)
+    got = hm.to_dataframe()
+    with HookManager(eager, alerts=False, modules=patterns) as ref:
+        _train(eager, eager, steps, ref)
+    want = ref.to_dataframe()
+    assert list(got["layer"]) == list(want["layer"]) and {"blocks.0", "blocks.1", "head"} <= set(got["layer"])
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-4, atol=1e-6)
+    # the definitions, from plain forward hooks on an uninstrumented eager copy trained alike
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for name in ("blocks.0", "head"):
+        plain.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: outputs.setdefault(name, []).append(
+                (out[0] if isinstance(out, tuple) else out).detach().double()
+            )
+        )
+    _train(plain, plain, steps)
+    for name, xs in outputs.items():
+        rows = got[got["layer"] == name]
+        assert rows["rms"].tolist() == pytest.approx([x.pow(2).mean().sqrt().item() for x in xs], rel=1e-4)
+        assert rows["abs_max"].tolist() == pytest.approx([x.abs().max().item() for x in xs], rel=1e-4)
 
 
 @pytest.mark.parametrize("make", MODELS, ids=lambda m: m.__name__)
