@@ -422,3 +422,45 @@ def test_after_discovery_a_compiled_graph_is_followed_where_an_eager_model_keeps
     if make is TinyGPT:  # its layers neither call activations nor hold any: ignored (in the others the parent of
         assert len(kept) < len(dict(model.named_modules()))  # a functional activation keeps its children)
     assert _counts()[0] == 1
+
+
+class UntracedBranch(nn.Module):
+    """A site reached only in code dynamo does not trace (``torch.compiler.disable``) and one only in a branch that
+    depends on the data (dynamo traces it into a graph of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.gate, self.late, self.out = (
+            nn.Linear(6, 16),
+            nn.ReLU(),
+            nn.Tanh(),
+            nn.Sigmoid(),
+            nn.Linear(16, 3),
+        )
+
+    @torch.compiler.disable
+    def untraced(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gate(h) * torch.sigmoid(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.untraced(self.act(self.fc(x)))
+        if h.sum() > 0:
+            h = self.late(h)
+        return self.out(h)
+
+    @staticmethod
+    def batch(gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(8, 6, generator=gen)
+
+
+def test_sites_in_code_dynamo_does_not_trace_are_recorded_eagerly_as_without_compile() -> None:
+    torch.manual_seed(0)
+    model = _own_class(UntracedBranch, "Compiled")
+    eager = copy.deepcopy(model)
+    _reset()
+    got = _compiled_run(model, 3).to_dataframe()
+    with HookManager(eager, alerts=False) as hm:
+        _train(eager, eager, 3, hm)
+    want = hm.to_dataframe()
+    assert {"gate", "sigmoid()", "late"} <= set(want["layer"])
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5)
