@@ -9,14 +9,21 @@ cores are discarded). The ratio is a configuration's total time over ``plain``'s
 plain copy: the noise floor.
 
 Configurations: ``plain`` and ``plain (A/A)``, compiled without hooks; ``hookscope``, ``HookManager`` with the
-default collectors recording every step, attached before compiling. The table also gives the graphs compiled and
-graph breaks of each copy (``torch._dynamo.utils.counters``).
+default collectors recording every step, attached before compiling; with ``--modules``, for ``gpt``,
+``hookscope + modules`` (``modules=Block``: a module site on every block output, ``Magnitude`` added). The table
+also gives the graphs compiled and graph breaks of each copy (``torch._dynamo.utils.counters``).
+
+Clocks: ``--clock wall`` (the default) times each step with ``time.perf_counter``; ``--clock thread`` with
+``time.thread_time``, the CPU time of the main thread, which requires ``--threads 1`` (torch then computes on the
+main thread only) and is not inflated by other processes taking the CPU away: on a shared machine it measures
+what a step costs where wall time measures the neighbours (the contention guard is then off).
 
 Models: ``mlp`` and ``resnet18`` of ``overhead.py``, and ``gpt``: a nanoGPT-like model (4 blocks, d=128, 4 heads,
 SDPA, GELU, vocabulary 512) on batches of 16 x 64 tokens.
 
     python benchmarks/compiled.py                       # all models, inductor, 2 threads
     python benchmarks/compiled.py --models gpt --budget 20 --json out.json
+    python benchmarks/compiled.py --threads 1 --clock thread --modules
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead import ContentionGuard, build, quartiles
 
 VOCAB, CONTEXT = 512, 64
+#: How a step is timed (``--clock``): ``time.perf_counter`` or ``time.thread_time``.
+clock = time.perf_counter
 
 
 class Block(nn.Module):
@@ -95,17 +104,18 @@ class Config:
         self.model.__class__ = type(f"{type(base).__name__}_{len(name)}_{id(self)}", (type(base),), {})
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.manager: Any = None
-        if name == "hookscope":
+        if name.startswith("hookscope"):
             import hookscope as hs
 
-            self.manager = hs.HookManager(self.model, alerts=False).attach()
+            modules = [Block] if name == "hookscope + modules" else None
+            self.manager = hs.HookManager(self.model, alerts=False, modules=modules).attach()
         self.run = torch.compile(self.model, backend=backend, mode=mode)
         self.times: list[float] = []
         self.ratios: list[float] = []
         self.graphs = self.breaks = 0
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         out = self.run(x)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
         self.opt.zero_grad(set_to_none=True)
@@ -113,7 +123,7 @@ class Config:
         self.opt.step()
         if self.manager is not None:
             self.manager.step()
-        return (time.perf_counter() - t0) * 1e3
+        return (clock() - t0) * 1e3
 
     def warm_up(self, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
         from torch._dynamo.utils import counters
@@ -127,7 +137,8 @@ class Config:
 
 def bench(name: str, args: argparse.Namespace, guard: ContentionGuard) -> dict[str, Any]:
     base, x, y = model_and_batch(name)
-    configs = [Config(label, base, args.backend, args.mode) for label in ("plain", "plain (A/A)", "hookscope")]
+    labels = ["plain", "plain (A/A)", "hookscope"] + ["hookscope + modules"] * (args.modules and name == "gpt")
+    configs = [Config(label, base, args.backend, args.mode) for label in labels]
     t0 = time.perf_counter()
     for cfg in configs:
         cfg.warm_up(x, y, args.warmup)
@@ -186,7 +197,7 @@ def bench(name: str, args: argparse.Namespace, guard: ContentionGuard) -> dict[s
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"torch {torch.__version__}, backend {args.backend}, mode {args.mode or 'default'}, "
-        f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} threads, clock {args.clock}",
         "",
         "| model | config | ms/step | ratio | IQR of ratios | graphs | breaks | rounds (discarded) |",
         "|---|---|---:|---:|---|---:|---:|---|",
@@ -212,7 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="steps per copy before timing (compilation)")
     parser.add_argument("--max-other-cores", type=float, default=0.15)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall")
+    parser.add_argument("--modules", action="store_true", help="gpt: a configuration with module sites too")
     args = parser.parse_args(argv)
+    if args.clock == "thread":
+        if args.threads != 1:
+            parser.error(f"--clock thread needs --threads 1 (got --threads {args.threads}): it times the main thread")
+        global clock
+        clock = time.thread_time
+        args.max_other_cores = float("inf")
     torch.set_num_threads(args.threads)
     guard = ContentionGuard()
     results = []
@@ -223,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results, args))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "threads": args.threads, "backend": args.backend}, f, indent=1)
+            json.dump(
+                {"results": results, "threads": args.threads, "backend": args.backend, "clock": args.clock}, f, indent=1
+            )
     return 0
 
 

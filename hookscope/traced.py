@@ -84,11 +84,18 @@ def _index(site: int) -> torch.Tensor:
 # directly, without custom_op's autograd and view wrappers (measured: about a third of the cost per call).
 # Nothing here needs autograd: the outputs are integer tensors and no input is differentiated through.
 
-_LIBRARY = torch.library.Library(_NAMESPACE, "DEF")
-_LIBRARY.define("enter(Tensor(a!) order, int owner, int module, bool training) -> ()")
-_LIBRARY.define("exit(Tensor(a!) order, int owner, int module, Tensor? out) -> Tensor")
-_LIBRARY.define("functional(Tensor(a!) order, int owner, int function, Tensor out, Tensor? x) -> Tensor")
-_LIBRARY.define("grad(int owner, Tensor site, Tensor grad) -> ()")
+_SCHEMAS = {
+    "enter": "enter(Tensor(a!) order, int owner, int module, bool training) -> ()",
+    "exit": "exit(Tensor(a!) order, int owner, int module, Tensor? out) -> Tensor",
+    "functional": "functional(Tensor(a!) order, int owner, int function, Tensor out, Tensor? x) -> Tensor",
+    "grad": "grad(int owner, Tensor site, Tensor grad) -> ()",
+}
+try:  # a library per operation that replaces an earlier definition (a copy of the package imported again)
+    from torch._library.custom_ops import get_library_allowing_overwrite as _library_of
+except ImportError:  # pragma: no cover - older torch
+
+    def _library_of(namespace: str, name: str) -> torch.library.Library:
+        return torch.library.Library(namespace, "FRAGMENT")
 
 
 def _enter_impl(order: torch.Tensor, owner: int, module: int, training: bool) -> None:
@@ -131,9 +138,12 @@ for _name, _impl, _fake in (
     ("functional", _functional_impl, _an_index),
     ("grad", _grad_impl, _no_output),
 ):
-    _LIBRARY.impl(_name, _impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{_NAMESPACE}::{_name}", _fake, lib=_LIBRARY)
-_LIBRARY._register_effectful_op(f"{_NAMESPACE}::grad", torch.library.EffectType.ORDERED)  # type: ignore[attr-defined]  # no output: keep, in order
+    _library = _library_of(_NAMESPACE, _name)
+    _library.define(_SCHEMAS[_name])
+    _library.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{_NAMESPACE}::{_name}", _fake, lib=_library)
+# no output: keep it, in order
+_library._register_effectful_op(f"{_NAMESPACE}::grad", torch.library.EffectType.ORDERED)  # type: ignore[attr-defined]
 _namespace = getattr(torch.ops, _NAMESPACE)
 _enter, _exit, _functional, _grad = (
     _namespace.enter.default,

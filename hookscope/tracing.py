@@ -230,6 +230,7 @@ class Tracer:
         self._output_raw: dict[str, str] = {}
         self.model = model
         self._root = unwrap_model(model)  # whether the model trains: see outside_training
+        self._pass_trains = False  # the forward pass in progress is a training pass (see pre_hook)
         self._trains: bool | None = None  # in this forward pass: some parameter requires grad (asked lazily)
         self.recorder = recorder
         self.functional = functional
@@ -450,11 +451,11 @@ class Tracer:
             if entry is None:
                 return _copied_module()
             # compiled: every pass is followed (the graph never changes); torch.export's passes are never followed
+            # a training pass: with gradients, the module that begins it in train mode (what dynamo traced, compiled)
+            self._pass_trains = torch.is_grad_enabled() and module.training if training is None else training
             admitted = self.recording and (
                 _in_backward()  # a forward recomputed by checkpointing: its pass was admitted in the forward
-                or self.evaluation.admit(
-                    torch.is_grad_enabled() and module.training if training is None else training, self.recorder
-                )
+                or self.evaluation.admit(self._pass_trains, self.recorder)
             )
             if not (admitted or self._compiled.seen):
                 return
@@ -558,12 +559,12 @@ class Tracer:
 
     def outside_training(self, output: torch.Tensor) -> bool:
         """Whether an activation's output is outside the network being trained: it does not require grad while the
-        model trains (grad mode on, the model in training mode, some parameter requiring grad). Faster R-CNN's RPN
-        ranks detached scores with a sigmoid (``rpn.sigmoid()``, thousands of "units", no gradient); the
-        activations of a frozen part feed the trained one but are not trained. Such calls are not sites. The one
-        rule for it; forwards under ``torch.no_grad()``/``inference_mode()``, in eval mode, or of a model without
-        a parameter that requires grad are not concerned."""
-        if output.requires_grad or not torch.is_grad_enabled() or not self._root.training or _in_transform(output):
+        model trains (in a training pass, as :class:`Evaluation` tells them apart, with grad mode on and some
+        parameter requiring grad). Faster R-CNN's RPN ranks detached scores with a sigmoid (``rpn.sigmoid()``,
+        thousands of "units", no gradient); the activations of a frozen part feed the trained one but are not
+        trained. Such calls are not sites. Evaluation passes (``torch.no_grad()``/``inference_mode()``, eval
+        mode) and models without a parameter that requires grad are not concerned."""
+        if output.requires_grad or not torch.is_grad_enabled() or not self._pass_trains or _in_transform(output):
             return False  # (torch.func's wrapped tensors are skipped by the recorder, with a warning)
         if self._trains is None:  # once per forward pass, and only here: never on the common path
             self._trains = any(p.requires_grad for p in self._root.parameters())

@@ -283,3 +283,21 @@ def test_a_frozen_part_is_left_out_while_training() -> None:
             model(x)
             hm.step()
         assert len(hm.to_dataframe()) == sites
+
+
+def test_a_pass_is_a_training_pass_by_one_rule_for_evaluation_and_for_parts_outside_training() -> None:
+    """Fine-tuning a trunk called directly while the model around it is in eval mode (``model.eval();
+    model.trunk.train()``): the pass trains (the module that begins it is in train mode, with gradients), so it is
+    recorded and its frozen stem's ReLU, whose output has no gradient, is outside the network being trained."""
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Linear(3, 4), nn.ReLU()).requires_grad_(False)
+    trunk = nn.Sequential(stem, nn.Linear(4, 2), nn.ReLU())
+    model = nn.Sequential(trunk, nn.Linear(2, 1))
+    model.eval()
+    trunk.train()
+    with HookManager(model, alerts=False) as hm:
+        for _ in range(2):
+            trunk(torch.randn(8, 3)).sum().backward()
+            hm.step()
+    frame = hm.to_dataframe()
+    assert frame["layer"].tolist() == ["0.2", "0.2"] and frame["grad_norm"].notna().all()
