@@ -98,6 +98,21 @@ def _in_forward(frame: FrameType | None) -> bool:
     return _MODULE_CALL is None  # (another torch: nothing is told apart)
 
 
+def _called_by_a_hook(frame: FrameType | None) -> bool:
+    """Whether the module call that runs its hooks in ``frame`` (a frame of :data:`_MODULE_CALL`) was made by a
+    hook of another module (a user's forward hook that runs ``model.act(out)`` to log it): the innermost module
+    call among its callers is running hooks. Such a call is not part of the model's forward: not a site, nor a
+    forward pass. A call that no module call makes (a training loop's) is not one."""
+    if frame is None or frame.f_code is not _MODULE_CALL:
+        return False
+    frame = frame.f_back
+    while frame is not None:
+        if frame.f_code is _MODULE_CALL:
+            return frame.f_lasti not in _FORWARD_OFFSETS
+        frame = frame.f_back
+    return False
+
+
 def _in_backward() -> bool:
     """True while autograd's backward runs (where activation checkpointing recomputes forwards)."""
     return _graph_task_id() != -1
@@ -450,6 +465,8 @@ class Tracer:
             entry = self.names.get(id(module))
             if entry is None:
                 return _copied_module()
+            if module is not self._root and _called_by_a_hook(sys._getframe(2)):
+                return  # a part of the model run by a hook after the forward pass (the model itself always begins one)
             # compiled: every pass is followed (the graph never changes); torch.export's passes are never followed
             # a training pass: with gradients, the module that begins it in train mode (what dynamo traced, compiled)
             self._pass_trains = torch.is_grad_enabled() and module.training if training is None else training
@@ -525,8 +542,9 @@ class Tracer:
             post = self._hooks[1][1]  # the activation modules' forward hook
             if len(hooks) > 1 and next(reversed(hooks.values())) is not post:
                 _run_last(hooks, post)  # a hook registered after ours may replace the output
-            if self._activation_stack:
-                self._activation_stack.append(None)  # nested inside another activation: not a site
+            nested = len(self.stack) > 1 and not (self._recompute or self._compiled.seen)
+            if self._activation_stack or (nested and _called_by_a_hook(sys._getframe(3))):
+                self._activation_stack.append(None)  # nested inside another activation, or a hook's: not a site
             else:
                 k = self._counts.get(name, 0)
                 self._counts[name] = k + 1

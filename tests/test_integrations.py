@@ -297,6 +297,49 @@ def test_attach_before_compile(backend: str) -> None:
         assert got[stat].tolist() == pytest.approx([r[stat] for r in rows], rel=1e-5, abs=1e-12, nan_ok=True), stat
 
 
+def test_lightning_with_a_compiled_module_records_what_the_eager_one_does() -> None:
+    """``trainer.fit(torch.compile(module))``: the callback attaches at the start of training, before the first
+    compiled call; one graph, and the rows of the same training without compilation."""
+    L = pytest.importorskip("lightning.pytorch")
+    from torch._dynamo.utils import counters
+
+    from hookscope.integrations.lightning import HookscopeCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = SharedReLU()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self.net(x)[:, 0], y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    frames = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32))
+        callback = HookscopeCallback(alerts=False)
+        trainer = L.Trainer(
+            max_steps=4, callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu",
+        )  # fmt: skip
+        module: nn.Module = Module()
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            module = torch.compile(module, backend="aot_eager")
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+        assert callback.manager is not None and not callback.manager.attached
+        frames.append(callback.manager.to_dataframe())
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    eager, got = frames
+    assert sorted(got["step"].unique()) == [0, 1, 2, 3] and set(got["layer"]) == {"net.act", "net.act#1"}
+    pd.testing.assert_frame_equal(got, eager, check_exact=False, rtol=1e-5)
+
+
 def test_hooks_of_a_compiled_model_never_change_so_it_does_not_recompile(monkeypatch: pytest.MonkeyPatch) -> None:
     # after discovery hooks are slimmed, and one step in REDISCOVER_EVERY hooks every module again: under
     # torch.compile each change would recompile (and dynamo gives up after its recompile limit)

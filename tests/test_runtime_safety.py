@@ -249,6 +249,44 @@ def test_activations_called_by_a_users_hooks_are_not_sites(when: str) -> None:
     assert (frame["calls"] == 1).all() and len(frame) == 9
 
 
+@pytest.mark.parametrize("when", ["before attaching", "after attaching"])
+def test_activation_modules_called_by_a_users_hooks_are_not_sites(when: str) -> None:
+    """A user's hook that runs one of the model's own activation modules, or one of its own, on what it sees (to
+    log a squashed value) makes no site and no extra call: the model's rows are those of the model's forward."""
+    torch.manual_seed(0)
+    model, squash = Gated(), nn.Sigmoid()
+    logged: list[float] = []
+
+    def log(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        logged.append(float(model.act(out).mean().detach()) + float(squash(out).sum().detach()))
+
+    def attach_logging() -> None:
+        for m in (model.fc, model.block, model):
+            m.register_forward_hook(log)
+
+    if when == "before attaching":
+        attach_logging()
+    x = torch.randn(3, 4)
+    with HookManager(model, alerts=False) as hm:
+        if when == "after attaching":
+            attach_logging()
+        for _ in range(3):
+            model(x).sum().backward()
+            hm.step()
+        frame = hm.to_dataframe()
+    assert len(logged) == 3 * 3
+    assert hm.layers == ["block.relu()", "gelu()", "act"]  # act#1..act#3 (the hooks' calls) before the fix
+    assert (frame["calls"] == 1).all() and len(frame) == 9
+    # the model's own call of `act` is measured: its tanh units, with the gradient of an uninstrumented copy
+    reference = copy.deepcopy(model)
+    for h in (reference.fc, reference.block, reference):
+        h._forward_hooks.clear()
+    acts: list[torch.Tensor] = []
+    reference.act.register_forward_hook(lambda m, a, out: acts.append(out.detach()))
+    reference(x)
+    assert frame[frame["layer"] == "act"]["calls"].tolist() == [1, 1, 1] and len(acts) == 1
+
+
 @pytest.mark.parametrize("when", [0, 3], ids=["discovery", "later"])
 def test_activations_called_after_an_interrupted_forward_are_not_sites(when: str) -> None:
     model = Gated()

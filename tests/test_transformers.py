@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -401,3 +402,30 @@ def test_module_sites_and_their_magnitudes_are_logged(tmp_path: Path, quiet_kern
         assert entry["hookscope/bert.encoder.layer.1/kurtosis"] == row["kurtosis"]
         assert entry["hookscope/bert.encoder.layer.1/grad_norm"] == row["grad_norm"] > 0
     assert sorted(logged) == [2, 4]
+
+
+def test_the_trainer_callback_with_torch_compile_records_what_the_eager_trainer_does(
+    tmp_path: Path, quiet_kernels: None
+) -> None:
+    """``TrainingArguments(torch_compile=True)``: the Trainer compiles the model after the callback attached; the
+    rows are those of the same training run without compilation (evaluation still left out)."""
+    import torch._dynamo
+
+    frames = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        callback = HookscopeTrainerCallback(alerts=False)
+        options = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compiled else {}
+        torch.manual_seed(0)
+        model = tiny_bert()
+        for m in model.modules():  # no dropout: a compiled graph draws its random numbers in another order
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        trainer = make_trainer(tmp_path / str(compiled), model, [callback], **options)
+        trainer.train()
+        assert callback.manager is not None and not callback.manager.attached
+        frames.append(callback.manager.to_dataframe())
+    eager, got = frames
+    assert sorted(got["step"].unique()) == list(range(MAX_STEPS))
+    assert got[got["layer"] == INTERMEDIATE]["calls"].tolist() == [ACCUMULATION] * MAX_STEPS
+    pd.testing.assert_frame_equal(got, eager, check_exact=False, rtol=1e-4, atol=1e-7)
