@@ -303,7 +303,14 @@ class ExplodingGradientRule(AlertRule):
 
 
 class NonFiniteRule(AlertRule):
-    """NaN/Inf in outputs or gradients: counted by ``NonFinite``, or seen as non-finite statistics."""
+    """NaN/Inf in outputs or gradients: the counts of ``NonFinite`` (``nonfinite``, ``grad_nonfinite``), or an
+    infinite ``grad_norm`` (``GradientNorm``).
+
+    A NaN anywhere else in a frame is not evidence: it is the placeholder of a statistic whose collector is not
+    attached, does not apply to the layer's kind, or had nothing to judge. (``DeadReLU`` and ``Saturation`` count a
+    NaN output as inactive and as unsaturated, so NaN outputs never make their columns NaN.) An infinite value is
+    never a placeholder.
+    """
 
     name = "nonfinite"
 
@@ -311,23 +318,18 @@ class NonFiniteRule(AlertRule):
         # numpy over all rows, Python only for the rows that hit (iterating over every row cost ~0.6 ms per check)
         count = np.zeros(len(rows))
         for column in ("nonfinite", "grad_nonfinite"):
-            if column in rows.columns:
-                values = rows[column].to_numpy(dtype=float)
-                count += np.where(np.isnan(values), 0.0, values)
-        bad_stat = np.isinf(_column(rows, "grad_norm", 0.0))
-        # inactive_fraction is defined for every rectifier row, saturation_rate for every bounded row: NaN there
-        # means NaN outputs (the manager puts NaN only where a statistic does not apply, which the kind tells)
-        rectifier, bounded = _kind_masks(rows)
-        bad_stat |= rectifier & np.isnan(_column(rows, "inactive_fraction", 0.0))
-        bad_stat |= bounded & np.isnan(_column(rows, "saturation_rate", 0.0))
+            values = _column(rows, column, 0.0)
+            count += np.where(np.isnan(values), 0.0, values)  # NaN: no backward in the step, or not attached
+        infinite_grad = np.isinf(_column(rows, "grad_norm", 0.0))
         layers = rows["layer"].to_numpy() if "layer" in rows.columns else np.full(len(rows), "")
         out: list[Hit] = []
-        for i in np.flatnonzero((count > 0) | bad_stat):
+        for i in np.flatnonzero((count > 0) | infinite_grad):
             if count[i] > 0:
                 n = float(count[i])
                 out.append((str(layers[i]), n, 0.0, f"{int(n)} non-finite values (NaN/Inf) in outputs or gradients"))
             else:
-                out.append((str(layers[i]), math.nan, 0.0, "statistics are NaN/Inf: outputs or gradients hold NaN/Inf"))
+                text = "the gradient norm is infinite (Inf in the gradients, or squares past float32's range)"
+                out.append((str(layers[i]), math.inf, 0.0, text))
         return out
 
 
@@ -335,26 +337,6 @@ def _column(rows: pd.DataFrame, name: str, missing: float) -> np.ndarray:
     if name not in rows.columns:
         return np.full(len(rows), missing)
     return rows[name].to_numpy(dtype=float)
-
-
-def _kind_masks(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Which rows are of a rectifier kind, and which of a bounded kind (unknown kinds are neither)."""
-    from hookscope.activations import get_activation
-
-    rectifier = np.zeros(len(rows), dtype=bool)
-    bounded = np.zeros(len(rows), dtype=bool)
-    if "kind" not in rows.columns:
-        return rectifier, bounded
-    kinds = rows["kind"].to_numpy()
-    for kind in set(kinds):
-        try:
-            spec = get_activation(str(kind))
-        except KeyError:
-            continue
-        mask = kinds == kind
-        rectifier |= mask & spec.rectifier
-        bounded |= mask & spec.bounded
-    return rectifier, bounded
 
 
 class DormantRule(_AtLeastRule):
