@@ -144,6 +144,7 @@ static HS_INLINE float hs_f16_f32(uint16_t h) {
 #define HS_HAVE_F16C 1
 #define HS_ISA avx2
 #include "hs_isa.inc"
+#include "hs_mag_avx2.inc"
 #undef HS_ISA
 #undef HS_HAVE_F16C
 #if defined(__clang__)
