@@ -339,7 +339,7 @@ class HookManager(UnitReports, Resumable):
                     frame = recorder.frame_of_rows(rows)
                     series = self.spikes.drain(recorder.frame)
                     wanted = self.alerts.unit_set_names()
-                    units = self.unit_sets_of(rows, wanted) if wanted else None
+                    units = self._unit_sets_of(rows, wanted) if wanted else None
                     self.alerts.check(
                         frame, record.step, primary=distributed.rank() == 0, param_rows=params, series=series,
                         unit_sets=units,

@@ -122,7 +122,7 @@ class UnitReports:
         fields = layout.collector_columns(collector_index) if layout is not None else {}
         return {name: float(rows.values[row, k]) for name, k in fields.items()}
 
-    def unit_sets_of(self, rows: Rows, names: Iterable[str]) -> dict[str, dict[str, tuple[int, ...]]]:
+    def _unit_sets_of(self, rows: Rows, names: Iterable[str]) -> dict[str, dict[str, tuple[int, ...]]]:
         """For each set name (a collector's :attr:`~hookscope.collectors.Collector.unit_sets`), each layer of
         ``rows`` (one step's) whose whole set the collector recorded → its units, ascending. Host values only."""
         out: dict[str, dict[str, tuple[int, ...]]] = {}
