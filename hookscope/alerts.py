@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hookscope.checks import check_bool, check_int, check_number
-from hookscope.errors import ConfigError, ConfigTypeError
+from hookscope.errors import ConfigError, ConfigTypeError, StateError
 from hookscope.warn import HookscopeWarning, user_stacklevel
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "ExplodingGradientRule",
     "HookscopeAlert",
     "KurtosisRule",
+    "MassiveUnitsMovedRule",
     "MassiveUnitsRule",
     "NonFiniteRule",
     "SaturationRule",
@@ -86,6 +87,11 @@ HINTS = {
     "clip gradients, check the flight recorder's dump of the steps before it",
     "nonfinite": "likely causes: learning rate too high, log(0) or division by zero, fp16 overflow; remedies: lower "
     "the learning rate, clip gradients, use a GradScaler or bf16, guard logs and divisions",
+    "massive_units_moved": "the units that carry massive activations (Sun et al. 2024) changed mid-training: the "
+    "attention sinks and implicit biases built on them are being rebuilt; likely causes: a learning rate too high for "
+    "this point of the schedule, an instability (a loss spike, an optimizer state blown up); remedies: inspect the "
+    "loss and gradient norms around this step, lower the learning rate or lengthen the warm-up, explicit attention "
+    "biases or a sink token (Sun et al.) so that no unit has to carry them",
     "massive_units": "massive activations (Sun et al. 2024) act as fixed attention biases and make attention sinks; "
     "they break low-precision formats and quantisation; remedies: explicit attention biases or a sink token (Sun et "
     "al.), softmax with +1 in its denominator or gated attention, keep these units in higher precision",
@@ -149,13 +155,22 @@ class AlertRule:
     """Base class of rules: ``check`` looks at one step's rows and returns ``(layer, value, threshold, text)``.
 
     A rule with ``target = "params"`` looks at the step's rows of ``HookManager.param_frame()`` instead (and names
-    modules, not layers); it is skipped when the manager records no parameter statistics.
+    modules, not layers); it is skipped when the manager records no parameter statistics. A rule with
+    ``target = "units"`` names a set of units that a collector records per (step, layer) in ``stat`` (a
+    ``Collector.unit_sets`` name, e.g. ``Magnitude``'s ``"massive_units"``), and :meth:`check_units` is given the
+    check step's sets. Rules that compare a layer with its own past keep that past in ``state_dict()`` /
+    ``load_state_dict()`` (plain values), so that a resumed run goes on comparing with it.
     """
 
     name = "rule"
     target = "sites"
 
     def check(self, rows: pd.DataFrame) -> list[Hit]:
+        raise NotImplementedError
+
+    def check_units(self, sets: Mapping[str, tuple[int, ...]]) -> list[Hit]:
+        """A ``target = "units"`` rule: ``sets`` maps each layer whose whole set the collector recorded at the
+        check step to its units, ascending."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -303,7 +318,14 @@ class ExplodingGradientRule(AlertRule):
 
 
 class NonFiniteRule(AlertRule):
-    """NaN/Inf in outputs or gradients: counted by ``NonFinite``, or seen as non-finite statistics."""
+    """NaN/Inf in outputs or gradients: the counts of ``NonFinite`` (``nonfinite``, ``grad_nonfinite``), or an
+    infinite ``grad_norm`` (``GradientNorm``).
+
+    A NaN anywhere else in a frame is not evidence: it is the placeholder of a statistic whose collector is not
+    attached, does not apply to the layer's kind, or had nothing to judge. (``DeadReLU`` and ``Saturation`` count a
+    NaN output as inactive and as unsaturated, so NaN outputs never make their columns NaN.) An infinite value is
+    never a placeholder.
+    """
 
     name = "nonfinite"
 
@@ -311,23 +333,18 @@ class NonFiniteRule(AlertRule):
         # numpy over all rows, Python only for the rows that hit (iterating over every row cost ~0.6 ms per check)
         count = np.zeros(len(rows))
         for column in ("nonfinite", "grad_nonfinite"):
-            if column in rows.columns:
-                values = rows[column].to_numpy(dtype=float)
-                count += np.where(np.isnan(values), 0.0, values)
-        bad_stat = np.isinf(_column(rows, "grad_norm", 0.0))
-        # inactive_fraction is defined for every rectifier row, saturation_rate for every bounded row: NaN there
-        # means NaN outputs (the manager puts NaN only where a statistic does not apply, which the kind tells)
-        rectifier, bounded = _kind_masks(rows)
-        bad_stat |= rectifier & np.isnan(_column(rows, "inactive_fraction", 0.0))
-        bad_stat |= bounded & np.isnan(_column(rows, "saturation_rate", 0.0))
+            values = _column(rows, column, 0.0)
+            count += np.where(np.isnan(values), 0.0, values)  # NaN: no backward in the step, or not attached
+        infinite_grad = np.isinf(_column(rows, "grad_norm", 0.0))
         layers = rows["layer"].to_numpy() if "layer" in rows.columns else np.full(len(rows), "")
         out: list[Hit] = []
-        for i in np.flatnonzero((count > 0) | bad_stat):
+        for i in np.flatnonzero((count > 0) | infinite_grad):
             if count[i] > 0:
                 n = float(count[i])
                 out.append((str(layers[i]), n, 0.0, f"{int(n)} non-finite values (NaN/Inf) in outputs or gradients"))
             else:
-                out.append((str(layers[i]), math.nan, 0.0, "statistics are NaN/Inf: outputs or gradients hold NaN/Inf"))
+                text = "the gradient norm is infinite (Inf in the gradients, or squares past float32's range)"
+                out.append((str(layers[i]), math.inf, 0.0, text))
         return out
 
 
@@ -335,26 +352,6 @@ def _column(rows: pd.DataFrame, name: str, missing: float) -> np.ndarray:
     if name not in rows.columns:
         return np.full(len(rows), missing)
     return rows[name].to_numpy(dtype=float)
-
-
-def _kind_masks(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Which rows are of a rectifier kind, and which of a bounded kind (unknown kinds are neither)."""
-    from hookscope.activations import get_activation
-
-    rectifier = np.zeros(len(rows), dtype=bool)
-    bounded = np.zeros(len(rows), dtype=bool)
-    if "kind" not in rows.columns:
-        return rectifier, bounded
-    kinds = rows["kind"].to_numpy()
-    for kind in set(kinds):
-        try:
-            spec = get_activation(str(kind))
-        except KeyError:
-            continue
-        mask = kinds == kind
-        rectifier |= mask & spec.rectifier
-        bounded |= mask & spec.bounded
-    return rectifier, bounded
 
 
 class DormantRule(_AtLeastRule):
@@ -411,6 +408,20 @@ class _RiseRule(AlertRule):
                 self._baseline[key] = float(value)
         return values, base
 
+    def state_dict(self) -> dict[str, object]:
+        """The baselines, as ``[layer, column, value]`` lists."""
+        return {"baselines": [[layer, column, value] for (layer, column), value in self._baseline.items()]}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        entries = state.get("baselines")
+        if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], str)
+            and isinstance(e[2], float) for e in entries
+        ):  # fmt: skip
+            raise StateError(f"{type(self).__name__} state `baselines` must hold [layer, column, float] lists, got "
+                             f"{entries!r:.80}")  # fmt: skip
+        self._baseline = {(e[0], e[1]): e[2] for e in entries}
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
@@ -461,6 +472,69 @@ class KurtosisRule(_RiseRule):
                 )
                 out.append((layer, float(values[i]), float(base[i] * factor), text))
         return out
+
+
+class MassiveUnitsMovedRule(AlertRule):
+    """Massive units moving: the set of a layer's massive units (``Magnitude``, ``hm.massive_units(layer, step)``)
+    at a check differs from its reference set, the set at the latest earlier check at which the layer had massive
+    units, other than by units added only (those raise ``massive_units``, which :class:`MassiveUnitsRule` reports).
+
+    Sun et al. (2024) find massive activations in a few fixed feature dimensions; the same count in other
+    dimensions, or some of them gone, means that the mechanism they implement was rebuilt mid-training. A check at
+    which the layer has no massive unit keeps the reference (all of them vanishing is not a move), and so does a
+    check at which it has more than ``MASSIVE_SLOTS`` (8: only the largest are recorded, whose ranking may change).
+    """
+
+    name, target, stat = "massive_units_moved", "units", "massive_units"
+
+    def __init__(self) -> None:
+        self._reference: dict[str, tuple[int, ...]] = {}
+
+    def check(self, rows: pd.DataFrame) -> list[Hit]:
+        return []  # a units rule: see check_units()
+
+    def check_units(self, sets: Mapping[str, tuple[int, ...]]) -> list[Hit]:
+        out: list[Hit] = []
+        for layer, units in sets.items():
+            if not units:
+                continue
+            before = self._reference.get(layer)
+            self._reference[layer] = units
+            if before is None or units == before or set(units) > set(before):
+                continue
+            gone = sorted(set(before) - set(units))
+            new = sorted(set(units) - set(before))
+            moved = f"units {_listing(gone)} are no longer massive" if gone else ""
+            if new:
+                moved += f"{', ' if moved else ''}units {_listing(new)} are new"
+            text = (
+                f"its massive units moved from {_listing(before)} to {_listing(units)} ({moved}; hm.massive_units("
+                "layer, step) lists them at each step)"
+            )
+            out.append((layer, float(len(gone) + len(new)), 0.0, text))
+        return out
+
+    def state_dict(self) -> dict[str, object]:
+        """The reference set of each layer."""
+        return {"reference": {layer: list(units) for layer, units in self._reference.items()}}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        reference = state.get("reference")
+        if not isinstance(reference, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(u, int) for u in v)
+            for k, v in reference.items()
+        ):
+            raise StateError(
+                f"MassiveUnitsMovedRule state `reference` must map layers to lists of ints, got {reference!r:.80}"
+            )
+        self._reference = {k: tuple(v) for k, v in reference.items()}
+
+    def __repr__(self) -> str:
+        return "MassiveUnitsMovedRule()"
+
+
+def _listing(units: Iterable[int]) -> str:
+    return "[" + ", ".join(str(u) for u in units) + "]"
 
 
 #: Orders of magnitude between a module's weight-gradient norm and the median module's that alert.
@@ -520,8 +594,8 @@ class UpdateRatioRule(AlertRule):
 def default_rules() -> list[AlertRule]:
     """Dead ReLU ≥ 10%, saturation ≥ 50%, vanishing and exploding gradients (3 orders of magnitude), NaN/Inf,
     with parameter statistics weight-gradient outliers (4 orders) and update ratios outside 1e-6…1e-1, and with
-    ``Magnitude`` / ``Entropy`` massive units appearing, a kurtosis rising 2 orders of magnitude, dormant units ≥
-    10%, an attention head's entropy below 0.1 nats."""
+    ``Magnitude`` / ``Entropy`` massive units appearing or moving, a kurtosis rising 2 orders of magnitude, dormant
+    units ≥ 10%, an attention head's entropy below 0.1 nats."""
     return [
         DeadRatioRule(),
         SaturationRule(),
@@ -531,6 +605,7 @@ def default_rules() -> list[AlertRule]:
         ParamGradientRule(),
         UpdateRatioRule(),
         MassiveUnitsRule(),
+        MassiveUnitsMovedRule(),
         KurtosisRule(),
         DormantRule(),
         EntropyCollapseRule(),
@@ -556,7 +631,7 @@ class Alerts:
         >>> alerts = Alerts(every=10, callback=seen.append, warn=False)
         >>> [r.name for r in alerts.rules]  # doctest: +NORMALIZE_WHITESPACE
         ['dead_relu', 'saturation', 'vanishing_gradient', 'exploding_gradient', 'nonfinite', 'param_gradient',
-         'update_ratio', 'massive_units', 'kurtosis_rise', 'dormant', 'entropy_collapse']
+         'update_ratio', 'massive_units', 'massive_units_moved', 'kurtosis_rise', 'dormant', 'entropy_collapse']
     """
 
     def __init__(
@@ -601,12 +676,14 @@ class Alerts:
         primary: bool = True,
         param_rows: pd.DataFrame | None = None,
         series: Mapping[str, list[tuple[int, float]]] | None = None,
+        unit_sets: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
     ) -> list[Alert]:
         """Apply the rules to one step's rows; report and return the alerts not reported before.
 
         Series rules (``target = "series"``, :class:`~hookscope.spikes.SpikeRule`) are fed ``series[rule.stat]``:
         the ``(step, value)`` pairs since the previous check; each of their alerts carries the step whose value hit,
         and is reported once per (rule, series, step) — a non-finite value once per (``nonfinite``, series).
+        Units rules (``target = "units"``) are given ``unit_sets[rule.stat]``: layer → units at this step.
 
         Only the ``primary`` process (rank zero under ``torch.distributed``) warns and logs; the callback is
         called on every rank. Every new alert is recorded and delivered even when a custom rule or a delivery
@@ -638,10 +715,14 @@ class Alerts:
                     new.append(Alert(name, layer, at, float(value), float(threshold), message.strip()))
                 continue
             target = rows if target_name == "sites" else param_rows
-            if target is None:
+            if target is None and target_name != "units":
                 continue
             try:
-                hits = rule.check(target)
+                if target_name == "units":
+                    hits = rule.check_units((unit_sets or {}).get(getattr(rule, "stat", ""), {}))
+                else:
+                    assert target is not None
+                    hits = rule.check(target)
             except Exception as e:
                 errors.append(e)
                 continue
@@ -667,6 +748,10 @@ class Alerts:
     def series_stats(self) -> set[str]:
         """The series that the rules follow (``SpikeRule.stat``)."""
         return {str(getattr(r, "stat", "")) for r in self.rules if getattr(r, "target", "sites") == "series"}
+
+    def unit_set_names(self) -> set[str]:
+        """The unit sets that the rules follow (``target = "units"`` rules' ``stat``)."""
+        return {str(getattr(r, "stat", "")) for r in self.rules if getattr(r, "target", "sites") == "units"}
 
     def state_dict(self) -> dict[str, object]:
         """De-duplication, the next check due, the alerts fired and the rules' own state (plain values)."""

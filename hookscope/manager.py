@@ -335,11 +335,15 @@ class HookManager(UnitReports, Resumable):
                 params = self._params.last_frame() if self._params is not None else None
                 before = len(self.alerts.fired)
                 try:
-                    frame = recorder.frame([record])
+                    rows = Rows.of(record)
+                    frame = recorder.frame_of_rows(rows)
                     series = self.spikes.drain(recorder.frame)
+                    wanted = self.alerts.unit_set_names()
+                    units = self._unit_sets_of(rows, wanted) if wanted else None
                     self.alerts.check(
-                        frame, record.step, primary=distributed.rank() == 0, param_rows=params, series=series
-                    )
+                        frame, record.step, primary=distributed.rank() == 0, param_rows=params, series=series,
+                        unit_sets=units,
+                    )  # fmt: skip
                 except Exception as e:
                     errors.append(e)
                 fired = self.alerts.fired[before:]

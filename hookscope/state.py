@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -43,7 +44,7 @@ from hookscope.warn import warn_once
 if TYPE_CHECKING:
     import torch.nn as nn
 
-    from hookscope.alerts import Alerts
+    from hookscope.alerts import AlertRule, Alerts
     from hookscope.collectors.base import Collector
     from hookscope.feeding import SinkFeed
     from hookscope.params import ParamStats
@@ -400,7 +401,7 @@ def load_state(manager: _Manager, state: object, *, strict: bool) -> None:
         _check_history(history, len(entries), sum(len(f) for f in layout or []), "history.")
     alerts = get(sd, "alerts", (dict, type(None)), "")
     if alerts is not None and manager.alerts is not None:
-        _check_alerts(alerts, [r.name for r in manager.alerts.rules], get)
+        _check_alerts(alerts, manager.alerts.rules, get)
     get(sd, "series", dict, "")
     params = get(sd, "params", (dict, type(None)), "")
     if params is not None and manager.param_stats is not None:
@@ -534,7 +535,8 @@ def _check_history(h: Mapping[str, Any], n_sites: int, n_fields: int, path: str)
         raise StateError(f"`state_dict` {path}'values' must be a float64 CPU tensor")
 
 
-def _check_alerts(a: Mapping[str, Any], rules: list[str], get: Any) -> None:
+def _check_alerts(a: Mapping[str, Any], rule_objects: Sequence[AlertRule], get: Any) -> None:
+    rules = [r.name for r in rule_objects]
     saved = get(a, "rules", list, "alerts.")
     if saved != rules:
         raise StateError(f"`state_dict` was saved with alert rules {saved}; this manager has {rules}")
@@ -546,8 +548,14 @@ def _check_alerts(a: Mapping[str, Any], rules: list[str], get: Any) -> None:
     for f in get(a, "fired", list, "alerts."):
         if not isinstance(f, Mapping) or set(f) != fields:
             raise StateError("`state_dict` 'alerts.fired' must hold alerts")
-    if len(get(a, "rule_states", list, "alerts.")) != len(rules):
+    rule_states = get(a, "rule_states", list, "alerts.")
+    if len(rule_states) != len(rules):
         raise StateError("`state_dict` 'alerts.rule_states' must hold one entry per rule")
+    for rule, rule_state in zip(rule_objects, rule_states):  # each rule checks its own state, on a copy
+        if rule_state is not None and hasattr(rule, "load_state_dict"):
+            if not isinstance(rule_state, Mapping):
+                raise StateError(f"`state_dict` 'alerts.rule_states' of {rule.name!r} must be a dict")
+            deepcopy(rule).load_state_dict(rule_state)
 
 
 def _check_params(p: Mapping[str, Any], manager: _Manager, get: Any) -> None:

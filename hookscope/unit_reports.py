@@ -8,6 +8,7 @@ reports need the collectors' per-unit state and the recorder, and nothing else o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +23,7 @@ from hookscope.warn import warn_once
 if TYPE_CHECKING:
     import pandas as pd
 
+    from hookscope.history import Rows
     from hookscope.recording import Recorder
     from hookscope.sites import Site
 
@@ -104,9 +106,7 @@ class UnitReports:
         if not len(mine):
             return []
         row = mine[np.argmax(rows.step[mine])]
-        layout = self._recorder.layout
-        fields = layout.collector_columns(ci) if layout is not None else {}
-        record = {name: rows.values[row, k] for name, k in fields.items()}
+        record = self._record(rows, int(row), ci)
         found = collector.massive_indices(record)
         total = record.get("massive_units", 0.0)
         if total > len(found):
@@ -115,6 +115,32 @@ class UnitReports:
                 f"{len(found)} largest are recorded"
             )
         return found
+
+    def _record(self, rows: Rows, row: int, collector_index: int) -> dict[str, float]:
+        """The fields that one collector recorded in one row."""
+        layout = self._recorder.layout
+        fields = layout.collector_columns(collector_index) if layout is not None else {}
+        return {name: float(rows.values[row, k]) for name, k in fields.items()}
+
+    def _unit_sets_of(self, rows: Rows, names: Iterable[str]) -> dict[str, dict[str, tuple[int, ...]]]:
+        """For each set name (a collector's :attr:`~hookscope.collectors.Collector.unit_sets`), each layer of
+        ``rows`` (one step's) whose whole set the collector recorded → its units, ascending. Host values only."""
+        out: dict[str, dict[str, tuple[int, ...]]] = {}
+        sites = self._recorder.sites
+        for name in names:
+            found: dict[str, tuple[int, ...]] = {}
+            for ci, collector in enumerate(self.collectors):
+                if name not in collector.unit_sets:
+                    continue
+                for row, index in enumerate(rows.site):
+                    site = sites[int(index)]
+                    if site.layer in found or not collector.applies_to(site):
+                        continue
+                    units = collector.unit_set(name, self._record(rows, row, ci))
+                    if units is not None:
+                        found[site.layer] = units
+            out[name] = found
+        return out
 
     def unit_frame(self, layer: str, stat: str) -> pd.DataFrame:
         """One row per unit of ``layer`` with a per-unit statistic at the latest step in which the layer ran:

@@ -180,20 +180,21 @@ def test_rules() -> None:
     assert VanishingGradientRule().check(rows(grad_norm=[1e-9])) == []  # one layer has no median to compare
     nf = NonFiniteRule().check(rows(inactive_fraction=[0.5, np.nan], grad_norm=[1.0, np.inf]))
     assert [x[0] for x in nf] == ["l1"]
-    # NaN statistics alert only where the statistic is defined for the kind; counts alert with their sum
+    # evidence is NonFinite's counts (summed) and an infinite grad_norm; a NaN statistic is a placeholder (the
+    # collector is not attached, does not apply to the kind, or had nothing to judge), never evidence
     nf = NonFiniteRule().check(
         rows(
             kind=["relu", "softplus", "sigmoid", "sigmoid", "no-such-kind", "tanh", "relu", "relu6"],
             inactive_fraction=[np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, 0.5, 0.5],
-            saturation_rate=[np.nan, np.nan, 0.2, 0.1, np.nan, 0.2, np.nan, np.nan],
-            grad_norm=[1.0, 1.0, 1.0, 1.0, 1.0, -np.inf, 1.0, 1.0],
-            nonfinite=[0.0, 0.0, 0.0, 3.0, 0.0, 0.0, np.nan, 0.0],
+            saturation_rate=[np.nan, np.nan, np.nan, 0.1, np.nan, 0.2, np.nan, np.nan],
+            grad_norm=[np.nan, 1.0, 1.0, 1.0, 1.0, -np.inf, 1.0, 1.0],
+            nonfinite=[0.0, 0.0, 0.0, 3.0, 0.0, 0.0, np.nan, 1.0],
             grad_nonfinite=[np.nan, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0],
         )
     )
-    assert [x[0] for x in nf] == ["l0", "l3", "l5", "l7"]
-    assert [x[1] for x in nf][1] == 5.0 and all(math.isnan(x[1]) for x in nf[::2])
-    assert "5 non-finite values" in nf[1][3] and "statistics are NaN/Inf" in nf[0][3]
+    assert [x[0] for x in nf] == ["l3", "l5", "l7"]
+    assert [x[1] for x in nf] == [5.0, np.inf, 1.0]
+    assert "5 non-finite values" in nf[0][3] and "gradient norm is infinite" in nf[1][3]
     with pytest.raises(ValueError, match="`threshold`"):
         DeadRatioRule(1.5)
     with pytest.raises(ValueError, match="`every`"):
@@ -225,6 +226,57 @@ def test_nan_outputs_alert_and_are_counted() -> None:
     assert df["nonfinite"].iloc[0] == 6  # a NaN and an Inf in each of 3 rows
     assert df["grad_nonfinite"].iloc[0] == 0  # d(sum)/dy is 1 everywhere
     assert "nonfinite" in [a.rule for a in seen]  # (the NaN unit never fires: it also counts as dead)
+
+
+class _ReluSigmoid(nn.Module):
+    """A healthy rectifier and a bounded layer; ``poison`` multiplies the pre-activations (NaN/Inf planted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.sig = nn.Sigmoid()
+        self.poison = torch.ones(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sig(self.act(self.lin(x) * self.poison))
+
+
+@pytest.mark.parametrize(
+    "collectors",
+    [[NonFinite()], [GradientNorm()], [DeadReLU()], [Saturation()], [hs.Magnitude(activations=True)], None],
+    ids=["nonfinite", "gradient_norm", "dead_relu", "saturation", "magnitude", "defaults"],
+)
+def test_nonfinite_alert_judges_only_its_own_evidence(collectors: list[hs.Collector] | None) -> None:
+    # Regression: a collector set without DeadReLU (or Saturation) leaves inactive_fraction (saturation_rate) NaN on
+    # every rectifier (bounded) row, which the non-finite rule read as NaN outputs of a healthy model.
+    torch.manual_seed(0)
+    model = _ReluSigmoid()
+    seen: list[hs.Alert] = []
+    with HookManager(model, collectors, alerts=Alerts(every=1, callback=seen.append, warn=False)) as hm:
+        for _ in range(2):
+            model(torch.randn(8, 4)).sum().backward()
+            hm.step()
+    assert not [a for a in seen if a.rule == "nonfinite"], seen
+
+
+def test_nonfinite_alert_on_planted_values_from_counts_and_infinite_gradient_norms() -> None:
+    torch.manual_seed(0)
+    model = _ReluSigmoid()
+    model.poison = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    seen: list[hs.Alert] = []
+    with HookManager(model, [NonFinite()], alerts=Alerts(every=1, callback=seen.append, warn=False)) as hm:
+        model(torch.randn(3, 4)).sum().backward()
+        hm.step()
+    # 3 NaN outputs per layer (one unit, 3 rows); the ReLU's gradient is NaN there too (sigmoid'(NaN))
+    assert [(a.rule, a.layer, a.value) for a in seen] == [("nonfinite", "act", 6.0), ("nonfinite", "sig", 3.0)]
+    model = _ReluSigmoid()
+    seen.clear()
+    with HookManager(model, [GradientNorm()], alerts=Alerts(every=1, callback=seen.append, warn=False)) as hm:
+        (model(torch.randn(3, 4)) * torch.tensor([1.0, float("inf"), 1.0, 1.0])).sum().backward()
+        hm.step()
+    # an Inf in the sigmoid's output gradient, and in the ReLU's where sigmoid' > 0 carries it back
+    assert [(a.rule, a.layer, a.value) for a in seen] == [("nonfinite", layer, math.inf) for layer in ("act", "sig")]
 
 
 def test_nonfinite_counts_gradients() -> None:

@@ -43,8 +43,9 @@ def _isas() -> list[str]:
     if lib is None:
         return ["baseline"]
     found = ["baseline"]
-    if lib.select_isa("avx2") == "avx2":
-        found.append("avx2")
+    for name in ("avx2", "avx512"):
+        if lib.select_isa(name) == name:
+            found.append(name)
     lib.select_isa("best")
     return found
 
@@ -683,7 +684,7 @@ def test_info_describes_the_library() -> None:
     info = kernels.info()
     assert set(info) == {"backend", "library", "isa", "reason", "threads"}
     if kernels.available():
-        assert info["isa"] in ("avx2", "baseline") and Path(info["library"]).name == build.LIBRARY_NAME
+        assert info["isa"] in ("avx512", "avx2", "baseline") and Path(info["library"]).name == build.LIBRARY_NAME
         assert info["threads"] >= 1
     else:
         assert info["library"] is None and info["reason"]
@@ -710,7 +711,7 @@ def test_the_library_builds_and_loads_or_says_why(tmp_path: Path, monkeypatch: p
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left
     native, reason = _native.load(path)
     assert native is not None, reason
-    assert native.isa() in ("avx2", "baseline")
+    assert native.isa() in ("avx512", "avx2", "baseline")
     x = torch.tensor([[1.0, -1.0], [math.nan, 2.0]])
     positive = zeros(2)
     rc = native.output_stats(x.data_ptr(), 0, 2, 2, 1, positive.data_ptr(), None, 0, 0.0, 0.0, None, 1)

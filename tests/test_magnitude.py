@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 import hookscope as hs
 from hookscope import HookManager
-from hookscope.errors import ConfigError, ConfigTypeError
+from hookscope.errors import ConfigError, ConfigTypeError, StateError
 
 pytestmark = pytest.mark.usefixtures("each_path")
 
@@ -434,7 +435,7 @@ def healthy(seed: int, batch: int = 16) -> torch.Tensor:
     return torch.randn(batch, 5, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-MINE = {"massive_units", "kurtosis_rise", "dormant", "entropy_collapse"}
+MINE = {"massive_units", "massive_units_moved", "kurtosis_rise", "dormant", "entropy_collapse"}
 
 
 def alerts_of_run(model: nn.Module, inputs: list[torch.Tensor], collectors: list[hs.Collector], **kw: Any) -> list:
@@ -465,6 +466,105 @@ def test_massive_units_appearing_mid_training_alert() -> None:
     for x in always:
         x[0, 0, MASSIVE] = 5000.0
     assert "massive_units" not in {a.rule for a in alerts_of_run(Net(), always, [hs.Magnitude()], modules="emit")}
+
+
+def massive_in(seed: int, units: tuple[int, ...]) -> torch.Tensor:
+    """A healthy output with one huge element in each of ``units`` (a_u = 5000 >= 100 and >= 1000 x the median)."""
+    x = healthy(seed)
+    for k, u in enumerate(units):
+        x[k % x.shape[0], 1, u] = 5000.0
+    return x
+
+
+def test_massive_units_moving_mid_training_alert() -> None:
+    # dims 3 and 9 for four steps, then dims 5 and 9: the count stays 2, so only the set tells the move
+    inputs = [massive_in(i, (MASSIVE, 9)) for i in range(4)] + [massive_in(i, (5, 9)) for i in range(4, 8)]
+    seen = alerts_of_run(Net(), inputs, [hs.Magnitude()], modules="emit")
+    assert [(a.rule, a.layer, a.step) for a in seen] == [("massive_units_moved", "emit", 4)]  # once, at the move
+    assert "moved from [3, 9] to [5, 9] (units [3] are no longer massive, units [5] are new" in seen[0].message
+    assert "sink token" in seen[0].message  # the remedy
+    assert seen[0].value == 2.0
+    # healthy: the same dims in every step, whatever the rest of the output does; units only added are "appearing"
+    # (massive_units), and all of them vanishing for a while is not a move
+    stable = [massive_in(i, (MASSIVE, 9)) for i in range(12)]
+    assert not alerts_of_run(Net(), stable, [hs.Magnitude()], modules="emit")
+    added = [massive_in(0, (MASSIVE,)), massive_in(1, (MASSIVE,)), massive_in(2, (MASSIVE, 9))]
+    assert [a.rule for a in alerts_of_run(Net(), added, [hs.Magnitude()], modules="emit")] == ["massive_units"]
+    gap = [massive_in(0, (MASSIVE,)), healthy(1), healthy(2), massive_in(3, (MASSIVE,))]
+    assert not alerts_of_run(Net(), gap, [hs.Magnitude()], modules="emit")
+    # the move is judged against the last set seen, across a gap without massive units too
+    gap_moved = [massive_in(0, (MASSIVE,)), healthy(1), massive_in(2, (5,))]
+    assert rules(alerts_of_run(Net(), gap_moved, [hs.Magnitude()], modules="emit")) == {
+        ("massive_units_moved", "emit", 2)
+    }
+
+
+def test_massive_units_moved_is_judged_at_the_checks_and_on_whole_sets_only() -> None:
+    from hookscope.alerts import MassiveUnitsMovedRule
+    from hookscope.collectors.magnitude import MASSIVE_SLOTS
+
+    # more units than are recorded: only the largest 8 are known, whose ranking may change: not judged
+    many = tuple(range(MASSIVE_SLOTS + 1))
+    crowd = [massive_in(i, many) for i in range(2)]
+    crowd[1][0, 1, 0] = 9000.0  # unit 0 is now the largest: another top 8, the same 9 units
+    seen: list[hs.Alert] = []
+    alerts = hs.Alerts([MassiveUnitsMovedRule()], every=1, callback=seen.append, warn=False, log=False)
+    # (9 of 16 units massive: the median unit is one of them, so the relative part must be small)
+    with HookManager(Net(), [hs.Magnitude(massive_ratio=10.0)], modules="emit", alerts=alerts) as hm:
+        for x in crowd:
+            with torch.no_grad():
+                hm.model(x)
+            hm.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (once per process: 9 massive units, the 8 largest recorded)
+            assert hm.massive_units("emit", step=0) != hm.massive_units("emit", step=1)
+    assert not seen
+    # checked every 3 steps: steps 2 and 5 are compared (a move and back between checks is not seen)
+    inputs = [massive_in(0, (3,)), massive_in(1, (5,)), massive_in(2, (3,)), massive_in(3, (3,)), massive_in(4, (3,)),
+              massive_in(5, (7,))]  # fmt: skip
+    seen.clear()
+    alerts = hs.Alerts([MassiveUnitsMovedRule()], every=3, callback=seen.append, warn=False, log=False)
+    with HookManager(Net(), [hs.Magnitude()], modules="emit", alerts=alerts) as hm:
+        for x in inputs:
+            with torch.no_grad():
+                hm.model(x)
+            hm.step()
+    assert [(a.layer, a.step) for a in seen] == [("emit", 5)] and "from [3] to [7]" in seen[0].message
+
+
+def test_massive_units_rules_keep_their_reference_across_a_resume() -> None:
+    def run(inputs: list[torch.Tensor], state: dict[str, Any] | None) -> tuple[list[hs.Alert], dict[str, Any]]:
+        seen: list[hs.Alert] = []
+        model = Net()
+        alerts = hs.Alerts(every=1, callback=seen.append, warn=False, log=False)
+        hm = HookManager(model, [hs.Magnitude()], modules="emit", alerts=alerts, start_step=0 if state is None else 2)
+        if state is not None:
+            hm.load_state_dict(state)
+        with hm:
+            for x in inputs:
+                with torch.no_grad():
+                    model(x)
+                hm.step()
+            return [a for a in seen if a.rule in MINE], hm.state_dict()
+
+    first, state = run([massive_in(0, (MASSIVE,)), massive_in(1, (MASSIVE,))], None)
+    assert not first
+    saved = state["alerts"]["rule_states"]
+    assert {"reference": {"emit": [MASSIVE]}} in saved  # plain values, which torch.load(weights_only=True) reads
+    assert {"baselines": [["emit", "massive_units", 1.0]]} in saved
+    later = [massive_in(2, (5, 9)), massive_in(3, (5, 9))]
+    resumed, _ = run(later, state)
+    # a move from the saved reference [3], and 2 massive units against the saved baseline of 1
+    assert rules(resumed) == {("massive_units_moved", "emit", 2), ("massive_units", "emit", 2)}
+    fresh, _ = run(later, None)  # without the state, [5, 9] is where the layer starts: nothing to report
+    assert not fresh
+    bad = {**state, "alerts": {**state["alerts"], "rule_states": [
+        {"reference": {"emit": ["3"]}} if r == {"reference": {"emit": [MASSIVE]}} else r
+        for r in state["alerts"]["rule_states"]]}}  # fmt: skip
+    target = HookManager(Net(), [hs.Magnitude()], modules="emit")
+    with pytest.raises(StateError, match="MassiveUnitsMovedRule state `reference`"):
+        target.load_state_dict(bad)
+    assert not target.recorder.sites  # checked before anything is loaded
 
 
 def test_kurtosis_rising_by_two_orders_of_magnitude_alerts() -> None:

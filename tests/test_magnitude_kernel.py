@@ -9,13 +9,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_kernels import isa  # noqa: F401  (the fixture)
 
 from hookscope import kernels
 from hookscope.activations import MODULE_OUTPUT
 from hookscope.collectors.magnitude import Magnitude
 from hookscope.sites import Site
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
+# every test under each instruction set this CPU runs (the magnitude pass has its own AVX2 code)
+pytestmark = [pytest.mark.skipif(not kernels.available(), reason="native kernels not built"),
+              pytest.mark.usefixtures("isa")]  # fmt: skip
 
 PER_UNIT = ("count", "abs_sum", "sq_sum", "abs_max")
 PER_SITE = ("sum", "quad_sum", "zeros")
@@ -64,6 +67,8 @@ LAYOUTS = [
     ((3, 7, 16), None, "contiguous"),  # one unit
     ((6, 16), 1, "transposed"),  # non-contiguous: copied first
     ((40000, 8), -1, "contiguous"),  # large: several threads
+    ((70, 3, 300), -1, "contiguous"),  # units in tiles of 8 (the last one partial), rows in blocks
+    ((3, 13, 41), 1, "contiguous"),  # runs of 41: full vectors and a partial one
 ]
 
 
@@ -90,13 +95,15 @@ def test_magnitude_pass_equals_the_aten_formulation(
     assert float(got["abs_max"].max()) == 250.0
 
 
-def test_positive_saturated_and_nonfinite_come_from_the_same_pass() -> None:
-    x = sample((8, 16), torch.float32)
+@pytest.mark.parametrize("shape", [(8, 16), (9, 13), (3, 13, 17)])
+def test_positive_saturated_and_nonfinite_come_from_the_same_pass(shape: tuple[int, ...]) -> None:
+    x = sample(shape, torch.float32)
     site = site_for(tuple(x.shape), 1)
-    extra = {"positive": torch.zeros(16, dtype=torch.float64), "saturated": torch.zeros((), dtype=torch.float64),
+    units = shape[1]
+    extra = {"positive": torch.zeros(units, dtype=torch.float64), "saturated": torch.zeros((), dtype=torch.float64),
              "nonfinite": torch.zeros((), dtype=torch.float64)}  # fmt: skip
     native(x, site, lower=-1.0, upper=2.0, **extra)
-    assert extra["positive"].tolist() == (x > 0).sum(dim=0).double().tolist()
+    assert extra["positive"].tolist() == (x > 0).sum(dim=[d for d in range(x.dim()) if d != 1]).double().tolist()
     assert float(extra["saturated"]) == float(((x < -1.0) | (x > 2.0)).sum())
     assert float(extra["nonfinite"]) == 3.0
     every = torch.zeros((), dtype=torch.float64)

@@ -377,6 +377,9 @@ class Collector:
     wants_grad: ClassVar[bool] = False
     #: Per-unit statistics the collector reports through :meth:`unit_values` (``HookManager.unit_frame``).
     unit_columns: ClassVar[tuple[str, ...]] = ()
+    #: Sets of unit indices the collector records for each (step, site), named (``Magnitude``:
+    #: ``"massive_units"``), read through :meth:`unit_set` (alert rules with ``target = "units"``).
+    unit_sets: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self._state_specs: dict[str, StateSpec] = {}
@@ -530,6 +533,11 @@ class Collector:
         synchronises): ``(that step or None, {column: one value per unit})``. ``include_open``: the open step,
         numbered ``step``, counts."""
         raise NotImplementedError(f"{self.name} reports no per-unit statistics")
+
+    def unit_set(self, name: str, record: Mapping[str, float]) -> tuple[int, ...] | None:
+        """The units of the set ``name`` (one of :attr:`unit_sets`) in one (step, site) record of this collector's
+        fields, ascending; ``None`` when the record does not hold the whole set."""
+        raise NotImplementedError(f"{self.name} records no unit sets")
 
     def extra_state(self) -> dict[str, int | float | str | bool]:
         """Python-side values a resumed run needs besides the declared state tensors (``HookManager.state_dict``):

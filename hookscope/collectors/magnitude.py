@@ -68,6 +68,7 @@ class Magnitude(Collector):
         "neuron_kurtosis",
     )  # fmt: skip
     unit_columns: ClassVar[tuple[str, ...]] = ("mean_abs", "abs_max", "rms")
+    unit_sets: ClassVar[tuple[str, ...]] = ("massive_units",)
 
     def __init__(
         self,
@@ -201,10 +202,20 @@ class Magnitude(Collector):
                 "neuron_kurtosis": (record["r4_sum"] / live) / (r2 * r2),
             }
 
-    def massive_indices(self, record: Mapping[str, np.ndarray]) -> list[int]:
+    def massive_indices(self, record: Mapping[str, float]) -> list[int]:
         """The massive units recorded in one (step, site) row (the :data:`MASSIVE_SLOTS` largest), ascending."""
         found = [record[f"massive_{j}"] for j in range(self._slots)]
         return sorted(int(v) for v in found if not math.isnan(float(v)))
+
+    def unit_set(self, name: str, record: Mapping[str, float]) -> tuple[int, ...] | None:
+        """``"massive_units"``: the massive units of a (step, site) record, or ``None`` when it had none with data
+        or more than :data:`MASSIVE_SLOTS` (only the largest are recorded)."""
+        if name != "massive_units":
+            raise KeyError(name)
+        found = self.massive_indices(record)
+        if not float(record["live_units"]) > 0 or float(record["massive_units"]) != len(found):
+            return None
+        return tuple(found)
 
     def unit_values(self, site: Site, step: int, include_open: bool) -> tuple[int | None, dict[str, np.ndarray]]:
         """Per unit: ``mean_abs`` (m_u), ``abs_max`` (a_u) and ``rms`` (r_u) at the latest step the site ran in."""

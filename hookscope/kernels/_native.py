@@ -15,7 +15,7 @@ __all__ = ["ISA_NAMES", "LIBRARY_PATH", "GradArgs", "MagnitudeArgs", "Native", "
 LIBRARY_PATH = Path(__file__).resolve().parent / LIBRARY_NAME
 
 #: hs_select_isa codes.
-ISA_NAMES = {"baseline": 0, "avx2": 1}
+ISA_NAMES = {"baseline": 0, "avx2": 1, "avx512": 2}
 
 _p = ctypes.c_void_p
 _i32 = ctypes.c_int32
@@ -71,12 +71,12 @@ class Native:
     _lib: ctypes.CDLL
 
     def isa(self) -> str:
-        """The instruction set in use ("avx2" or "baseline")."""
+        """The instruction set in use ("avx512": AVX2 and, for the magnitude pass, AVX-512; "avx2"; "baseline")."""
         return str(self._lib.hs_isa().decode())
 
     def select_isa(self, name: str) -> str:
-        """Use the ``name`` instruction set ("baseline", "avx2" where the CPU has it, or "best"); returns the one in
-        use. Tests run both."""
+        """Use the ``name`` instruction set ("baseline", "avx2" or "avx512" where the CPU has it, else the best below
+        it, or "best"); returns the one in use. Tests run each."""
         code = -1 if name == "best" else ISA_NAMES[name]
         self._lib.hs_select_isa(code)
         return self.isa()

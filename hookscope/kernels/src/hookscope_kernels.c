@@ -144,8 +144,19 @@ static HS_INLINE float hs_f16_f32(uint16_t h) {
 #define HS_HAVE_F16C 1
 #define HS_ISA avx2
 #include "hs_isa.inc"
+#include "hs_mag_avx2.inc"
 #undef HS_ISA
 #undef HS_HAVE_F16C
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,f16c")
+#endif
+#include "hs_mag_avx512.inc"
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -156,18 +167,30 @@ static HS_INLINE float hs_f16_f32(uint16_t h) {
 #endif
 
 static const hs_impl *g_impl = NULL;
+static int g_mag512 = 0; /* the magnitude pass runs its AVX-512 code ("avx512": the other passes run AVX2's) */
 
 #if HS_X86_DISPATCH
 static int hs_cpu_has_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 }
+
+static int hs_cpu_has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
 #endif
 
 HS_EXPORT int32_t hs_select_isa(int32_t isa) {
+    g_mag512 = 0;
 #if HS_X86_DISPATCH
     if (isa != HS_ISA_BASELINE && hs_cpu_has_avx2()) {
         g_impl = &hs_impl_avx2;
+        if (isa != HS_ISA_AVX2 && hs_cpu_has_avx512()) {
+            g_mag512 = 1;
+            return HS_ISA_AVX512;
+        }
         return HS_ISA_AVX2;
     }
 #endif
@@ -183,7 +206,10 @@ static const hs_impl *hs_get_impl(void) {
 
 HS_EXPORT int32_t hs_abi_version(void) { return HS_ABI_VERSION; }
 HS_EXPORT const char *hs_source_hash(void) { return HS_SOURCE_HASH; }
-HS_EXPORT const char *hs_isa(void) { return hs_get_impl()->name; }
+HS_EXPORT const char *hs_isa(void) {
+    const hs_impl *impl = hs_get_impl();
+    return g_mag512 ? "avx512" : impl->name;
+}
 
 HS_EXPORT int32_t hs_openmp(void) {
 #ifdef _OPENMP

@@ -30,6 +30,7 @@ extern "C" {
 #define HS_ISA_BEST (-1)
 #define HS_ISA_BASELINE 0
 #define HS_ISA_AVX2 1
+#define HS_ISA_AVX512 2 /* AVX2, and AVX-512 (F, DQ, BW, VL) for the magnitude pass */
 
 /* Error codes. */
 #define HS_EDTYPE (-1) /* unknown dtype */
@@ -43,11 +44,11 @@ int32_t hs_abi_version(void);
 /* Hash of the sources the library was built from ("" when the build did not say). */
 const char *hs_source_hash(void);
 
-/* The instruction set in use: "avx2" or "baseline". */
+/* The instruction set in use: "avx512", "avx2" or "baseline". */
 const char *hs_isa(void);
 
-/* Select the instruction set (HS_ISA_BEST, HS_ISA_BASELINE or HS_ISA_AVX2; AVX2 only where the CPU has it).
- * Returns the one in use afterwards. Not thread-safe: call it before the kernels run (tests use it). */
+/* Select the instruction set (HS_ISA_BEST, HS_ISA_BASELINE, HS_ISA_AVX2 or HS_ISA_AVX512; each only where the CPU
+ * has it, else the best below it). Returns the one in use afterwards. Not thread-safe: call it before the kernels run (tests use it). */
 int32_t hs_select_isa(int32_t isa);
 
 /* Whether the library was built with OpenMP (1) or runs every call on the calling thread (0). */
