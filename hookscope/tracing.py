@@ -620,10 +620,11 @@ class Tracer:
         if self._replaying:  # a pass that begins inside a compiled graph: the mode would come too late
             if self.functional:
                 warn_once(
-                    "hookscope: torch.compile traced a forward pass from its first module, before hookscope's "
-                    "function mode could be active: functional activations in it (F.relu, torch.tanh, "
-                    "x.relu_()...) are not recorded, module activations are. Compile the model's modules "
-                    "(torch.compile(model), model.compile()) rather than a function that calls the model"
+                    "hookscope: torch.compile traced a forward pass from its first module's call (an "
+                    "nn.Sequential root, or a compiled function that calls the model), before hookscope's function "
+                    "mode could be active: functional activations in it (F.relu, torch.tanh, x.relu_()...), if "
+                    "any, are not recorded; module activations are. To record them, compile a module whose forward "
+                    "is your own code (wrap an nn.Sequential in one) rather than a function that calls the model"
                 )
         elif self.functional and (self.discovering or self._compiled.seen) and not self._mode_active:
             # (under torch.compile always as in discovery: dynamo guards on the function mode stack it traced with)

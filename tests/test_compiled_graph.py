@@ -464,3 +464,39 @@ def test_sites_in_code_dynamo_does_not_trace_are_recorded_eagerly_as_without_com
     want = hm.to_dataframe()
     assert {"gate", "sigmoid()", "late"} <= set(want["layer"])
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5)
+
+
+def test_a_compiled_sequential_root_warns_that_its_functional_activations_are_not_seen() -> None:
+    """torch.compile traces an ``nn.Sequential`` from its module call (its forward is torch's own), before the
+    function mode could be pushed: module activations are recorded, functional ones are not, and it says so once.
+    Wrapping it in a module whose forward is the user's own records both."""
+    import hookscope.warn
+
+    class Gate(nn.Module):  # a functional activation inside a module without hooks of its own role
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sigmoid(x)
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    sequential = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), Gate(), nn.Linear(8, 3))
+    results = {}
+    for model in (sequential, Wrapper(copy.deepcopy(sequential))):
+        _reset()
+        hookscope.warn._seen.clear()
+        with warnings.catch_warnings(record=True) as caught, HookManager(model, alerts=False) as hm:
+            warnings.simplefilter("always")
+            run = torch.compile(model, backend="aot_eager")
+            for _ in range(2):
+                run(torch.randn(4, 6)).sum().backward()
+                hm.step()
+        said = [str(w.message) for w in caught if "nn.Sequential root" in str(w.message)]
+        results[type(model).__name__] = (sorted(set(hm.to_dataframe()["layer"])), len(said))
+    assert results["Sequential"] == (["1"], 1)
+    assert results["Wrapper"] == (["inner.1", "inner.2.sigmoid()"], 0)
