@@ -429,3 +429,54 @@ def test_the_trainer_callback_with_torch_compile_records_what_the_eager_trainer_
     assert sorted(got["step"].unique()) == list(range(MAX_STEPS))
     assert got[got["layer"] == INTERMEDIATE]["calls"].tolist() == [ACCUMULATION] * MAX_STEPS
     pd.testing.assert_frame_equal(got, eager, check_exact=False, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("use_cache", [False, True], ids=["no cache", "DynamicCache"])
+def test_a_compiled_gpt2_with_block_sites_records_what_the_eager_one_does(use_cache: bool, quiet_kernels: None) -> None:
+    """GPT-2 from a config, decoder layers (tuples) as module sites, compiled with aot_eager: the frame of eager
+    mode. Without a cache (training) it compiles to the graphs of the plain model. With the DynamicCache that
+    GPT-2 makes by default, torch 2.14's dynamo falls back to eager for the model's top frame once hookscope's
+    traced gradient hooks are in it (the cache's lazy initialisation then raises inside dynamo's trace): more
+    graphs, the same numbers (README, The compiled path)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=use_cache,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    block = transformers.models.gpt2.modeling_gpt2.GPT2Block
+
+    def train(model: nn.Module, run: Any, hm: HookManager | None) -> None:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(3):
+            run(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if hm is not None:
+                hm.step()
+
+    graphs = {}
+    for label in ("plain", "hookscope"):
+        torch._dynamo.reset()
+        counters.clear()
+        model = type(base)(config)
+        model.load_state_dict(base.state_dict())
+        if label == "plain":
+            train(model, torch.compile(model, backend="aot_eager"), None)
+        else:
+            with HookManager(model, alerts=False, modules=block) as compiled:
+                train(model, torch.compile(model, backend="aot_eager"), compiled)
+        graphs[label] = counters["stats"]["unique_graphs"]
+    eager_model = type(base)(config)
+    eager_model.load_state_dict(base.state_dict())
+    with HookManager(eager_model, alerts=False, modules=block) as eager:
+        train(eager_model, eager_model, eager)
+    got, want = compiled.to_dataframe(), eager.to_dataframe()
+    assert {"transformer.h.0", "transformer.h.1", "transformer.h.0.mlp.act"} <= set(got["layer"])
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-4, atol=1e-6)
+    if not use_cache:
+        assert graphs["hookscope"] == graphs["plain"]
