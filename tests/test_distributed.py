@@ -31,7 +31,7 @@ def make_model() -> nn.Sequential:
     return nn.Sequential(lin, nn.ReLU())
 
 
-def worker(rank: int, init_file: str, out_dir: str, use_ddp: bool) -> None:
+def worker(rank: int, init_file: str, out_dir: str, use_ddp: bool, compiled: bool = False) -> None:
     from hookscope import HookManager
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -43,11 +43,13 @@ def worker(rank: int, init_file: str, out_dir: str, use_ddp: bool) -> None:
             HookManager(wrapped, alerts=False) as hm,
             HookManager(make_model(), global_stats=False, alerts=False) as local,
         ):
+            forward = torch.compile(wrapped, backend="aot_eager") if compiled else wrapped
             for _ in range(2):
-                wrapped(x).sum().backward()  # dL/dy = 1 for every element
+                forward(x).sum().backward()  # dL/dy = 1 for every element
                 local.model(x).sum().backward()
                 hm.step()
                 local.step()
+        assert hm._tracer._compiled.replayed == compiled  # recorded by the compiled graph's operations
         hm.to_csv(Path(out_dir) / f"global{rank}.csv")
         local.to_csv(Path(out_dir) / f"local{rank}.csv")
         pd.DataFrame({"dead": [repr(hm.dead_units("1"))]}).to_csv(Path(out_dir) / f"dead{rank}.csv", index=False)
@@ -58,19 +60,23 @@ def worker(rank: int, init_file: str, out_dir: str, use_ddp: bool) -> None:
         dist.destroy_process_group()
 
 
-def run(tmp_path: Path, use_ddp: bool) -> dict[str, pd.DataFrame]:
+def run(tmp_path: Path, use_ddp: bool, compiled: bool = False) -> dict[str, pd.DataFrame]:
     init_file = tempfile.mktemp(dir=tmp_path)
-    mp.spawn(worker, args=(init_file, str(tmp_path), use_ddp), nprocs=2, join=True)
+    mp.spawn(worker, args=(init_file, str(tmp_path), use_ddp, compiled), nprocs=2, join=True)
     read = {}
     for name in ("global0", "global1", "local0", "local1", "dead0", "dead1"):
         read[name] = pd.read_csv(tmp_path / f"{name}.csv", dtype={"layer": str})
     return read
 
 
-@pytest.mark.parametrize("use_ddp", [False, True], ids=["process_group", "ddp"])
-def test_reports_are_global_across_ranks(tmp_path: Path, use_ddp: bool) -> None:
+@pytest.mark.parametrize(
+    ("use_ddp", "compiled"), [(False, False), (True, False), (True, True)], ids=["process_group", "ddp", "ddp_compiled"]
+)
+def test_reports_are_global_across_ranks(tmp_path: Path, use_ddp: bool, compiled: bool) -> None:
+    """Planted units, exact global values; the same when the DDP model is torch.compile'd after attaching (the
+    statistics come from the compiled graph's operations, combined across ranks as in eager mode)."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    got = run(tmp_path, use_ddp)
+    got = run(tmp_path, use_ddp, compiled)
     g0, g1 = got["global0"], got["global1"]
     # every rank reports the same global numbers (the shape is each rank's own latest output shape)
     pd.testing.assert_frame_equal(g0.drop(columns="shape"), g1.drop(columns="shape"))
