@@ -9,6 +9,7 @@ import copy
 import shutil
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -500,3 +501,64 @@ def test_a_compiled_sequential_root_warns_that_its_functional_activations_are_no
         results[type(model).__name__] = (sorted(set(hm.to_dataframe()["layer"])), len(said))
     assert results["Sequential"] == (["1"], 1)
     assert results["Wrapper"] == (["inner.1", "inner.2.sigmoid()"], 0)
+
+
+class DyingMLP(nn.Module):
+    """Half of ``act2``'s units are planted dead (bias -100): they never fire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act1 = nn.Linear(6, 16), nn.ReLU()
+        self.fc2, self.act2, self.fc3 = nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+        with torch.no_grad():
+            self.fc2.bias[:8] = -100.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act2(self.fc2(self.act1(self.fc1(x)))))
+
+    @staticmethod
+    def batch(gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(32, 6, generator=gen)
+
+
+def test_parameter_statistics_timeline_alerts_and_sinks_of_a_compiled_model_are_those_of_eager_mode(
+    tmp_path: Path,
+) -> None:
+    """``params=True``, the death timeline, alerts and a CSV sink, from a model compiled with ``fullgraph=True``:
+    what the eager path gives on the same run, and the planted dead units and parameter counts themselves."""
+    from hookscope import Alerts, CSVSink
+
+    torch.manual_seed(0)
+    model = DyingMLP()
+    eager = copy.deepcopy(model)
+    runs = {}
+    for label, net in (("compiled", model), ("eager", eager)):
+        _reset()
+        sink = CSVSink(tmp_path / f"{label}.csv", every=2)
+        alerts = Alerts(every=2, warn=False)
+        with HookManager(net, params=True, alerts=alerts, sinks=[sink]) as hm:
+            run = torch.compile(net, backend="aot_eager", fullgraph=True) if label == "compiled" else net
+            _train(net, run, 6, hm)
+        runs[label] = hm
+    got, want = runs["compiled"], runs["eager"]
+    assert got._tracer._compiled.replayed
+    pd.testing.assert_frame_equal(got.to_dataframe(), want.to_dataframe(), check_exact=False, rtol=1e-5)
+    # the planted units: half of act2 dead at every step, by the definition
+    assert got.to_dataframe().query("layer == 'act2'")["dead_ratio"].tolist() == [0.5] * 6
+    assert got.dead_units("act2") == list(range(8))
+    pd.testing.assert_frame_equal(got.unit_timeline(), want.unit_timeline())
+    assert [(a.rule, a.layer, a.step) for a in got.alerts.fired] == [
+        (a.rule, a.layer, a.step) for a in want.alerts.fired
+    ]
+    assert ("dead_relu", "act2") in {(a.rule, a.layer) for a in got.alerts.fired}
+    params, reference = got.param_frame(), want.param_frame()
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_modules() if name}
+    counts = {name: n for name, n in counts.items() if n}
+    assert dict(zip(params.query("step == 0")["module"], params.query("step == 0")["params"])) == counts
+    pd.testing.assert_frame_equal(params, reference, check_exact=False, rtol=1e-5)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "compiled.csv"),
+        pd.read_csv(tmp_path / "eager.csv"),
+        check_exact=False,
+        rtol=1e-5,
+    )
