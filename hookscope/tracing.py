@@ -98,19 +98,31 @@ def _in_forward(frame: FrameType | None) -> bool:
     return _MODULE_CALL is None  # (another torch: nothing is told apart)
 
 
-def _called_by_a_hook(frame: FrameType | None) -> bool:
+def _called_by_a_hook(frame: FrameType | None, anywhere: bool = False) -> bool:
     """Whether the module call that runs its hooks in ``frame`` (a frame of :data:`_MODULE_CALL`) was made by a
     hook of another module (a user's forward hook that runs ``model.act(out)`` to log it): the innermost module
-    call among its callers is running hooks. Such a call is not part of the model's forward: not a site, nor a
-    forward pass. A call that no module call makes (a training loop's) is not one."""
+    call among its callers is running hooks (``anywhere``: any of them, for a call that would begin a forward
+    pass). Such a call is not part of the model's forward: nothing in it is a site, nor is it a forward pass. A
+    call that no module call makes (a training loop's) is not one."""
     if frame is None or frame.f_code is not _MODULE_CALL:
         return False
     frame = frame.f_back
     while frame is not None:
-        if frame.f_code is _MODULE_CALL:
+        if frame.f_code is _MODULE_CALL and (frame.f_lasti not in _FORWARD_OFFSETS or not anywhere):
             return frame.f_lasti not in _FORWARD_OFFSETS
         frame = frame.f_back
     return False
+
+
+#: An activation module's call on the activation stack: its name, call index, kind, module, unit-dim producer.
+_Activation = tuple[str, int, ActivationSpec, nn.Module, Producer | None]
+
+
+class _HookCall:
+    """On the activation stack: a module run by a hook (see :func:`_called_by_a_hook`); nothing inside is a site."""
+
+
+_HOOK_CALL = _HookCall()
 
 
 def _in_backward() -> bool:
@@ -299,7 +311,7 @@ class Tracer:
         # the forward pass in progress
         self.stack: list[str] = []
         self._pass_frame: FrameType | None = None  # the frame of the module call that began the pass
-        self._activation_stack: list[tuple[str, int, ActivationSpec, nn.Module, Producer | None] | None] = []
+        self._activation_stack: list[_Activation | _HookCall | None] = []
         self._counts: dict[str, int] = {}
         self._recompute = False
         self._recompute_task = -1
@@ -319,7 +331,7 @@ class Tracer:
         self._module_ids = {}
         self._activation_modules = set()
         try:
-            self._hook_modules()
+            self._hook()
             if type(self.model).__name__ == "OptimizedModule":
                 self._wrapper_handles = [self.model.register_forward_pre_hook(_wrapper_hook(self._ref))]
                 self._handles.extend(self._wrapper_handles)
@@ -358,15 +370,8 @@ class Tracer:
         """Names (wrapper components removed) of the modules that have hooks of this tracer now."""
         return list(dict.fromkeys(self._clean[raw] for raw in self._module_handles))
 
-    def _hook_modules(self) -> None:
-        """Hook every module of the model that has no hooks of ours yet."""
-        self._hook(lambda name, module: True)
-
-    def _rehook_replaced(self) -> None:
-        """Hook the modules put in place of hooked ones since they were hooked (``model[3] = nn.ReLU()``)."""
-        self._hook(lambda name, module: name in self._module_ids)
-
-    def _hook(self, wanted: Callable[[str, nn.Module], bool]) -> None:
+    def _hook(self, wanted: Callable[[str, nn.Module], bool] = lambda name, module: True) -> None:
+        """Hook the modules of the model that ``wanted`` selects (by default every one) and have no hooks of ours."""
         # Keyed by the raw qualified name: a wrapper and the module it wraps (checkpoint_wrapper(nn.ReLU())) have
         # the same cleaned name, and both need their hooks.
         for raw, module in unwrap_model(self.model).named_modules():
@@ -438,12 +443,12 @@ class Tracer:
         self._pass_done = False
         self._recorded_steps += 1
         if self._recorded_steps % REHOOK_EVERY == 0 and not self._compiled.seen:
-            self._rehook_replaced()
+            self._hook(lambda name, module: name in self._module_ids)  # modules put in place of hooked ones
         if self.discovering:
             self.slim()
         elif self._recorded_steps % REDISCOVER_EVERY == 0:  # one recorded step with every module followed again
             if not self._compiled.seen:  # (under compile every module kept its hooks)
-                self._hook_modules()
+                self._hook()
             self._compiled.followed, self.discovering = None, True
 
     # ----------------------------------------------------------------------------------------------------------
@@ -465,7 +470,7 @@ class Tracer:
             entry = self.names.get(id(module))
             if entry is None:
                 return _copied_module()
-            if module is not self._root and _called_by_a_hook(sys._getframe(2)):
+            if module is not self._root and _called_by_a_hook(sys._getframe(2), anywhere=True):
                 return  # a part of the model run by a hook after the forward pass (the model itself always begins one)
             # compiled: every pass is followed (the graph never changes); torch.export's passes are never followed
             # a training pass: with gradients, the module that begins it in train mode (what dynamo traced, compiled)
@@ -534,17 +539,22 @@ class Tracer:
         if not self._mode_active and name in self._fn_parents and self.functional and not self._replaying:
             self._mode.__enter__()
             self._mode_active, self._mode_depth = True, len(self.stack)
+        acts = self._activation_stack
+        by_hook = bool(acts) and acts[-1] is _HOOK_CALL
+        if not by_hook and len(self.stack) > 1 and not (self._recompute or self._compiled.seen):
+            by_hook = _called_by_a_hook(sys._getframe(3))
         if spec is None:
-            if self.discovering and id(module) in self._producers:
+            if by_hook:
+                acts.append(_HOOK_CALL)
+            elif self.discovering and id(module) in self._producers:
                 self._running_producer = self._producers[id(module)]
         else:
             hooks = module._forward_hooks
             post = self._hooks[1][1]  # the activation modules' forward hook
             if len(hooks) > 1 and next(reversed(hooks.values())) is not post:
                 _run_last(hooks, post)  # a hook registered after ours may replace the output
-            nested = len(self.stack) > 1 and not (self._recompute or self._compiled.seen)
-            if self._activation_stack or (nested and _called_by_a_hook(sys._getframe(3))):
-                self._activation_stack.append(None)  # nested inside another activation, or a hook's: not a site
+            if acts or by_hook:
+                acts.append(None)  # nested inside another activation, or a hook's: not a site
             else:
                 k = self._counts.get(name, 0)
                 self._counts[name] = k + 1
@@ -561,11 +571,13 @@ class Tracer:
         if self._mode_active and len(self.stack) < self._mode_depth:
             self._mode_active = False
             self._mode.__exit__(None, None, None)
-        if module_id in self.outputs:
+        if spec is None and self._activation_stack and self._activation_stack[-1] is _HOOK_CALL:
+            self._activation_stack.pop()  # (run by a hook: not a module site either)
+        elif module_id in self.outputs:
             recorded = _module_output(self, name, module_id, output)
         if spec is not None and self._activation_stack:
             entry = self._activation_stack.pop()
-            if entry is not None and isinstance(output, torch.Tensor):
+            if isinstance(entry, tuple) and isinstance(output, torch.Tensor):
                 with _no_torch_function():  # modes (the user's, ours) do not see hookscope's tensor calls
                     recorded = _activation_output(self, entry, output)
         if not self.stack:
@@ -702,9 +714,7 @@ def _module_output(tracer: Tracer, name: str, module_id: int, output: Any) -> in
     return -1
 
 
-def _activation_output(
-    tracer: Tracer, entry: tuple[str, int, ActivationSpec, nn.Module, Producer | None], output: torch.Tensor
-) -> int:
+def _activation_output(tracer: Tracer, entry: _Activation, output: torch.Tensor) -> int:
     """An activation module's call (``entry``, from :meth:`enter`) returned ``output``: record it. Returns the
     index of the site recorded, or -1."""
     act_name, k, act_spec, module, feed = entry

@@ -287,6 +287,55 @@ def test_activation_modules_called_by_a_users_hooks_are_not_sites(when: str) -> 
     assert frame[frame["layer"] == "act"]["calls"].tolist() == [1, 1, 1] and len(acts) == 1
 
 
+class Composite(nn.Module):
+    """A part of the model with an activation module and a functional one inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(8, 8), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x)) + torch.nn.functional.relu(x)
+
+
+class WithComposite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.block, self.out = nn.Linear(4, 8), Composite(), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.block(self.inp(x)))
+
+
+@pytest.mark.parametrize("on", ["inp", "root"])
+def test_nothing_inside_a_part_of_the_model_that_a_hook_runs_is_a_site(on: str) -> None:
+    """A user's hook, registered after attaching, runs a part of the model that has activations inside (on a
+    module mid-forward, or on the root after the forward): the model's own call is the only one recorded, at every
+    step (discovery, when every module has hooks, included), and the hook's call begins no forward pass."""
+    torch.manual_seed(0)
+    model, x = WithComposite(), torch.randn(16, 4)
+    logged: list[float] = []
+    with HookManager(model, alerts=False, modules="block") as hm:
+        model.get_submodule("" if on == "root" else on).register_forward_hook(
+            lambda m, a, out: logged.append(float(model.block(model.inp(x) if on == "root" else out).mean()))
+        )
+        for _ in range(3):
+            model(x).sum().backward()
+            hm.step()
+        frame = hm.to_dataframe()
+    assert len(logged) == 3
+    assert sorted(set(frame["layer"])) == ["block", "block.act", "block.relu()"]
+    assert (frame["calls"] == 1).all() and len(frame) == 9
+    # the model's call itself: the block's output, as an uninstrumented copy computes it
+    blocks: list[torch.Tensor] = []
+    reference = WithComposite()
+    reference.load_state_dict(model.state_dict())
+    reference.block.register_forward_hook(lambda m, a, out: blocks.append(out.detach()))
+    reference(x)
+    rms = frame.query("layer == 'block' and step == 0")["rms"].item()
+    assert rms == pytest.approx(blocks[0].double().pow(2).mean().sqrt().item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("when", [0, 3], ids=["discovery", "later"])
 def test_activations_called_after_an_interrupted_forward_are_not_sites(when: str) -> None:
     model = Gated()
@@ -394,3 +443,18 @@ def test_the_hook_on_a_compiled_wrapper_is_removed_when_it_ran_eagerly() -> None
         assert not hm.tracer.discovering
     assert hook_count(compiled) == 0  # the wrapper's hook stayed on before the fix
     assert hm.to_dataframe()["calls"].tolist() == [1, 1, 1]
+
+
+def test_an_activation_module_applied_by_a_hook_by_design_is_not_a_site_as_documented() -> None:
+    """A forward pre-hook that transforms its module's input with an activation module (part of the graph: its
+    output requires grad) adds no site, like a logging hook: the README's rule, made once for all hooks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    model.add_module("squash", nn.Tanh())  # a module of the model that only the hook runs
+    model.forward = lambda x: model[2](model[1](model[0](x)))  # type: ignore[method-assign]
+    model[2].register_forward_pre_hook(lambda m, args: (model.squash(args[0]),))
+    with HookManager(model, alerts=False) as hm:
+        for _ in range(2):
+            model(torch.randn(5, 4)).sum().backward()
+            hm.step()
+    assert hm.layers == ["1"] and (hm.to_dataframe()["calls"] == 1).all()
