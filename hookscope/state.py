@@ -174,6 +174,22 @@ def _collector_entry(c: Collector) -> dict[str, Any]:
     }
 
 
+def _state_views(c: Collector, index: int) -> dict[str, torch.Tensor] | None:
+    """Views of the persistent states that collector ``c`` holds for site ``index`` (its units' slice of each
+    per-unit state, its element of each per-site one): what a state saves and a load writes back. ``None`` when
+    ``c`` holds no state for the site."""
+    bank = c.bank if c.has_state else None
+    if bank is None or index not in bank.sites_with_state():
+        return None
+    span = bank.unit_range(index)
+    off, n = span if span is not None else (0, 0)
+    return {
+        name: bank.units[name][off : off + n] if spec.per_unit else bank.scalars[name][index]
+        for name, spec in c.state_specs.items()
+        if spec.persistent
+    }
+
+
 def save_state(manager: _Manager, *, history: bool, param_copies: bool) -> dict[str, Any]:
     """The state of ``manager`` (its ring flushed and, under ``torch.distributed``, its steps combined: by the
     caller)."""
@@ -184,21 +200,8 @@ def save_state(manager: _Manager, *, history: bool, param_copies: bool) -> dict[
         key = keys[site.index]
         state: list[dict[str, torch.Tensor] | None] = []
         for c in rec.collectors:
-            bank = c.bank if c.has_state else None
-            if bank is None or site.index not in bank.sites_with_state():
-                state.append(None)
-                continue
-            entry: dict[str, torch.Tensor] = {}
-            span = bank.unit_range(site.index)
-            for name, spec in c.state_specs.items():
-                if not spec.persistent:
-                    continue
-                if spec.per_unit:
-                    off, n = span if span is not None else (0, 0)
-                    entry[name] = bank.units[name][off : off + n].detach().clone()
-                else:
-                    entry[name] = bank.scalars[name][site.index].detach().clone()
-            state.append(entry)
+            views = _state_views(c, site.index)
+            state.append(None if views is None else {name: v.detach().clone() for name, v in views.items()})
         sites.append(
             {
                 "layer": site.layer,
@@ -609,18 +612,10 @@ def _load(
         new_index[d.name] = site.index
         with torch.no_grad():
             for c, entry in zip(rec.collectors, e["state"]):
-                bank = c.bank if c.has_state else None
-                if entry is None or bank is None or site.index not in bank.sites_with_state():
-                    continue
-                span = bank.unit_range(site.index)
-                for name, spec in c.state_specs.items():
-                    if not spec.persistent:
-                        continue
-                    if spec.per_unit:
-                        off, n = span if span is not None else (0, 0)
-                        bank.units[name][off : off + n].copy_(entry[name])
-                    else:
-                        bank.scalars[name][site.index].copy_(entry[name])
+                views = _state_views(c, site.index)
+                if entry is not None and views is not None:
+                    for name, view in views.items():
+                        view.copy_(entry[name])
     if sd.get("layout") is not None:
         from hookscope.history import FieldLayout
 
