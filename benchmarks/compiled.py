@@ -10,8 +10,13 @@ plain copy: the noise floor.
 
 Configurations: ``plain`` and ``plain (A/A)``, compiled without hooks; ``hookscope``, ``HookManager`` with the
 default collectors recording every step, attached before compiling; with ``--modules``, for ``gpt``,
-``hookscope + modules`` (``modules=Block``: a module site on every block output, ``Magnitude`` added). The table
-also gives the graphs compiled and graph breaks of each copy (``torch._dynamo.utils.counters``).
+``hookscope + modules`` (``modules=Block``: a module site on every block output, ``Magnitude`` added); with
+``--floor``, ``in-graph floor``: no hookscope, but forward hooks written by hand on the same activation modules
+that compute the default collectors' per-step numbers inside the compiled graph (per-unit counts of positive
+outputs for rectifiers, saturated outputs for bounded kinds, calls and elements, and through ``register_hook`` the
+squared gradient norm) and add them in place into accumulators allocated before compiling: what statistics computed
+by the graph itself cost, without naming, cadence or reports (see :class:`InGraphFloor`). The table also gives the
+graphs compiled and graph breaks of each copy (``torch._dynamo.utils.counters``).
 
 Clocks: ``--clock wall`` (the default) times each step with ``time.perf_counter``; ``--clock thread`` with
 ``time.thread_time``, the CPU time of the main thread, which requires ``--threads 1`` (torch then computes on the
@@ -23,7 +28,7 @@ SDPA, GELU, vocabulary 512) on batches of 16 x 64 tokens.
 
     python benchmarks/compiled.py                       # all models, inductor, 2 threads
     python benchmarks/compiled.py --models gpt --budget 20 --json out.json
-    python benchmarks/compiled.py --threads 1 --clock thread --modules
+    python benchmarks/compiled.py --threads 1 --clock thread --modules --floor
 """
 
 from __future__ import annotations
@@ -96,8 +101,78 @@ def model_and_batch(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(*shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)
 
 
+class InGraphFloor:
+    """Hand-written in-graph statistics on a model's activation modules (the ``in-graph floor`` configuration).
+
+    One accumulator per module and statistic, allocated from one eager forward before compiling (so that the
+    compiled hooks only read attributes that exist: a hook that created them would make dynamo recompile), and
+    updated in place by forward hooks that dynamo traces into the graph: the per-unit count of outputs > 0 (units:
+    dim 1, or the last dim of a 3-D output) for rectifiers, the count of outputs outside the band of 1e-3 of the
+    range's width inside the bounds for bounded kinds, the calls and elements, and, from a gradient hook on the
+    output, the sum of squares of the gradient. A reused module adds all its calls into one accumulator.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        from hookscope.activations import activation_for_module
+
+        self.modules = {}
+        for module in model.modules():
+            spec = activation_for_module(module)
+            if spec is not None:
+                bounds = spec.resolve_bounds(module)
+                self.modules[module] = (spec.rectifier, bounds)
+        shapes: dict[nn.Module, torch.Size] = {}
+
+        def probe(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            shapes.setdefault(module, out.shape)
+
+        probes = [m.register_forward_hook(probe) for m in self.modules]
+        with torch.no_grad():
+            model(x)
+        for handle in probes:
+            handle.remove()
+        for module, (rectifier, bounds) in self.modules.items():
+            shape = shapes[module]
+            dim = len(shape) - 1 if len(shape) == 3 else min(1, len(shape) - 1)
+            module._floor_dims = tuple(d for d in range(len(shape)) if d != dim)  # type: ignore[assignment]
+            module._floor_positive = torch.zeros(shape[dim], dtype=torch.float64) if rectifier else None  # type: ignore[assignment]
+            module._floor_band = (
+                None
+                if bounds is None
+                else (bounds[0] + 1e-3 * (bounds[1] - bounds[0]), bounds[1] - 1e-3 * (bounds[1] - bounds[0]))
+            )  # type: ignore[assignment]  # noqa: E501
+            module._floor_counts = torch.zeros(4, dtype=torch.float64)  # type: ignore[assignment]  # calls, elements, saturated, grad sumsq
+            module.register_forward_hook(self.hook)
+
+    @staticmethod
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        counts = module._floor_counts
+        with torch.no_grad():
+            if module._floor_positive is not None:
+                module._floor_positive.add_((out > 0).sum(module._floor_dims, dtype=torch.float64))
+            saturated = out.new_zeros((), dtype=torch.float64)
+            if module._floor_band is not None:
+                lo, hi = module._floor_band
+                saturated = ((out < lo) | (out > hi)).sum(dtype=torch.float64)
+            counts[:3].add_(torch.stack([saturated.new_ones(()), saturated.new_tensor(float(out.numel())), saturated]))
+        if out.requires_grad:
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                with torch.no_grad():
+                    counts[3].add_(grad.double().square().sum())
+
+            out.register_hook(grad_hook)
+
+    def check(self) -> None:
+        """Raise unless every activation module's accumulators saw calls and gradients (the hooks ran)."""
+        for module in self.modules:
+            calls, _, _, sumsq = module._floor_counts.tolist()
+            if calls <= 0 or not sumsq > 0:
+                raise RuntimeError(f"in-graph floor: {type(module).__name__} recorded calls={calls}, sumsq={sumsq}")
+
+
 class Config:
-    def __init__(self, name: str, base: nn.Module, backend: str, mode: str | None) -> None:
+    def __init__(self, name: str, base: nn.Module, backend: str, mode: str | None, x: torch.Tensor) -> None:
         self.name = name
         # a class of its own: compiled code is never shared with another copy
         self.model = copy.deepcopy(base)
@@ -109,6 +184,7 @@ class Config:
 
             modules = [Block] if name == "hookscope + modules" else None
             self.manager = hs.HookManager(self.model, alerts=False, modules=modules).attach()
+        self.floor = InGraphFloor(self.model, x) if name == "in-graph floor" else None
         self.run = torch.compile(self.model, backend=backend, mode=mode)
         self.times: list[float] = []
         self.ratios: list[float] = []
@@ -138,7 +214,8 @@ class Config:
 def bench(name: str, args: argparse.Namespace, guard: ContentionGuard) -> dict[str, Any]:
     base, x, y = model_and_batch(name)
     labels = ["plain", "plain (A/A)", "hookscope"] + ["hookscope + modules"] * (args.modules and name == "gpt")
-    configs = [Config(label, base, args.backend, args.mode) for label in labels]
+    labels += ["in-graph floor"] * args.floor
+    configs = [Config(label, base, args.backend, args.mode, x) for label in labels]
     t0 = time.perf_counter()
     for cfg in configs:
         cfg.warm_up(x, y, args.warmup)
@@ -188,6 +265,9 @@ def bench(name: str, args: argparse.Namespace, guard: ContentionGuard) -> dict[s
             "graphs": cfg.graphs,
             "graph_breaks": cfg.breaks,
         }
+        if cfg.floor is not None:
+            cfg.floor.check()
+            result["configs"][cfg.name]["sites"] = len(cfg.floor.modules)
         if cfg.manager is not None:
             result["configs"][cfg.name]["sites"] = len(cfg.manager.to_dataframe()["layer"].unique())
             cfg.manager.detach()
@@ -225,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall")
     parser.add_argument("--modules", action="store_true", help="gpt: a configuration with module sites too")
+    parser.add_argument("--floor", action="store_true", help="a configuration with hand-written in-graph statistics")
     args = parser.parse_args(argv)
     if args.clock == "thread":
         if args.threads != 1:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from hookscope.activations import ActivationSpec, Bounds
+    from hookscope.in_graph import InGraph
 
 __all__ = ["MISSING", "Recorder", "SiteKey", "discard_open_step", "note_unfinished"]
 
@@ -271,6 +272,10 @@ class Recorder:
         self.kernels = select_kernels()
         self._include_checked = False
         self._ref = weakref.ref(self)
+        #: Sites recorded inside compiled graphs (set by the tracer), folded into each step as it closes.
+        self.in_graph: InGraph | None = None
+        #: The tracer plans a compiled graph's event: ``observe`` binds the site and records nothing.
+        self.planning = False
         for c in self.collectors:
             c.bind_owner(self)
 
@@ -397,6 +402,8 @@ class Recorder:
                 f"{self._device}; calls on other devices are skipped (model parallelism is not supported)"
             )
             return False
+        if self.planning:  # a compiled graph records this call itself (see hookscope.in_graph)
+            return True
         if not slot.touched:
             slot.touched = True
             self._order.append(slot)
@@ -413,6 +420,19 @@ class Recorder:
         if hook_grad and self.wants_grad and output.requires_grad:
             _hook_gradient(output, slot.grad_hook)
         return self.wants_grad
+
+    def add_counts(self, site: Site, calls: int, elements: int, backward: int) -> None:
+        """Count calls, output elements and backward passes of a site recorded inside compiled graphs (their
+        statistics are folded into the open step by :class:`hookscope.in_graph.InGraph`)."""
+        slot = self._slots[site.index]
+        if not slot.touched:
+            slot.touched = True
+            self._order.append(slot)
+            if site.first_step is None and calls:
+                site.first_step = self.step
+        slot.calls += calls
+        slot.elements += elements
+        slot.backward += backward
 
     def observe_grad(self, site: Site, grad: torch.Tensor) -> None:
         """Record one gradient with respect to a site's output (called by the site's gradient hook)."""
@@ -520,6 +540,8 @@ class Recorder:
     def _close(self, commit: bool, force: bool = False) -> StepRecord | None:
         """Close the open step (``commit``), or take a snapshot of it. A closed step's per-step state goes to
         the collectors' rings and its record gets its values when the ring is flushed."""
+        if self.in_graph is not None:
+            self.in_graph.fold(self, commit)
         order = self._order
         for bank in self._banks:  # no tensor operation but when a bank grows (it guards its own)
             bank.resize(len(self.sites))

@@ -27,6 +27,7 @@ How a forward pass is followed:
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import weakref
 from collections import OrderedDict
@@ -49,6 +50,7 @@ from hookscope.activations import (
     activation_for_module,
     list_activations,
 )
+from hookscope.in_graph import InGraph
 from hookscope.recording import MISSING, Recorder, _in_transform, discard_open_step
 from hookscope.sites import ROOT_NAME, ModuleSelection, Producer, clean_name, producer_of, unwrap_model
 from hookscope.warn import warn_once
@@ -194,6 +196,18 @@ def _outside_compile(fn: Callable[..., None], *args: Any) -> None:
     _disabled(fn, *args)
 
 
+def _run_by_a_graph(frame: FrameType | None) -> bool:
+    """Whether ``frame`` (the function mode's, or a caller of it) or one of its next three callers is the forward of
+    a graph that torch.fx generated (a compiled graph run as torch calls)."""
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code.co_filename.startswith("<eval_with_key>"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _call(fn: Callable[..., None], *args: Any) -> None:
     fn(*args)
 
@@ -201,11 +215,12 @@ def _call(fn: Callable[..., None], *args: Any) -> None:
 class _FunctionCapture(TorchFunctionMode):
     """Sees every torch function call of a forward pass and reports activation calls to the tracer."""
 
-    def __init__(self, tracer: weakref.ReferenceType[Tracer], token: int, wants_grad: bool) -> None:
+    def __init__(self, tracer: weakref.ReferenceType[Tracer], token: int, wants_grad: bool, holder: InGraph) -> None:
         super().__init__()
         self._tracer = tracer
         self.token = token  # the tracer's token in hookscope.traced
         self.wants_grad = wants_grad
+        self.holder = holder  # where compiled graphs record
 
     def __torch_function__(
         self,
@@ -219,7 +234,7 @@ class _FunctionCapture(TorchFunctionMode):
         spec = activation_for_function(func)
         if spec is not None:
             if _is_compiling():
-                traced.trace_functional(self.token, func, args, out, self.wants_grad)
+                traced.trace_functional(self.token, self.holder, func, args, out, self.wants_grad)
             else:
                 _functional_call(self._tracer, func, spec, args, kwargs, out)
         return out
@@ -266,7 +281,9 @@ class Tracer:
         self._ref = weakref.ref(self)
         self._replay = _Replay(self)  # the events of compiled graphs
         self._token = traced.register(self._replay)
-        self._mode = _FunctionCapture(self._ref, self._token, recorder.wants_grad)
+        self.evaluation = Evaluation()
+        self._in_graph = recorder.in_graph = _in_graph_of(self)  # what compiled graphs record themselves
+        self._mode = _FunctionCapture(self._ref, self._token, recorder.wants_grad, self._in_graph)
         self._mode_active = False
         self._mode_depth = 0  # stack depth of the module that pushed the function mode
         # every handle registered (the finalizer holds this very list); per module, the ones in place
@@ -286,7 +303,7 @@ class Tracer:
         self._compiled = _Compiled()  # a forward pass was traced by torch.compile: hooks never change
         # shared by the modules of one role: [0] other modules, [1] activation modules and module sites (a compiled
         # graph hands these their output; no other tensor is read from it: see hookscope.traced.trace_enter)
-        self._hooks = _hook_pairs(self._ref, self._compiled, self._token, recorder.wants_grad)
+        self._hooks = _hook_pairs(self._ref, self._compiled, self._token, recorder.wants_grad, self._in_graph)
         self._modules: dict[int, nn.Module] = {}  # hooked modules by id() (the compiled graph names them so)
         self._pass_recorded = True  # the pass in progress is recorded (under compile every pass is followed)
         #: The name and activation kind of each hooked module, by ``id(module)``.
@@ -300,7 +317,6 @@ class Tracer:
         # with an activation inside (timm's BatchNormAct2d: batch_norm, then self.act)
         self._running_producer: Producer | None = None
         self._pass_done = False  # a forward pass ran to its end since the last end_step()
-        self.evaluation = Evaluation()
         # calls of the torch.compile wrapper the model is (when it is one) since the last end_step(), counted by a
         # hook on the wrapper itself, which runs outside the compiled code
         self._wrapper_calls = 0
@@ -359,7 +375,7 @@ class Tracer:
     def unseen_compiled_calls(self) -> int:
         """Calls of the ``torch.compile`` wrapper (the model, when it is one) in this recorded step that ran none of
         the hooks: compiled before the hooks were added, its code ignores them (pytorch/pytorch#117758)."""
-        return self._wrapper_calls if not self.passes and self.recording else 0
+        return self._wrapper_calls if not (self.passes or self._in_graph.ran) and self.recording else 0
 
     def compiled_without_hookscope(self) -> bool:
         """Whether forward passes ran in compiled code whose graph never calls hookscope's operations (compiled
@@ -482,6 +498,7 @@ class Tracer:
             if not (admitted or self._compiled.seen):
                 return
             self._pass_recorded = admitted
+            self._in_graph.passes[admitted] += 1
             name, spec = entry
             # the frame of the module call that begins this forward pass lives exactly as long as the pass
             self._pass_frame = None if self._compiled.seen else sys._getframe(2)
@@ -744,6 +761,8 @@ class _Replay:
 
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = weakref.ref(tracer)
+        self._saved: tuple[Any, int, dict[str, Any]] | None = None  # (compile id, attempt, state before it)
+        self.planned = False  # compiled graphs record sites themselves (see plan)
 
     def replay_enter(self, module: int, training: bool) -> None:
         """A hooked module traced into a compiled graph begins its forward."""
@@ -798,6 +817,149 @@ class _Replay:
         if recorder.enabled and site < len(recorder.sites):
             with _no_torch_function():
                 recorder.observe_grad(recorder.sites[site], grad)
+
+    def plan(
+        self, kind: int, obj: int, training: bool, requires_grad: bool,
+        meta: tuple[tuple[int, ...], torch.dtype, torch.device] | None, name: str,
+    ) -> int:  # fmt: skip
+        """While dynamo traces a frame: what its graph does with an event (see :mod:`hookscope.traced`). The event
+        is run now, as it will be at every run of the graph: the site is named and bound as an eager hook would
+        (the output is a stand-in of its shape, dtype and device), and gets an entry of the tracer's
+        :class:`~hookscope.in_graph.InGraph`, which the graph records into."""
+        tracer = self._tracer()
+        if tracer is None:
+            return traced.NOT_A_SITE
+        if not self._in_graph_here(tracer):
+            return traced.REPLAY
+        self.planned = True
+        standin = None
+        if meta is not None:
+            shape, dtype, device = meta
+            with torch._C.DisableTorchFunction(), torch.inference_mode(False):
+                base = torch.empty((), dtype=dtype, device=device)
+                if requires_grad and (dtype.is_floating_point or dtype.is_complex):
+                    base.requires_grad_(True)
+                standin = base.expand(shape)
+        recorder = tracer.recorder
+        recorder.planning = True
+        try:
+            # with the grad mode of the traced code (an output that needs no gradient while the model trains is
+            # not a site: see outside_training)
+            with torch.set_grad_enabled(training and kind != traced.ENTER):
+                if kind == traced.ENTER:
+                    self.replay_enter(obj, training)
+                    return traced.NOT_A_SITE
+                if kind == traced.FUNCTIONAL:
+                    func = _function_of_id(obj) or _function_named(name)
+                    site = -1 if standin is None or func is None else self.replay_functional(id(func), standin, None)
+                else:
+                    site = self.replay_exit(obj, standin)
+        finally:
+            recorder.planning = False
+        if site < 0 or meta is None:
+            return traced.NOT_A_SITE
+        return tracer._in_graph.entry_for(recorder, recorder.sites[site], tracer._pass_trains, meta[1])
+
+    def _in_graph_here(self, tracer: Tracer) -> bool:
+        """Whether the frame dynamo traces now records its sites itself (else the operations replay them). Dynamo
+        may trace a frame several times (a restart: a graph break, a Python scalar made a tensor), and each attempt
+        must take the path of the first: the tracer's state is restored to what it was before the first attempt
+        planned anything, and the answer is the same."""
+        try:
+            trace = torch._guards.CompileContext.current_trace_id()
+        except Exception:  # another torch: replay (the operations work everywhere)
+            return False
+        if trace is None:
+            return False
+        _watch_compiles(self)
+        saved = self._saved
+        if saved is None or saved[0] != trace.compile_id:
+            self._saved = (trace.compile_id, trace.attempt, _save(tracer))
+        elif saved[1] != trace.attempt:  # the frame is traced again: from the state its first attempt began with
+            _restore(tracer, saved[2])
+            self._saved = (trace.compile_id, trace.attempt, saved[2])
+        return True
+
+    def compile_ended(self, compile_id: Any, attempt: int, graphs: int) -> None:
+        """Dynamo finished compiling a frame (``graphs``: the graphs it made). When that left none of the events
+        planned for it in a graph (no graph: the frame runs eagerly; or a last attempt that planned nothing: a
+        graph break before them), the tracer forgets them: they will be seen again, eagerly or in other frames."""
+        saved, self._saved = self._saved, None
+        tracer = self._tracer()
+        if saved is None or saved[0] != compile_id or tracer is None:
+            return
+        if graphs == 0 or saved[1] != attempt:
+            _restore(tracer, saved[2])
+
+
+_planners: weakref.WeakSet[_Replay] = weakref.WeakSet()  # the replays that planned events, told when compiles end
+_compile_start = [0]  # unique graphs counted when the compile in progress began
+
+
+def _compile_started(args: Any) -> None:
+    from torch._dynamo.utils import counters
+
+    _compile_start[0] = counters["stats"]["unique_graphs"]
+
+
+def _compile_ended(args: Any) -> None:
+    from torch._dynamo.utils import counters
+
+    trace = torch._guards.CompileContext.current_trace_id()
+    if trace is None:
+        return
+    graphs = counters["stats"]["unique_graphs"] - _compile_start[0]
+    for planner in list(_planners):
+        planner.compile_ended(trace.compile_id, trace.attempt, graphs)
+
+
+def _watch_compiles(replay: _Replay) -> None:
+    """Have ``replay`` told when dynamo finishes a compile (the callbacks are registered again after
+    ``torch._dynamo.reset()``, which drops them)."""
+    from torch._dynamo.callback import callback_handler
+
+    if _compile_ended not in callback_handler.end_callbacks:
+        callback_handler.register_start_callback(_compile_started)
+        callback_handler.register_end_callback(_compile_ended)
+        # (registered while a compile is in progress: this one's start was missed)
+        from torch._dynamo.utils import counters
+
+        _compile_start[0] = counters["stats"]["unique_graphs"]
+    _planners.add(replay)
+
+
+#: What a forward pass changes in a tracer: saved when dynamo begins to plan a frame's events, and restored when it
+#: traces the frame again (see _Replay._in_graph_here).
+_PASS_STATE = (
+    "stack", "_activation_stack", "_counts", "_producer", "_produced", "_running_producer", "_trains", "_recompute",
+    "_pass_done", "_pass_recorded", "_pass_trains", "_pass_frame", "_mode_active", "_mode_depth", "passes",
+)  # fmt: skip
+
+
+def _save(tracer: Tracer) -> dict[str, Any]:
+    state = {name: copy.copy(getattr(tracer, name)) for name in _PASS_STATE}
+    state["evaluation"] = (tracer.evaluation.trained, tracer.evaluation.open, tracer.evaluation.said)
+    return state
+
+
+def _restore(tracer: Tracer, state: dict[str, Any]) -> None:
+    for name in _PASS_STATE:
+        setattr(tracer, name, copy.copy(state[name]))  # (a copy: the saved state serves every attempt)
+    tracer.evaluation.trained, tracer.evaluation.open, tracer.evaluation.said = state["evaluation"]
+
+
+def _in_graph_of(tracer: Tracer) -> InGraph:
+    """The entries that a tracer's compiled graphs record into, and what their fold asks of the tracer."""
+    ref, evaluation = tracer._ref, tracer.evaluation
+
+    def keep() -> bool:
+        t = ref()
+        return t is not None and t.recording
+
+    def mark_trained() -> None:
+        evaluation.trained = True
+
+    return InGraph(keep, lambda: evaluation.trained, mark_trained)
 
 
 class Evaluation:
@@ -935,6 +1097,16 @@ def _site_bounds(
 _functions_by_id: dict[int, Callable[..., Any]] = {}
 
 
+def _function_named(name: str) -> Callable[..., Any] | None:
+    """A registered activation function with this ``__name__`` (functions that share one are of one kind)."""
+    for spec in list_activations():
+        for func in spec.functions:
+            if getattr(func, "__name__", None) == name:
+                _functions_by_id[id(func)] = func
+                return func
+    return None
+
+
 def _function_of_id(function: int) -> Callable[..., Any] | None:
     """The registered activation function whose ``id()`` a compiled graph carries."""
     func = _functions_by_id.get(function)
@@ -944,11 +1116,13 @@ def _function_of_id(function: int) -> Callable[..., Any] | None:
     return func
 
 
-def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: int) -> Callable[[nn.Module, Any], None]:
+def _pre_hook(
+    ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: int, holder: InGraph
+) -> Callable[[nn.Module, Any], None]:
     @_never_a_compiled_frame
     def hook(module: nn.Module, args: Any) -> None:
-        if _is_compiling():  # dynamo traces this forward: the graph replays the event at run time
-            traced.trace_enter(token, module)
+        if _is_compiling():  # dynamo traces this forward (see hookscope.traced)
+            traced.trace_enter(token, holder, module)
             return
         tracer = ref()
         if tracer is None:
@@ -964,12 +1138,12 @@ def _pre_hook(ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: in
 
 
 def _hook_pairs(
-    ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: int, wants_grad: bool
+    ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: int, wants_grad: bool, holder: InGraph
 ) -> list[tuple[Callable[[nn.Module, Any], None], Callable[[nn.Module, Any, Any], None]]]:
     """A tracer's forward pre-hook and forward hook for each role: [0] other modules, [1] activation modules and
     module sites (whose output a compiled graph hands over)."""
     return [
-        (_pre_hook(ref, compiled, token), _post_hook(ref, compiled, token, activation, wants_grad))
+        (_pre_hook(ref, compiled, token, holder), _post_hook(ref, compiled, token, activation, wants_grad, holder))
         for activation in (False, True)
     ]
 
@@ -988,13 +1162,18 @@ def _wrapper_hook(ref: weakref.ReferenceType[Tracer]) -> Callable[[nn.Module, An
 
 
 def _post_hook(
-    ref: weakref.ReferenceType[Tracer], compiled: _Compiled, token: int, gives_output: bool, wants_grad: bool
+    ref: weakref.ReferenceType[Tracer],
+    compiled: _Compiled,
+    token: int,
+    gives_output: bool,
+    wants_grad: bool,
+    holder: InGraph,
 ) -> Callable[[nn.Module, Any, Any], None]:
     @_never_a_compiled_frame
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         if _is_compiling():  # (a module site hands over the tensor it records)
             traced.trace_exit(
-                token, module, output_tensor(output) if gives_output else output, gives_output, wants_grad
+                token, holder, module, output_tensor(output) if gives_output else output, gives_output, wants_grad
             )
             return
         tracer = ref()
@@ -1022,8 +1201,13 @@ def _functional_call(
     tracer = ref()
     if tracer is None:
         return
+    if tracer._replay.planned and _run_by_a_graph(sys._getframe(1)):
+        return  # an FX graph that dynamo's "eager" backend runs: it records its sites itself (hookscope.traced)
     if _compile_region() is None:
         tracer.functional_call(func, spec, args, kwargs, out)
+    elif tracer._replay.planned:  # (dynamo's "eager" backend: a graph of torch calls records its sites itself)
+        tracer._compiled.seen = True
+        return
     else:
         tracer._compiled.seen = True
         _outside_compile(tracer.functional_call, func, spec, args, kwargs, out)

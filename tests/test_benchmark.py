@@ -209,7 +209,8 @@ def test_the_compiled_benchmark_times_compiled_copies_on_the_main_threads_clock(
     threads = torch.get_num_threads()
     try:
         out = tmp_path / "c.json"
-        argv = ["--models", "gpt", "--modules", "--backend", "aot_eager", "--threads", "1", "--clock", "thread"]
+        argv = ["--models", "gpt", "--modules", "--floor", "--backend", "aot_eager"]
+        argv += ["--threads", "1", "--clock", "thread"]
         assert compiled.main([*argv, "--rounds", "2", "--warmup", "1", "--json", str(out)]) == 0
         with pytest.raises(SystemExit):  # the main thread's clock does not see a second thread's work
             compiled.main(["--threads", "2", "--clock", "thread"])
@@ -219,6 +220,7 @@ def test_the_compiled_benchmark_times_compiled_copies_on_the_main_threads_clock(
     assert "--clock thread needs --threads 1" in capsys.readouterr().err
     (result,) = json.loads(out.read_text())["results"]
     configs = result["configs"]
-    assert set(configs) == {"plain", "plain (A/A)", "hookscope", "hookscope + modules"}
+    assert set(configs) == {"plain", "plain (A/A)", "hookscope", "hookscope + modules", "in-graph floor"}
     assert all(c["graphs"] == 1 and c["graph_breaks"] == 0 and c["ms"] > 0 for c in configs.values())
     assert configs["hookscope"]["sites"] == 4 and configs["hookscope + modules"]["sites"] == 8  # 4 GELU, 4 blocks
+    assert configs["in-graph floor"]["sites"] == 4  # the same GELU modules, by hand

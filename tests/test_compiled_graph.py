@@ -562,3 +562,266 @@ def test_parameter_statistics_timeline_alerts_and_sinks_of_a_compiled_model_are_
         check_exact=False,
         rtol=1e-5,
     )
+
+
+_SECOND_COPY = """
+import importlib.util, sys, warnings
+import torch, torch.nn as nn
+import hookscope
+from hookscope import HookManager
+
+# a second copy of the module that defines the operations, under the same namespace (a reload, or the package
+# imported twice from two paths): its definitions replace the first copy's
+spec = importlib.util.spec_from_file_location("hookscope._traced_again", hookscope.traced.__file__)
+again = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(again)
+assert again._NAMESPACE == "hookscope" and again is not hookscope.traced
+
+class Planted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.head = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.bias.copy_(torch.tensor([-1.0, 1.0] * 4))  # units 0, 2, 4, 6 never fire
+    def forward(self, x):
+        return self.head(self.act(self.fc(x)))
+
+model = Planted()
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    with HookManager(model, alerts=False) as hm:
+        run = torch.compile(model, backend="aot_eager", fullgraph=True)
+        for _ in range(2):
+            run(torch.randn(5, 4)).sum().backward()
+            hm.step()
+frame = hm.to_dataframe()
+assert frame["layer"].tolist() == ["act", "act"], frame
+assert frame["dead_ratio"].tolist() == [0.5, 0.5], frame
+assert frame["inactive_fraction"].tolist() == [0.5, 0.5], frame
+print("recorded")
+"""
+
+
+def test_a_second_copy_of_the_operations_module_still_finds_the_first_copys_managers() -> None:
+    # in a process of its own: the second copy replaces the operations' implementations for the whole process
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _SECOND_COPY], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "recorded", proc.stderr[-3000:]
+
+
+def _aot_capture(graphs: list[str]) -> Callable[..., object]:
+    """An aot_eager backend that keeps the text of every forward and backward graph AOT autograd makes."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(gm: torch.fx.GraphModule, example_inputs: object) -> torch.fx.GraphModule:
+        graphs.append(str(gm.graph))
+        return gm
+
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("make", MODELS, ids=lambda m: m.__name__)
+def test_once_compiled_no_python_runs_per_site_and_the_graphs_compute_the_statistics(make: type[nn.Module]) -> None:
+    """The compiled forward and backward graphs hold the statistics (no hookscope operation is left in them), and
+    after the first step no hookscope code runs for a site: not the recorder, not the tracer's replay, no tensor
+    hook; the frame is still that of the eager path."""
+    import hookscope.recording as recording
+    import hookscope.tracing as tracing
+
+    torch.manual_seed(0)
+    model = _own_class(make, "NoPython")
+    eager = copy.deepcopy(model)
+    _reset()
+    graphs: list[str] = []
+    calls: list[str] = []
+    with HookManager(model, alerts=False) as hm:
+        run = torch.compile(model, backend=_aot_capture(graphs), fullgraph=True)
+
+        def spy_on_the_hot_path(i: int) -> None:
+            if i != 1:
+                return
+            for owner, name in [
+                (recording.Recorder, "observe"),
+                (recording.Recorder, "observe_grad"),
+                (tracing._Replay, "replay_enter"),
+                (tracing._Replay, "replay_exit"),
+                (tracing._Replay, "replay_functional"),
+                (tracing._Replay, "replay_grad"),
+                (tracing._Replay, "plan"),
+            ]:
+                original = getattr(owner, name)
+
+                def spy(*args: object, _original: Callable[..., object] = original, _name: str = name) -> object:
+                    calls.append(_name)
+                    return _original(*args)
+
+                mp.setattr(owner, name, spy)
+
+        with pytest.MonkeyPatch.context() as mp:
+            _train(model, run, 4, hm, spy_on_the_hot_path)
+    assert calls == []
+    assert len(graphs) == 2  # one forward and one backward graph
+    assert not any("hookscope" in g for g in graphs)
+    assert all("copy_" in g for g in graphs)  # the accumulators, written in place by the graphs
+    with HookManager(eager, alerts=False) as ref:
+        _train(eager, eager, 4, ref)
+    got, want = hm.to_dataframe(), ref.to_dataframe()
+    pd.testing.assert_frame_equal(got.drop(columns="grad_norm"), want.drop(columns="grad_norm"))
+    assert got["grad_norm"].tolist() == pytest.approx(want["grad_norm"].tolist(), rel=1e-5)
+
+
+def test_evaluation_passes_in_a_compiled_training_loop_are_kept_out_as_in_eager_mode() -> None:
+    """An evaluation at the top of the first step (dropped once the step trains), evaluations between training
+    steps (not recorded, with the eager path's one warning), and a model that only evaluates (recorded): the
+    compiled graphs of evaluation passes record into entries of their own, which count only while the model has
+    not trained. Reference: half of ``act2``'s units are planted dead, so its ``dead_ratio`` is 0.5 in every
+    recorded step, and the steps recorded are those of the eager path."""
+    import hookscope.warn
+
+    def loop(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], hm: HookManager, train: bool) -> None:
+        gen = torch.Generator().manual_seed(3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for i in range(5):
+            if i in (0, 2) or not train:  # evaluation, as nanoGPT's estimate_loss() does it
+                model.eval()
+                with torch.no_grad():
+                    run(DyingMLP.batch(gen))
+                model.train()
+            if train:
+                loss = _loss(run(DyingMLP.batch(gen)))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            hm.step()
+
+    frames = {}
+    for train in (True, False):
+        torch.manual_seed(0)
+        model = _own_class(DyingMLP, f"Eval{train}")
+        eager = copy.deepcopy(model)
+        _reset()
+        for label, m, run in (("compiled", model, torch.compile(model, backend="aot_eager")), ("eager", eager, eager)):
+            hookscope.warn._seen.clear()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with HookManager(m, alerts=False) as hm:
+                    loop(m, run, hm, train)
+            said = [w for w in caught if "evaluation passes are not recorded" in str(w.message)]
+            frames[label, train] = (hm.to_dataframe(), len(said))
+        got, want = frames["compiled", train], frames["eager", train]
+        assert got[1] == want[1] == (1 if train else 0)
+        pd.testing.assert_frame_equal(got[0], want[0], check_exact=False, rtol=1e-5)
+        frame = got[0]
+        assert list(frame["step"].unique()) == [0, 1, 2, 3, 4]
+        assert (frame["calls"] == 1).all()  # the evaluation of step 0 was dropped, that of step 2 not recorded
+        assert (frame.loc[frame["layer"] == "act2", "dead_ratio"] == 0.5).all()
+        assert frame["grad_norm"].notna().all() if train else frame["grad_norm"].isna().all()
+
+
+def test_batches_of_other_sizes_compile_as_without_hookscope_and_record_every_element() -> None:
+    """Automatic dynamic shapes (the batch size changes: dynamo compiles once more with a symbolic size): the
+    graphs of the plain model, and each step's elements and statistics those of the eager path."""
+    torch.manual_seed(0)
+    plain, model = _own_class(DyingMLP, "SizesPlain"), _own_class(DyingMLP, "Sizes")
+    model.load_state_dict(plain.state_dict())
+    eager = copy.deepcopy(model)
+    sizes = [8, 12, 16, 12, 5]
+
+    def loop(m: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], hm: HookManager | None) -> None:
+        gen = torch.Generator().manual_seed(3)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        for n in sizes:
+            loss = _loss(run(torch.randn(n, 6, generator=gen)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if hm is not None:
+                hm.step()
+
+    _reset()
+    loop(plain, torch.compile(plain, backend="aot_eager"), None)
+    want_counts = _counts()
+    _reset()
+    with HookManager(model, alerts=False) as hm:
+        loop(model, torch.compile(model, backend="aot_eager"), hm)
+    assert _counts() == want_counts == (2, 0)
+    with HookManager(eager, alerts=False) as ref:
+        loop(eager, eager, ref)
+    got, want = hm.to_dataframe(), ref.to_dataframe()
+    assert (got.loc[got["layer"] == "act2", "dead_ratio"] == 0.5).all()  # the planted dead units, at every size
+    pd.testing.assert_frame_equal(got.drop(columns="shape"), want.drop(columns="shape"), check_exact=False, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [GatedMLP, WithGraphBreak], ids=lambda m: m.__name__)
+def test_where_the_tracer_cannot_plan_the_graph_replays_its_events_with_the_same_statistics(
+    make: type[nn.Module],
+) -> None:
+    """The fallback (a torch without the compile context that planning reads): the graph calls hookscope's
+    operations and the tracer replays each event at run time; the frame is that of the eager path."""
+    import hookscope.tracing as tracing
+
+    torch.manual_seed(0)
+    model = _own_class(make, "Replayed")
+    eager = copy.deepcopy(model)
+    _reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tracing._Replay, "_in_graph_here", lambda self, tracer: False)
+        replayed: list[int] = []
+        original = tracing._Replay.replay_grad
+
+        def replay_grad(self: object, site: int, grad: torch.Tensor) -> None:
+            replayed.append(site)
+            original(self, site, grad)  # type: ignore[arg-type]
+
+        mp.setattr(tracing._Replay, "replay_grad", replay_grad)
+        got = _compiled_run(model, 3).to_dataframe()
+    assert replayed  # the compiled backward called hookscope.grad
+    with HookManager(eager, alerts=False) as ref:
+        _train(eager, eager, 3, ref)
+    want = ref.to_dataframe()
+    pd.testing.assert_frame_equal(got.drop(columns="grad_norm"), want.drop(columns="grad_norm"))
+    assert got["grad_norm"].tolist() == pytest.approx(want["grad_norm"].tolist(), rel=1e-5)
+
+
+class NestedUntraced(nn.Module):
+    """Code dynamo does not trace inside a submodule (its module call then runs eagerly, its forward is a frame of
+    its own), and a functional activation of the input, whose output needs no gradient: not a site."""
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act = nn.Linear(6, 16), nn.ReLU()
+
+        @torch.compiler.disable
+        def untraced(self, h: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(h) * self.act(h)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.untraced(self.fc(x)) + F.relu(x.sum(-1, keepdim=True))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = self.Inner(), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inner(x)))
+
+    @staticmethod
+    def batch(gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(8, 6, generator=gen)
+
+
+def test_a_submodule_with_untraced_code_and_an_activation_without_gradient_are_recorded_as_in_eager_mode() -> None:
+    torch.manual_seed(0)
+    model = _own_class(NestedUntraced, "Compiled")
+    eager = copy.deepcopy(model)
+    _reset()
+    got = _compiled_run(model, 3).to_dataframe()
+    with HookManager(eager, alerts=False) as ref:
+        _train(eager, eager, 3, ref)
+    want = ref.to_dataframe()
+    assert list(want["layer"].unique()) == ["inner.sigmoid()", "inner.act", "tanh()"]  # no inner.relu()
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5)

@@ -1,0 +1,182 @@
+"""Statistics computed inside compiled graphs: the accumulators a graph adds into, and how a step takes them.
+
+Under ``torch.compile`` a site's event is planned once, while dynamo traces it (:mod:`hookscope.traced`): the tracer
+names the site as an eager hook would, and the graph gets the collectors' own ``update`` (and, in the backward graph,
+``update_grad``) traced into it, adding in place into an :class:`Entry`: one accumulator per per-step state of each
+collector that records the site, and the site's calls, output elements and backward passes. Those tensors are
+allocated once, when the event is planned, and never replaced: they are inputs of the graph (dynamo guards on them),
+so a graph does the same work at every run and nothing recompiles. No Python runs per site at run time.
+
+``step()`` folds the entries into the collectors' state (:meth:`InGraph.fold`): the open step's rows get each
+accumulator, combined by its state's reduction (sum, max, min), a few ``torch._foreach_*`` operations for all sites,
+and the accumulators return to the reduction's identity. The calls, elements and backward passes of every entry
+reach the host at once (one small copy per step: on CUDA, that copy waits for the step's work), because a step's
+record lists the sites that ran and their counts. What the eager path decides per forward pass is decided here per
+step, from those counts: a step that is not recorded (``every``, ``pause()``) keeps nothing; the entries of graphs
+traced in evaluation passes (``torch.no_grad()``, eval mode) count only while the model has not trained, as
+:class:`hookscope.tracing.Evaluation` says, and not in a step in which a training pass ran.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hookscope.collectors.base import Collector, SiteState
+
+if TYPE_CHECKING:
+    from hookscope.sites import Site
+
+#: A ``hookscope.recording.Recorder`` (which imports this module): its site table, state banks and counts.
+Recorder = Any
+
+__all__ = ["Entry", "InGraph"]
+
+_IDENTITY = {"sum": 0.0, "max": -math.inf, "min": math.inf}
+
+
+class Entry:
+    """The accumulators of one site in graphs of one kind of pass (training or evaluation)."""
+
+    def __init__(self, site: Site, trains: bool, device: torch.device) -> None:
+        self.site = site
+        self.trains = trains
+
+        def zero() -> torch.Tensor:
+            with torch.inference_mode(False):
+                return torch.zeros((), dtype=torch.float64, device=device)
+
+        self.calls, self.elements, self.backward = zero(), zero(), zero()
+        #: What the graph traces: ``(collector, state, site)``, the state holding this entry's accumulators.
+        self.fwd: list[tuple[Collector, SiteState, Site]] = []
+        self.grad: list[tuple[Collector, SiteState, Site]] = []
+        #: ``(collector index, state name, reduction, accumulator)`` of every accumulator.
+        self.accumulators: list[tuple[int, str, str, torch.Tensor]] = []
+
+
+def _warm_up(entry: Entry, dtype: torch.dtype, device: torch.device) -> None:
+    """Run the collectors' updates once on a small tensor of the site's layout (every dim but the units' of size 1),
+    into scratch copies of the accumulators: what they compute once and keep (a site's saturation thresholds for a
+    dtype) then exists before dynamo traces them, which would otherwise guard on its absence and recompile."""
+    site = entry.site
+    shape = [1] * max(len(site.shape), 1 if site.unit_dim is not None else 0)
+    if site.unit_dim is not None:
+        shape[site.unit_dim] = site.units
+    with torch._C.DisableTorchFunction(), torch.no_grad(), torch.inference_mode(False):
+        x = torch.zeros(shape, dtype=dtype, device=device)
+        for pairs, grad in ((entry.fwd, False), (entry.grad, True)):
+            for collector, state, s in pairs:
+                scratch = SiteState(state.site_index)
+                scratch._views = {name: acc.clone() for name, acc in state._views.items()}
+                if grad:
+                    collector.update_grad(scratch, x, s)
+                else:
+                    collector.update(scratch, x, s)
+
+
+class InGraph:
+    """A recorder's entries, by index (attributes ``e0``, ``e1``... which the traced code reads: adding one never
+    invalidates a compiled graph), and the fold of their accumulators into the collectors' state.
+
+    Args:
+        keep: Whether the open step is recorded (``every``, ``pause()``), asked when it closes.
+        trained: Whether the model has trained (a training pass was recorded); ``mark_trained`` says it did.
+    """
+
+    def __init__(self, keep: Callable[[], bool], trained: Callable[[], bool], mark_trained: Callable[[], None]) -> None:
+        self.entries: list[Entry] = []
+        #: Calls the graphs made in the step folded last.
+        self.ran = 0
+        #: Forward passes that began outside the graphs in the open step (the hooks of a compiled model's root run
+        #: eagerly): ``[not recorded, recorded]``, as the tracer admitted them when they began.
+        self.passes = [0, 0]
+        self._by_key: dict[tuple[int, bool], int] = {}
+        self._keep, self._trained, self._mark_trained = keep, trained, mark_trained
+
+    def entry_for(self, recorder: Recorder, site: Site, trains: bool, dtype: torch.dtype) -> int:
+        """The index of the entry of ``site`` in passes that train (or not), made at its first planned event (whose
+        output has ``dtype``)."""
+        key = (site.index, trains)
+        index = self._by_key.get(key)
+        if index is not None:
+            return index
+        slot = recorder._slots[site.index]
+        device = recorder._device
+        assert device is not None  # the site is bound
+        entry = Entry(site, trains, device)
+        states: dict[int, SiteState] = {}
+        for ci, collector in enumerate(recorder.collectors):
+            if not slot.applies[ci]:
+                continue
+            state = states[ci] = SiteState(site.index)
+            for name, spec in collector.state_specs.items():
+                if spec.persistent:
+                    continue  # update() and update_grad() write per-step states only
+                shape = (site.units,) if spec.per_unit else ()
+                with torch.inference_mode(False):
+                    acc = torch.full(shape, _IDENTITY[spec.reduce], dtype=spec.dtype, device=device)
+                state._views[name] = acc
+                entry.accumulators.append((ci, name, spec.reduce, acc))
+        index_of = {id(c): i for i, c in enumerate(recorder.collectors)}
+        entry.fwd = [(c, states[index_of[id(c)]], site) for c, _ in slot.fwd]
+        entry.grad = [(c, states[index_of[id(c)]], site) for c, _ in slot.grad]
+        _warm_up(entry, dtype, device)
+        index = len(self.entries)
+        self.entries.append(entry)
+        self._by_key[key] = index
+        setattr(self, f"e{index}", entry)
+        return index
+
+    def fold(self, recorder: Recorder, commit: bool) -> int:
+        """Add what the graphs accumulated since the last fold into the open step (when it is recorded) and return
+        the accumulators to their identities (``commit``: the step closes). Returns the calls the graphs made (kept
+        or not)."""
+        entries = self.entries
+        self.ran = 0
+        began, self.passes = self.passes, (self.passes if not commit else [0, 0])
+        if not entries:
+            return 0
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            counts = torch.stack([t for e in entries for t in (e.calls, e.elements, e.backward)]).tolist()
+            calls = counts[0::3]
+            if not any(calls) and not any(counts[2::3]):
+                return 0
+            if any(c for c, e in zip(calls, entries) if e.trains):
+                self._mark_trained()  # (an evaluation pass of the same step is dropped, as in eager mode)
+            # the open step is recorded: as its passes were admitted when they began, if any began outside the graphs
+            # (a pause() just before step() does not drop them); else as the manager says now
+            keep = began[1] > 0 if any(began) else self._keep()
+            evaluation = not self._trained()
+            folded: dict[tuple[bool, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for i, entry in enumerate(entries):
+                n, elements, backward = counts[3 * i : 3 * i + 3]
+                if not (n or backward) or not keep or not (entry.trains or evaluation):
+                    continue
+                recorder.add_counts(entry.site, int(n), int(elements), int(backward))
+                banks = recorder._banks
+                for ci, name, reduce, acc in entry.accumulators:
+                    dests, accs = folded.setdefault((entry.trains, reduce), ([], []))
+                    dests.append(banks[ci].site_state(entry.site.index)[name])
+                    accs.append(acc)
+            fold: dict[str, Callable[..., object]] = {
+                "sum": torch._foreach_add_, "max": torch._foreach_maximum_, "min": torch._foreach_minimum_,
+            }  # fmt: skip
+            for (_, reduce), (dests, accs) in folded.items():
+                fold[reduce](dests, accs)
+            ran = [e for i, e in enumerate(entries) if counts[3 * i] or counts[3 * i + 2]]
+            zeros = [t for e in ran for t in (e.calls, e.elements, e.backward)]
+            for entry in ran:
+                for _, _, reduce, acc in entry.accumulators:
+                    if reduce == "sum":
+                        zeros.append(acc)
+                    else:  # (max and min states: rare)
+                        acc.fill_(_IDENTITY[reduce])
+            torch._foreach_zero_(zeros)
+            # rows in the order of the sites' first calls, as eager steps list them (a graph's sites were made in
+            # the order it calls them)
+            recorder._order.sort(key=lambda slot: slot.site.index)
+        self.ran = int(sum(calls))
+        return self.ran
