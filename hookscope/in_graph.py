@@ -36,6 +36,9 @@ Recorder = Any
 __all__ = ["Entry", "InGraph"]
 
 _IDENTITY = {"sum": 0.0, "max": -math.inf, "min": math.inf}
+_FOLD: dict[str, Callable[..., object]] = {
+    "sum": torch._foreach_add_, "max": torch._foreach_maximum_, "min": torch._foreach_minimum_,
+}  # fmt: skip
 
 
 class Entry:
@@ -47,14 +50,16 @@ class Entry:
 
         def zero() -> torch.Tensor:
             with torch.inference_mode(False):
-                return torch.zeros((), dtype=torch.float64, device=device)
+                return torch.zeros(1, dtype=torch.float64, device=device)
 
         self.calls, self.elements, self.backward = zero(), zero(), zero()
         #: What the graph traces: ``(collector, state, site)``, the state holding this entry's accumulators.
         self.fwd: list[tuple[Collector, SiteState, Site]] = []
         self.grad: list[tuple[Collector, SiteState, Site]] = []
-        #: ``(collector index, state name, reduction, accumulator)`` of every accumulator.
-        self.accumulators: list[tuple[int, str, str, torch.Tensor]] = []
+        #: ``(collector index, state name, reduction, accumulator, its view of the state's shape)`` of every
+        #: accumulator. A per-site state's accumulator has one element, not zero dimensions: dynamo treats a 0-d
+        #: float64 tensor as a Python number and guards on its value (``.item()`` at every call).
+        self.accumulators: list[tuple[int, str, str, torch.Tensor, torch.Tensor]] = []
 
 
 def _warm_up(entry: Entry, dtype: torch.dtype, device: torch.device) -> None:
@@ -94,6 +99,9 @@ class InGraph:
         #: eagerly): ``[not recorded, recorded]``, as the tracer admitted them when they began.
         self.passes = [0, 0]
         self._by_key: dict[tuple[int, bool], int] = {}
+        self._counts: list[torch.Tensor] = []  # every entry's calls, elements and backward passes, in order
+        self._plans: dict[Any, list[Any]] = {}  # see _plan
+        self._reset_plans: dict[tuple[int, ...], Any] = {}  # see _resets
         self._keep, self._trained, self._mark_trained = keep, trained, mark_trained
 
     def entry_for(self, recorder: Recorder, site: Site, trains: bool, dtype: torch.dtype) -> int:
@@ -115,11 +123,13 @@ class InGraph:
             for name, spec in collector.state_specs.items():
                 if spec.persistent:
                     continue  # update() and update_grad() write per-step states only
-                shape = (site.units,) if spec.per_unit else ()
                 with torch.inference_mode(False):
-                    acc = torch.full(shape, _IDENTITY[spec.reduce], dtype=spec.dtype, device=device)
+                    acc = torch.full(
+                        (site.units if spec.per_unit else 1,), _IDENTITY[spec.reduce], dtype=spec.dtype, device=device
+                    )
+                    folded = acc if spec.per_unit else acc.view(())
                 state._views[name] = acc
-                entry.accumulators.append((ci, name, spec.reduce, acc))
+                entry.accumulators.append((ci, name, spec.reduce, acc, folded))
         index_of = {id(c): i for i, c in enumerate(recorder.collectors)}
         entry.fwd = [(c, states[index_of[id(c)]], site) for c, _ in slot.fwd]
         entry.grad = [(c, states[index_of[id(c)]], site) for c, _ in slot.grad]
@@ -140,43 +150,71 @@ class InGraph:
         if not entries:
             return 0
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            counts = torch.stack([t for e in entries for t in (e.calls, e.elements, e.backward)]).tolist()
-            calls = counts[0::3]
-            if not any(calls) and not any(counts[2::3]):
+            if len(self._counts) != 3 * len(entries):
+                self._counts = [t for e in entries for t in (e.calls, e.elements, e.backward)]
+            counts = torch.cat(self._counts).tolist()  # the one copy to the host
+            ran = tuple(i for i in range(len(entries)) if counts[3 * i] or counts[3 * i + 2])
+            if not ran:
                 return 0
-            if any(c for c, e in zip(calls, entries) if e.trains):
+            if any(counts[3 * i] for i in ran if entries[i].trains):
                 self._mark_trained()  # (an evaluation pass of the same step is dropped, as in eager mode)
             # the open step is recorded: as its passes were admitted when they began, if any began outside the graphs
             # (a pause() just before step() does not drop them); else as the manager says now
             keep = began[1] > 0 if any(began) else self._keep()
             evaluation = not self._trained()
-            folded: dict[tuple[bool, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-            for i, entry in enumerate(entries):
-                n, elements, backward = counts[3 * i : 3 * i + 3]
-                if not (n or backward) or not keep or not (entry.trains or evaluation):
-                    continue
-                recorder.add_counts(entry.site, int(n), int(elements), int(backward))
-                banks = recorder._banks
-                for ci, name, reduce, acc in entry.accumulators:
-                    dests, accs = folded.setdefault((entry.trains, reduce), ([], []))
+            kept = tuple(i for i in ran if keep and (entries[i].trains or evaluation))
+            for i in kept:
+                recorder.add_counts(entries[i].site, int(counts[3 * i]), int(counts[3 * i + 1]), int(counts[3 * i + 2]))
+            banks = recorder._banks
+            rows = tuple((bank.closed_rows, bank.generation) for bank in banks)
+            for fold, dests, accs in self._plan(kept, rows, banks):
+                fold(dests, accs)
+            zeros, others = self._resets(ran)
+            torch._foreach_zero_(zeros)
+            for acc, value in others:  # (max and min states: rare)
+                acc.fill_(value)
+            if kept:
+                # rows in the order of the sites' first calls, as eager steps list them (a graph's sites were made
+                # in the order it calls them)
+                recorder._order.sort(key=lambda slot: slot.site.index)
+        self.ran = int(sum(counts[0::3]))
+        return self.ran
+
+    def _plan(self, kept: tuple[int, ...], rows: tuple[tuple[int, int], ...], banks: list[Any]) -> list[Any]:
+        """The foreach calls that add the accumulators of entries ``kept`` into the open rows ``rows`` of the
+        banks (made once per set of entries and row: the views of a row are fixed until the banks grow)."""
+        key = (kept, rows)
+        plan = self._plans.get(key)
+        if plan is None:
+            grouped: dict[tuple[bool, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for i in kept:
+                entry = self.entries[i]
+                for ci, name, reduce, _, acc in entry.accumulators:
+                    dests, accs = grouped.setdefault((entry.trains, reduce), ([], []))
                     dests.append(banks[ci].site_state(entry.site.index)[name])
                     accs.append(acc)
-            fold: dict[str, Callable[..., object]] = {
-                "sum": torch._foreach_add_, "max": torch._foreach_maximum_, "min": torch._foreach_minimum_,
-            }  # fmt: skip
-            for (_, reduce), (dests, accs) in folded.items():
-                fold[reduce](dests, accs)
-            ran = [e for i, e in enumerate(entries) if counts[3 * i] or counts[3 * i + 2]]
-            zeros = [t for e in ran for t in (e.calls, e.elements, e.backward)]
-            for entry in ran:
-                for _, _, reduce, acc in entry.accumulators:
+            plan = [(_FOLD[reduce], dests, accs) for (_, reduce), (dests, accs) in grouped.items()]
+            if len(self._plans) >= 4 * 16:  # (16 rows of a ring, a few sets of entries)
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _resets(self, ran: tuple[int, ...]) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, float]]]:
+        """What returns the accumulators of entries ``ran`` to their identities: the tensors to zero, and the
+        others with their identity."""
+        resets = self._reset_plans.get(ran)
+        if resets is None:
+            zeros: list[torch.Tensor] = []
+            others: list[tuple[torch.Tensor, float]] = []
+            for i in ran:
+                entry = self.entries[i]
+                zeros += (entry.calls, entry.elements, entry.backward)
+                for _, _, reduce, acc, _ in entry.accumulators:
                     if reduce == "sum":
                         zeros.append(acc)
-                    else:  # (max and min states: rare)
-                        acc.fill_(_IDENTITY[reduce])
-            torch._foreach_zero_(zeros)
-            # rows in the order of the sites' first calls, as eager steps list them (a graph's sites were made in
-            # the order it calls them)
-            recorder._order.sort(key=lambda slot: slot.site.index)
-        self.ran = int(sum(calls))
-        return self.ran
+                    else:
+                        others.append((acc, _IDENTITY[reduce]))
+            if len(self._reset_plans) >= 16:
+                self._reset_plans.clear()
+            resets = self._reset_plans[ran] = (zeros, others)
+        return resets
