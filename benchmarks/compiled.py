@@ -140,7 +140,7 @@ class InGraphFloor:
                 None
                 if bounds is None
                 else (bounds[0] + 1e-3 * (bounds[1] - bounds[0]), bounds[1] - 1e-3 * (bounds[1] - bounds[0]))
-            )  # type: ignore[assignment]  # noqa: E501
+            )  # type: ignore[assignment]
             module._floor_counts = torch.zeros(4, dtype=torch.float64)  # type: ignore[assignment]  # calls, elements, saturated, grad sumsq
             module.register_forward_hook(self.hook)
 
