@@ -99,6 +99,9 @@ class InGraph:
         #: eagerly): ``[not recorded, recorded]``, as the tracer admitted them when they began.
         self.passes = [0, 0]
         self._by_key: dict[tuple[int, bool], int] = {}
+        #: The keys (name, call index) of the sites that compiled graphs record, for passes that train or not.
+        self.planned: dict[bool, set[tuple[str, int]]] = {}
+        self._claims: list[tuple[bool, tuple[str, int]]] = []  # keys the compile being traced added to planned
         self._counts: list[torch.Tensor] = []  # every entry's calls, elements and backward passes, in order
         self._plans: dict[Any, list[Any]] = {}  # see _plan
         self._reset_plans: dict[tuple[int, ...], Any] = {}  # see _resets
@@ -108,6 +111,11 @@ class InGraph:
         """The index of the entry of ``site`` in passes that train (or not), made at its first planned event (whose
         output has ``dtype``)."""
         key = (site.index, trains)
+        taken = self.planned.setdefault(trains, set())
+        site_key = recorder._keys[site.index]
+        if site_key not in taken:
+            taken.add(site_key)
+            self._claims.append((trains, site_key))
         index = self._by_key.get(key)
         if index is not None:
             return index
@@ -139,6 +147,16 @@ class InGraph:
         self._by_key[key] = index
         setattr(self, f"e{index}", entry)
         return index
+
+    def keep_claims(self) -> None:
+        """The keys the compile traced last planned are in a graph (or a new compile begins)."""
+        self._claims.clear()
+
+    def drop_claims(self) -> None:
+        """The keys the compile being traced planned are in no graph (it made none, or traces again)."""
+        for trains, site_key in self._claims:
+            self.planned[trains].discard(site_key)
+        self._claims.clear()
 
     def fold(self, recorder: Recorder, commit: bool) -> int:
         """Add what the graphs accumulated since the last fold into the open step (when it is recorded) and return

@@ -573,8 +573,7 @@ class Tracer:
             if acts or by_hook:
                 acts.append(None)  # nested inside another activation, or a hook's: not a site
             else:
-                k = self._counts.get(name, 0)
-                self._counts[name] = k + 1
+                k = _call_index(self, name)
                 feed = self._producer_for(args[0] if args else None) if self.discovering else None
                 self._activation_stack.append((name, k, spec, module, feed))
 
@@ -690,8 +689,7 @@ class Tracer:
         with _no_torch_function():  # modes (the user's) do not see hookscope's tensor calls
             if not out.requires_grad and self.outside_training(out):
                 return -1
-            k = self._counts.get(base, 0)
-            self._counts[base] = k + 1
+            k = _call_index(self, base)
             recorder = self.recorder
             site = recorder.site_by_key.get((base, k), MISSING)
             if site is MISSING:
@@ -707,14 +705,27 @@ class Tracer:
         return -1
 
 
+def _call_index(tracer: Tracer, name: str) -> int:
+    """The index of this call of ``name`` in the forward pass (its ``#k``), counted. A call seen at run time skips
+    the indices that compiled graphs record themselves in passes of its kind: those calls were planned while dynamo
+    traced, are not seen at run time, and in the pass that planned them they took their indices first (a compiled
+    frame, then the eager rest of the frame after a graph break dynamo cannot resume from)."""
+    k = tracer._counts.get(name, 0)
+    taken = tracer._in_graph.planned.get(tracer._pass_trains)
+    if taken and not tracer.recorder.planning:
+        while (name, k) in taken:
+            k += 1
+    tracer._counts[name] = k + 1
+    return k
+
+
 def _module_output(tracer: Tracer, name: str, module_id: int, output: Any) -> int:
     """A module site's module returned ``output``: record its tensor (see :func:`output_tensor`). Returns the index
     of the site recorded, or -1."""
     tensor = output_tensor(output)
     if tensor is None or name in tracer._activation_modules:  # a wrapper of an activation: that site it is
         return -1
-    k = tracer._counts.get(name, 0)
-    tracer._counts[name] = k + 1
+    k = _call_index(tracer, name)
     recorder = tracer.recorder
     site = recorder.site_by_key.get((name, k), MISSING)
     if site is MISSING:
@@ -875,8 +886,10 @@ class _Replay:
         saved = self._saved
         if saved is None or saved[0] != trace.compile_id:
             self._saved = (trace.compile_id, trace.attempt, _save(tracer))
+            tracer._in_graph.keep_claims()
         elif saved[1] != trace.attempt:  # the frame is traced again: from the state its first attempt began with
             _restore(tracer, saved[2])
+            tracer._in_graph.drop_claims()
             self._saved = (trace.compile_id, trace.attempt, saved[2])
         return True
 
@@ -890,6 +903,9 @@ class _Replay:
             return
         if graphs == 0 or saved[1] != attempt:
             _restore(tracer, saved[2])
+            tracer._in_graph.drop_claims()
+        else:
+            tracer._in_graph.keep_claims()
 
 
 _planners: weakref.WeakSet[_Replay] = weakref.WeakSet()  # the replays that planned events, told when compiles end
@@ -1205,9 +1221,6 @@ def _functional_call(
         return  # an FX graph that dynamo's "eager" backend runs: it records its sites itself (hookscope.traced)
     if _compile_region() is None:
         tracer.functional_call(func, spec, args, kwargs, out)
-    elif tracer._replay.planned:  # (dynamo's "eager" backend: a graph of torch calls records its sites itself)
-        tracer._compiled.seen = True
-        return
     else:
         tracer._compiled.seen = True
         _outside_compile(tracer.functional_call, func, spec, args, kwargs, out)

@@ -801,14 +801,48 @@ class NestedUntraced(nn.Module):
         return torch.randn(8, 6, generator=gen)
 
 
+class UnresumableBreak(nn.Module):
+    """A graph break that dynamo cannot resume from (inside ``try``/``finally``, or a GRU called by the root itself):
+    dynamo compiles the frame up to it and runs the rest of the frame eagerly, every step. The functional ``tanh``
+    before the break is recorded by the graph, the one after it by the hooks, under the next call index."""
+
+    def __init__(self, gru: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.gru = nn.GRU(16, 16, batch_first=True) if gru else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        if self.gru is not None:
+            h = self.gru(h.unsqueeze(1))[0][:, 0]
+        else:
+            try:
+                torch._dynamo.graph_break()
+                h = self.fc2(h)
+            finally:
+                pass
+        return self.out(torch.tanh(h))
+
+    @staticmethod
+    def batch(gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(8, 6, generator=gen)
+
+
+class UnresumableGRU(UnresumableBreak):
+    def __init__(self) -> None:
+        super().__init__(gru=True)
+
+
 @pytest.mark.parametrize(
     ("make", "present", "absent"),
     [
         (UntracedBranch, {"gate", "sigmoid()", "late"}, set()),
         # an output that needs no gradient while the model trains is not a site: no inner.relu()
         (NestedUntraced, {"inner.sigmoid()", "inner.act", "tanh()"}, {"inner.relu()"}),
+        (UnresumableBreak, {"tanh()", "tanh()#1"}, set()),
+        (UnresumableGRU, {"tanh()", "tanh()#1"}, set()),
     ],
-    ids=["untraced branch", "untraced code in a submodule"],
+    ids=["untraced branch", "untraced code in a submodule", "unresumable break", "GRU in the root"],
 )
 def test_sites_in_code_dynamo_does_not_trace_are_recorded_eagerly_as_without_compile(
     make: type[nn.Module], present: set[str], absent: set[str]
