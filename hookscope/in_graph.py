@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hookscope.collectors.base import Collector, SiteState
+from hookscope.warn import warn_once
 
 if TYPE_CHECKING:
     from hookscope.sites import Site
@@ -62,10 +63,12 @@ class Entry:
         self.accumulators: list[tuple[int, str, str, torch.Tensor, torch.Tensor]] = []
 
 
-def _warm_up(entry: Entry, dtype: torch.dtype, device: torch.device) -> None:
+def _warm_up(entry: Entry, dtype: torch.dtype, device: torch.device, said: set[tuple[str, str]]) -> bool:
     """Run the collectors' updates once on a small tensor of the site's layout (every dim but the units' of size 1),
     into scratch copies of the accumulators: what they compute once and keep (a site's saturation thresholds for a
-    dtype) then exists before dynamo traces them, which would otherwise guard on its absence and recompile."""
+    dtype) then exists before dynamo traces them, which would otherwise guard on its absence and recompile. False
+    (said once) when one of them raises (a custom collector that reads a persistent state in ``update()``: a graph
+    gets per-step states only): its trace would fail the same way, inside dynamo's."""
     site = entry.site
     shape = [1] * max(len(site.shape), 1 if site.unit_dim is not None else 0)
     if site.unit_dim is not None:
@@ -76,10 +79,23 @@ def _warm_up(entry: Entry, dtype: torch.dtype, device: torch.device) -> None:
             for collector, state, s in pairs:
                 scratch = SiteState(state.site_index)
                 scratch._views = {name: acc.clone() for name, acc in state._views.items()}
-                if grad:
-                    collector.update_grad(scratch, x, s)
-                else:
-                    collector.update(scratch, x, s)
+                try:
+                    if grad:
+                        collector.update_grad(scratch, x, s)
+                    else:
+                        collector.update(scratch, x, s)
+                except Exception as e:
+                    method = "update_grad" if grad else "update"
+                    if (collector.name, method) not in said:
+                        said.add((collector.name, method))
+                        warn_once(
+                            f"hookscope: {collector.name}.{method}() cannot run inside a compiled graph "
+                            f"({type(e).__name__}: {e}): compiled code does not record the sites it applies to "
+                            f"({s.layer!r} first; inside a graph, {method}() gets the collector's per-step states "
+                            "only, and must be tensor operations)"
+                        )
+                    return False
+    return True
 
 
 class InGraph:
@@ -102,6 +118,8 @@ class InGraph:
         #: The keys (name, call index) of the sites that compiled graphs record, for passes that train or not.
         self.planned: dict[bool, set[tuple[str, int]]] = {}
         self._claims: list[tuple[bool, tuple[str, int]]] = []  # keys the compile being traced added to planned
+        self._refused: set[tuple[int, bool]] = set()  # entries a collector's update cannot be traced for
+        self._said: set[tuple[str, str]] = set()  # (collector, method) whose update could not be traced
         self._counts: list[torch.Tensor] = []  # every entry's calls, elements and backward passes, in order
         self._plans: dict[Any, list[Any]] = {}  # see _plan
         self._reset_plans: dict[tuple[int, ...], Any] = {}  # see _resets
@@ -109,16 +127,29 @@ class InGraph:
 
     def entry_for(self, recorder: Recorder, site: Site, trains: bool, dtype: torch.dtype) -> int:
         """The index of the entry of ``site`` in passes that train (or not), made at its first planned event (whose
-        output has ``dtype``)."""
+        output has ``dtype``); -1 when a collector's update cannot run inside a graph (said once): compiled code
+        then does not record the site."""
         key = (site.index, trains)
+        index = self._by_key.get(key)
+        if index is None:
+            if key in self._refused:
+                return -1
+            entry = self._entry(recorder, site, trains, dtype)
+            if entry is None:
+                self._refused.add(key)
+                return -1
+            index = len(self.entries)
+            self.entries.append(entry)
+            self._by_key[key] = index
+            setattr(self, f"e{index}", entry)
         taken = self.planned.setdefault(trains, set())
         site_key = recorder._keys[site.index]
         if site_key not in taken:
             taken.add(site_key)
             self._claims.append((trains, site_key))
-        index = self._by_key.get(key)
-        if index is not None:
-            return index
+        return index
+
+    def _entry(self, recorder: Recorder, site: Site, trains: bool, dtype: torch.dtype) -> Entry | None:
         slot = recorder._slots[site.index]
         device = recorder._device
         assert device is not None  # the site is bound
@@ -141,12 +172,7 @@ class InGraph:
         index_of = {id(c): i for i, c in enumerate(recorder.collectors)}
         entry.fwd = [(c, states[index_of[id(c)]], site) for c, _ in slot.fwd]
         entry.grad = [(c, states[index_of[id(c)]], site) for c, _ in slot.grad]
-        _warm_up(entry, dtype, device)
-        index = len(self.entries)
-        self.entries.append(entry)
-        self._by_key[key] = index
-        setattr(self, f"e{index}", entry)
-        return index
+        return entry if _warm_up(entry, dtype, device, self._said) else None
 
     def keep_claims(self) -> None:
         """The keys the compile traced last planned are in a graph (or a new compile begins)."""

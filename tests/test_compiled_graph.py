@@ -857,3 +857,46 @@ def test_sites_in_code_dynamo_does_not_trace_are_recorded_eagerly_as_without_com
     want = hm.to_dataframe()
     assert present <= set(want["layer"]) and not absent & set(want["layer"])
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5)
+
+
+def test_a_collector_whose_update_cannot_run_inside_a_graph_is_said_once_and_training_goes_on() -> None:
+    """A custom collector whose ``update()`` reads a persistent state (a graph gets per-step states only): one
+    warning naming it and the site, the compiled model trains as without hookscope, the site is not recorded in
+    compiled code, and the eager path still records it (the definition: half the units planted dead)."""
+    from hookscope import Collector, DeadReLU
+
+    class LastMax(Collector):
+        columns = ("last_max",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("top", reduce="max")
+            self.add_state("kept", persistent=True)
+
+        def update(self, state, output, site):  # type: ignore[no-untyped-def]
+            state["top"].copy_(torch.maximum(state["top"], output.max().double() + state["kept"]))
+
+        def compute(self, record):  # type: ignore[no-untyped-def]
+            return {"last_max": record["top"]}
+
+    import hookscope.warn
+
+    hookscope.warn._seen.clear()
+    torch.manual_seed(0)
+    plain, model = _own_class(DyingMLP, "LastMaxPlain"), _own_class(DyingMLP, "LastMax")
+    model.load_state_dict(plain.state_dict())
+    eager = copy.deepcopy(model)
+    _reset()
+    want_losses = _train(plain, torch.compile(plain, backend="aot_eager"), 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with HookManager(model, collectors=[DeadReLU(), LastMax()], alerts=False) as hm:
+            losses = _train(model, torch.compile(model, backend="aot_eager"), 2, hm)
+    said = [str(w.message) for w in caught if "cannot run inside a compiled graph" in str(w.message)]
+    assert len(said) == 1 and "LastMax.update()" in said[0] and "'act1'" in said[0]
+    assert torch.equal(torch.stack(losses), torch.stack(want_losses))
+    assert hm.to_dataframe().empty
+    with HookManager(eager, collectors=[DeadReLU(), LastMax()], alerts=False) as ref:
+        _train(eager, eager, 2, ref)
+    frame = ref.to_dataframe()
+    assert (frame.loc[frame["layer"] == "act2", "dead_ratio"] == 0.5).all()
