@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -98,16 +98,21 @@ def _warm_up(entry: Entry, dtype: torch.dtype, device: torch.device, said: set[t
     return True
 
 
+class _Trained(Protocol):
+    trained: bool
+
+
 class InGraph:
     """A recorder's entries, by index (attributes ``e0``, ``e1``... which the traced code reads: adding one never
     invalidates a compiled graph), and the fold of their accumulators into the collectors' state.
 
     Args:
         keep: Whether the open step is recorded (``every``, ``pause()``), asked when it closes.
-        trained: Whether the model has trained (a training pass was recorded); ``mark_trained`` says it did.
+        evaluation: The tracer's ``hookscope.tracing.Evaluation``: its ``trained`` says whether the model has
+            trained (a training pass was recorded); a fold that finds a training graph's calls sets it.
     """
 
-    def __init__(self, keep: Callable[[], bool], trained: Callable[[], bool], mark_trained: Callable[[], None]) -> None:
+    def __init__(self, keep: Callable[[], bool], evaluation: _Trained) -> None:
         self.entries: list[Entry] = []
         #: Calls the graphs made in the step folded last.
         self.ran = 0
@@ -123,7 +128,7 @@ class InGraph:
         self._counts: list[torch.Tensor] = []  # every entry's calls, elements and backward passes, in order
         self._plans: dict[Any, list[Any]] = {}  # see _plan
         self._reset_plans: dict[tuple[int, ...], Any] = {}  # see _resets
-        self._keep, self._trained, self._mark_trained = keep, trained, mark_trained
+        self._keep, self._evaluation = keep, evaluation
 
     def entry_for(self, recorder: Recorder, site: Site, trains: bool, dtype: torch.dtype) -> int:
         """The index of the entry of ``site`` in passes that train (or not), made at its first planned event (whose
@@ -201,11 +206,11 @@ class InGraph:
             if not ran:
                 return 0
             if any(counts[3 * i] for i in ran if entries[i].trains):
-                self._mark_trained()  # (an evaluation pass of the same step is dropped, as in eager mode)
+                self._evaluation.trained = True  # (an evaluation pass of the same step is dropped, as in eager mode)
             # the open step is recorded: as its passes were admitted when they began, if any began outside the graphs
             # (a pause() just before step() does not drop them); else as the manager says now
             keep = began[1] > 0 if any(began) else self._keep()
-            evaluation = not self._trained()
+            evaluation = not self._evaluation.trained
             kept = tuple(i for i in ran if keep and (entries[i].trains or evaluation))
             for i in kept:
                 recorder.add_counts(entries[i].site, int(counts[3 * i]), int(counts[3 * i + 1]), int(counts[3 * i + 2]))

@@ -966,16 +966,13 @@ def _restore(tracer: Tracer, state: dict[str, Any]) -> None:
 
 def _in_graph_of(tracer: Tracer) -> InGraph:
     """The entries that a tracer's compiled graphs record into, and what their fold asks of the tracer."""
-    ref, evaluation = tracer._ref, tracer.evaluation
+    ref = tracer._ref
 
     def keep() -> bool:
         t = ref()
         return t is not None and t.recording
 
-    def mark_trained() -> None:
-        evaluation.trained = True
-
-    return InGraph(keep, lambda: evaluation.trained, mark_trained)
+    return InGraph(keep, tracer.evaluation)
 
 
 class Evaluation:
