@@ -34,6 +34,7 @@ from hookscope.collectors.base import RING_STEPS, Collector, SiteState, StateBan
 from hookscope.distributed import Combiner
 from hookscope.errors import ConfigError, StateError
 from hookscope.history import FieldLayout, History, Rows, StepRecord
+from hookscope.in_graph import merge_counts
 from hookscope.kernels import Backend, Prepared
 from hookscope.kernels import select as select_kernels
 from hookscope.report import build_frame
@@ -264,6 +265,8 @@ class Recorder:
         self.history = History(max_steps=max_history)
         self.layout: FieldLayout | None = None  # fixed at the first flush
         self.last_closed: StepRecord | None = None  # the latest step closed (and, distributed, combined)
+        self._last_kept: StepRecord | None = None  # the latest closed step stored in the history
+        self._sized = -1  # the sites the banks were last resized for (see _close)
         self._in_ring: list[StepRecord] = []  # closed steps whose values wait in the collectors' rings
         self._failures: list[Exception] = []  # errors of collectors' close_steps not raised yet
         self._keys: list[SiteKey] = []  # each site's key in the table
@@ -486,6 +489,9 @@ class Recorder:
         record = self._close(commit=True, force=self._cross is not None)
         self.step += 1
         if self._cross is not None and record is not None:
+            if self.in_graph is not None:
+                self.in_graph.settle(self)  # the record's counts are combined across ranks now
+                self.in_graph.realign()
             self._cross.post(record, passes)
         elif record is not None:
             final = [record]
@@ -495,6 +501,8 @@ class Recorder:
             self.last_closed = r
         if self._banks and self._banks[0].closed_rows >= RING_STEPS:
             self._flush_ring(wait=False)  # a collector's error is kept for take_failures()
+            if self.in_graph is not None:
+                self.in_graph.realign()
         if mismatch is not None:
             raise mismatch
         return final
@@ -540,34 +548,39 @@ class Recorder:
     def _close(self, commit: bool, force: bool = False) -> StepRecord | None:
         """Close the open step (``commit``), or take a snapshot of it. A closed step's per-step state goes to
         the collectors' rings and its record gets its values when the ring is flushed."""
-        if self.in_graph is not None:
-            self.in_graph.fold(self, commit)
+        in_graph = self.in_graph
+        snapshot = None
+        if not commit:
+            self.flush()
+            # what the graphs recorded in the open step so far, added to the rings' open rows until the values are taken
+            snapshot = in_graph.snapshot_open(self) if in_graph is not None else None
         order = self._order
-        for bank in self._banks:  # no tensor operation but when a bank grows (it guards its own)
-            bank.resize(len(self.sites))
+        if self._sized != len(self.sites):
+            for bank in self._banks:  # no tensor operation but when a bank grows (it guards its own)
+                bank.resize(len(self.sites))
+            self._sized = len(self.sites) if self._banks else -1
         now = (sum(bank.generation for bank in self._banks), torch.get_num_threads())
         if now != self._generation_of:  # a bank grew, or the thread count changed: new prepared calls
             self._generation_of, self._generation = now, self._generation + 1
-        if not order and not force:
+        # the graphs' row of a recorded step waits with its record (its counts are added when it is settled)
+        compiled = commit and in_graph is not None and in_graph.close_open()
+        if not order and not force and not compiled and snapshot is None:
             return None
-        if not commit:
-            self.flush()
-        record = StepRecord(
-            step=self.step,
-            sites=[slot.site.index for slot in order],
-            calls=[slot.calls for slot in order],
-            elements=[slot.elements for slot in order],
-            backward=[slot.backward for slot in order],
-            units=[slot.site.units for slot in order],
-            shapes=[slot.site.shape for slot in order],
-            values=None,
-        )
+        record = _record_of(self.step, order)
         if commit:
+            if compiled and in_graph is not None:
+                in_graph.pend(record, self._banks[0].closed_rows)
             for bank in self._banks:
                 bank.push()
         else:
-            with _no_torch_function(), torch.no_grad():
-                block, failure = _values(self, [record], commit=False)
+            try:
+                if snapshot is not None:
+                    merge_counts(record, snapshot[0])
+                with _no_torch_function(), torch.no_grad():
+                    block, failure = _values(self, [record], commit=False)
+            finally:
+                if snapshot is not None:
+                    snapshot[1]()
             if failure is not None:
                 raise failure
             record.values = block[0]
@@ -597,6 +610,8 @@ class Recorder:
     def _flush_ring(self, wait: bool = True) -> None:
         """Flush the combined closed steps; ``wait`` (reports only: never inside a hook or ``step()``) first waits for
         the step being combined across ranks, which every rank posted at its last ``step()``."""
+        if self.in_graph is not None:
+            self.in_graph.settle(self)  # the records' counts, and the rings' rows, of steps the graphs recorded
         records = self._in_ring
         if self._cross is not None:
             if self._cross.combining is not None and wait:
@@ -611,8 +626,11 @@ class Recorder:
             rows = values.unbind(0)  # one operation for all the rows
         for record, row in zip(records, rows):
             record.values = row
-            if record.sites or self._cross is None:
+            if record.sites:  # (a step the graphs recorded nothing in, or one that only other ranks ran)
                 self.history.append(record)
+                self._last_kept = record
+            elif record is self.last_closed and self._cross is None:
+                self.last_closed = self._last_kept
         if failure is not None:
             self._failures.append(failure)
 
@@ -651,6 +669,23 @@ class Recorder:
     def state_bytes(self) -> int:
         """Bytes of collector state on the device (independent of the number of steps)."""
         return sum(bank.nbytes() for bank in self._banks)
+
+
+def _record_of(step: int, order: list[_Slot]) -> StepRecord:
+    """The record of a step whose sites ran in ``order`` (its values arrive when the ring is flushed)."""
+    if not order:  # (a step only compiled graphs ran in: their counts arrive with the values)
+        return StepRecord(step, [], [], [], [], [], [], None)
+    sites = [slot.site for slot in order]
+    return StepRecord(
+        step=step,
+        sites=[site.index for site in sites],
+        calls=[slot.calls for slot in order],
+        elements=[slot.elements for slot in order],
+        backward=[slot.backward for slot in order],
+        units=[site.units for site in sites],
+        shapes=[site.shape for site in sites],
+        values=None,
+    )
 
 
 def note_unfinished(recorder: Recorder) -> None:

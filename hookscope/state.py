@@ -678,7 +678,9 @@ def _restore_last_closed(rec: Recorder) -> None:
     calls, elements, backward, units = (
         [int(x) for x in c[mine]] for c in (rows.calls, rows.elements, rows.backward, rows.units)
     )
-    rec.last_closed = StepRecord(int(rows.step[-1]), sites, calls, elements, backward, units, shapes, values)
+    rec.last_closed = rec._last_kept = StepRecord(
+        int(rows.step[-1]), sites, calls, elements, backward, units, shapes, values
+    )
 
 
 def _remapped(h: Mapping[str, Any], remap: list[int], n_sites: int) -> dict[str, Any]:

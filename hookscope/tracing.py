@@ -375,7 +375,7 @@ class Tracer:
     def unseen_compiled_calls(self) -> int:
         """Calls of the ``torch.compile`` wrapper (the model, when it is one) in this recorded step that ran none of
         the hooks: compiled before the hooks were added, its code ignores them (pytorch/pytorch#117758)."""
-        return self._wrapper_calls if not (self.passes or self._in_graph.ran) and self.recording else 0
+        return self._wrapper_calls if not (self.passes or self._in_graph.entries) and self.recording else 0
 
     def compiled_without_hookscope(self) -> bool:
         """Whether forward passes ran in compiled code whose graph never calls hookscope's operations (compiled

@@ -126,6 +126,7 @@ class StateBank:
         # persistent states), and each site's views by (site, row).
         self._views: dict[tuple[str, int], torch.Tensor] = {}
         self._site_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._bindings: dict[int, list[tuple[SiteState, dict[str, torch.Tensor]]]] = {}  # per row: (state, views)
         #: The statistics implementation of the manager that owns the bank (set by its recorder; ``None``: ATen).
         self.kernels: Backend | None = None
         #: Bumped whenever the state tensors are replaced (grown): the sites' views then have other addresses.
@@ -162,6 +163,7 @@ class StateBank:
         self.generation += 1
         self._views.clear()
         self._site_views.clear()
+        self._bindings.clear()
         self._bind_all()
 
     def _flat(self, name: str, row: int) -> torch.Tensor:
@@ -173,26 +175,42 @@ class StateBank:
 
     def _point(self, state: SiteState) -> None:
         """Point a site's views at the open step's row."""
-        key = (state.site_index, self.closed_rows)
+        state._views = self.row_views(state.site_index, self.closed_rows)
+
+    def row_views(self, site_index: int, row: int) -> dict[str, torch.Tensor]:
+        """A site's views of its states: of row ``row`` of the ring for per-step states (made once per layout)."""
+        key = (site_index, row)
         views = self._site_views.get(key)
         if views is None:
-            i = state.site_index
             views = {}
             # Views made under inference_mode could not be updated in place outside it.
             with torch.inference_mode(False), torch._C.DisableTorchFunction():
                 for name, spec in self.specs.items():
-                    flat = self._flat(name, self.closed_rows)
+                    flat = self._flat(name, row)
                     if not spec.per_unit:
-                        views[name] = flat[i]
-                    elif i in self._unit_offsets:
-                        off, n = self._unit_offsets[i]
+                        views[name] = flat[site_index]
+                    elif site_index in self._unit_offsets:
+                        off, n = self._unit_offsets[site_index]
                         views[name] = flat[off : off + n]
             self._site_views[key] = views
-        state._views = views
+        return views
+
+    def block(self, site_index: int, name: str, row: int, rows: int) -> torch.Tensor:
+        """A site's values of per-step state ``name`` in ``rows`` consecutive rows of the ring from ``row``:
+        ``(rows, units)``, or ``(rows, 1)`` for a per-site state."""
+        ring = self.ring[name]
+        if self.specs[name].per_unit:
+            off, n = self._unit_offsets[site_index]
+            return ring[row : row + rows, off : off + n]
+        return ring[row : row + rows, site_index : site_index + 1]
 
     def _bind_all(self) -> None:
-        for state in self._states.values():
-            self._point(state)
+        row = self.closed_rows
+        bindings = self._bindings.get(row)
+        if bindings is None:  # (made once per row and layout: this runs at every step)
+            bindings = self._bindings[row] = [(s, self.row_views(s.site_index, row)) for s in self._states.values()]
+        for state, views in bindings:
+            state._views = views
 
     def unit_range(self, site_index: int) -> tuple[int, int] | None:
         """``(offset, units)`` of a site's units in the per-unit vectors, or ``None`` when it has none here."""
@@ -232,6 +250,7 @@ class StateBank:
         self._views.clear()
         state = SiteState(site_index)
         self._states[site_index] = state
+        self._bindings.clear()
         self._point(state)
         return state
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TIMELINE_COLUMNS", "DeadReLU", "per_unit_sum"]
 
+_is_compiling = torch.compiler.is_compiling
+
 #: Columns of :meth:`DeadReLU.timeline` (``HookManager.unit_timeline``), in order.
 TIMELINE_COLUMNS = ("layer", "unit", "last_fired", "dead", "dead_since", "revivals", "last_revival")
 
@@ -104,6 +106,15 @@ class DeadReLU(Collector):
         return site.spec.rectifier
 
     def update(self, state: SiteState, output: torch.Tensor, site: Site) -> None:
+        if _is_compiling():
+            # traced into a compiled graph: the count in float64, which the compiler fuses into the kernel that makes
+            # the output (the float32 indicator below is for eager kernels; there it costs a pass of its own)
+            positive = output > 0
+            if site.reduce_dims:
+                state["positive"].add_(positive.sum(dim=site.reduce_dims, dtype=torch.float64))
+            else:
+                state["positive"].add_(positive.to(torch.float64).reshape(state["positive"].shape))
+            return
         # 1 where the output is > 0, else 0 (NaN too), as floats written by the comparison itself: a float
         # reduction is several times faster than reducing a boolean mask, and exact for counts (see per_unit_sum)
         indicator = torch.empty(output.shape, dtype=count_dtype(output.numel()), device=output.device)
