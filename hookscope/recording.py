@@ -275,7 +275,7 @@ class Recorder:
         self.kernels = select_kernels()
         self._include_checked = False
         self._ref = weakref.ref(self)
-        #: Sites recorded inside compiled graphs (set by the tracer), folded into each step as it closes.
+        #: Sites recorded inside compiled graphs (set by the tracer), folded into their steps when the ring is flushed.
         self.in_graph: InGraph | None = None
         #: The tracer plans a compiled graph's event: ``observe`` binds the site and records nothing.
         self.planning = False
@@ -426,7 +426,7 @@ class Recorder:
 
     def add_counts(self, site: Site, calls: int, elements: int, backward: int) -> None:
         """Count calls, output elements and backward passes of a site recorded inside compiled graphs (their
-        statistics are folded into the open step by :class:`hookscope.in_graph.InGraph`)."""
+        statistics are folded into the rings by :class:`hookscope.in_graph.InGraph`)."""
         slot = self._slots[site.index]
         if not slot.touched:
             slot.touched = True

@@ -10,8 +10,9 @@ nested activations), units and the kinds of passes are thus one rule for eager a
 constant of the graph: for a recorded site, the index of an entry of :class:`hookscope.in_graph.InGraph`, and the
 collectors' own ``update`` (and, through a gradient hook that dynamo puts into the backward graph, ``update_grad``)
 are traced into the graph, writing in place into that entry's accumulators. At run time the graph computes the
-statistics itself, fused by the compiler, and no Python runs per site; ``step()`` folds the accumulators into the
-collectors' state (cadence and evaluation passes are decided there, so the graph never changes).
+statistics itself, fused by the compiler, and no Python runs per site; the accumulators are folded into the
+collectors' state when the ring is flushed (cadence is decided in ``step()``, evaluation passes when the counts
+are folded, so the graph never changes).
 
 An output's shape is read while dynamo traces from its fake tensor (the ``probe`` operation, whose result is unused:
 the compiled graph drops it), so that planning never guards on a size that dynamo treats as dynamic.
@@ -188,7 +189,7 @@ _enter, _exit, _functional, _grad = (
 #
 # - an index ``k >= 0``: the event's output is a site's, recorded *inside the graph*: the collectors' ``update`` (and,
 #   from a gradient hook, ``update_grad``) are traced into the graph and add into the accumulators of entry ``k``
-#   of the tracer's :class:`hookscope.in_graph.InGraph` (``holder``), which ``step()`` folds into the collectors'
+#   of the tracer's :class:`hookscope.in_graph.InGraph` (``holder``), folded into the collectors'
 #   state; no Python runs per site at run time;
 # - ``NOT_A_SITE``: nothing;
 # - ``REPLAY``: the graph calls the operations above, and the tracer replays the event at run time (a graph that
