@@ -138,13 +138,16 @@ class Entry:
         """New tensors, at the identities, for the backward graph's accumulators of rows ``rows``."""
         reduces = ["sum", *(reduce for _, _, reduce, _, _ in self.grad_accumulators)]
         with torch.inference_mode(False):
+            for k, reduce in enumerate(reduces):
+                # one tensor for all the rows: hookscope never modifies them in place, so the version counter
+                # their views share never moves but by the graphs' own writes
+                old = self.grad_rows[rows[0]][k]
+                fresh = torch.full((len(rows), *old.shape), _IDENTITY[reduce], dtype=old.dtype, device=old.device)
+                for r, t in zip(rows, fresh.unbind(0)):
+                    self.grad_rows[r][k] = t
             for r in rows:
-                grad_row = self.grad_rows[r]
-                for k, reduce in enumerate(reduces):
-                    old = grad_row[k]
-                    grad_row[k] = torch.full(old.shape, _IDENTITY[reduce], dtype=old.dtype, device=old.device)
                 for _, name, _, k, state in self.grad_accumulators:
-                    self._views[r][state][name] = grad_row[k]
+                    self._views[r][state][name] = self.grad_rows[r][k]
         if self._row in rows:
             self.use(self._row)
 

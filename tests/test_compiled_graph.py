@@ -976,3 +976,35 @@ def test_steps_in_which_nothing_ran_and_reports_between_forward_and_backward_are
     for g, w in zip([*got_middles, got], [*want_middles, want]):
         pd.testing.assert_frame_equal(g.drop(columns="grad_norm"), w.drop(columns="grad_norm"))
         assert g["grad_norm"].tolist() == pytest.approx(w["grad_norm"].tolist(), rel=1e-5, nan_ok=True)
+
+
+def test_inductor_two_forward_passes_before_one_backward_and_a_report_between_them() -> None:
+    """Gradient accumulation by summed losses (two forward passes of one compiled graph, then one backward) and a
+    report between the forward passes and the backward: the backward graphs write into accumulators they saved,
+    which hookscope never modifies in place, so autograd takes every backward; the statistics are those of the
+    eager path (two calls and two backward passes per site and step)."""
+    torch.manual_seed(0)
+    model = _own_class(GatedMLP, "TwoForward")
+    eager = copy.deepcopy(model)
+    _reset()
+
+    def loop(net: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], hm: HookManager) -> None:
+        gen = torch.Generator().manual_seed(7)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        for i in range(3):
+            loss = _loss(run(GatedMLP.batch(gen))) + _loss(run(GatedMLP.batch(gen)))
+            if i == 1:
+                hm.to_dataframe()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            hm.step()
+
+    with HookManager(model, alerts=False) as hm:
+        loop(model, torch.compile(model, fullgraph=True), hm)
+    with HookManager(eager, alerts=False) as ref:
+        loop(eager, eager, ref)
+    got, want = hm.to_dataframe(), ref.to_dataframe()
+    assert set(got["calls"]) == {2} and set(hm.rows().backward.tolist()) == {2.0}
+    pd.testing.assert_frame_equal(got.drop(columns="grad_norm"), want.drop(columns="grad_norm"), rtol=1e-4)
+    assert got["grad_norm"].tolist() == pytest.approx(want["grad_norm"].tolist(), rel=1e-4)
