@@ -4,14 +4,14 @@ Under ``torch.compile`` a site's event is planned once, while dynamo traces it (
 names the site as an eager hook would, and the graph gets the collectors' own ``update`` (and, in the backward graph,
 ``update_grad``) traced into it, adding in place into an :class:`Entry`: one accumulator per per-step state of each
 collector that records the site, and the site's calls, output elements and backward passes. Those tensors are
-allocated once, when the event is planned, and never replaced: they are inputs of the graph (dynamo guards on them),
-so a graph does the same work at every run and nothing recompiles. No Python runs per site at run time.
+allocated when the event is planned; they are inputs of the graph, which dynamo fetches through the entry's
+attributes at every call and guards on their shapes, not on their identity, so a graph does the same work at every
+run and nothing recompiles. No Python runs per site at run time.
 
 Each entry has a row of accumulators per step that may wait to be folded (:data:`ROWS`: the steps of a ring, and
 the open one). ``step()`` does no tensor work for them (:meth:`InGraph.close_open`, :meth:`InGraph.pend`): the
-closed step keeps its row, and every entry points its holder's attributes at a free row (plain attribute
-assignments: dynamo reads the graph's inputs through them at every call and guards on their shapes, not on their
-identity, so no graph recompiles). A recorded step's record waits with its row: its counts (the calls, elements and
+closed step keeps its row, and every entry points its attributes at a free row (plain attribute assignments). A
+recorded step's record waits with its row: its counts (the calls, elements and
 backward passes of the sites the graphs ran) reach the host, and its accumulators the collectors' ring, when the
 ring is flushed (:meth:`InGraph.settle`: one copy to the host and a few ``torch._foreach_*`` operations for all the
 waiting steps and sites, every :data:`~hookscope.collectors.base.RING_STEPS` steps or when a report asks), which
@@ -20,7 +20,9 @@ recorded (``every``, ``pause()``) returns its row to the identities at once. Wha
 forward pass is decided per step, from the counts: the entries of graphs traced in evaluation passes
 (``torch.no_grad()``, eval mode) count only while the model has not trained, as
 :class:`hookscope.tracing.Evaluation` says, and not in a step in which a training pass ran. A recorded step in
-which no graph ran and nothing was recorded eagerly has no row in the history.
+which no graph ran and nothing was recorded eagerly has no row in the history. hookscope never modifies in place a
+row that a compiled backward still to run has saved (autograd would refuse that backward): see :class:`Entry` and
+:meth:`InGraph.snapshot_open`.
 
 Under ``torch.distributed`` a step's record is handed to the cross-rank combination as it closes, so its row is
 settled at once (one host copy per step there, as every step already waits for collectives).
