@@ -200,8 +200,9 @@ class _Trained(Protocol):
 
 #: A site's counts in a step: ``(site, calls, elements, backward passes)``.
 _Counts = tuple["Site", float, float, float]
-#: A step's row waiting to be settled: (the entries' row, the collectors' ring row of the step, its record).
-_Pending = tuple[int, int, "StepRecord"]
+#: A step's row waiting to be settled: (the entries' row, the collectors' ring row of the step, its record, whether
+#: the model had trained when it closed).
+_Pending = tuple[int, int, "StepRecord", bool]
 
 
 class InGraph:
@@ -311,7 +312,7 @@ class InGraph:
     def pend(self, record: StepRecord, ring_row: int) -> None:
         """The graphs' row of the step just closed waits with its record (``ring_row``: the step's row in the
         collectors' rings) until :meth:`settle`; the graphs add into a free row from now on."""
-        self._pending.append((self._open, ring_row, record))
+        self._pending.append((self._open, ring_row, record, self._evaluation.trained))
         self._open = self._free.pop()
         for entry in self.entries:
             entry.use(self._open)
@@ -334,18 +335,21 @@ class InGraph:
             return
         self._pending = []
         entries = self.entries
-        runs = _runs([(row, ring_row) for row, ring_row, _ in pending])
+        runs = _runs([(row, ring_row) for row, ring_row, _, _ in pending])
         with torch._C.DisableTorchFunction(), torch.no_grad():
             # the counts of every entry in every waiting step, in one copy: a row per step
             steps = torch.cat(self._counts(runs)).tolist()
             dropped: list[tuple[int, int]] = []
-            for (row, _, record), step in zip(pending, steps):
-                kept, drop = self._kept(step, keep=True)
+            trained = False  # a step settled before trained (for graphs whose passes the tracer does not see begin)
+            for (row, _, record, trained_then), step in zip(pending, steps):
+                # the evaluation rule as of each step, in order: whether the model had trained when it closed
+                kept, drop = self._kept(step, keep=True, trained=trained_then or trained)
+                trained = trained or any(step[3 * i] for i, e in enumerate(entries) if e.trains)
                 if kept:
                     merge_counts(record, [(entries[i].site, *step[3 * i : 3 * i + 3]) for i in kept])
                 dropped += ((i, row) for i in drop)
             self._fold(runs, recorder._banks, dropped)
-        self._free.extend(row for row, _, _ in pending)
+        self._free.extend(row for row, _, _, _ in pending)
         self._free.sort(reverse=True)
 
     def snapshot_open(self, recorder: Recorder) -> tuple[list[_Counts], Callable[[], None]] | None:
@@ -360,7 +364,7 @@ class InGraph:
         banks = recorder._banks
         with torch._C.DisableTorchFunction(), torch.no_grad():
             counts = torch.cat([t for e in entries for t in (*e._count_views[row], e.grad_rows[row][0])]).tolist()
-            kept, _ = self._kept(counts, keep=began[1] > 0 if any(began) else self._keep())
+            kept, _ = self._kept(counts, began[1] > 0 if any(began) else self._keep(), self._evaluation.trained)
             if not kept:
                 return None
             ring_row = banks[0].closed_rows
@@ -403,15 +407,15 @@ class InGraph:
             out.append(torch.cat(parts, 1))
         return out
 
-    def _kept(self, counts: list[float], keep: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _kept(self, counts: list[float], keep: bool, trained: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Of the entries that ran in one step (``counts``: calls, elements, backward per entry), those whose counts
-        are recorded (when the step is, ``keep``; an evaluation graph's only while the model has not trained), and
-        the others."""
+        are recorded (when the step is, ``keep``; an evaluation graph's only while the model has not trained: had
+        not, ``trained``, nor in this step), and the others."""
         entries = self.entries
         ran = [i for i in range(len(entries)) if counts[3 * i] or counts[3 * i + 2]]
         if any(counts[3 * i] for i in ran if entries[i].trains):
-            self._evaluation.trained = True  # (an evaluation pass of the same step is dropped, as in eager mode)
-        evaluation = not self._evaluation.trained
+            self._evaluation.trained = trained = True  # (an evaluation pass of the same step is dropped, as in eager)
+        evaluation = not trained
         kept = tuple(i for i in ran if keep and (entries[i].trains or evaluation))
         return kept, tuple(i for i in ran if i not in kept)
 

@@ -1008,3 +1008,43 @@ def test_inductor_two_forward_passes_before_one_backward_and_a_report_between_th
     assert set(got["calls"]) == {2} and set(hm.rows().backward.tolist()) == {2.0}
     pd.testing.assert_frame_equal(got.drop(columns="grad_norm"), want.drop(columns="grad_norm"), rtol=1e-4)
     assert got["grad_norm"].tolist() == pytest.approx(want["grad_norm"].tolist(), rel=1e-4)
+
+
+def test_an_evaluation_only_step_before_training_is_recorded_as_in_eager_mode() -> None:
+    """A step that only evaluates (nanoGPT's ``estimate_loss()`` before its loop), then training steps that begin
+    with an evaluation: the first step's evaluation is recorded (the model had not trained when it closed), however
+    late its row is settled (here by the report after the loop, when the model has long trained); the evaluation at
+    the top of the first training step is dropped. Reference: the eager path's frame, and the planted dead units
+    (``act2``'s ``dead_ratio`` is 0.5 in every step)."""
+
+    def loop(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], hm: HookManager) -> None:
+        gen = torch.Generator().manual_seed(3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for i in range(5):
+            if i <= 1:
+                model.eval()
+                with torch.no_grad():
+                    run(DyingMLP.batch(gen))
+                model.train()
+            if i >= 1:
+                loss = _loss(run(DyingMLP.batch(gen)))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            hm.step()
+
+    torch.manual_seed(0)
+    model = _own_class(DyingMLP, "EvalFirst")
+    eager = copy.deepcopy(model)
+    _reset()
+    with HookManager(model, alerts=False) as hm:
+        loop(model, torch.compile(model, backend="aot_eager"), hm)
+    with HookManager(eager, alerts=False) as ref:
+        loop(eager, eager, ref)
+    got, want = hm.to_dataframe(), ref.to_dataframe()
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5)
+    assert list(got["step"].unique()) == [0, 1, 2, 3, 4]
+    assert (got["calls"] == 1).all()
+    assert got.loc[got["step"] == 0, "grad_norm"].isna().all()  # an evaluation: no backward
+    assert got.loc[got["step"] > 0, "grad_norm"].notna().all()
+    assert (got.loc[got["layer"] == "act2", "dead_ratio"] == 0.5).all()
