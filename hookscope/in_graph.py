@@ -31,7 +31,7 @@ settled at once (one host copy per step there, as every step already waits for c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -368,19 +368,20 @@ class InGraph:
             if not kept:
                 return None
             ring_row = banks[0].closed_rows
-            grouped: dict[tuple[bool, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            pairs = []
             for i in kept:
                 e = entries[i]
-                pairs = [(ci, name, reduce, rows[row]) for ci, name, reduce, rows in e.accumulators]
-                pairs += [(ci, name, reduce, e.grad_rows[row][k]) for ci, name, reduce, k, _ in e.grad_accumulators]
-                for ci, name, reduce, source in pairs:
-                    dests, sources = grouped.setdefault((e.trains, reduce), ([], []))
-                    dests.append(banks[ci].block(e.site.index, name, ring_row, 1)[0])
-                    sources.append(source)
-            touched = [d for dests, _ in grouped.values() for d in dests]
+                sources = [(ci, name, reduce, rows[row]) for ci, name, reduce, rows in e.accumulators]
+                sources += [(ci, name, reduce, e.grad_rows[row][k]) for ci, name, reduce, k, _ in e.grad_accumulators]
+                pairs += [
+                    (e.trains, reduce, banks[ci].block(e.site.index, name, ring_row, 1)[0], source)
+                    for ci, name, reduce, source in sources
+                ]  # fmt: skip
+            plan = _grouped(pairs)
+            touched = [d for _, dests, _ in plan for d in dests]
             saved = [d.clone() for d in touched]
-            for (_, reduce), (dests, sources) in grouped.items():
-                _FOLD[reduce](dests, sources)
+            for fold, dests, sources_ in plan:
+                fold(dests, sources_)
 
         def restore() -> None:
             with torch._C.DisableTorchFunction(), torch.no_grad():
@@ -430,27 +431,24 @@ class InGraph:
             entries[i].replace_grad([row])
         for fold, dests, sources in self._plan(runs, banks):
             fold(dests, sources)
-        # the backward graph's accumulators: a tensor per row (see Entry); a site's training and evaluation
-        # entries fold into the same views: separate calls (a foreach call may update its tensors in parallel)
+        # the backward graph's accumulators: a tensor per row (see Entry)
         generation = tuple(bank.generation for bank in banks)
         if generation != self._dest_generation:
             self._dests.clear()
             self._dest_generation = generation
-        grouped: dict[tuple[bool, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        pairs = []
         for row, ring_row, n in runs:
             for e in entries:
                 for ci, name, reduce, k, _ in e.grad_accumulators:
-                    dests, sources = grouped.setdefault((e.trains, reduce), ([], []))
                     for j in range(n):
                         key = (ci, e.site.index, name, ring_row + j)
                         dest = self._dests.get(key)
                         if dest is None:
                             with torch.inference_mode(False):
                                 dest = self._dests[key] = banks[ci].block(e.site.index, name, ring_row + j, 1)[0]
-                        dests.append(dest)
-                        sources.append(e.grad_rows[row + j][k])
-        for (_, reduce), (dests, sources) in grouped.items():
-            _FOLD[reduce](dests, sources)
+                        pairs.append((e.trains, reduce, dest, e.grad_rows[row + j][k]))
+        for fold, dests, sources in _grouped(pairs):
+            fold(dests, sources)
         self._reset(tuple((row, n) for row, _, n in runs))
 
     def _plan(self, runs: tuple[tuple[int, int, int], ...], banks: list[Any]) -> list[Any]:
@@ -459,15 +457,13 @@ class InGraph:
         key = (runs, len(self.entries), tuple(bank.generation for bank in banks))
         plan = self._plans.get(key)
         if plan is None:
-            grouped: dict[tuple[bool, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
             with torch.inference_mode(False):
-                for row, ring_row, n in runs:
-                    for entry in self.entries:
-                        for ci, name, reduce, rows in entry.accumulators:
-                            dests, sources = grouped.setdefault((entry.trains, reduce), ([], []))
-                            dests.append(banks[ci].block(entry.site.index, name, ring_row, n))
-                            sources.append(rows[row : row + n])
-            plan = [(_FOLD[reduce], dests, sources) for (_, reduce), (dests, sources) in grouped.items()]
+                plan = _grouped(
+                    (entry.trains, reduce, banks[ci].block(entry.site.index, name, ring_row, n), rows[row : row + n])
+                    for row, ring_row, n in runs
+                    for entry in self.entries
+                    for ci, name, reduce, rows in entry.accumulators
+                )
             if len(self._plans) >= 64:
                 self._plans.clear()
             self._plans[key] = plan
@@ -499,6 +495,18 @@ class InGraph:
         replaced = [row + j for row, n in runs for j in range(n)]
         for entry in self.entries:
             entry.replace_grad(replaced)
+
+
+def _grouped(pairs: Iterable[tuple[bool, str, torch.Tensor, torch.Tensor]]) -> list[tuple[Any, list[torch.Tensor], list[torch.Tensor]]]:
+    """The foreach calls that fold ``(trains, reduction, destination, source)`` pairs: one per reduction and kind
+    of pass (a site's training and evaluation entries fold into the same views: separate calls, since a foreach
+    call may update its tensors in parallel)."""
+    grouped: dict[tuple[bool, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for trains, reduce, dest, source in pairs:
+        dests, sources = grouped.setdefault((trains, reduce), ([], []))
+        dests.append(dest)
+        sources.append(source)
+    return [(_FOLD[reduce], dests, sources) for (_, reduce), (dests, sources) in grouped.items()]
 
 
 def _runs(steps: list[tuple[int, int]]) -> tuple[tuple[int, int, int], ...]:

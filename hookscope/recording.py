@@ -424,19 +424,6 @@ class Recorder:
             _hook_gradient(output, slot.grad_hook)
         return self.wants_grad
 
-    def add_counts(self, site: Site, calls: int, elements: int, backward: int) -> None:
-        """Count calls, output elements and backward passes of a site recorded inside compiled graphs (their
-        statistics are folded into the rings by :class:`hookscope.in_graph.InGraph`)."""
-        slot = self._slots[site.index]
-        if not slot.touched:
-            slot.touched = True
-            self._order.append(slot)
-            if site.first_step is None and calls:
-                site.first_step = self.step
-        slot.calls += calls
-        slot.elements += elements
-        slot.backward += backward
-
     def observe_grad(self, site: Site, grad: torch.Tensor) -> None:
         """Record one gradient with respect to a site's output (called by the site's gradient hook)."""
         slot = self._slots[site.index]
