@@ -198,6 +198,8 @@ class _Trained(Protocol):
     trained: bool
 
 
+#: A foreach call that folds sources into destinations: ``(function, destinations, sources)``.
+_Fold = tuple[Callable[..., object], list[torch.Tensor], list[torch.Tensor]]
 #: A site's counts in a step: ``(site, calls, elements, backward passes)``.
 _Counts = tuple["Site", float, float, float]
 #: A step's row waiting to be settled: (the entries' row, the collectors' ring row of the step, its record, whether
@@ -497,7 +499,7 @@ class InGraph:
             entry.replace_grad(replaced)
 
 
-def _grouped(pairs: Iterable[tuple[bool, str, torch.Tensor, torch.Tensor]]) -> list[tuple[Any, list[torch.Tensor], list[torch.Tensor]]]:
+def _grouped(pairs: Iterable[tuple[bool, str, torch.Tensor, torch.Tensor]]) -> list[_Fold]:
     """The foreach calls that fold ``(trains, reduction, destination, source)`` pairs: one per reduction and kind
     of pass (a site's training and evaluation entries fold into the same views: separate calls, since a foreach
     call may update its tensors in parallel)."""
