@@ -215,6 +215,35 @@ class Site:
 Producer = tuple[int, int, str]
 
 
+def _torch_classes(*names: str) -> tuple[type, ...]:
+    """The classes ``names`` of ``torch.nn.modules`` (``"conv._ConvNd"``) that this torch has."""
+    found = (getattr(getattr(nn.modules, name.partition(".")[0], None), name.partition(".")[2], None) for name in names)
+    return tuple(cls for cls in found if isinstance(cls, type))
+
+
+#: torch.nn layers whose own ``forward`` calls no activation and runs no module (see :func:`inert_layer`).
+_INERT_LAYERS = _torch_classes(
+    "linear.Linear", "linear.Bilinear", "linear.Identity", "conv._ConvNd", "batchnorm._NormBase",
+    "normalization.LayerNorm", "normalization.GroupNorm", "normalization.LocalResponseNorm", "normalization.RMSNorm",
+    "sparse.Embedding", "sparse.EmbeddingBag", "dropout._DropoutNd", "flatten.Flatten", "flatten.Unflatten",
+    "pooling._MaxPoolNd", "pooling._AvgPoolNd", "pooling._AdaptiveAvgPoolNd", "pooling._AdaptiveMaxPoolNd",
+    "upsampling.Upsample", "pixelshuffle.PixelShuffle", "pixelshuffle.PixelUnshuffle", "padding._ConstantPadNd",
+    "padding._ReflectionPadNd", "padding._ReplicationPadNd", "padding._CircularPadNd",
+)  # fmt: skip
+
+
+def inert_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch's own layers that hold no module and call no activation (linear,
+    convolution, normalisation, embedding, dropout, pooling, reshaping and padding layers, not a subclass defined
+    elsewhere): nothing that names or records a site runs inside it, so it never needs to be on the module stack.
+    A tracer hooks such a layer only when it has features (:func:`producer_of`), and only after its forward."""
+    return (
+        isinstance(module, _INERT_LAYERS)
+        and type(module).__module__.startswith("torch.nn.modules.")
+        and not module._modules
+    )
+
+
 def producer_of(module: nn.Module) -> Producer | None:
     """The features a layer produces and where they sit in its output, or ``None`` for layers that say nothing
     about units (containers, activations, pooling...).

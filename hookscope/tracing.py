@@ -52,7 +52,15 @@ from hookscope.activations import (
 )
 from hookscope.in_graph import InGraph
 from hookscope.recording import MISSING, Recorder, _in_transform, discard_open_step
-from hookscope.sites import ROOT_NAME, ModuleSelection, Producer, clean_name, producer_of, unwrap_model
+from hookscope.sites import (
+    ROOT_NAME,
+    ModuleSelection,
+    Producer,
+    clean_name,
+    inert_layer,
+    producer_of,
+    unwrap_model,
+)
 from hookscope.warn import warn_once
 
 __all__ = ["REDISCOVER_EVERY", "Evaluation", "Tracer"]
@@ -293,10 +301,9 @@ class Tracer:
         self._clean: dict[str, str] = {}  # raw qualified name -> name without wrapper components
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._activation_modules: set[str] = set()
-        # Discovery: during the first recorded step (and one step in REDISCOVER_EVERY after it) every module is
-        # hooked and the function mode covers whole forward passes. Afterwards only the modules that matter keep
-        # their hooks (see slim), because each hooked module call and each torch call seen by the mode costs
-        # microseconds of Python.
+        self._layers: set[int] = set()  # id() of torch's own layers, hooked after their forward only (see _hook)
+        # Discovery: during the first recorded step (and one in REDISCOVER_EVERY after it) every module is hooked and
+        # the function mode covers whole forward passes; afterwards only the modules that matter (see slim).
         self.discovering = True
         self._entries: set[str] = set()  # modules that began a forward pass
         self._fn_parents: set[str] = set()  # modules that called a functional activation themselves
@@ -346,6 +353,7 @@ class Tracer:
         self._module_handles = {}
         self._module_ids = {}
         self._activation_modules = set()
+        self._layers = set()
         try:
             self._hook()
             if type(self.model).__name__ == "OptimizedModule":
@@ -384,7 +392,7 @@ class Tracer:
 
     def hooked_modules(self) -> list[str]:
         """Names (wrapper components removed) of the modules that have hooks of this tracer now."""
-        return list(dict.fromkeys(self._clean[raw] for raw in self._module_handles))
+        return list(dict.fromkeys(self._clean[raw] for raw, handles in self._module_handles.items() if handles))
 
     def _hook(self, wanted: Callable[[str, nn.Module], bool] = lambda name, module: True) -> None:
         """Hook the modules of the model that ``wanted`` selects (by default every one) and have no hooks of ours."""
@@ -399,7 +407,6 @@ class Tracer:
                 for h in self._module_handles.pop(raw):  # replaced while attached: hook the new module
                     h.remove()
             name = clean_name(raw)
-            self._module_ids[raw] = id(module)
             self._clean[raw] = name
             spec = activation_for_module(module)
             self.names[id(module)] = (name, spec)
@@ -410,11 +417,12 @@ class Tracer:
             selected = spec is None and self.modules is not None and self.modules.selects(name, module)
             if selected and self._output_raw.setdefault(name, raw) == raw:
                 self.outputs[id(module)] = name
-            pre, post = self._hooks[spec is not None or id(module) in self.outputs]
-            pair = [
-                module.register_forward_pre_hook(pre, prepend=True),
-                module.register_forward_hook(post, always_call=True),
-            ]
+            records = spec is not None or id(module) in self.outputs
+            self._layers.discard(self._module_ids.get(raw, -1))
+            self._module_ids[raw] = id(module)
+            if raw and not records and inert_layer(module):
+                self._layers.add(id(module))
+            pair = _register(module, self._hooks[records], id(module) in self._layers, producer is not None)
             self._module_handles[raw] = pair
             self._handles.extend(pair)
             if spec is not None:
@@ -425,16 +433,16 @@ class Tracer:
 
         Kept: activation modules; modules that began a forward pass (so passes begin and end as before); modules
         that call a functional activation themselves, where the function mode is pushed, and their direct
-        children (so that the innermost running module, which names a functional site, is the same as in
-        discovery). Every other module loses its hooks; under ``torch.compile``, whose graphs call hookscope's
-        operations for every module hooked when they were traced, its events are ignored instead.
+        children but torch's own layers (so that the innermost running module, which names a functional site, is
+        the same as in discovery). Every other module loses its hooks; under ``torch.compile``, whose graphs call
+        hookscope's operations for every module hooked when they were traced, its events are ignored instead.
         """
         parents = self._fn_parents if self.functional else set()
         keep = self._entries | parents | self._activation_modules | set(self._output_raw) | {""}
         names = {raw: self._clean[raw] for raw in self._module_handles}
-        dropped = [
-            raw for raw, n in names.items() if n not in keep and (n.rpartition(".")[0] if n else None) not in parents
-        ]
+        parent = {raw: n.rpartition(".")[0] if n else None for raw, n in names.items()}
+        layers = {raw for raw in names if self._module_ids[raw] in self._layers}  # (never the innermost module)
+        dropped = [raw for raw, n in names.items() if raw in layers or (n not in keep and parent[raw] not in parents)]
         self.discovering = False
         if self._compiled.seen:  # its hooks stay (a compiled graph never changes): their events are ignored
             self._compiled.followed = {self._module_ids[raw] for raw in names.keys() - set(dropped)}
@@ -538,7 +546,8 @@ class Tracer:
             if entry is None:
                 return site  # a module of a copy of the model (see _copied_module)
             name, spec = entry
-            site = self.exit(name, spec, output, id(module))
+            if id(module) not in self._layers:  # (a layer is never entered: see _hook)
+                site = self.exit(name, spec, output, id(module))
             if self.discovering and spec is None and id(module) in self._producers:
                 # the last layer with features, and what it produced: it tells where units sit
                 self._producer = self._producers[id(module)]
@@ -1148,6 +1157,18 @@ def _pre_hook(
                 _outside_compile(tracer.pre_hook, module, args)
 
     return hook
+
+
+def _register(module: nn.Module, hooks: tuple[Any, Any], layer: bool, producer: bool) -> list[RemovableHandle]:
+    """Hook a module: before its forward and after it (``always_call``); or, for one of torch's own layers
+    (``layer``, :func:`hookscope.sites.inert_layer`: never on the module stack, as nothing inside it names or records
+    a site), after its forward when it has features (``producer``: they tell the units of the activation after it),
+    else not at all. Fewer hooks make discovery cheaper, and a compiled graph, whose hooks never change, has fewer
+    guards to check at every call."""
+    pre, post = hooks
+    if layer:
+        return [module.register_forward_hook(post)] if producer else []
+    return [module.register_forward_pre_hook(pre, prepend=True), module.register_forward_hook(post, always_call=True)]
 
 
 def _hook_pairs(

@@ -257,16 +257,35 @@ def test_hooks_stay_only_where_sites_are_named_after_the_first_step() -> None:
     x = torch.randn(3, 4)
     with HookManager(model) as hm:
         model(x)
-        assert hook_count(model) == 2 * len(list(model.modules()))  # discovery: every module
+        # discovery: every module, before and after its forward; torch's own Linear layers after it only (nothing
+        # runs inside them: they only tell the units of the activation after them)
+        layers = [m for m in model.modules() if type(m) is nn.Linear]
+        assert len(layers) == 8
+        assert hook_count(model) == 2 * (len(list(model.modules())) - len(layers)) + len(layers)
         hm.step()
         hooked = {name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks}
-        # root (begins the pass, calls tanh), inner (calls gelu) and its children, inner.act (calls relu...)
-        # and its children (none), the activation modules; not shared, shared.fc1/fc2, plain, plain.0/1
-        assert hooked == {"", "inner", "inner.fc", "inner.act", "inner.act.fc1", "inner.act.fc2",
-                          "inner.act.fc3", "relu", "shared", "shared.act", "plain"}  # fmt: skip
+        # root (begins the pass, calls tanh), inner (calls gelu) and its children but its Linear, inner.act (calls
+        # relu...), the activation modules; not shared, plain, nor any Linear
+        assert hooked == {"", "inner", "inner.act", "relu", "shared", "shared.act", "plain"}
         model(x)
         hm.step()
     assert hook_count(model) == 0
+
+
+def test_torch_layers_are_hooked_after_their_forward_and_only_when_they_tell_units() -> None:
+    """torch's own layers are never on the module stack (nothing inside them names or records a site): one with
+    features has a forward hook only, since it tells where the units of the activation after it sit; a dropout has
+    none. The site still gets the Linear's units, not the size of dim 1 (the rule without a layer)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.0), nn.ReLU())
+    x = torch.randn(2, 3, 4)  # (N, T, C): 3 units in dim 1, 6 in the last dim
+    with HookManager(model, alerts=False) as hm:
+        assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model] == [(0, 1), (0, 0), (1, 1)]
+        y = model(x)
+        y.sum().backward()
+        hm.step()
+        df = hm.to_dataframe()
+    assert df[["layer", "units", "calls"]].values.tolist() == [["2", 6, 1]]
+    assert df["inactive_fraction"].iloc[0] == pytest.approx(float((y <= 0).float().mean()))
 
 
 def test_functional_false_keeps_only_activation_and_entry_modules_hooked() -> None:
