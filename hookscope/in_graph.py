@@ -59,8 +59,8 @@ _FOLD: dict[str, Callable[..., object]] = {
 
 class Entry:
     """The accumulators of one site in graphs of one kind of pass (training or evaluation), with :data:`ROWS` rows
-    each: the graphs read one row (:meth:`use`) through ``calls``, ``elements``, ``backward`` and the views of the
-    collectors' states.
+    each: the graphs read one row (:meth:`use`) through ``count`` (calls and output elements), ``backward`` and the
+    views of the collectors' states.
 
     What the forward graph adds into (the calls, the elements, the states of collectors that only read outputs) is
     one ``(ROWS, n)`` tensor per accumulator, whose rows are the views the graphs take (a view of its own base: no
@@ -76,10 +76,10 @@ class Entry:
         self.site = site
         self.trains = trains
         self.device = device
-        #: Calls and output elements: ``(ROWS, 1)`` each.
-        self.counts = (self._new((ROWS, 1)), self._new((ROWS, 1)))
+        #: Calls and output elements, ``(ROWS, 2)``: one tensor (each input of a graph is guarded at every call).
+        self.counts = self._new((ROWS, 2))
         with torch.inference_mode(False):
-            self._count_views = [tuple(c[r] for c in self.counts) for r in range(ROWS)]  # (views are operations)
+            self._count_views = list(self.counts.unbind(0))  # (views are operations)
         #: The forward graph's accumulators: ``(collector index, state name, reduction, rows)``.
         self.accumulators: list[tuple[int, str, str, torch.Tensor]] = []
         #: The backward graph's: ``(collector index, state name, reduction, index in a grad row, state)``.
@@ -127,14 +127,14 @@ class Entry:
     def use(self, row: int) -> None:
         """Point what the graphs read at row ``row``."""
         self._row = row
-        self.calls, self.elements = self._count_views[row]
+        self.count = self._count_views[row]
         self.backward = self.grad_rows[row][0]
         for state, views in zip(self.states, self._views[row]):
             state._views = views
 
     def forward_blocks(self) -> list[tuple[str, torch.Tensor]]:
         """``(reduction, rows)`` of the counts and every accumulator of the forward graph."""
-        return [("sum", self.counts[0]), ("sum", self.counts[1]), *((r, rows) for _, _, r, rows in self.accumulators)]
+        return [("sum", self.counts), *((r, rows) for _, _, r, rows in self.accumulators)]
 
     def replace_grad(self, rows: list[int]) -> None:
         """New tensors, at the identities, for the backward graph's accumulators of rows ``rows``."""
@@ -365,7 +365,7 @@ class InGraph:
         began, row = self.passes, self._open
         banks = recorder._banks
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            counts = torch.cat([t for e in entries for t in (*e._count_views[row], e.grad_rows[row][0])]).tolist()
+            counts = torch.cat([t for e in entries for t in (e._count_views[row], e.grad_rows[row][0])]).tolist()
             kept, _ = self._kept(counts, began[1] > 0 if any(began) else self._keep(), self._evaluation.trained)
             if not kept:
                 return None
@@ -397,7 +397,7 @@ class InGraph:
         blocks = self._blocks.get(key)
         if blocks is None:
             with torch.inference_mode(False):
-                blocks = [[c[r : r + n] for c in e.counts] for r, _, n in runs for e in self.entries]
+                blocks = [[e.counts[r : r + n]] for r, _, n in runs for e in self.entries]
             if len(self._blocks) >= 64:
                 self._blocks.clear()
             self._blocks[key] = blocks

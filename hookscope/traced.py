@@ -294,8 +294,8 @@ def _record(entry: Any, out: torch.Tensor, wants_grad: bool) -> None:
     """Traced into the graph: one call of a site, added into its entry's accumulators (``hookscope.in_graph.
     Entry``) by the collectors' own ``update`` and, in the backward graph, ``update_grad``."""
     with torch.no_grad():
-        entry.calls.add_(1)
-        entry.elements.add_(out.numel())
+        entry.count[0].add_(1)  # calls
+        entry.count[1].add_(out.numel())  # output elements
         for collector, state, site in entry.fwd:
             collector.update(state, out, site)
     if wants_grad and out.requires_grad:
