@@ -436,8 +436,9 @@ def test_a_compiled_gpt2_with_block_sites_records_what_the_eager_one_does(use_ca
     """GPT-2 from a config, decoder layers (tuples) as module sites, compiled with aot_eager: the frame of eager
     mode. Without a cache (training) it compiles to the graphs of the plain model. With the DynamicCache that
     GPT-2 makes by default, torch 2.14's dynamo falls back to eager for the model's top frame once hookscope's
-    traced gradient hooks are in it (the cache's lazy initialisation then raises inside dynamo's trace): more
-    graphs, the same numbers (README, The compiled path)."""
+    traced gradient hooks are in it (after an intermediate ``register_hook`` dynamo loses the ``device`` that the
+    cache's lazy initialisation sets and reads: pytorch/pytorch#195954, see tests/test_compiled_graph.py): more
+    graphs, the same numbers (README, Limitations)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
