@@ -164,8 +164,9 @@ def _counts() -> tuple[int, int]:
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
-@pytest.mark.parametrize("make", [*MODELS, WithGraphBreak], ids=lambda m: m.__name__)
-def test_graphs_and_graph_breaks_are_those_of_the_plain_compiled_model(make: type[nn.Module]) -> None:
+def _plain_and_hooked(make: type[nn.Module]) -> tuple[tuple[int, int], tuple[int, int], HookManager]:
+    """Graphs and graph breaks of a plain compiled copy of ``make`` and of one with hookscope attached (two training
+    steps each, aot_eager), and the latter's manager."""
     torch.manual_seed(0)
     plain, model = _own_class(make, "Plain"), _own_class(make, "Hooked")
     model.load_state_dict(plain.state_dict())
@@ -174,7 +175,13 @@ def test_graphs_and_graph_breaks_are_those_of_the_plain_compiled_model(make: typ
     want = _counts()
     _reset()
     hm = _compiled_run(model, 2)
-    assert _counts() == want
+    return want, _counts(), hm
+
+
+@pytest.mark.parametrize("make", [*MODELS, WithGraphBreak], ids=lambda m: m.__name__)
+def test_graphs_and_graph_breaks_are_those_of_the_plain_compiled_model(make: type[nn.Module]) -> None:
+    want, got, hm = _plain_and_hooked(make)
+    assert got == want
     assert want[0] == (2 if make is WithGraphBreak else 1)
     assert len(hm.to_dataframe()) > 0
 
@@ -231,16 +238,8 @@ def test_a_lazily_initialised_object_after_a_site_compiles_to_the_graphs_of_the_
     """The graphs of the plain compiled model with hookscope's traced gradient hooks in the frame, where torch
     allows it; under the torch bug above, the frame falls back to eager with hookscope as with any tensor hook
     (README, Limitations: Hugging Face GPT-2 with its DynamicCache), and its statistics are still recorded."""
-    torch.manual_seed(0)
-    plain, model = _own_class(WithLazyCache, "Plain"), _own_class(WithLazyCache, "Hooked")
-    model.load_state_dict(plain.state_dict())
-    _reset()
-    _train(plain, torch.compile(plain, backend="aot_eager"), 2)
-    want = _counts()
+    want, got, hm = _plain_and_hooked(WithLazyCache)
     assert want == (1, 0)
-    _reset()
-    hm = _compiled_run(model, 2)
-    got = _counts()
     assert set(hm.to_dataframe()["layer"]) >= {"act", "out"}
     if _dynamo_loses_attributes_after_a_tensor_hook():
         pytest.xfail("torch's dynamo loses attributes set after a tensor hook (pytorch/pytorch#195954)")
