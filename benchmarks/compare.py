@@ -12,6 +12,7 @@ headline is ``B/A`` = total time of this checkout's copy over that of the revisi
 over ``--runs`` runs.
 
     python benchmarks/compare.py --against HEAD~1 --models mlp,mobilenet_v2 --runs 3 --budget 20
+    python benchmarks/compare.py --against HEAD~1 --models mlp,resnet18 --compile inductor   # the compiled path
 """
 
 from __future__ import annotations
@@ -71,21 +72,31 @@ def unload(into: Path) -> None:
         sys.path.remove(str(into))
 
 
-def configs(name: str, device: torch.device, rev: ModuleType, label: str) -> list[overhead.Config]:
-    """plain, plain (A/A), hookscope @REV, hookscope: fresh copies of one model with identical weights."""
+def configs(
+    name: str, device: torch.device, rev: ModuleType, label: str, backend: str | None = None
+) -> list[overhead.Config]:
+    """plain, plain (A/A), hookscope @REV, hookscope: fresh copies of one model with identical weights. With a
+    ``backend``, each copy is of a class of its own (dynamo shares compiled code between instances of a class and
+    does not guard on hooks) and runs compiled (``torch.compile(model, backend=...)``, after attaching)."""
     import hookscope
 
     torch.manual_seed(0)
     base, _ = overhead.build(name)
     base = base.to(device)
     out = []
-    for cfg_name, package in (("plain", None), ("plain (A/A)", None), (label, rev), ("hookscope", hookscope)):
+    for k, (cfg_name, package) in enumerate(
+        (("plain", None), ("plain (A/A)", None), (label, rev), ("hookscope", hookscope))
+    ):
         model = copy.deepcopy(base)
+        if backend is not None:
+            model.__class__ = type(f"{type(model).__name__}Copy{k}", (type(model),), {})
         cfg = overhead.Config(cfg_name, model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
         if package is not None:
             cfg.manager = package.HookManager(model).attach()
             cfg.backend = package.kernels.backend()
             cfg.close = cfg.manager.step
+        if backend is not None:
+            cfg.model = torch.compile(model, backend=backend)
         out.append(cfg)
     return out
 
@@ -101,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-other-cores", type=float, default=0.15)
     parser.add_argument("--no-malloc-env", action="store_true")
+    parser.add_argument(
+        "--compile", default=None, metavar="BACKEND", help="run every copy compiled with this torch.compile backend"
+    )
     args = parser.parse_args(argv)
     if not args.no_malloc_env and any(os.environ.get(k) != v for k, v in overhead.MALLOC_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **overhead.MALLOC_ENV})
@@ -112,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not Path(hookscope.__file__).resolve().is_relative_to(ROOT):
         raise SystemExit(f"compare.py: `import hookscope` found {hookscope.__file__}, not this checkout ({ROOT})")
-    print(f"# cpu ({overhead.cpu_model()}), {args.threads} threads; A = {label}, B = this checkout", flush=True)
+    compiled = f", compiled ({args.compile})" if args.compile else ""
+    print(
+        f"# cpu ({overhead.cpu_model()}), {args.threads} threads{compiled}; A = {label}, B = this checkout", flush=True
+    )
     with tempfile.TemporaryDirectory(prefix="hookscope-compare-") as tmp:
         try:
             rev = export(args.against, Path(tmp))
@@ -128,7 +145,7 @@ def compare(args: argparse.Namespace, device: torch.device, rev: ModuleType, lab
     for name in args.models.split(","):
         b_over_a: list[float] = []
         for run in range(args.runs):
-            cfgs = configs(name, device, rev, label)
+            cfgs = configs(name, device, rev, label, args.compile)
             res: dict[str, Any] = overhead.bench_model(
                 name, device, args.rounds, args.budget, 1, 1, None,
                 max_other_cores=args.max_other_cores, configs=cfgs,

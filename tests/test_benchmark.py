@@ -185,6 +185,26 @@ def test_compare_prints_each_run_and_the_median(capsys: pytest.CaptureFixture[st
     assert not any(m == "hookscope_rev" or m.startswith("hookscope_rev.") for m in sys.modules)
 
 
+def test_compare_times_compiled_copies_each_of_a_class_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--compile``: every copy runs compiled, each of a class of its own (dynamo shares compiled code between
+    instances of a class and does not guard on hooks, so an instrumented copy would otherwise run the plain
+    copy's graph), and both revisions' managers record their sites."""
+    cfgs = compare().configs("mlp", torch.device("cpu"), sys.modules["hookscope"], "again", backend="eager")
+    assert len({type(c.model._orig_mod) for c in cfgs}) == 4  # type: ignore[union-attr]
+    assert all(type(c.model).__name__ == "OptimizedModule" for c in cfgs)
+    x, y = torch.randn(4, 784), torch.randint(0, 10, (4,))
+    for cfg in cfgs[2:]:
+        overhead().run_steps(cfg, x, y, 2, None)
+        assert cfg.manager.to_dataframe()["layer"].tolist() == ["1", "3", "5"] * 2  # the MLP's ReLUs, two steps
+        cfg.manager.detach()
+    args = ["--against", "HEAD", "--models", "mlp", "--runs", "1", "--rounds", "3", "--threads", "1"]
+    assert compare().main([*args, "--no-malloc-env", "--max-other-cores", "inf", "--compile", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled (eager)" in out.splitlines()[0]
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| mlp |")]
+    assert [r[1].strip() for r in rows] == ["1", "median"] and 0.2 < float(rows[0][5]) < 5
+
+
 def test_overhead_benchmark_with_module_sites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "results.json"
     args = ["--models", "mlp", "--rounds", "2", "--no-malloc-env", "--threads", "1", "--json", str(out)]
