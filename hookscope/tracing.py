@@ -303,7 +303,7 @@ class Tracer:
         self._activation_modules: set[str] = set()
         self._layers: set[int] = set()  # id() of torch's own layers, hooked after their forward only (see _hook)
         # Discovery: during the first recorded step (and one in REDISCOVER_EVERY after it) every module is hooked and
-        # the function mode covers whole forward passes; afterwards only the modules that matter (see slim).
+        # the function mode covers whole forward passes; afterwards only the modules that matter keep hooks (slim).
         self.discovering = True
         self._entries: set[str] = set()  # modules that began a forward pass
         self._fn_parents: set[str] = set()  # modules that called a functional activation themselves
@@ -418,11 +418,12 @@ class Tracer:
             if selected and self._output_raw.setdefault(name, raw) == raw:
                 self.outputs[id(module)] = name
             records = spec is not None or id(module) in self.outputs
-            self._layers.discard(self._module_ids.get(raw, -1))
+            self._layers -= {self._module_ids.get(raw, -1), id(module)}  # (a module replaced; an id() reused)
             self._module_ids[raw] = id(module)
-            if raw and not records and inert_layer(module):
+            layer = bool(raw) and not records and inert_layer(module)
+            if layer:
                 self._layers.add(id(module))
-            pair = _register(module, self._hooks[records], id(module) in self._layers, producer is not None)
+            pair = _register(module, self._hooks[records], layer, producer is not None)
             self._module_handles[raw] = pair
             self._handles.extend(pair)
             if spec is not None:

@@ -493,6 +493,26 @@ def test_outputs_inside_torch_func_transforms_are_skipped_and_training_is_unchan
     assert df["inactive_fraction"].iloc[0] == float((y <= 0).sum()) / 6
 
 
+def test_a_module_put_in_place_of_another_is_hooked_as_what_it_is_whatever_its_id() -> None:
+    """The tracer remembers torch's own layers (hooked after their forward only) by ``id()``, and CPython gives the
+    id of a module dropped from the model to new objects: a ReLU put in place while attached, with such an id, still
+    gets an activation's hooks and is recorded."""
+    from hookscope.tracing import REHOOK_EVERY
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU())
+    replaced = nn.ReLU()
+    with HookManager(model, alerts=False) as hm:
+        hm.tracer._layers.add(id(replaced))  # the id() of a layer that is gone
+        for s in range(REHOOK_EVERY + 5):
+            if s == 2:
+                model[3] = replaced
+            model(torch.randn(2, 4))
+            hm.step()
+        assert (len(replaced._forward_pre_hooks), len(replaced._forward_hooks)) == (1, 1)
+    last = hm.to_dataframe().query(f"step == {REHOOK_EVERY + 4}")
+    assert last[["layer", "kind"]].values.tolist() == [["1", "tanh"], ["3", "relu"]]
+
+
 def test_a_module_replaced_while_attached_is_recorded_under_its_name() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU())
     from hookscope.tracing import REHOOK_EVERY
