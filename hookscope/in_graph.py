@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -234,7 +234,7 @@ class InGraph:
         self._pending: list[_Pending] = []
         self._plans: dict[Any, list[Any]] = {}  # see _plan
         self._resets: dict[Any, tuple[list[torch.Tensor], list[Any]]] = {}  # see _reset
-        self._blocks: dict[Any, list[list[torch.Tensor]]] = {}  # see _counts
+        self._blocks: dict[Any, list[torch.Tensor]] = {}  # see _counts
         self._dests: dict[tuple[int, int, str, int], torch.Tensor] = {}  # see _fold
         self._dest_generation: tuple[int, ...] = ()
         self._keep, self._evaluation = keep, evaluation
@@ -394,18 +394,12 @@ class InGraph:
     def _counts(self, runs: tuple[tuple[int, int, int], ...]) -> list[torch.Tensor]:
         """The counts of the rows ``runs``, a row per step: ``calls, elements, backward`` of each entry in turn."""
         key = (tuple((row, n) for row, _, n in runs), len(self.entries))
-        blocks = self._blocks.get(key)
-        if blocks is None:
-            with torch.inference_mode(False):
-                blocks = [[e.counts[r : r + n]] for r, _, n in runs for e in self.entries]
-            if len(self._blocks) >= 64:
-                self._blocks.clear()
-            self._blocks[key] = blocks
+        blocks = _memo(self._blocks, key, lambda: [e.counts[r : r + n] for r, _, n in runs for e in self.entries])
         out, k = [], 0
         for r, _, n in runs:
             parts = []
             for e in self.entries:
-                parts += [*blocks[k], torch.stack([e.grad_rows[j][0] for j in range(r, r + n)])]
+                parts += [blocks[k], torch.stack([e.grad_rows[j][0] for j in range(r, r + n)])]
                 k += 1
             out.append(torch.cat(parts, 1))
         return out
@@ -457,39 +451,34 @@ class InGraph:
         """The foreach calls that fold the forward graph's blocks of rows ``runs`` into the rings' blocks (made once
         per runs, set of entries and layout of the banks)."""
         key = (runs, len(self.entries), tuple(bank.generation for bank in banks))
-        plan = self._plans.get(key)
-        if plan is None:
-            with torch.inference_mode(False):
-                plan = _grouped(
-                    (entry.trains, reduce, banks[ci].block(entry.site.index, name, ring_row, n), rows[row : row + n])
-                    for row, ring_row, n in runs
-                    for entry in self.entries
-                    for ci, name, reduce, rows in entry.accumulators
-                )
-            if len(self._plans) >= 64:
-                self._plans.clear()
-            self._plans[key] = plan
-        return plan
+        return _memo(
+            self._plans,
+            key,
+            lambda: _grouped(
+                (entry.trains, reduce, banks[ci].block(entry.site.index, name, ring_row, n), rows[row : row + n])
+                for row, ring_row, n in runs
+                for entry in self.entries
+                for ci, name, reduce, rows in entry.accumulators
+            ),
+        )
 
     def _reset(self, runs: tuple[tuple[int, int], ...]) -> None:
         """Return the rows ``runs`` (``(row, rows)``) of every entry to the identities: the forward graph's blocks in
         place, the backward graph's tensors replaced."""
-        key = (runs, len(self.entries))
-        resets = self._resets.get(key)
-        if resets is None:
+
+        def make() -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, float]]]:
             zeros: list[torch.Tensor] = []
             others: list[tuple[torch.Tensor, float]] = []
-            with torch.inference_mode(False):
-                for row, n in runs:
-                    for entry in self.entries:
-                        for reduce, rows in entry.forward_blocks():
-                            if reduce == "sum":
-                                zeros.append(rows[row : row + n])
-                            else:
-                                others.append((rows[row : row + n], _IDENTITY[reduce]))
-            if len(self._resets) >= 64:
-                self._resets.clear()
-            resets = self._resets[key] = (zeros, others)
+            for row, n in runs:
+                for entry in self.entries:
+                    for reduce, rows in entry.forward_blocks():
+                        if reduce == "sum":
+                            zeros.append(rows[row : row + n])
+                        else:
+                            others.append((rows[row : row + n], _IDENTITY[reduce]))
+            return zeros, others
+
+        resets = _memo(self._resets, (runs, len(self.entries)), make)
         with torch._C.DisableTorchFunction(), torch.no_grad():
             torch._foreach_zero_(resets[0])
             for rows, value in resets[1]:  # (max and min states: rare)
@@ -497,6 +486,23 @@ class InGraph:
         replaced = [row + j for row, n in runs for j in range(n)]
         for entry in self.entries:
             entry.replace_grad(replaced)
+
+
+_T = TypeVar("_T")
+
+
+def _memo(cache: dict[Any, _T], key: Any, make: Callable[[], _T]) -> _T:
+    """``cache[key]``, made by ``make()`` the first time, outside inference mode (views made in it could not be
+    updated in place outside it). The caches of prepared views are keyed by a layout of rows and entries: a full
+    one (64 layouts) is cleared first."""
+    value = cache.get(key)
+    if value is None:
+        with torch.inference_mode(False):
+            value = make()
+        if len(cache) >= 64:
+            cache.clear()
+        cache[key] = value
+    return value
 
 
 def _grouped(pairs: Iterable[tuple[bool, str, torch.Tensor, torch.Tensor]]) -> list[_Fold]:
